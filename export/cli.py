@@ -1,0 +1,72 @@
+"""`export-model`: PyTorch checkpoint -> ONNX graph with symbolic batch and sequence axes."""
+from __future__ import annotations
+
+import argparse
+
+from runtime.cli_support import add_model_arguments, log_to, resolve_model_arguments, run_main, write_json
+
+from .opset import MAX_OPSET, MIN_OPSET
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export-model",
+        description="Export the rotary transformer to ONNX with symbolic batch and sequence axes. "
+                    "Inputs: input_ids and attention_mask, int64 (batch, sequence); output: logits, "
+                    "float32 (batch, sequence, num_tokens). With no arguments, exports the embedded "
+                    "default model (preset tiny, seed 0) to model.onnx.",
+    )
+    add_model_arguments(parser, "default: the embedded tiny preset")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {MIN_OPSET}, what TensorRT 8.6+ and "
+                             "ONNX Runtime 1.14+ read)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="precision written into the graph (default fp32); fp16/bf16 keep norms, rotary "
+                             "angles and softmax in float32 and always output float32 logits")
+    parser.add_argument("--output", "-o", default="model.onnx", metavar="PATH",
+                        help="where to write the graph (default model.onnx); written to a temporary name and "
+                             "renamed only once checked and verified")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="after export, compare ONNX Runtime (CPU) with PyTorch on shapes unlike the "
+                             "export example; a failure exits non-zero and writes nothing (default on)")
+    parser.add_argument("--allow-lint", action="store_true",
+                        help="write the graph even if the export lint has findings (control flow, sequence ops, "
+                             "frozen dimensions)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write a machine-readable report to PATH, or to stdout if no PATH is given "
+                             "(progress then goes to stderr)")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from export.onnx_export import PRECISION_NAMES, export_onnx
+    from export.verify import verify_export
+
+    log = log_to(args.json == "-")
+    source = resolve_model_arguments(args)
+    model = source.model
+    precision = PRECISION_NAMES[args.dtype]
+    parity = {}
+
+    def verify(path):
+        parity["report"] = verify_export(path, model, precision, log)
+
+    result = export_onnx(model, args.output, opset=args.opset, dtype=args.dtype, source=source.metadata(),
+                         allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log)
+    log(f"wrote {result.path} (opset {result.opset}, {args.dtype}) in {result.seconds:.1f} s")
+    if args.json:
+        write_json(args.json, {
+            "output": str(result.path), "opset": result.opset, "dtype": args.dtype, "source": source.description,
+            "checkpoint_sha256": source.sha256, "export_seconds": round(result.seconds, 3),
+            "config": model.config.to_dict(), "lint": result.lint.to_dict(),
+            "verify": parity["report"].to_dict() if parity else None,
+        })
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_export, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

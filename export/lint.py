@@ -1,0 +1,88 @@
+"""Export lint: catch graph features that break TensorRT or freeze a dynamic dimension."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import numpy_helper
+
+from models.signature import GraphSignature
+
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+
+
+@dataclass
+class LintReport:
+    op_counts: Counter
+    findings: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:  # True when clean
+        return not self.findings
+
+    def format(self) -> str:
+        total = sum(self.op_counts.values())
+        ops = ", ".join(f"{op} {n}" for op, n in self.op_counts.most_common())
+        lines = [f"lint: {total} nodes, {len(self.op_counts)} op types: {ops}"]
+        lines += [f"lint finding: {finding}" for finding in self.findings] or ["lint: no findings"]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"ops": dict(self.op_counts.most_common()), "findings": list(self.findings)}
+
+
+def _constants(graph: onnx.GraphProto):
+    for tensor in graph.initializer:
+        yield tensor.name, tensor
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    yield node.output[0], attribute.t
+
+
+def lint_graph(model: onnx.ModelProto, signature: GraphSignature, example_sizes: dict[str, int]) -> LintReport:
+    """Op histogram plus findings: control flow, sequence ops, non-standard domains,
+    I/O axes that are not symbolic, and constants sized by the export example.
+
+    `example_sizes` maps axis name to the size used when tracing; they should be sizes no
+    config dimension equals, so a constant carrying one is a dimension frozen by tracing.
+    """
+    graph = model.graph
+    report = LintReport(Counter(node.op_type for node in graph.node))
+    for node in graph.node:
+        if node.op_type in CONTROL_FLOW:
+            report.findings.append(f"node {node.name!r} is control flow ({node.op_type}); TensorRT rejects or serialises it")
+        elif node.op_type.startswith("Sequence") or node.op_type in ("SplitToSequence", "ConcatFromSequence"):
+            report.findings.append(f"node {node.name!r} produces or consumes a sequence ({node.op_type}); use Expand/Reshape")
+        if node.domain not in ("", "ai.onnx"):
+            report.findings.append(f"node {node.name!r} uses op {node.domain}::{node.op_type}, which only some runtimes implement")
+    declared = {spec.name: spec for spec in signature.inputs + signature.outputs}
+    for value in list(graph.input) + list(graph.output):
+        spec = declared.get(value.name)
+        if spec is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, (dim, want) in enumerate(zip(dims, spec.dims)):
+            if isinstance(want, str) and not dim.dim_param:
+                report.findings.append(
+                    f"{value.name} dimension {axis} should be the symbolic axis {want!r} but is fixed at {dim.dim_value}"
+                )
+    frozen = {size: name for name, size in example_sizes.items()}
+    for name, tensor in _constants(graph):
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            hits = [d for d in tensor.dims if d in frozen]
+            if hits:
+                report.findings.append(
+                    f"constant {name!r} of shape {tuple(tensor.dims)} is sized to the traced {frozen[hits[0]]} size {hits[0]} "
+                    "(a rotary table or mask folded at export?)"
+                )
+        elif tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1:
+            values = numpy_helper.to_array(tensor).reshape(-1)
+            if values.size <= 8:
+                hits = sorted({frozen[int(v)] for v in values if int(v) in frozen})
+                if hits:
+                    report.findings.append(
+                        f"shape constant {name!r} = {values.tolist()} holds the traced {hits[0]} size; that dimension was frozen"
+                    )
+    return report

@@ -1,0 +1,198 @@
+"""PyTorch -> ONNX with symbolic batch and sequence axes, metadata, lint and verification."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from models.errors import ToolkitError
+from models.files import atomic_path
+from models.signature import GraphSignature, graph_signature
+from models.transformer import Transformer
+
+from .lint import LintReport, lint_graph
+from .opset import EXPORTER_MIN_OPSET, check_requested_opset, lower_opset
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GiB in one message
+TOOLKIT_VERSION = "0.1.0"
+
+
+class ExportError(ToolkitError):
+    """The export could not produce a valid graph."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    seconds: float
+    opset: int
+    lint: LintReport
+    signature: GraphSignature
+
+
+class LogitsGraph(nn.Module):
+    """What the plain graph computes: logits (always float32) from ids and a padding mask."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids, attention_mask).float()
+
+
+def _example_size(start: int, taken: set[int]) -> int:
+    """The first prime >= start that equals no config dimension (so lint can spot it if frozen)."""
+    size = start
+    while size in taken or any(size % p == 0 for p in range(2, int(size**0.5) + 1)):
+        size += 1
+    return size
+
+
+def check_output_path(output: Path) -> None:
+    parent = output.parent
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(f"cannot write {output}: {parent} is a file, not a directory; choose another --output")
+    if not parent.exists():
+        raise ExportError(f"cannot write {output}: directory {parent} does not exist; create it or choose another --output")
+    if output.is_dir():
+        raise ExportError(f"cannot write {output}: it is a directory; give a file name such as {output / 'model.onnx'}")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress, warnings and rewrite notes; keep them for error messages only."""
+    buffer = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            warnings.simplefilter("ignore")
+            yield buffer
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def trace_to_onnx(model: Transformer, opset: int, dtype: str):
+    """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes)."""
+    import onnx  # noqa: F401  (fail early with ImportError if missing)
+
+    config = model.config
+    signature = graph_signature(config)
+    taken = {config.num_tokens, config.dim, config.depth, config.dim_head, config.heads, config.kv_heads,
+             config.ff_hidden, config.dim_inner, config.dim_kv_inner}
+    batch_axis, seq_axis = signature.axes["batch"], signature.axes["sequence"]
+    batch, seq = batch_axis.example, _example_size(seq_axis.example, taken)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.num_tokens, (batch, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    dims = {name: torch.export.Dim(name, min=1, max=1 << 20) for name in signature.axes}
+    dynamic_shapes = {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
+                      for spec in signature.inputs}
+    if dtype != "fp32":
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+    module = LogitsGraph(model.eval())
+    with _quiet_exporter() as log:
+        try:
+            program = torch.onnx.export(
+                module, (ids, mask), None, input_names=signature.input_names,
+                output_names=signature.output_names, opset_version=max(opset, EXPORTER_MIN_OPSET),
+                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
+            )
+            proto = program.model_proto
+        except Exception as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            tail = log.getvalue().strip().splitlines()[-3:]
+            raise ExportError(f"torch.onnx.export failed: {detail}" + (f" ({' / '.join(tail)})" if tail else "")) from None
+    return lower_opset(proto, opset), signature, {"sequence": seq}
+
+
+def add_metadata(proto, model: Transformer, signature: GraphSignature, opset: int, dtype: str,
+                 source: dict[str, str]) -> None:
+    import onnx
+    import onnxscript
+
+    axes = {name: {"min": a.min, "opt": a.opt, "max": a.max} for name, a in signature.axes.items()}
+    props = {
+        "model_config": model.config.to_json(),
+        **source,
+        "precision": PRECISION_NAMES[dtype],
+        "opset": str(opset),
+        "torch_version": torch.__version__,
+        "exporter": f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__})",
+        "axes": json.dumps(axes, sort_keys=True),
+        "toolkit_version": TOOLKIT_VERSION,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name, proto.producer_version = "rotary-transformer-toolkit", TOOLKIT_VERSION
+
+
+def _save(proto, path: Path, final_name: str) -> None:
+    import onnx
+
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:  # data file keeps the final name; see export_onnx for the rename
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=final_name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, dtype: str = "fp32",
+                source: dict[str, str] | None = None, allow_lint: bool = False,
+                verify=None, log=print) -> ExportResult:
+    """Export `model` to `output`; `source` is metadata naming the weights (ModelSource.metadata()).
+
+    Lint findings (unless allowed) or a failed `verify(path)` callback raise ExportError
+    and leave no file behind."""
+    import onnx
+
+    output = Path(output)
+    check_requested_opset(opset)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown --dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    check_output_path(output)
+    started = time.perf_counter()
+    source = source or {}
+    log(f"exporting {source.get('source', 'model')} to ONNX opset {opset} ({dtype}) ...")
+    proto, signature, examples = trace_to_onnx(model, opset, dtype)
+    add_metadata(proto, model, signature, opset, dtype, source)
+    report = lint_graph(proto, signature, examples)
+    log(report.format())
+    if report.findings and not allow_lint:
+        raise ExportError(f"export lint found {len(report.findings)} problem(s), first: {report.findings[0]}; "
+                          "fix the model code or pass --allow-lint")
+    data_file = output.with_name(output.name + ".data")  # only for graphs over 2 GB
+    try:
+        with atomic_path(output) as temporary:
+            _save(proto, temporary, output.name)
+            try:  # check the file as written (a path also works for external data)
+                onnx.checker.check_model(str(temporary), full_check=True)
+            except onnx.checker.ValidationError as error:
+                raise ExportError(f"onnx.checker rejected the exported graph: {str(error).splitlines()[0]}") from None
+            seconds = time.perf_counter() - started
+            if verify is not None:
+                verify(temporary)
+    except BaseException:
+        data_file.unlink(missing_ok=True)
+        raise
+    return ExportResult(output, seconds, opset, report, signature)

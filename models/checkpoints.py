@@ -1,0 +1,208 @@
+"""Checkpoints: the project's safetensors format, and upstream native-sparse-attention-pytorch
+state_dicts. Loading never unpickles arbitrary objects (safetensors or weights_only=True)."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+from .errors import ToolkitError
+from .files import atomic_path, sha256_file
+from .rotary import inverse_frequencies
+from .transformer import Transformer
+
+FORMAT_NAME = "rotary-transformer"
+PROJECT_LAYOUT, UPSTREAM_LAYOUT = "project", "upstream"
+PROJECT_MARKER = "layers.0.attn.norm.weight"
+UPSTREAM_MARKER = "layers.0.0.to_q.weight"
+
+
+class CheckpointError(ToolkitError, ValueError):
+    """A checkpoint that is missing, unreadable, of an unknown layout or of the wrong shapes."""
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    model: Transformer
+    layout: str
+    sha256: str
+
+
+def save_checkpoint(model: Transformer, path: str | os.PathLike) -> Path:
+    """Write weights and config to one .safetensors file (config in its metadata), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    metadata = {"format": FORMAT_NAME, "config": model.config.to_json()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return path
+
+
+def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata from a safetensors file or a torch.save'd state_dict."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the .safetensors or .pt file")
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt safetensors file ({error})") from None
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a safetensors file or a torch.save'd state_dict"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is not a plain state_dict that loads with "
+            f"weights_only=True ({first}); re-save it with torch.save(model.state_dict())"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a safetensors file or a PyTorch state_dict ({type(error).__name__})"
+        ) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"cannot read checkpoint {path}: expected a dict of tensors (a state_dict)")
+    return state, {}
+
+
+def detect_layout(keys) -> str:
+    keys = set(keys)
+    if PROJECT_MARKER in keys and "token_emb.weight" in keys:
+        return PROJECT_LAYOUT
+    if UPSTREAM_MARKER in keys and "token_emb.weight" in keys:
+        return UPSTREAM_LAYOUT
+    sample = sorted(keys)[:6]
+    raise CheckpointError(
+        "unrecognised checkpoint layout: expected this project's keys ('token_emb.weight', "
+        f"'{PROJECT_MARKER}', ...) or native-sparse-attention-pytorch's ('token_emb.weight', "
+        f"'{UPSTREAM_MARKER}', ...); found {sample}{' ...' if len(keys) > 6 else ''}"
+    )
+
+
+def _depth(state: dict[str, Tensor]) -> int:
+    indices = {int(m.group(1)) for key in state if (m := re.match(r"layers\.(\d+)\.", key))}
+    return max(indices) + 1 if indices else 0
+
+
+def theta_from_frequencies(freqs: Tensor, dim_head: int) -> float:
+    """Recover rotary theta from stored frequencies theta^(-2i/dim_head); refuse custom ones."""
+    if dim_head < 4:
+        return 10000.0
+    theta = float(freqs[1].double() ** (-dim_head / 2))
+    theta = float(f"{theta:.6g}")
+    if not torch.allclose(inverse_frequencies(dim_head, theta), freqs.float(), rtol=1e-5, atol=0):
+        raise CheckpointError("the checkpoint's rotary frequencies are not theta^(-2i/dim_head); custom frequencies are not supported")
+    return theta
+
+
+def infer_upstream_config(state: dict[str, Tensor]) -> ModelConfig:
+    """The whole upstream config, from tensor shapes alone."""
+    num_tokens, dim = state["token_emb.weight"].shape
+    freqs = state["layers.0.0.rotary_embed.freqs"]
+    dim_head = 2 * freqs.shape[0]
+    heads = state["layers.0.0.to_q.weight"].shape[0] // dim_head
+    kv_heads = state["layers.0.0.to_k.weight"].shape[0] // dim_head
+    hidden = state["layers.0.1.1.weight"].shape[0]
+    return ModelConfig(
+        num_tokens=num_tokens, dim=dim, depth=_depth(state), dim_head=dim_head, heads=heads,
+        kv_heads=kv_heads, ff_expansion_factor=hidden / dim, causal=True, norm="rms",
+        norm_eps=torch.finfo(torch.float32).eps,  # torch.nn.RMSNorm(eps=None) in float32
+        qkv="separate", rotary_pairing="interleaved", theta=theta_from_frequencies(freqs, dim_head),
+        ff_bias="layers.0.1.1.bias" in state,
+    )
+
+
+def upstream_to_project(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Rename upstream keys to this project's; fuse q/k/v when the config asks for it."""
+    out = {"token_emb.weight": state["token_emb.weight"], "norm.weight": state["norm.weight"],
+           "to_logits.weight": state["to_logits.weight"]}
+    for i in range(config.depth):
+        up, own = f"layers.{i}.", f"layers.{i}."
+        out[own + "attn.norm.weight"] = state[up + "0.norm.weight"]
+        q, k, v = (state[up + f"0.to_{name}.weight"] for name in "qkv")
+        if config.qkv == "fused":
+            out[own + "attn.to_qkv.weight"] = torch.cat((q, k, v), dim=0)
+        else:
+            out.update({own + "attn.to_q.weight": q, own + "attn.to_k.weight": k, own + "attn.to_v.weight": v})
+        out[own + "attn.to_out.weight"] = state[up + "0.to_out.weight"]
+        out[own + "ff.norm.weight"] = state[up + "1.0.weight"]
+        for src, dst in (("1.1", "ff.proj_in"), ("1.3", "ff.proj_out")):
+            for kind in ("weight", "bias"):
+                if up + f"{src}.{kind}" in state:
+                    out[own + f"{dst}.{kind}"] = state[up + f"{src}.{kind}"]
+    return out
+
+
+def _merge_config(base: ModelConfig | None, override: dict[str, Any] | None) -> ModelConfig:
+    if base is None:
+        if not override:
+            raise CheckpointError("this checkpoint carries no config; pass one with --config")
+        return ModelConfig.from_dict(override)
+    return ModelConfig.from_dict({**base.to_dict(), **(override or {})}) if override else base
+
+
+def load_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | None = None) -> LoadedCheckpoint:
+    """Load a project or upstream checkpoint into an eval-mode Transformer.
+
+    The layout is detected from the keys; the config comes from the file's metadata
+    (project format) or is inferred from the tensor shapes (upstream); `config_override`
+    replaces individual fields.
+    """
+    path = Path(path)
+    state, metadata = _read_state(path)
+    layout = detect_layout(state)
+    try:
+        if layout == UPSTREAM_LAYOUT:
+            config = _merge_config(infer_upstream_config(state), config_override)
+            state = upstream_to_project(state, config)
+        else:
+            stored = metadata.get("config")
+            sidecar = path.with_name("config.json")
+            if stored is None and sidecar.exists():
+                stored = sidecar.read_text()
+            config = _merge_config(ModelConfig.from_json(stored) if stored else None, config_override)
+    except (ConfigError, KeyError) as error:
+        raise CheckpointError(f"cannot build a model config from {path}: {error}") from None
+    model = Transformer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"checkpoint {path} does not match its config: {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return LoadedCheckpoint(model=model.eval(), layout=layout, sha256=sha256_file(path))
+
+

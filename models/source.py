@@ -1,0 +1,72 @@
+"""Where a model comes from: a checkpoint file, or a preset built from a seed (the embedded default)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import load_checkpoint
+from .config import ConfigError, ModelConfig
+from .presets import DEFAULT_PRESET, DEFAULT_SEED, preset
+from .transformer import Transformer, build_model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model: Transformer
+    description: str  # for humans: "preset tiny (seed 0)" or the checkpoint path
+    sha256: str  # of the checkpoint file, or of the generated weights
+    preset: str | None = None  # set when the weights were generated from a preset
+    seed: int | None = None
+
+    def metadata(self) -> dict[str, str]:
+        """What an exported graph records about its weights, enough to rebuild a preset."""
+        data = {"checkpoint_sha256": self.sha256, "source": self.description}
+        if self.preset is not None:
+            data.update(source_preset=self.preset, source_seed=str(self.seed))
+        return data
+
+
+def weights_sha256(model: Transformer) -> str:
+    """sha256 of the weights as safetensors would serialise them (for models with no file)."""
+    from safetensors.torch import save
+
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    return hashlib.sha256(save(state)).hexdigest()
+
+
+def parse_config_argument(text: str | None) -> dict[str, Any] | None:
+    """`--config` takes inline JSON or a path to a JSON file."""
+    if text is None:
+        return None
+    candidate = Path(text)
+    if not text.lstrip().startswith("{"):
+        if not candidate.is_file():
+            raise ConfigError(f"--config {text!r} is neither inline JSON nor an existing JSON file")
+        text = candidate.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config must be a JSON object of model config fields")
+    return data
+
+
+def resolve_model(
+    checkpoint: str | None = None, config: dict[str, Any] | None = None, preset_name: str | None = None,
+    seed: int = DEFAULT_SEED,
+) -> ModelSource:
+    """Load `checkpoint` (config fields override), or build `preset_name`/`config` from `seed`."""
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint, config)
+        return ModelSource(loaded.model, f"{checkpoint} ({loaded.layout} layout)", loaded.sha256)
+    preset_name = preset_name or DEFAULT_PRESET
+    base = preset(preset_name)
+    model_config = ModelConfig.from_dict({**base.to_dict(), **config}) if config else base
+    model = build_model(model_config, seed)
+    label = f"preset {preset_name}" + (" with config overrides" if config else "")
+    return ModelSource(model, f"{label} (seed {seed})", weights_sha256(model),
+                       None if config else preset_name, None if config else seed)

@@ -1,0 +1,90 @@
+"""The Backend contract: named arrays in, named arrays out, with input/output metadata.
+
+Every backend (PyTorch, ONNX Runtime, TensorRT) implements `_run`; the base class checks
+feeds against the metadata once, so each backend only fills in its own hooks.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from models.errors import ToolkitError
+
+
+class BackendError(ToolkitError):
+    """A backend cannot load a model or cannot run the given inputs."""
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str | None, ...]  # int: fixed; str: symbolic axis; None: unknown
+
+
+class Backend(abc.ABC):
+    """Runs one model. Use as a context manager, or call close()."""
+
+    name: str = "backend"
+    vocab_size: int | None = None  # when known, token ids are range-checked before running
+
+    @property
+    @abc.abstractmethod
+    def inputs(self) -> list[TensorMeta]: ...
+
+    @property
+    @abc.abstractmethod
+    def outputs(self) -> list[TensorMeta]: ...
+
+    @abc.abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check `feeds` against the input metadata, run, and return every output by name."""
+        feeds = {name: np.asarray(value) for name, value in feeds.items()}
+        self.check_feeds(feeds)
+        return self._run(feeds)
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        expected = {meta.name: meta for meta in self.inputs}
+        missing, unexpected = sorted(set(expected) - set(feeds)), sorted(set(feeds) - set(expected))
+        if missing or unexpected:
+            raise BackendError(
+                f"{self.name}: inputs must be {sorted(expected)}; missing {missing}, unexpected {unexpected}"
+            )
+        symbols: dict[str, int] = {}
+        for name, meta in expected.items():
+            value = feeds[name]
+            if value.dtype != np.dtype(meta.dtype):
+                raise BackendError(f"{self.name}: input {name!r} must be {meta.dtype}, got {value.dtype}")
+            if value.ndim != len(meta.shape):
+                raise BackendError(
+                    f"{self.name}: input {name!r} must have {len(meta.shape)} dimensions {meta.shape}, got shape {value.shape}"
+                )
+            for axis, (size, want) in enumerate(zip(value.shape, meta.shape)):
+                if isinstance(want, int) and size != want:
+                    raise BackendError(f"{self.name}: input {name!r} dimension {axis} must be {want}, got {size}")
+                if isinstance(want, str) and symbols.setdefault(want, size) != size:
+                    raise BackendError(
+                        f"{self.name}: input {name!r} dimension {axis} ({want}) is {size} but another input has {want}={symbols[want]}"
+                    )
+        ids = feeds.get("input_ids")
+        if self.vocab_size is not None and ids is not None and ids.size:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise BackendError(
+                    f"{self.name}: token id {bad} is out of range; the model's vocabulary is 0..{self.vocab_size - 1}"
+                )
+
+    def close(self) -> None:
+        """Release the backend's resources; it cannot run afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

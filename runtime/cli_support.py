@@ -1,0 +1,83 @@
+"""What every command line shares: error handling, JSON output, list parsing, model arguments."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from models.errors import ToolkitError
+from models.files import atomic_path
+
+
+def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+             argv: list[str] | None) -> int:
+    """Parse argv and run `body`; toolkit errors become one line on stderr and exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except ToolkitError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # an unexpected failure is a bug: one line, traceback on request
+        if os.environ.get("TOOLKIT_DEBUG"):
+            raise
+        print(f"{parser.prog}: internal error: {type(error).__name__}: {error} "
+              "(set TOOLKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for "1,3,17"."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,3,17, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def write_json(target: str, data: Any) -> None:
+    """Write `data` as JSON to a file (atomically) or to stdout for "-"."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(target)
+    if not path.parent.is_dir():
+        raise ToolkitError(f"cannot write JSON report {path}: {path.parent} is not a directory")
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group(f"model ({what})")
+    group.add_argument("--checkpoint", metavar="PATH",
+                       help="weights: this project's .safetensors, or a torch.save'd state_dict of this project "
+                            "or of native-sparse-attention-pytorch (layout detected from the keys)")
+    group.add_argument("--config", metavar="JSON",
+                       help="model config fields as inline JSON or a JSON file; overrides the checkpoint's "
+                            "or the preset's values")
+    group.add_argument("--preset", metavar="NAME",
+                       help="build a preset model from --seed instead of loading weights: tiny (default) or small")
+    group.add_argument("--seed", type=int, default=0, help="initialisation seed for --preset (default 0)")
+
+
+def resolve_model_arguments(args: argparse.Namespace):
+    from models.source import parse_config_argument, resolve_model
+
+    if args.checkpoint and args.preset:
+        raise ToolkitError("give either --checkpoint or --preset, not both")
+    return resolve_model(args.checkpoint, parse_config_argument(args.config), args.preset, args.seed)
+
+
+def log_to(stream_is_json: bool) -> Callable[[str], None]:
+    """Human progress goes to stderr when stdout carries JSON."""
+    stream = sys.stderr if stream_is_json else sys.stdout
+    return lambda message: print(message, file=stream, flush=True)

@@ -1,0 +1,97 @@
+"""`check-parity`: does a deployed model compute what the PyTorch model computes?"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.errors import ToolkitError
+
+from .cli_support import add_model_arguments, int_list, log_to, resolve_model_arguments, run_main, write_json
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.backends import FILE_BACKENDS
+    from runtime.parity import TOLERANCES
+
+    tolerances = "; ".join(f"{name}: atol {t.atol:g}, rtol {t.rtol:g}, cosine >= {t.min_cosine:g}, "
+                           f"top-1 >= {t.min_top1:.0%}" for name, t in TOLERANCES.items())
+    parser = argparse.ArgumentParser(
+        prog="check-parity",
+        description="Run the PyTorch reference and a deployed model over a sweep of batch sizes and "
+                    "sequence lengths, and report per shape the max absolute and relative error, cosine "
+                    "similarity and top-1 agreement of the logits. Exit 0 only if every case passes. "
+                    f"Tolerances by precision: {tolerances}.",
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="the exported graph to check")
+    parser.add_argument("--backend", default="onnxruntime", choices=list(FILE_BACKENDS),
+                        help="how to run MODEL (default onnxruntime, on the CPU)")
+    add_model_arguments(parser, "the reference; default: rebuilt from the preset recorded in MODEL")
+    parser.add_argument("--batch", type=int_list, metavar="N,N", help="batch sizes (default 1,3)")
+    parser.add_argument("--seq", type=int_list, metavar="N,N",
+                        help="sequence lengths (default from the model's sequence axis: 1,17,128,513)")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="which tolerance row to apply (default auto: the precision recorded in MODEL)")
+    parser.add_argument("--atol", type=float, help="override the absolute tolerance")
+    parser.add_argument("--input-seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
+    return parser
+
+
+def reference_for(args: argparse.Namespace, metadata: dict[str, str]):
+    """The reference weights: as given, or rebuilt from the preset recorded at export."""
+    from models.source import resolve_model
+
+    if args.checkpoint or args.preset or args.config:
+        source = resolve_model_arguments(args)
+    elif "source_preset" in metadata:
+        source = resolve_model(None, None, metadata["source_preset"], int(metadata.get("source_seed", 0)))
+    else:
+        raise ToolkitError(f"{args.model} was exported from a checkpoint; pass the same one with --checkpoint")
+    recorded = metadata.get("checkpoint_sha256")
+    if recorded and recorded != source.sha256:
+        raise ToolkitError(
+            f"the reference weights ({source.description}) are not those {args.model} was exported from "
+            f"(sha256 {recorded[:12]}...); pass the checkpoint used for the export"
+        )
+    return source
+
+
+def _check(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from models.signature import graph_signature
+    from runtime.backends import open_file_backend
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.parity import TOLERANCES, check_parity, default_cases
+
+    log = log_to(args.json == "-")
+    with open_file_backend(args.backend, args.model) as candidate:
+        metadata = getattr(candidate, "metadata", {})
+        source = reference_for(args, metadata)
+        precision = metadata.get("precision", "float32") if args.precision == "auto" else PRECISIONS[args.precision]
+        tolerance = TOLERANCES[precision]
+        if args.atol is not None:
+            tolerance = replace(tolerance, atol=args.atol)
+        cases = default_cases(graph_signature(source.model.config), args.batch, args.seq)
+        log(f"check-parity: {args.model} on {candidate.name} vs PyTorch ({source.description}), "
+            f"{len(cases)} cases, {precision} tolerance")
+        with TorchBackend(source.model) as reference:
+            report = check_parity(reference, candidate, cases, precision, tolerance, seed=args.input_seed,
+                                  progress=lambda case: log(f"  running {case.label} ..."))
+    log(report.table())
+    log(report.summary())
+    if args.json:
+        write_json(args.json, report.to_dict())
+    if not report:
+        print(f"check-parity: error: {report.summary()}", file=sys.stderr)
+    return 0 if report else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_check, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
