@@ -5,11 +5,11 @@ from pathlib import Path
 
 from .base import Backend, BackendError, TensorMeta
 
-FILE_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
+FILE_BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 def open_file_backend(kind: str, path: str | Path) -> Backend:
-    """Open a deployed model file (ONNX) with the named backend."""
+    """Open a deployed model file (ONNX, or a TensorRT engine) with the named backend."""
     if kind in ("onnxruntime", "onnxruntime-cpu"):
         from .onnxruntime_backend import OnnxRuntimeBackend
 
@@ -18,6 +18,10 @@ def open_file_backend(kind: str, path: str | Path) -> Backend:
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, provider="cuda")
+    if kind == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(path)
     raise BackendError(f"unknown backend {kind!r}; choose one of {list(FILE_BACKENDS)}")
 
 

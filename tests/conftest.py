@@ -1,0 +1,119 @@
+"""Session fixtures shared by the CPU suite.
+
+ONNX exports take several seconds each, so the tiny preset and the upstream checkpoint are
+exported once per session and reused; tests must treat the fixtures as read-only.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo root on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from models.presets import preset  # noqa: E402
+from models.source import ModelSource, weights_sha256  # noqa: E402
+from models.transformer import build_model  # noqa: E402
+
+# A small upstream (native-sparse-attention-pytorch) dense Transformer: GQA with 2 groups.
+UPSTREAM_KWARGS = dict(num_tokens=64, dim=32, depth=2, dim_head=8, heads=4, kv_heads=2)
+TINY_SEED = 0
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def upstream_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Reference logits of an upstream dense Transformer, composed from its modules
+    (its own forward passes cache arguments that its dense Attention does not accept)."""
+    with torch.no_grad():
+        x = model.token_emb(ids)
+        for attn, ff in model.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return model.to_logits(model.norm(x))
+
+
+@pytest.fixture(scope="session")
+def upstream_reference():
+    """The function computing upstream reference logits (see upstream_logits)."""
+    return upstream_logits
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    return build_model(tiny_config, seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_model):
+    """What models.source.resolve_model(preset_name='tiny', seed=0) describes, built by hand."""
+    return ModelSource(tiny_model, f"preset tiny (seed {TINY_SEED})", weights_sha256(tiny_model),
+                       preset="tiny", seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
+    """The tiny preset exported once: fp32, opset 17, no verification callback."""
+    from export.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("tiny_export") / "model.onnx"
+    result = export_onnx(tiny_model, path, opset=17, dtype="fp32", source=tiny_source.metadata(), log=_quiet)
+    assert result.path == path and path.is_file()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export_example_sequence(tiny_config) -> int:
+    """The export's trace length, re-derived here: 37, or the next prime no config dimension equals."""
+    c = tiny_config
+    taken = {c.num_tokens, c.dim, c.depth, c.dim_head, c.heads, c.kv_heads, c.ff_hidden, c.dim_inner,
+             c.dim_kv_inner}
+    size = 37
+    while size in taken or any(size % p == 0 for p in range(2, int(size**0.5) + 1)):
+        size += 1
+    return size
+
+
+@pytest.fixture(scope="session")
+def upstream_model():
+    from native_sparse_attention_pytorch.transformer import Transformer as UpstreamTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = UpstreamTransformer(**UPSTREAM_KWARGS, use_sparse_attn=False)
+        # RMSNorm weights start at one; randomise them so a dropped norm weight cannot go unnoticed
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight") or name.endswith(".1.0.weight"):
+                    param.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def upstream_checkpoint(tmp_path_factory, upstream_model) -> Path:
+    path = tmp_path_factory.mktemp("upstream") / "upstream.pt"
+    torch.save(upstream_model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def upstream_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, object]:
+    """(path, project model) for the upstream checkpoint exported at opset 17."""
+    from export.onnx_export import export_onnx
+    from models.source import resolve_model
+
+    source = resolve_model(checkpoint=str(upstream_checkpoint))
+    path = tmp_path_factory.mktemp("upstream_export") / "upstream.onnx"
+    export_onnx(source.model, path, opset=17, source=source.metadata(), log=_quiet)
+    return path, source.model
