@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", default="model.onnx", metavar="PATH",
                         help="where to write the graph (default model.onnx); written to a temporary name and "
                              "renamed only once checked and verified")
+    parser.add_argument("--with-past", action="store_true",
+                        help="export the decoder with a key/value cache: extra inputs past_key_values.{i}.key/value "
+                             "(batch, kv_heads, past_sequence, dim_head), outputs present.{i}.key/value; "
+                             "attention_mask then covers past + new tokens. One graph serves prompt and decode steps")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="after export, compare ONNX Runtime (CPU) with PyTorch on shapes unlike the "
                              "export example; a failure exits non-zero and writes nothing (default on)")
@@ -49,17 +53,19 @@ def _export(args: argparse.Namespace) -> int:
     parity = {}
 
     def verify(path):
-        parity["report"] = verify_export(path, model, precision, log)
+        parity["report"] = verify_export(path, model, precision, log, with_past=args.with_past)
 
     result = export_onnx(model, args.output, opset=args.opset, dtype=args.dtype, source=source.metadata(),
-                         allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log)
+                         allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
+                         with_past=args.with_past)
     log(f"wrote {result.path} (opset {result.opset}, {args.dtype}) in {result.seconds:.1f} s")
     if args.json:
         write_json(args.json, {
             "output": str(result.path), "opset": result.opset, "dtype": args.dtype, "source": source.description,
             "checkpoint_sha256": source.sha256, "export_seconds": round(result.seconds, 3),
             "config": model.config.to_dict(), "lint": result.lint.to_dict(),
-            "verify": parity["report"].to_dict() if parity else None,
+            "with_past": args.with_past,
+            "verify": parity["report"].to_dict() if parity.get("report") else None,
         })
     return 0
 

@@ -54,6 +54,18 @@ class LogitsGraph(nn.Module):
         return self.model(input_ids, attention_mask).float()
 
 
+class DecoderWithPastGraph(nn.Module):
+    """The graph with a cache: one call serves the prompt (past length 0) and every decode step."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, past: list[tuple[Tensor, Tensor]]):
+        logits, presents = self.model(input_ids, attention_mask, [tuple(layer) for layer in past], use_cache=True)
+        return logits.float(), presents
+
+
 def _example_size(start: int, taken: set[int]) -> int:
     """The first prime >= start that equals no config dimension (so lint can spot it if frozen)."""
     size = start
@@ -89,29 +101,41 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def trace_to_onnx(model: Transformer, opset: int, dtype: str):
+def trace_to_onnx(model: Transformer, opset: int, dtype: str, with_past: bool = False):
     """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes)."""
     import onnx  # noqa: F401  (fail early with ImportError if missing)
 
     config = model.config
-    signature = graph_signature(config)
+    signature = graph_signature(config, with_past, PRECISION_NAMES[dtype])
     taken = {config.num_tokens, config.dim, config.depth, config.dim_head, config.heads, config.kv_heads,
              config.ff_hidden, config.dim_inner, config.dim_kv_inner}
-    batch_axis, seq_axis = signature.axes["batch"], signature.axes["sequence"]
-    batch, seq = batch_axis.example, _example_size(seq_axis.example, taken)
+    seq = _example_size(signature.axes["sequence"].example, taken)
+    past = _example_size(11, taken | {seq, seq + 11}) if with_past else 0
+    batch = signature.axes["batch"].example
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.num_tokens, (batch, seq), generator=generator)
-    mask = torch.ones_like(ids)
-    dims = {name: torch.export.Dim(name, min=1, max=1 << 20) for name in signature.axes}
-    dynamic_shapes = {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
-                      for spec in signature.inputs}
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
     if dtype != "fp32":
         model = copy.deepcopy(model).to(DTYPES[dtype])
-    module = LogitsGraph(model.eval())
+    # String axis names let the exporter infer relations (total_sequence = past_sequence + sequence).
+    axes_of = {spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in signature.inputs}
+    if with_past:
+        shape = (batch, config.kv_heads, past, config.dim_head)
+        cache = [(torch.randn(shape, generator=generator).to(DTYPES[dtype]),
+                  torch.randn(shape, generator=generator).to(DTYPES[dtype])) for _ in range(config.depth)]
+        module, args = DecoderWithPastGraph(model.eval()), (ids, mask, cache)
+        layer_axes = axes_of["past_key_values.0.key"]
+        dynamic_shapes = {"input_ids": axes_of["input_ids"], "attention_mask": axes_of["attention_mask"],
+                          "past": [(layer_axes, layer_axes) for _ in range(config.depth)]}
+        examples = {"sequence": seq, "past_sequence": past, "total_sequence": past + seq}
+    else:
+        module, args = LogitsGraph(model.eval()), (ids, mask)
+        dynamic_shapes = {"input_ids": axes_of["input_ids"], "attention_mask": axes_of["attention_mask"]}
+        examples = {"sequence": seq}
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
-                module, (ids, mask), None, input_names=signature.input_names,
+                module, args, None, input_names=signature.input_names,
                 output_names=signature.output_names, opset_version=max(opset, EXPORTER_MIN_OPSET),
                 dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
             )
@@ -120,7 +144,7 @@ def trace_to_onnx(model: Transformer, opset: int, dtype: str):
             detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             tail = log.getvalue().strip().splitlines()[-3:]
             raise ExportError(f"torch.onnx.export failed: {detail}" + (f" ({' / '.join(tail)})" if tail else "")) from None
-    return lower_opset(proto, opset), signature, {"sequence": seq}
+    return lower_opset(proto, opset), signature, examples
 
 
 def add_metadata(proto, model: Transformer, signature: GraphSignature, opset: int, dtype: str,
@@ -129,10 +153,16 @@ def add_metadata(proto, model: Transformer, signature: GraphSignature, opset: in
     import onnxscript
 
     axes = {name: {"min": a.min, "opt": a.opt, "max": a.max} for name, a in signature.axes.items()}
+    if model.config.max_seq_len:  # no profile past the trained context
+        for name in ("sequence", "past_sequence"):
+            if name in axes:
+                axes[name]["max"] = min(axes[name]["max"], model.config.max_seq_len)
+                axes[name]["opt"] = min(axes[name]["opt"], axes[name]["max"])
     props = {
         "model_config": model.config.to_json(),
         **source,
         "precision": PRECISION_NAMES[dtype],
+        "with_past": str(signature.with_past).lower(),
         "opset": str(opset),
         "torch_version": torch.__version__,
         "exporter": f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__})",
@@ -159,7 +189,7 @@ def _save(proto, path: Path, final_name: str) -> None:
 
 def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, dtype: str = "fp32",
                 source: dict[str, str] | None = None, allow_lint: bool = False,
-                verify=None, log=print) -> ExportResult:
+                verify=None, log=print, with_past: bool = False) -> ExportResult:
     """Export `model` to `output`; `source` is metadata naming the weights (ModelSource.metadata()).
 
     Lint findings (unless allowed) or a failed `verify(path)` callback raise ExportError
@@ -173,8 +203,9 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, 
     check_output_path(output)
     started = time.perf_counter()
     source = source or {}
-    log(f"exporting {source.get('source', 'model')} to ONNX opset {opset} ({dtype}) ...")
-    proto, signature, examples = trace_to_onnx(model, opset, dtype)
+    kind = "decoder with past" if with_past else "decoder"
+    log(f"exporting {source.get('source', 'model')} as a {kind} to ONNX opset {opset} ({dtype}) ...")
+    proto, signature, examples = trace_to_onnx(model, opset, dtype, with_past)
     add_metadata(proto, model, signature, opset, dtype, source)
     report = lint_graph(proto, signature, examples)
     log(report.format())

@@ -49,20 +49,55 @@ class GraphSignature:
     def output_names(self) -> list[str]:
         return [spec.name for spec in self.outputs]
 
-    def input(self, name: str) -> TensorSpec:
-        return next(spec for spec in self.inputs if spec.name == name)
+    @property
+    def with_past(self) -> bool:
+        return "past_sequence" in self.axes
 
 
 BATCH = Axis("batch", min=1, opt=1, max=8, example=2)
 SEQUENCE = Axis("sequence", min=1, opt=128, max=1024, example=37)
+PAST = Axis("past_sequence", min=0, opt=128, max=1024, example=5)
+# An axis whose size is the sum of others: the attention mask covers cached and new tokens.
+SUM_AXES = {"total_sequence": ("past_sequence", "sequence")}
 
 
-def graph_signature(config: ModelConfig, float_dtype: str = "float32") -> GraphSignature:
-    """Inputs input_ids / attention_mask (batch, sequence) int64; output logits (batch, sequence, vocab)."""
-    axes = {axis.name: axis for axis in (BATCH, SEQUENCE)}
-    token_dims = ("batch", "sequence")
+def past_names(depth: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(depth) for kind in ("key", "value")]
+
+
+def present_names(depth: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(depth) for kind in ("key", "value")]
+
+
+def graph_signature(config: ModelConfig, with_past: bool = False, cache_dtype: str = "float32") -> GraphSignature:
+    """The plain graph: input_ids / attention_mask (batch, sequence) -> logits (batch, sequence, vocab).
+
+    With past: attention_mask covers (batch, past_sequence + sequence), each layer's cache
+    comes in as past_key_values.{i}.key/value (batch, kv_heads, past_sequence, dim_head) and
+    goes out, extended by the new tokens, as present.{i}.key/value, in `cache_dtype` (the
+    graph's precision). Logits are always float32.
+    """
+    logits = TensorSpec("logits", "float32", ("batch", "sequence", config.num_tokens))
+    ids = TensorSpec("input_ids", "int64", ("batch", "sequence"))
+    if not with_past:
+        return GraphSignature(
+            inputs=(ids, TensorSpec("attention_mask", "int64", ("batch", "sequence"))),
+            outputs=(logits,), axes={axis.name: axis for axis in (BATCH, SEQUENCE)},
+        )
+    cache_in = ("batch", config.kv_heads, "past_sequence", config.dim_head)
+    cache_out = ("batch", config.kv_heads, "total_sequence", config.dim_head)
     return GraphSignature(
-        inputs=(TensorSpec("input_ids", "int64", token_dims), TensorSpec("attention_mask", "int64", token_dims)),
-        outputs=(TensorSpec("logits", float_dtype, ("batch", "sequence", config.num_tokens)),),
-        axes=axes,
+        inputs=(ids, TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+                *(TensorSpec(name, cache_dtype, cache_in) for name in past_names(config.depth))),
+        outputs=(logits, *(TensorSpec(name, cache_dtype, cache_out) for name in present_names(config.depth))),
+        axes={axis.name: axis for axis in (BATCH, SEQUENCE, PAST)},
     )
+
+
+def resolve_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    """Add the derived axes (total_sequence = past_sequence + sequence) to known axis sizes."""
+    sizes = dict(sizes)
+    for name, parts in SUM_AXES.items():
+        if all(part in sizes for part in parts):
+            sizes[name] = sum(sizes[part] for part in parts)
+    return sizes

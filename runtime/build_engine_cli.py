@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = parser.add_argument_group("optimisation profiles (repeat a flag to add a profile)")
     shapes.add_argument("--batch", action="append", metavar="MIN:OPT:MAX", help="batch range, e.g. 1:4:8")
     shapes.add_argument("--seq", action="append", metavar="MIN:OPT:MAX", help="sequence range, e.g. 1:128:1024")
+    shapes.add_argument("--past", action="append", metavar="MIN:OPT:MAX",
+                        help="cached-length range for graphs exported --with-past, e.g. 0:128:1024")
     shapes.add_argument("--min-shapes", action="append", metavar="SPEC",
                         help="trtexec style: input_ids:1x1,attention_mask:1x1")
     shapes.add_argument("--opt-shapes", action="append", metavar="SPEC", help="trtexec style optimum shapes")
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="builder optimisation level, 0-5 (default 3); higher builds slower, may run faster")
     build.add_argument("--version-compatible", action="store_true",
                        help="build a plan later TensorRT versions can run (it embeds host code)")
+    build.add_argument("--compute-capability", action="append", metavar="X.Y", default=[],
+                       help="TensorRT-RTX only: build for this GPU generation (repeatable), e.g. 8.6 or 12.0; "
+                            "default: RTX's own set")
     build.add_argument("--hardware-compatibility", choices=["none", "ampere+", "same-cc"], default="none",
                        help="run on other GPUs: ampere+ (any Ampere or newer), same-cc; default none (this GPU)")
     cache = parser.add_argument_group("engine cache")
@@ -71,10 +76,11 @@ def _build(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise ToolkitError(f"cannot write {output}: {output.parent} is not a directory")
     inputs, axes, metadata = graph_axes(model)
-    profiles = build_profiles(inputs, axes, args.batch, args.seq, args.min_shapes, args.opt_shapes, args.max_shapes)
+    profiles = build_profiles(inputs, axes, args.batch, args.seq, args.past, args.min_shapes, args.opt_shapes, args.max_shapes)
     options = BuildOptions(precision=args.precision, workspace_mib=args.workspace, opt_level=args.opt_level,
                            version_compatible=args.version_compatible,
-                           hardware_compatibility=args.hardware_compatibility)
+                           hardware_compatibility=args.hardware_compatibility,
+                           compute_capabilities=tuple(args.compute_capability))
     library = load_tensorrt(args.flavour)
     gpu_name, cc = gpu_identity()
     runnable, reason = can_execute(library.flavour, cc)

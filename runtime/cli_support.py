@@ -65,8 +65,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                        help="model config fields as inline JSON or a JSON file; overrides the checkpoint's "
                             "or the preset's values")
     group.add_argument("--preset", metavar="NAME",
-                       help="build a preset model from --seed instead of loading weights: tiny (default) or small")
-    group.add_argument("--seed", type=int, default=0, help="initialisation seed for --preset (default 0)")
+                       help="build a preset model from --init-seed instead of loading weights: tiny (default) or small")
+    group.add_argument("--init-seed", dest="seed", type=int, default=0, metavar="N",
+                       help="weight initialisation seed for --preset (default 0)")
 
 
 def resolve_model_arguments(args: argparse.Namespace):

@@ -5,9 +5,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from models.signature import GraphSignature
+from models.signature import GraphSignature, resolve_sizes
 
-from .backends import Backend
+from .backends import Backend, TensorMeta
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,12 @@ class Case:
     batch: int
     sequence: int
     padded: bool = False  # left-pad every other row to exercise the attention mask
+    past: int = 0  # cached tokens before the new ones (graphs with past only)
 
     @property
     def label(self) -> str:
-        return f"{self.batch}x{self.sequence}{' padded' if self.padded else ''}"
+        past = f"+past{self.past}" if self.past else ""
+        return f"{self.batch}x{self.sequence}{past}{' padded' if self.padded else ''}"
 
 
 @dataclass
@@ -48,7 +50,7 @@ class CaseResult:
     max_abs: float
     max_rel: float  # max_abs / max|reference|
     cosine: float
-    top1: float  # fraction of positions whose argmax agrees
+    top1: float | None  # fraction of positions whose argmax agrees (logits only)
     passed: bool
     problem: str = ""
 
@@ -77,11 +79,11 @@ class ParityReport:
         }
 
     def table(self) -> str:
-        lines = [f"{'case':<16}{'output':<10}{'max abs':>11}{'max rel':>11}{'cosine':>11}{'top-1':>8}  result"]
+        lines = [f"{'case':<22}{'output':<17}{'max abs':>11}{'max rel':>11}{'cosine':>11}{'top-1':>8}  result"]
         for r in self.results:
             lines.append(
-                f"{r.case.label:<16}{r.output:<10}{r.max_abs:>11.3e}{r.max_rel:>11.3e}{r.cosine:>11.7f}"
-                f"{r.top1:>8.2%}  {'ok' if r.passed else 'FAIL ' + r.problem}"
+                f"{r.case.label:<22}{r.output:<17}{r.max_abs:>11.3e}{r.max_rel:>11.3e}{r.cosine:>11.7f}"
+                f"{'-' if r.top1 is None else format(r.top1, '.2%'):>8}  {'ok' if r.passed else 'FAIL ' + r.problem}"
             )
         return "\n".join(lines)
 
@@ -92,31 +94,55 @@ class ParityReport:
         verdict = "passed" if self else "FAILED"
         return (
             f"parity {verdict}: {self.candidate} vs {self.reference} ({self.precision}), {len(self.results)} checks; "
-            f"worst {worst.case.label} {worst.output}: max abs {worst.max_abs:.3e}, cosine {worst.cosine:.7f}, "
-            f"top-1 {worst.top1:.2%}" + (f" ({worst.problem})" if not worst.passed else "")
+            f"worst {worst.case.label} {worst.output}: max abs {worst.max_abs:.3e}, cosine {worst.cosine:.7f}"
+            + (f", top-1 {worst.top1:.2%}" if worst.top1 is not None else "")
+            + (f" ({worst.problem})" if not worst.passed else "")
         )
 
 
-def make_feeds(case: Case, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random token ids and an attention mask (all ones, or left padding on odd rows)."""
-    rng = np.random.default_rng([seed, case.batch, case.sequence, case.padded])
-    ids = rng.integers(0, vocab_size, size=(case.batch, case.sequence), dtype=np.int64)
-    mask = np.ones_like(ids)
-    if case.padded:
-        pad = case.sequence // 3
-        mask[1::2, :pad] = 0
-        ids[1::2, :pad] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+def make_feeds(case: Case, inputs: list[TensorMeta], vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids, an attention mask (all ones, or left padding on odd rows) and, for
+    graphs with past, random float32 caches, shaped after the backend's `inputs`."""
+    rng = np.random.default_rng([seed, case.batch, case.sequence, case.padded, case.past])
+    sizes = resolve_sizes({"batch": case.batch, "sequence": case.sequence, "past_sequence": case.past})
+    feeds = {}
+    for meta in inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in meta.shape)
+        if meta.name == "input_ids":
+            feeds[meta.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif meta.name == "attention_mask":
+            mask = np.ones(shape, dtype=np.int64)
+            if case.padded:
+                mask[1::2, : shape[1] // 3] = 0
+            feeds[meta.name] = mask
+        else:
+            feeds[meta.name] = rng.standard_normal(shape).astype(np.float32)
+    if case.padded and case.past == 0:
+        feeds["input_ids"][1::2, : case.sequence // 3] = 0
+    return feeds
+
+
+def cast_feeds(feeds: dict[str, np.ndarray], inputs: list[TensorMeta]) -> dict[str, np.ndarray]:
+    """Cast float feeds to each input's declared dtype (a float16 graph takes a float16 cache)."""
+    dtypes = {meta.name: meta.dtype for meta in inputs}
+    return {name: value.astype(dtypes[name]) if value.dtype.kind == "f" and dtypes.get(name, "").startswith("float")
+            else value for name, value in feeds.items()}
 
 
 def default_cases(signature: GraphSignature, batches: list[int] | None = None,
-                  sequences: list[int] | None = None) -> list[Case]:
-    """The sweep: every batch x sequence (from the signature's axes unless given), plus a padded case."""
+                  sequences: list[int] | None = None, pasts: list[int] | None = None) -> list[Case]:
+    """The sweep: every batch x sequence (from the signature's axes unless given), plus a padded
+    case; for graphs with past, also decode steps (sequence 1) at past lengths 1 and long."""
     batches = batches or sorted({1, 3} | {signature.axes["batch"].min})
     sequences = sequences or signature.axes["sequence"].sweep()
     cases = [Case(b, s) for b in batches for s in sequences]
     if max(batches) > 1 and max(sequences) >= 3:
         cases.append(Case(max(batches), max(s for s in sequences if s >= 3), padded=True))
+    if signature.with_past:
+        long_past = signature.axes["past_sequence"].max // 2 + 1
+        for past in pasts or [1, long_past]:
+            cases += [Case(b, 1, past=past) for b in batches] + [Case(max(batches), 5, past=past)]
+        cases.append(Case(max(batches), 1, padded=True, past=long_past))
     return cases
 
 
@@ -134,13 +160,13 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tol
     max_rel = max_abs / scale if scale else 0.0
     norms = np.linalg.norm(ref) * np.linalg.norm(cand)
     cosine = float((ref * cand).sum() / norms) if norms else 1.0
-    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean()) if ref.ndim >= 2 and ref.size else 1.0
+    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean()) if output == "logits" and ref.size else None
     problems = []
     if max_abs > tolerance.atol + tolerance.rtol * scale:
         problems.append(f"max abs {max_abs:.3e} > {tolerance.atol + tolerance.rtol * scale:.3e}")
     if cosine < tolerance.min_cosine:
         problems.append(f"cosine {cosine:.7f} < {tolerance.min_cosine}")
-    if top1 < tolerance.min_top1:
+    if top1 is not None and top1 < tolerance.min_top1:
         problems.append(f"top-1 {top1:.2%} < {tolerance.min_top1:.0%}")
     return CaseResult(case, output, max_abs, max_rel, cosine, top1, not problems, "; ".join(problems))
 
@@ -154,8 +180,9 @@ def check_parity(reference: Backend, candidate: Backend, cases: list[Case], prec
     for case in cases:
         if progress:
             progress(case)
-        feeds = make_feeds(case, vocab, seed)
-        expected, actual = reference.run(feeds), candidate.run(feeds)
+        feeds = make_feeds(case, reference.inputs, vocab, seed)
+        expected = reference.run(cast_feeds(feeds, reference.inputs))
+        actual = candidate.run(cast_feeds(feeds, candidate.inputs))
         for name, value in expected.items():
             if name not in actual:
                 report.results.append(CaseResult(case, name, float("inf"), float("inf"), 0.0, 0.0, False,

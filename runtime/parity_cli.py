@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                         help="which tolerance row to apply (default auto: the precision recorded in MODEL)")
     parser.add_argument("--atol", type=float, help="override the absolute tolerance")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="also compare N greedy tokens (2 prompts) token by token and report the first "
+                             "divergence with the reference's top-2 logit margin there")
     parser.add_argument("--input-seed", type=int, default=0, help="seed of the random token ids (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
     return parser
@@ -74,19 +77,36 @@ def _check(args: argparse.Namespace) -> int:
         tolerance = TOLERANCES[precision]
         if args.atol is not None:
             tolerance = replace(tolerance, atol=args.atol)
-        cases = default_cases(graph_signature(source.model.config), args.batch, args.seq)
+        with_past = any(name.startswith("past_key_values.") for name in candidate.input_names)
+        cases = default_cases(graph_signature(source.model.config, with_past), args.batch, args.seq)
         log(f"check-parity: {args.model} on {candidate.name} vs PyTorch ({source.description}), "
             f"{len(cases)} cases, {precision} tolerance")
-        with TorchBackend(source.model) as reference:
+        with TorchBackend(source.model, device=_reference_device(candidate), with_past=with_past) as reference:
             report = check_parity(reference, candidate, cases, precision, tolerance, seed=args.input_seed,
                                   progress=lambda case: log(f"  running {case.label} ..."))
-    log(report.table())
-    log(report.summary())
+            log(report.table())
+            log(report.summary())
+            generation = None
+            if args.generate:
+                from runtime.generation_parity import compare_generation, random_prompts
+
+                prompts = random_prompts(source.model.config.num_tokens, seed=args.input_seed)
+                generation = compare_generation(reference, candidate, prompts, args.generate)
+                log(generation.summary())
+    passed = bool(report) and (generation is None or bool(generation))
     if args.json:
-        write_json(args.json, report.to_dict())
-    if not report:
-        print(f"check-parity: error: {report.summary()}", file=sys.stderr)
-    return 0 if report else 1
+        write_json(args.json, {**report.to_dict(), "passed": passed,
+                               "generation": generation.to_dict() if generation else None})
+    if not passed:
+        failed = report.summary() if not report else generation.summary()
+        print(f"check-parity: error: {failed}", file=sys.stderr)
+    return 0 if passed else 1
+
+
+def _reference_device(candidate) -> str:
+    """PyTorch runs where the candidate runs, so generation feeds stay on one device."""
+    on_gpu = getattr(candidate, "provider", "cpu") == "cuda" or candidate.name.startswith("tensorrt")
+    return "cuda" if on_gpu else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,14 @@ feeds against the metadata once, so each backend only fills in its own hooks.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from models.errors import ToolkitError
+from models.signature import SUM_AXES
 
 
 class BackendError(ToolkitError):
@@ -23,6 +25,11 @@ class TensorMeta:
     name: str
     dtype: str  # numpy dtype name
     shape: tuple[int | str | None, ...]  # int: fixed; str: symbolic axis; None: unknown
+
+
+def _dtype_name(dtype) -> str:
+    """'int64' for np.int64 and torch.int64 alike."""
+    return str(dtype).removeprefix("torch.") if not isinstance(dtype, np.dtype) else dtype.name
 
 
 class Backend(abc.ABC):
@@ -48,7 +55,8 @@ class Backend(abc.ABC):
         self.check_feeds(feeds)
         return self._run(feeds)
 
-    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def check_feeds(self, feeds: Mapping) -> None:
+        """Names, dtypes, ranks, fixed and shared dimensions, and token id range; numpy or torch values."""
         expected = {meta.name: meta for meta in self.inputs}
         missing, unexpected = sorted(set(expected) - set(feeds)), sorted(set(feeds) - set(expected))
         if missing or unexpected:
@@ -58,8 +66,9 @@ class Backend(abc.ABC):
         symbols: dict[str, int] = {}
         for name, meta in expected.items():
             value = feeds[name]
-            if value.dtype != np.dtype(meta.dtype):
-                raise BackendError(f"{self.name}: input {name!r} must be {meta.dtype}, got {value.dtype}")
+            dtype = _dtype_name(value.dtype)
+            if dtype != meta.dtype:
+                raise BackendError(f"{self.name}: input {name!r} must be {meta.dtype}, got {dtype}")
             if value.ndim != len(meta.shape):
                 raise BackendError(
                     f"{self.name}: input {name!r} must have {len(meta.shape)} dimensions {meta.shape}, got shape {value.shape}"
@@ -71,14 +80,34 @@ class Backend(abc.ABC):
                     raise BackendError(
                         f"{self.name}: input {name!r} dimension {axis} ({want}) is {size} but another input has {want}={symbols[want]}"
                     )
+        for derived, parts in SUM_AXES.items():
+            if derived in symbols and all(part in symbols for part in parts):
+                expected_size = sum(symbols[part] for part in parts)
+                if symbols[derived] != expected_size:
+                    raise BackendError(
+                        f"{self.name}: {derived} is {symbols[derived]} but {' + '.join(parts)} is {expected_size}; "
+                        "the attention mask must cover the cached and the new tokens"
+                    )
         ids = feeds.get("input_ids")
-        if self.vocab_size is not None and ids is not None and ids.size:
+        if self.vocab_size is not None and ids is not None and math.prod(ids.shape):
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
                 raise BackendError(
                     f"{self.name}: token id {bad} is out of range; the model's vocabulary is 0..{self.vocab_size - 1}"
                 )
+
+    def run_torch(self, feeds: dict) -> dict:
+        """Run with torch tensors in and out. GPU backends override this to keep tensors on the
+        device; the default goes through numpy on the host."""
+        import torch
+
+        outputs = self.run({name: tensor.detach().cpu().numpy() for name, tensor in feeds.items()})
+        return {name: torch.from_numpy(value) for name, value in outputs.items()}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [meta.name for meta in self.inputs]
 
     def close(self) -> None:
         """Release the backend's resources; it cannot run afterwards."""

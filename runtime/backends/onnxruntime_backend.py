@@ -108,6 +108,8 @@ class OnnxRuntimeBackend(Backend):
         `outputs` may pass preallocated tensors (e.g. a static cache buffer) by name."""
         import torch
 
+        if self.provider != "cuda":
+            return super().run_torch(feeds)
         binding = self.session.io_binding()
         symbols = {}
         for meta in self._inputs:

@@ -13,12 +13,14 @@ from .base import Backend, TensorMeta
 class TorchBackend(Backend):
     """Runs the PyTorch model (eval mode, no grad) on `device`, optionally cast to `dtype`."""
 
-    def __init__(self, model: Transformer, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: Transformer, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 with_past: bool = False):
         self.name = f"torch-{device}" if dtype == torch.float32 else f"torch-{device}-{str(dtype).removeprefix('torch.')}"
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
         self.vocab_size = model.config.num_tokens
-        signature = graph_signature(model.config)
+        self.with_past = with_past
+        signature = graph_signature(model.config, with_past, str(dtype).removeprefix("torch."))
         self._inputs = [TensorMeta(s.name, s.dtype, s.dims) for s in signature.inputs]
         self._outputs = [TensorMeta(s.name, s.dtype, s.dims) for s in signature.outputs]
 
@@ -30,8 +32,19 @@ class TorchBackend(Backend):
     def outputs(self) -> list[TensorMeta]:
         return self._outputs
 
-    @torch.inference_mode()
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = {name: torch.from_numpy(value).to(self.device) for name, value in feeds.items()}
-        logits = self.model(tensors["input_ids"], tensors["attention_mask"])
-        return {"logits": logits.float().cpu().numpy()}
+        outputs = self.run_torch({name: torch.from_numpy(value) for name, value in feeds.items()})
+        return {name: value.cpu().numpy() for name, value in outputs.items()}
+
+    @torch.inference_mode()
+    def run_torch(self, feeds: dict) -> dict:
+        feeds = {name: value.to(self.device) for name, value in feeds.items()}
+        if not self.with_past:
+            return {"logits": self.model(feeds["input_ids"], feeds["attention_mask"]).float()}
+        depth = self.model.config.depth
+        past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in range(depth)]
+        logits, presents = self.model(feeds["input_ids"], feeds["attention_mask"], past, use_cache=True)
+        outputs = {"logits": logits.float()}
+        for i, (key, value) in enumerate(presents):
+            outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = key, value
+        return outputs

@@ -52,6 +52,20 @@ def _progress_monitor(trt, log):
     return Monitor()
 
 
+def _target_compute_capabilities(library: TensorRTLibrary, config, targets: tuple[str, ...]) -> None:
+    """TensorRT-RTX builds ahead of time for the listed GPUs (default: its own set)."""
+    trt = library.module
+    if not hasattr(config, "set_compute_capability"):
+        raise EngineBuildError(f"{library.flavour} cannot target other compute capabilities; build on the target GPU")
+    config.num_compute_capabilities = len(targets)
+    for index, target in enumerate(targets):
+        member = getattr(trt.ComputeCapability, "SM" + target.replace(".", ""), None)
+        if member is None or not config.set_compute_capability(member, index):
+            known = [m for m in dir(trt.ComputeCapability) if m.startswith("SM")]
+            raise EngineBuildError(f"{library.flavour} {library.version} cannot target compute capability {target}; "
+                                   f"it knows {known}")
+
+
 def parse_onnx(library: TensorRTLibrary, builder, logger, onnx_path: Path, strongly_typed: bool):
     trt = library.module
     flags = 0
@@ -106,8 +120,10 @@ def build_engine(library: TensorRTLibrary, onnx_path: str | Path, profiles: list
                 f"{library.flavour} {library.version} has no hardware compatibility level {options.hardware_compatibility}"
             )
         config.hardware_compatibility_level = level
+    if options.compute_capabilities:
+        _target_compute_capabilities(library, config, options.compute_capabilities)
     cache = None
-    if hasattr(config, "create_timing_cache"):
+    if hasattr(config, "create_timing_cache"):  # a no-op kept for compatibility in TensorRT-RTX
         cache = config.create_timing_cache(timing_cache or b"")
         config.set_timing_cache(cache, ignore_mismatch=True)
     for profile in profiles:

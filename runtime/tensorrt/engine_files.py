@@ -27,6 +27,7 @@ class BuildOptions:
     opt_level: int = 3
     version_compatible: bool = False
     hardware_compatibility: str = "none"  # none | ampere+ | same-cc
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("8.6", "8.9"); () = its default set
 
 
 @dataclass

@@ -11,7 +11,9 @@ from types import ModuleType
 
 from models.errors import ToolkitError
 
-FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+# Module names per flavour, tried in order: the tensorrt-rtx-cu13 package provides
+# `tensorrt_rtx`, a shim over the `tensorrt_rtx_bindings` module of the bindings wheel.
+FLAVOURS = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
 INSTALL_HINT = (
     "install TensorRT-RTX (pip install tensorrt-rtx-cu13) for RTX and Ampere-or-newer GPUs, or the full "
     "TensorRT builder (pip install tensorrt-cu13 from NVIDIA's package index; on Jetson it comes with JetPack)"
@@ -57,8 +59,9 @@ def load_tensorrt(flavour: str = "auto") -> TensorRTLibrary:
         raise TensorRTUnavailable(f"unknown TensorRT flavour {flavour!r}; choose auto, tensorrt or tensorrt-rtx")
     candidates = list(FLAVOURS) if flavour == "auto" else [flavour]
     for name in candidates:
-        module = _import(FLAVOURS[name])
-        if module is not None and hasattr(module, "Builder"):
-            return TensorRTLibrary(module, name, str(getattr(module, "__version__", "0")))
-    wanted = "no TensorRT library is installed" if flavour == "auto" else f"{FLAVOURS[flavour]} is not installed"
+        for module_name in FLAVOURS[name]:
+            module = _import(module_name)
+            if module is not None and hasattr(module, "Builder"):
+                return TensorRTLibrary(module, name, str(getattr(module, "__version__", "0")))
+    wanted = "no TensorRT library is installed" if flavour == "auto" else f"{FLAVOURS[flavour][0]} is not installed"
     raise TensorRTUnavailable(f"{wanted}; {INSTALL_HINT}")

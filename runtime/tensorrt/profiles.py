@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import ToolkitError
+from models.signature import SUM_AXES
+
+EMPTY_OK = {"past_sequence"}  # the prompt step runs with an empty cache
 
 Shape = tuple[int, ...]
 
@@ -28,9 +31,9 @@ class AxisRange:
     opt: int
     max: int
 
-    def check(self, label: str) -> None:
-        if self.min < 1:
-            raise ProfileError(f"{label}: sizes must be at least 1, got min {self.min}")
+    def check(self, label: str, smallest: int = 1) -> None:
+        if self.min < smallest:
+            raise ProfileError(f"{label}: sizes must be at least {smallest}, got min {self.min}")
         if not self.min <= self.opt <= self.max:
             raise ProfileError(f"{label}: need min <= opt <= max, got {self.min}:{self.opt}:{self.max}")
 
@@ -62,7 +65,7 @@ class Profile:
                          for name, (lo, _, hi) in self.shapes.items())
 
 
-def parse_range(text: str, label: str) -> AxisRange:
+def parse_range(text: str, label: str, smallest: int = 1) -> AxisRange:
     """'MIN:OPT:MAX' (or 'N' for a fixed size) -> AxisRange."""
     parts = text.split(":")
     try:
@@ -74,7 +77,7 @@ def parse_range(text: str, label: str) -> AxisRange:
     if len(values) != 3:
         raise ProfileError(f"{label} {text!r}: expected MIN:OPT:MAX such as 1:4:8")
     result = AxisRange(*values)
-    result.check(f"{label} {text}")
+    result.check(f"{label} {text}", smallest)
     return result
 
 
@@ -119,15 +122,15 @@ def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRa
 
 
 def build_profiles(inputs: list[InputAxes], axes: dict[str, AxisRange], batch: list[str] | None = None,
-                   seq: list[str] | None = None, min_shapes: list[str] | None = None,
+                   seq: list[str] | None = None, past: list[str] | None = None, min_shapes: list[str] | None = None,
                    opt_shapes: list[str] | None = None, max_shapes: list[str] | None = None) -> list[Profile]:
     """Profiles from the declared axes, overridden per profile by --batch/--seq ranges or by
     trtexec-style --min/--opt/--max-shapes. The i-th occurrence of a flag shapes profile i."""
-    batch, seq = batch or [], seq or []
+    batch, seq, past = batch or [], seq or [], past or []
     min_shapes, opt_shapes, max_shapes = min_shapes or [], opt_shapes or [], max_shapes or []
     if not (len(min_shapes) == len(opt_shapes) == len(max_shapes)):
         raise ProfileError("--min-shapes, --opt-shapes and --max-shapes must be given the same number of times")
-    count = max(1, len(batch), len(seq), len(min_shapes))
+    count = max(1, len(batch), len(seq), len(past), len(min_shapes))
     profiles = []
     for index in range(count):
         ranges = dict(axes)
@@ -135,6 +138,11 @@ def build_profiles(inputs: list[InputAxes], axes: dict[str, AxisRange], batch: l
             ranges["batch"] = parse_range(batch[min(index, len(batch) - 1)], "--batch")
         if seq:
             ranges["sequence"] = parse_range(seq[min(index, len(seq) - 1)], "--seq")
+        if past:
+            ranges["past_sequence"] = parse_range(past[min(index, len(past) - 1)], "--past", smallest=0)
+        for derived, parts in SUM_AXES.items():  # total_sequence = past_sequence + sequence
+            if all(part in ranges for part in parts):
+                ranges[derived] = AxisRange(*(sum(getattr(ranges[p], w) for p in parts) for w in ("min", "opt", "max")))
         shapes = {}
         for spec in inputs:
             shapes[spec.name] = tuple(
@@ -166,7 +174,7 @@ def validate_profile(profile: Profile, inputs: list[InputAxes], index: int = 0) 
                 raise ProfileError(f"profile {index}: {spec.name} has {len(spec.dims)} dimensions, got shape {shape}")
         for axis, dim in enumerate(spec.dims):
             span = AxisRange(lo[axis], op[axis], hi[axis])
-            span.check(f"profile {index}: {spec.name} dimension {axis}")
+            span.check(f"profile {index}: {spec.name} dimension {axis}", 0 if dim in EMPTY_OK else 1)
             if isinstance(dim, int) and dim and (span.min, span.max) != (dim, dim):
                 raise ProfileError(f"profile {index}: {spec.name} dimension {axis} is fixed at {dim} in the graph")
             if isinstance(dim, str):
