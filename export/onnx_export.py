@@ -116,7 +116,7 @@ def trace_to_onnx(model: Transformer, opset: int, dtype: str, with_past: bool = 
     ids = torch.randint(0, config.num_tokens, (batch, seq), generator=generator)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     if dtype != "fp32":
-        model = copy.deepcopy(model).to(DTYPES[dtype])
+        model = copy.deepcopy(model).to(DTYPES[dtype]).use_float32_softmax()
     # String axis names let the exporter infer relations (total_sequence = past_sequence + sequence).
     axes_of = {spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in signature.inputs}
     if with_past:

@@ -88,6 +88,9 @@ class Attention(nn.Module):
             self.to_k = nn.Linear(config.dim, config.dim_kv_inner, bias=False)
             self.to_v = nn.Linear(config.dim, config.dim_kv_inner, bias=False)
         self.to_out = nn.Linear(config.dim_inner, config.dim, bias=False)
+        # Set for half-precision export (Transformer.use_float32_softmax): eager PyTorch keeps
+        # SDPA, whose kernels already accumulate in float32.
+        self.float32_softmax = False
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.fused:
@@ -115,11 +118,13 @@ class Attention(nn.Module):
             b, _, total, d = k.shape
             k = k[:, None].expand(b, groups, self.kv_heads, total, d).reshape(b, self.heads, total, d)
             v = v[:, None].expand(b, groups, self.kv_heads, total, d).reshape(b, self.heads, total, d)
-        if q.dtype == torch.float32:
+        if not (self.float32_softmax and q.dtype != torch.float32):
+            if bias is not None and q.dtype != torch.float32:  # keep the mask finite in half precision
+                bias = bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
             )  # (b, h, n, d)
-        else:  # half precision: scores and softmax in float32, where they cannot overflow
+        else:  # exported half precision: scores and softmax in float32, where they cannot overflow
             scores = (q * self.dim_head**-0.5) @ k.transpose(-1, -2)  # (b, h, n, past + n)
             scores = scores.float() if bias is None else scores.float() + bias
             attn = F.dropout(scores.softmax(-1), self.dropout, self.training).to(v.dtype)
@@ -194,6 +199,13 @@ class Transformer(nn.Module):
             presents.append(present)
         logits = self.to_logits(self.norm(x))  # (b, n, num_tokens)
         return (logits, presents) if use_cache else logits
+
+
+    def use_float32_softmax(self, enabled: bool = True) -> "Transformer":
+        """Write attention as matmul + float32 softmax (for half-precision graphs) instead of SDPA."""
+        for layer in self.layers:
+            layer.attn.float32_softmax = enabled
+        return self
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> Transformer:

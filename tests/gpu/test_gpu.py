@@ -1,0 +1,164 @@
+"""GPU tests: run on the accelerator with `python3 -m pytest -m gpu` after staging the GPU wheels."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
+
+
+needs_ort_cuda = pytest.mark.skipif(not _ort_has_cuda(), reason="onnxruntime-gpu (CUDAExecutionProvider) not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny preset exported four ways: plain and with past, fp32 and fp16."""
+    from export.onnx_export import export_onnx
+    from models.source import resolve_model
+
+    source = resolve_model()
+    folder = tmp_path_factory.mktemp("gpu")
+    paths = {}
+    for with_past in (False, True):
+        for dtype in ("fp32", "fp16"):
+            path = folder / f"tiny-{dtype}{'-past' if with_past else ''}.onnx"
+            export_onnx(source.model, path, dtype=dtype, source=source.metadata(), with_past=with_past,
+                        log=lambda _: None)
+            paths[(dtype, with_past)] = path
+    return source, paths
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_onnxruntime_cuda_parity(tiny, dtype):
+    from models.signature import graph_signature
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.parity import check_parity, default_cases
+
+    source, paths = tiny
+    precision = {"fp32": "float32", "fp16": "float16"}[dtype]
+    for with_past in (False, True):
+        cases = default_cases(graph_signature(source.model.config, with_past), [1, 3], [1, 17, 128, 513])
+        with TorchBackend(source.model, device="cuda", with_past=with_past) as reference, \
+                OnnxRuntimeBackend(paths[(dtype, with_past)], provider="cuda") as candidate:
+            report = check_parity(reference, candidate, cases, precision)
+        assert report, report.summary()
+        logits = [r for r in report.results if r.output == "logits"]
+        if dtype == "fp32":
+            assert max(r.max_abs for r in logits) <= 1e-4
+        else:  # teacher forcing: every position's argmax against the fp32 reference
+            assert min(r.top1 for r in logits) >= 0.99
+
+
+@needs_ort_cuda
+def test_onnxruntime_cuda_greedy_identical_and_cache_on_device(tiny):
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.generation_parity import compare_generation, random_prompts
+
+    source, paths = tiny
+    with TorchBackend(source.model, device="cuda", with_past=True) as reference, \
+            OnnxRuntimeBackend(paths[("fp32", True)], provider="cuda") as candidate:
+        result = compare_generation(reference, candidate, random_prompts(256, batch=2, length=8), 64)
+        assert result, result.summary()
+        assert result.tokens_compared == 128
+        feeds = {"input_ids": torch.ones(1, 3, dtype=torch.int64, device="cuda"),
+                 "attention_mask": torch.ones(1, 3, dtype=torch.int64, device="cuda")}
+        for meta in candidate.inputs[2:]:
+            feeds[meta.name] = torch.zeros(1, meta.shape[1], 0, meta.shape[3], device="cuda")
+        outputs = candidate.run_torch(feeds)
+        assert all(t.is_cuda for t in outputs.values())  # IO binding: nothing comes back to the host
+
+
+def _tensorrt_or_skip():
+    from runtime.tensorrt.library import TensorRTUnavailable, load_tensorrt
+
+    try:
+        return load_tensorrt("auto")
+    except TensorRTUnavailable as error:
+        pytest.skip(str(error))
+
+
+def _build(tmp_path, onnx_path, *extra):
+    from runtime.build_engine_cli import main
+
+    engine = tmp_path / (onnx_path.stem + ".engine")
+    report = tmp_path / (onnx_path.stem + ".json")
+    code = main([str(onnx_path), "--output", str(engine), "--json", str(report), *extra])
+    assert code == 0
+    return engine, json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_tensorrt_builds_with_profiles_timing_cache_and_engine_cache(tiny, tmp_path, dtype):
+    library = _tensorrt_or_skip()
+    _, paths = tiny
+    onnx_path = paths[(dtype, False)]
+    timing = tmp_path / "timing.cache"
+    cache = tmp_path / "engines"
+    flags = ["--batch", "1:2:4", "--seq", "1:64:256", "--timing-cache", str(timing), "--cache-dir", str(cache)]
+    engine, first = _build(tmp_path, onnx_path, *flags)
+    assert engine.stat().st_size > 0 and not first["cache_hit"]
+    sidecar = json.loads((tmp_path / (engine.name + ".json")).read_text())
+    assert sidecar["flavour"] == library.flavour and sidecar["library_version"] == library.version
+    assert sidecar["profiles"][0]["input_ids"] == {"min": [1, 1], "opt": [2, 64], "max": [4, 256]}
+    assert sidecar["compute_capability"] == "%d.%d" % torch.cuda.get_device_capability(0)
+    assert timing.stat().st_size > 0
+    _, second = _build(tmp_path, onnx_path, *flags)
+    assert second["cache_hit"] and second["seconds"] < first["build_seconds"]
+    started = time.perf_counter()
+    _, rebuilt = _build(tmp_path, onnx_path, *flags, "--no-cache")
+    assert not rebuilt["cache_hit"]
+    print(f"{library.flavour} {dtype}: first build {first['build_seconds']:.2f} s, rebuild with timing cache "
+          f"{rebuilt['build_seconds']:.2f} s, cache hit {second['seconds']:.3f} s ({time.perf_counter() - started:.1f})")
+
+
+def test_tensorrt_builds_the_with_past_graph(tiny, tmp_path):
+    _tensorrt_or_skip()
+    _, paths = tiny
+    engine, report = _build(tmp_path, paths[("fp32", True)], "--batch", "1:1:2", "--seq", "1:1:64",
+                            "--past", "0:32:64", "--no-cache")
+    profile = report["profiles"][0]
+    assert profile["attention_mask"] == {"min": [1, 1], "opt": [1, 33], "max": [2, 128]}
+    assert profile["past_key_values.0.key"]["max"] == [2, 2, 64, 16]
+
+
+def test_tensorrt_engine_runs_or_skips_with_reason(tiny, tmp_path):
+    library = _tensorrt_or_skip()
+    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.parity import check_parity, default_cases
+    from models.signature import graph_signature
+    from runtime.tensorrt.compat import can_execute
+
+    source, paths = tiny
+    cc = "%d.%d" % torch.cuda.get_device_capability(0)
+    runnable, reason = can_execute(library.flavour, cc)
+    engine, _ = _build(tmp_path, paths[("fp32", False)], "--no-cache")
+    if not runnable:
+        from runtime.tensorrt.compat import EngineIncompatible
+
+        with pytest.raises(EngineIncompatible, match=f"compute capability {cc}"):
+            TensorRTBackend(engine)
+        pytest.skip(reason)
+    with TorchBackend(source.model, device="cuda") as reference, TensorRTBackend(engine) as candidate:
+        report = check_parity(reference, candidate, default_cases(graph_signature(source.model.config), [1, 3],
+                                                                  [1, 17, 128, 513]), "float32", )
+    assert report, report.summary()
