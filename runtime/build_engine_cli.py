@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _build(args: argparse.Namespace) -> int:
     import time
+    from dataclasses import asdict
 
     from models.files import atomic_path
 
@@ -80,7 +81,7 @@ def _build(args: argparse.Namespace) -> int:
     options = BuildOptions(precision=args.precision, workspace_mib=args.workspace, opt_level=args.opt_level,
                            version_compatible=args.version_compatible,
                            hardware_compatibility=args.hardware_compatibility,
-                           compute_capabilities=tuple(args.compute_capability))
+                           compute_capabilities=list(args.compute_capability))
     library = load_tensorrt(args.flavour)
     gpu_name, cc = gpu_identity()
     runnable, reason = can_execute(library.flavour, cc)
@@ -102,7 +103,7 @@ def _build(args: argparse.Namespace) -> int:
         timing_path = Path(args.timing_cache) if args.timing_cache else None
         timing = timing_path.read_bytes() if timing_path and timing_path.is_file() else None
         built = build_engine(library, model, profiles, options, timing, log)
-        sidecar = Sidecar(profiles=profile_dicts, options=vars(options).copy(), flavour=library.flavour,
+        sidecar = Sidecar(profiles=profile_dicts, options=asdict(options), flavour=library.flavour,
                           library_version=library.version, gpu_name=gpu_name, compute_capability=cc,
                           onnx_sha256=digest, build_seconds=round(built.seconds, 3),
                           io=[{"name": i.name, "dims": list(i.dims)} for i in inputs], graph_metadata=metadata)

@@ -52,7 +52,7 @@ def _progress_monitor(trt, log):
     return Monitor()
 
 
-def _target_compute_capabilities(library: TensorRTLibrary, config, targets: tuple[str, ...]) -> None:
+def _target_compute_capabilities(library: TensorRTLibrary, config, targets: list[str]) -> None:
     """TensorRT-RTX builds ahead of time for the listed GPUs (default: its own set)."""
     trt = library.module
     if not hasattr(config, "set_compute_capability"):

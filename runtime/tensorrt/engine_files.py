@@ -27,7 +27,7 @@ class BuildOptions:
     opt_level: int = 3
     version_compatible: bool = False
     hardware_compatibility: str = "none"  # none | ampere+ | same-cc
-    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("8.6", "8.9"); () = its default set
+    compute_capabilities: list[str] = field(default_factory=list)  # TensorRT-RTX targets; empty: its default set
 
 
 @dataclass
