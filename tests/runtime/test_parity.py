@@ -1,0 +1,203 @@
+"""runtime.parity: the comparison numbers, the report, and the default sweep."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from models.config import ModelConfig
+from models.signature import graph_signature
+from runtime.backends import Backend, TensorMeta
+from runtime.parity import TOLERANCES, Case, ParityReport, Tolerance, check_parity, compare_outputs, default_cases
+
+STRICT = Tolerance(atol=0.1, rtol=0.0, min_cosine=0.99, min_top1=0.9)
+CASE = Case(2, 2)
+
+REF = np.array([[[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]],
+                [[0.5, 0.0, -1.0], [2.0, 2.5, 1.0]]], dtype=np.float32)
+
+
+def expected_cosine(a, b):
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_identical_arrays():
+    result = compare_outputs(REF, REF.copy(), STRICT, CASE, "logits")
+    assert result.passed and result.problem == ""
+    assert result.max_abs == 0.0 and result.max_rel == 0.0
+    assert result.cosine == pytest.approx(1.0, abs=1e-12)
+    assert result.top1 == 1.0
+
+
+def test_numbers_on_a_small_difference():
+    cand = REF.copy()
+    cand[0, 0, 1] += 0.05  # argmax unchanged
+    cand[1, 1, 0] -= 0.02
+    result = compare_outputs(REF, cand, STRICT, CASE, "logits")
+    assert result.max_abs == pytest.approx(0.05, abs=1e-6)
+    assert result.max_rel == pytest.approx(0.05 / 3.0, abs=1e-6)
+    assert result.cosine == pytest.approx(expected_cosine(REF, cand), abs=1e-12)
+    assert result.top1 == 1.0
+    assert result.passed
+
+
+def test_max_abs_over_tolerance_fails():
+    cand = REF.copy()
+    cand[1, 0, 2] += 0.3
+    result = compare_outputs(REF, cand, STRICT, CASE, "logits")
+    assert result.max_abs == pytest.approx(0.3, abs=1e-6)
+    assert not result.passed and "max abs" in result.problem
+    # rtol scales with max|reference| (3.0): atol 0.1 + rtol 0.1 * 3 = 0.4 >= 0.3
+    relaxed = Tolerance(atol=0.1, rtol=0.1, min_cosine=0.9, min_top1=0.9)
+    assert compare_outputs(REF, cand, relaxed, CASE, "logits").passed
+
+
+def test_top1_counts_positions_whose_argmax_changes():
+    cand = REF.copy()
+    cand[0, 1, 1] = 3.5  # position (0, 1): argmax 0 -> 1; 1 of 4 positions changes
+    result = compare_outputs(REF, cand, Tolerance(atol=10, rtol=0, min_cosine=0.0, min_top1=0.9), CASE, "logits")
+    assert result.top1 == pytest.approx(0.75)
+    assert not result.passed and "top-1" in result.problem and "max abs" not in result.problem
+    lenient = Tolerance(atol=10, rtol=0, min_cosine=0.0, min_top1=0.75)
+    assert compare_outputs(REF, cand, lenient, CASE, "logits").passed
+
+
+def test_low_cosine_fails():
+    cand = -REF  # anti-correlated
+    result = compare_outputs(REF, cand, Tolerance(atol=100, rtol=0, min_cosine=0.5, min_top1=0.0), CASE, "logits")
+    assert result.cosine == pytest.approx(-1.0, abs=1e-12)
+    assert not result.passed and "cosine" in result.problem
+
+
+def test_shape_mismatch_and_non_finite():
+    result = compare_outputs(REF, REF[:, :1], STRICT, CASE, "logits")
+    assert not result.passed and "shape" in result.problem and math.isinf(result.max_abs)
+    cand = REF.copy()
+    cand[0, 0, 0] = np.nan
+    result = compare_outputs(REF, cand, STRICT, CASE, "logits")
+    assert not result.passed and "non-finite" in result.problem
+    cand[0, 0, 0] = np.inf
+    assert not compare_outputs(REF, cand, STRICT, CASE, "logits").passed
+
+
+def test_tolerance_table():
+    assert TOLERANCES["float32"].atol == 1e-4 and TOLERANCES["float32"].rtol == 0.0
+    assert TOLERANCES["float16"].atol > TOLERANCES["float32"].atol
+    assert TOLERANCES["bfloat16"].atol >= TOLERANCES["float16"].atol
+
+
+def _report():
+    report = ParityReport("torch-cpu", "onnxruntime-cpu", "float32", STRICT)
+    good = compare_outputs(REF, REF + 0.01, STRICT, Case(1, 5), "logits")
+    cand = REF.copy()
+    cand[0, 0, 0] += 0.5
+    bad = compare_outputs(REF, cand, STRICT, Case(3, 17, padded=True), "logits")
+    report.results += [good, bad]
+    return report, good, bad
+
+
+def test_report_verdict_worst_and_dict():
+    report, good, bad = _report()
+    assert good.passed and not bad.passed
+    assert bool(report) is False
+    assert report.worst() is bad
+    data = report.to_dict()
+    json.dumps(data)  # serialisable
+    assert data["passed"] is False
+    assert data["reference"] == "torch-cpu" and data["candidate"] == "onnxruntime-cpu"
+    assert data["tolerance"] == {"atol": 0.1, "rtol": 0.0, "min_cosine": 0.99, "min_top1": 0.9}
+    assert data["worst"]["case"] == "3x17 padded" and data["worst"]["max_abs"] == pytest.approx(0.5, abs=1e-6)
+    assert len(data["cases"]) == 2
+    assert data["cases"][0]["case"]["batch"] == 1 and data["cases"][0]["case"]["sequence"] == 5
+    assert data["cases"][1]["case"]["padded"] is True and data["cases"][1]["passed"] is False
+    report.results.remove(bad)
+    assert bool(report) is True and report.to_dict()["passed"] is True
+
+
+def test_report_table_and_summary():
+    report, _, bad = _report()
+    lines = report.table().splitlines()
+    assert len(lines) == 3 and "max abs" in lines[0] and "cosine" in lines[0]
+    assert lines[1].startswith("1x5") and lines[1].rstrip().endswith("ok")
+    assert lines[2].startswith("3x17 padded") and "FAIL" in lines[2] and "5.000e-01" in lines[2]
+    summary = report.summary()
+    assert "FAILED" in summary and "3x17 padded" in summary
+
+
+def test_empty_report_is_not_a_pass():
+    report = ParityReport("a", "b", "float32", STRICT)
+    assert bool(report) is False
+    assert report.to_dict()["worst"] is None
+    assert "no cases" in report.summary()
+
+
+def test_default_cases_cover_the_edges():
+    signature = graph_signature(ModelConfig(num_tokens=256, dim=64, depth=2, dim_head=16, heads=4, kv_heads=2))
+    cases = default_cases(signature)
+    sequences = {c.sequence for c in cases}
+    assert 1 in sequences
+    assert any(s % 2 == 1 and s > 1 for s in sequences)
+    assert {c.batch for c in cases} >= {1, 3}
+    padded = [c for c in cases if c.padded]
+    assert len(padded) == 1 and padded[0].batch > 1 and padded[0].sequence >= 3
+    assert len(set(cases)) == len(cases)
+    # every sequence of the axis sweep at every batch
+    assert {(c.batch, c.sequence) for c in cases if not c.padded} == {(b, s) for b in (1, 3) for s in sequences}
+
+
+def test_default_cases_with_explicit_lists():
+    signature = graph_signature(ModelConfig(num_tokens=10, dim=8, depth=1, dim_head=4, heads=2))
+    cases = default_cases(signature, [2], [1, 9])
+    assert [c for c in cases if not c.padded] == [Case(2, 1), Case(2, 9)]
+    assert [c for c in cases if c.padded] == [Case(2, 9, padded=True)]
+    assert not any(c.padded for c in default_cases(signature, [1], [1, 9]))  # padding needs two rows
+
+
+class Stub(Backend):
+    """Returns the reference model's logits, shifted or without outputs, to exercise check_parity."""
+
+    def __init__(self, inner: Backend, shift: float = 0.0, drop: bool = False):
+        self.inner, self.shift, self.drop = inner, shift, drop
+        self.name, self.vocab_size = "stub", inner.vocab_size
+        self.seen = []
+
+    @property
+    def inputs(self) -> list[TensorMeta]:
+        return self.inner.inputs
+
+    @property
+    def outputs(self) -> list[TensorMeta]:
+        return self.inner.outputs
+
+    def _run(self, feeds):
+        self.seen.append({k: v.copy() for k, v in feeds.items()})
+        if self.drop:
+            return {}
+        return {k: v + self.shift for k, v in self.inner.run(feeds).items()}
+
+
+def test_check_parity_with_stub_backends(tiny_model):
+    from runtime.backends.torch_backend import TorchBackend
+
+    cases = [Case(1, 1), Case(3, 10, padded=True)]
+    reference = TorchBackend(tiny_model)
+    same = Stub(reference)
+    report = check_parity(reference, same, cases)
+    assert bool(report) and len(report.results) == 2
+    assert all(r.max_abs == 0.0 for r in report.results)
+    padded_feeds = same.seen[1]
+    assert padded_feeds["input_ids"].shape == (3, 10)
+    assert padded_feeds["attention_mask"][0].all() and not padded_feeds["attention_mask"][1].all()
+
+    shifted = check_parity(reference, Stub(reference, shift=1e-3), cases)
+    assert not shifted and shifted.worst().max_abs == pytest.approx(1e-3, rel=1e-3)
+    assert shifted.worst().case in cases and "max abs" in shifted.worst().problem
+    # a looser tolerance accepts the same shift
+    assert check_parity(reference, Stub(reference, shift=1e-3), cases,
+                        tolerance=Tolerance(atol=2e-3, rtol=0, min_cosine=0.99, min_top1=0.99))
+
+    missing = check_parity(reference, Stub(reference, drop=True), cases)
+    assert not missing and all("missing" in r.problem for r in missing.results)
