@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from models.errors import ToolkitError
-from models.files import atomic_path
-from models.signature import GraphSignature, graph_signature
+from models.files import new_file_mode
+from models.config import ModelConfig
+from models.signature import BATCH, SEQUENCE, GraphSignature, graph_signature
 from models.transformer import Transformer
 
 from .lint import LintReport, lint_graph
@@ -74,6 +76,15 @@ def _example_size(start: int, taken: set[int]) -> int:
     return size
 
 
+def example_sizes(config: ModelConfig) -> dict[str, int]:
+    """The trace's batch, sequence and past lengths: sizes no config dimension equals."""
+    taken = {config.num_tokens, config.dim, config.depth, config.dim_head, config.heads, config.kv_heads,
+             config.ff_hidden, config.dim_inner, config.dim_kv_inner}
+    sequence = _example_size(SEQUENCE.example, taken)
+    past = _example_size(11, taken | {sequence, sequence + 11})
+    return {"batch": BATCH.example, "sequence": sequence, "past_sequence": past}
+
+
 def check_output_path(output: Path) -> None:
     parent = output.parent
     if parent.exists() and not parent.is_dir():
@@ -107,11 +118,8 @@ def trace_to_onnx(model: Transformer, opset: int, dtype: str, with_past: bool = 
 
     config = model.config
     signature = graph_signature(config, with_past, PRECISION_NAMES[dtype])
-    taken = {config.num_tokens, config.dim, config.depth, config.dim_head, config.heads, config.kv_heads,
-             config.ff_hidden, config.dim_inner, config.dim_kv_inner}
-    seq = _example_size(signature.axes["sequence"].example, taken)
-    past = _example_size(11, taken | {seq, seq + 11}) if with_past else 0
-    batch = signature.axes["batch"].example
+    sizes = example_sizes(config)
+    batch, seq, past = sizes["batch"], sizes["sequence"], sizes["past_sequence"] if with_past else 0
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.num_tokens, (batch, seq), generator=generator)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
@@ -176,15 +184,18 @@ def add_metadata(proto, model: Transformer, signature: GraphSignature, opset: in
     proto.producer_name, proto.producer_version = "rotary-transformer-toolkit", TOOLKIT_VERSION
 
 
-def _save(proto, path: Path, final_name: str) -> None:
+def _save(proto, folder: Path, name: str) -> list[Path]:
+    """Write the graph (and, over 2 GB, its external data) into `folder`; return the files written."""
     import onnx
 
+    graph = folder / name
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:  # data file keeps the final name; see export_onnx for the rename
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=final_name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=name + ".data", size_threshold=1024)
+        return [graph.with_name(name + ".data"), graph]  # data first: the graph is renamed last
+    onnx.save_model(proto, str(graph))
+    return [graph]
 
 
 def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, dtype: str = "fp32",
@@ -212,18 +223,22 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, 
     if report.findings and not allow_lint:
         raise ExportError(f"export lint found {len(report.findings)} problem(s), first: {report.findings[0]}; "
                           "fix the model code or pass --allow-lint")
-    data_file = output.with_name(output.name + ".data")  # only for graphs over 2 GB
-    try:
-        with atomic_path(output) as temporary:
-            _save(proto, temporary, output.name)
-            try:  # check the file as written (a path also works for external data)
-                onnx.checker.check_model(str(temporary), full_check=True)
-            except onnx.checker.ValidationError as error:
-                raise ExportError(f"onnx.checker rejected the exported graph: {str(error).splitlines()[0]}") from None
-            seconds = time.perf_counter() - started
-            if verify is not None:
-                verify(temporary)
-    except BaseException:
-        data_file.unlink(missing_ok=True)
-        raise
+    # Everything is written into a hidden folder beside OUTPUT and moved into place only once
+    # checked and verified, so a failure leaves the previous export (graph and data) untouched.
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as folder:
+        written = _save(proto, Path(folder), output.name)
+        graph = written[-1]
+        try:  # check the file as written (a path also works for external data)
+            onnx.checker.check_model(str(graph), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"onnx.checker rejected the exported graph: {str(error).splitlines()[0]}") from None
+        seconds = time.perf_counter() - started
+        if verify is not None:
+            verify(graph)
+        stale_data = output.with_name(output.name + ".data")
+        if len(written) == 1 and stale_data.exists():
+            stale_data.unlink()  # a data file left by an earlier, larger export of this name
+        for path in written:
+            os.chmod(path, new_file_mode())
+            os.replace(path, output.parent / path.name)
     return ExportResult(output, seconds, opset, report, signature)

@@ -8,14 +8,14 @@ from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.backends.torch_backend import TorchBackend
 from runtime.parity import Case, ParityReport, check_parity
 
-from .onnx_export import ExportError
+from .onnx_export import ExportError, example_sizes
 
 # ONNX Runtime's CPU provider has no bfloat16 MatMul: such graphs are verified on the GPU.
 CPU_UNVERIFIABLE = {"bfloat16": "ONNX Runtime's CPU provider cannot run bfloat16 MatMul; "
                                 "verify on a GPU with check-parity --backend onnxruntime-cuda"}
 
 
-def verification_cases(example_sequence: int = 37, with_past: bool = False) -> list[Case]:
+def verification_cases(example_sequence: int, with_past: bool = False) -> list[Case]:
     """Batch 1 and 3, sequence 1, an odd length and 4x the export example, plus left padding;
     with past, also past lengths 1 and long, for a decode step and a chunk."""
     long = 4 * example_sequence
@@ -32,7 +32,8 @@ def verify_export(path: Path, model: Transformer, precision: str, log=print, wit
         log(f"verify skipped: {CPU_UNVERIFIABLE[precision]}")
         return None
     with TorchBackend(model, with_past=with_past) as reference, OnnxRuntimeBackend(path, provider="cpu") as candidate:
-        report = check_parity(reference, candidate, verification_cases(with_past=with_past), precision)
+        cases = verification_cases(example_sizes(model.config)["sequence"], with_past)
+        report = check_parity(reference, candidate, cases, precision)
     log(report.summary())
     if not report:
         raise ExportError(f"verification failed: {report.summary()}")

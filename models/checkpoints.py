@@ -38,13 +38,13 @@ class LoadedCheckpoint:
 
 def save_checkpoint(model: Transformer, path: str | os.PathLike) -> Path:
     """Write weights and config to one .safetensors file (config in its metadata), atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     metadata = {"format": FORMAT_NAME, "config": model.config.to_json()}
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    with atomic_path(path) as temporary:  # our temporary (umask permissions), not safetensors' own
+        temporary.write_bytes(save(tensors, metadata=metadata))
     return path
 
 
@@ -73,10 +73,11 @@ def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"it pickles {found.group(1)}" if found else "it pickles objects other than tensors"
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it is not a plain state_dict that loads with "
-            f"weights_only=True ({first}); re-save it with torch.save(model.state_dict())"
+            f"cannot read checkpoint {path}: not a plain state_dict that loads with weights_only=True "
+            f"({what}); re-save it with torch.save(model.state_dict())"
         ) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
         raise CheckpointError(

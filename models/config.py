@@ -87,7 +87,9 @@ class ModelConfig:
 
     @property
     def ff_hidden(self) -> int:
-        return int(self.dim * self.ff_expansion_factor)
+        # int() as upstream, after rounding away float noise: a factor inferred as hidden/dim
+        # must give back exactly `hidden`
+        return int(round(self.dim * self.ff_expansion_factor, 6))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -17,6 +17,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def new_file_mode() -> int:
+    """The permissions open() would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -27,9 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     temporary = Path(temporary)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; the result should look like any new file
+    os.chmod(temporary, new_file_mode())  # mkstemp creates 0600; the result should look like any new file
     try:
         yield temporary
         os.replace(temporary, path)

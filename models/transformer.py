@@ -152,8 +152,10 @@ class Block(nn.Module):
         self.ff = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, bias, past=None):
+    def forward(self, x, cos, sin, bias, past=None, keep=None):
         attn_out, present = self.attn(x, cos, sin, bias, past)
+        if keep is not None:  # padding positions attend to nothing: give them no attention output
+            attn_out = attn_out * keep
         x = x + self.dropout(attn_out)
         x = x + self.dropout(self.ff(x))
         return x, present
@@ -192,10 +194,13 @@ class Transformer(nn.Module):
             attention_mask, batch, seq, past, self.config.causal, x.device
         )
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.config.rotary_pairing)
+        # A padding query has every key masked; its softmax is uniform in exact arithmetic but
+        # kernels disagree on such rows, so its attention output is zeroed to make it defined.
+        keep = None if attention_mask is None else (attention_mask[:, past:, None] != 0).to(x.dtype)  # (b, n, 1)
         presents = []
         for index, layer in enumerate(self.layers):
             layer_past = None if past_key_values is None else past_key_values[index]
-            x, present = layer(x, cos, sin, bias, layer_past)
+            x, present = layer(x, cos, sin, bias, layer_past, keep)
             presents.append(present)
         logits = self.to_logits(self.norm(x))  # (b, n, num_tokens)
         return (logits, presents) if use_cache else logits

@@ -17,6 +17,8 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     """Parse argv and run `body`; toolkit errors become one line on stderr and exit 2."""
     args = parser.parse_args(argv)
     try:
+        check_output_target(getattr(args, "json", None), "JSON report")
+        check_output_target(getattr(args, "plot", None), "chart")
         return body(args)
     except ToolkitError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
@@ -43,16 +45,20 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def check_output_target(target: str | None, what: str) -> None:
+    """Fail before any work if a report or chart could not be written where asked."""
+    if target and target != "-" and not Path(target).parent.is_dir():
+        raise ToolkitError(f"cannot write {what} {target}: {Path(target).parent} is not a directory")
+
+
 def write_json(target: str, data: Any) -> None:
     """Write `data` as JSON to a file (atomically) or to stdout for "-"."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
     if target == "-":
         sys.stdout.write(text)
         return
-    path = Path(target)
-    if not path.parent.is_dir():
-        raise ToolkitError(f"cannot write JSON report {path}: {path.parent} is not a directory")
-    with atomic_path(path) as temporary:
+    check_output_target(target, "JSON report")
+    with atomic_path(Path(target)) as temporary:
         temporary.write_text(text)
 
 

@@ -49,9 +49,13 @@ def reference_for(args: argparse.Namespace, metadata: dict[str, str]):
     if args.checkpoint or args.preset or args.config:
         source = resolve_model_arguments(args)
     elif "source_preset" in metadata:
-        source = resolve_model(None, None, metadata["source_preset"], int(metadata.get("source_seed", 0)))
+        seed = metadata.get("source_seed", "0")
+        if not seed.isdigit():
+            raise ToolkitError(f"{args.model} records an invalid source_seed {seed!r}; pass --preset and --init-seed")
+        source = resolve_model(None, None, metadata["source_preset"], int(seed))
     else:
-        raise ToolkitError(f"{args.model} was exported from a checkpoint; pass the same one with --checkpoint")
+        raise ToolkitError(f"{args.model} does not record a preset to rebuild its weights from; pass the "
+                           "weights it was exported from with --checkpoint (or --preset/--config as at export)")
     recorded = metadata.get("checkpoint_sha256")
     if recorded and recorded != source.sha256:
         raise ToolkitError(

@@ -51,6 +51,8 @@ class Backend(abc.ABC):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check `feeds` against the input metadata, run, and return every output by name."""
+        if getattr(self, "_closed", False):
+            raise BackendError(f"{self.name}: the backend is closed; open a new one")
         feeds = {name: np.asarray(value) for name, value in feeds.items()}
         self.check_feeds(feeds)
         return self._run(feeds)
@@ -111,6 +113,7 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release the backend's resources; it cannot run afterwards."""
+        self._closed = True
 
     def __enter__(self):
         return self

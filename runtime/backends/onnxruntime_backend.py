@@ -63,8 +63,11 @@ class OnnxRuntimeBackend(Backend):
         self.provider = provider
         self.path = path
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        config = json.loads(self.metadata.get("model_config", "{}"))
-        self.vocab_size = config.get("num_tokens")
+        try:
+            config = json.loads(self.metadata.get("model_config", "{}"))
+            self.vocab_size = int(config["num_tokens"]) if "num_tokens" in config else None
+        except (ValueError, TypeError) as error:
+            raise BackendError(f"{path} has unreadable model_config metadata ({error}); re-export it") from None
         self._inputs = [self._meta(arg) for arg in self.session.get_inputs()]
         self._outputs = [self._meta(arg) for arg in self.session.get_outputs()]
 
@@ -131,4 +134,5 @@ class OnnxRuntimeBackend(Backend):
         return results
 
     def close(self) -> None:
+        super().close()
         self.session = None

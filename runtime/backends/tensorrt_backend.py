@@ -123,5 +123,6 @@ class TensorRTBackend(Backend):
         return {name: t.float().cpu().numpy() for name, t in self.run_torch(tensors).items()}
 
     def close(self) -> None:
+        super().close()
         self._local = threading.local()
         self.engine = None

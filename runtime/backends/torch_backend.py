@@ -1,6 +1,9 @@
 """The PyTorch reference backend."""
 from __future__ import annotations
 
+import copy
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -16,8 +19,12 @@ class TorchBackend(Backend):
     def __init__(self, model: Transformer, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  with_past: bool = False):
         self.name = f"torch-{device}" if dtype == torch.float32 else f"torch-{device}-{str(dtype).removeprefix('torch.')}"
+        first = next(model.parameters())
+        if first.dtype != dtype or first.device != torch.device(device):
+            model = copy.deepcopy(model)  # leave the caller's model as it is
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
+        self.forward_fn = self.model
         self.vocab_size = model.config.num_tokens
         self.with_past = with_past
         signature = graph_signature(model.config, with_past, str(dtype).removeprefix("torch."))
@@ -36,14 +43,27 @@ class TorchBackend(Backend):
         outputs = self.run_torch({name: torch.from_numpy(value) for name, value in feeds.items()})
         return {name: value.cpu().numpy() for name, value in outputs.items()}
 
+    def attention_kernels(self):
+        """SDPA kernels allowed: not cuDNN's, which builds a new plan for every new sequence
+        length (every decode step: ~50 ms each on an H100 with torch 2.11)."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     @torch.inference_mode()
     def run_torch(self, feeds: dict) -> dict:
+        with self.attention_kernels():
+            return self._forward(feeds)
+
+    def _forward(self, feeds: dict) -> dict:
         feeds = {name: value.to(self.device) for name, value in feeds.items()}
         if not self.with_past:
-            return {"logits": self.model(feeds["input_ids"], feeds["attention_mask"]).float()}
+            return {"logits": self.forward_fn(feeds["input_ids"], feeds["attention_mask"]).float()}
         depth = self.model.config.depth
         past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in range(depth)]
-        logits, presents = self.model(feeds["input_ids"], feeds["attention_mask"], past, use_cache=True)
+        logits, presents = self.forward_fn(feeds["input_ids"], feeds["attention_mask"], past, use_cache=True)
         outputs = {"logits": logits.float()}
         for i, (key, value) in enumerate(presents):
             outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = key, value
@@ -60,19 +80,9 @@ class CompiledTorchBackend(TorchBackend):
                  with_past: bool = False, mode: str = "reduce-overhead"):
         super().__init__(model, device, dtype, with_past)
         self.name = self.name.replace("torch-", "torch-compile-", 1)
-        self.compiled = torch.compile(self.model, mode=mode, dynamic=True)
+        self.forward_fn = torch.compile(self.model, mode=mode, dynamic=True)
 
-    @torch.inference_mode()
     def run_torch(self, feeds: dict) -> dict:
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
-        feeds = {name: value.to(self.device) for name, value in feeds.items()}
-        if not self.with_past:
-            return {"logits": self.compiled(feeds["input_ids"], feeds["attention_mask"]).float().clone()}
-        depth = self.model.config.depth
-        past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in range(depth)]
-        logits, presents = self.compiled(feeds["input_ids"], feeds["attention_mask"], past, use_cache=True)
-        outputs = {"logits": logits.float().clone()}
-        for i, (key, value) in enumerate(presents):
-            outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = key.clone(), value.clone()
-        return outputs
+        return {name: value.clone() for name, value in super().run_torch(feeds).items()}

@@ -182,10 +182,6 @@ def test_pickled_objects_are_refused_by_weights_only(tmp_path, kind):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/checkpoints.py:_read_state copies the first line of torch's UnpicklingError into the message; "
-    "torch 2.13 puts ANSI escape codes (ESC[1m ... ESC[0m) in that line, so the one-line CLI error carries "
-    "raw terminal control characters and a half sentence ('you have two options, ...')"))
 def test_weights_only_refusal_message_is_plain_text(tmp_path):
     path = tmp_path / "obj.pt"
     torch.save(NotAStateDict(), path)
@@ -207,11 +203,6 @@ def test_json_metadata_is_not_trusted_blindly(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/checkpoints.py:infer_upstream_config stores ff_expansion_factor=hidden/dim, but "
-    "ModelConfig.ff_hidden (models/config.py) is int(dim * factor), which rounds hidden/dim*dim down for "
-    "some sizes: upstream dim=152, ff_expansion_factor=8/3 has hidden 405, the inferred config builds 404 "
-    "and a valid upstream checkpoint is refused with a shape mismatch"))
 def test_upstream_hidden_size_survives_inference(tmp_path, upstream_reference):
     from native_sparse_attention_pytorch.transformer import Transformer as UpstreamTransformer
 
@@ -236,11 +227,6 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/checkpoints.py:save_checkpoint: atomic_path (models/files.py) now chmods its temporary to "
-    "0666 & ~umask, but safetensors' save_file (0.8) writes its own temporary and renames it over that "
-    "path, so the checkpoint is still created 0600 (rw-------) whatever the umask; chmod after writing, "
-    "or in atomic_path just before os.replace"))
 def test_written_files_honour_the_umask(tmp_path):
     path = save_checkpoint(build_model(SMALL), tmp_path / "m.safetensors")
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()

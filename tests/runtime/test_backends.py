@@ -163,10 +163,6 @@ def test_onnxruntime_backend_metadata_and_errors(tiny_onnx, tiny_source, tmp_pat
         open_file_backend("tflite", tiny_onnx)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime/backends/onnxruntime_backend.py:66 json.loads the untrusted model_config metadata without a "
-    "guard: a graph with malformed model_config raises json.JSONDecodeError instead of BackendError, so "
-    "check-parity reports an 'internal error' (exit 1) instead of a one-line error (exit 2)"))
 def test_malformed_metadata_is_a_backend_error(tiny_onnx, tmp_path):
     import onnx
 
