@@ -21,6 +21,9 @@ demo: setup
 	@mkdir -p $(DEMO_DIR)
 	$(VENV)/bin/export-model --opset 17 --output $(DEMO_DIR)/model.onnx --json $(DEMO_DIR)/export.json
 	$(VENV)/bin/check-parity $(DEMO_DIR)/model.onnx --json $(DEMO_DIR)/parity.json
+	$(VENV)/bin/export-model --opset 17 --with-past --output $(DEMO_DIR)/model-past.onnx
+	$(VENV)/bin/generate --model $(DEMO_DIR)/model-past.onnx --prompt "The rotary transformer" \
+		--max-new-tokens 24 --json $(DEMO_DIR)/generate.json
 	@$(PY) -m runtime.demo_summary $(DEMO_DIR)
 
 test: setup

@@ -85,6 +85,8 @@ def _build(args: argparse.Namespace) -> int:
     library = load_tensorrt(args.flavour)
     gpu_name, cc = gpu_identity()
     runnable, reason = can_execute(library.flavour, cc)
+    if not runnable and not library.is_rtx:
+        raise ToolkitError(reason)  # the full TensorRT builds for the GPU it runs on
     if not runnable:
         log(f"note: {reason}; the engine is built for other GPUs")
     digest = onnx_sha256(model)

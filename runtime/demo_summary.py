@@ -18,6 +18,12 @@ def main(directory: str) -> int:
           f"{sum(export['lint']['ops'].values())} nodes, lint findings: {len(export['lint']['findings'])}")
     print(f"  parity     {'PASSED' if parity['passed'] else 'FAILED'} over {len(parity['cases'])} shapes, "
           f"worst {worst['case']}: max abs error {worst['max_abs']:.2e} (tolerance {parity['tolerance']['atol']:g})")
+    generated = folder / "generate.json"
+    if generated.exists():
+        gen = json.loads(generated.read_text())
+        print(f"  generate   {len(gen['tokens'])} greedy tokens through the key/value cache on {gen['backend']} "
+              f"at {gen['decode_tokens_per_second']:.0f} tokens/s: {gen['tokens'][:8]}...")
+    print("  (the default model has random weights: its text is noise; the numbers are what matters)")
     return 0 if parity["passed"] else 1
 
 

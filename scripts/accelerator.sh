@@ -45,6 +45,8 @@ build)
   run py -m runtime.parity_cli "$work/tiny-fp32-past.engine" --backend tensorrt 2>&1 | tail -1
   ;;
 bench)
+  [ -f "$work/small-fp16-past.onnx" ] && run py scripts/profile_decode.py "$work/small-fp16-past.onnx" \
+    --context 1024 --json "$out/profile-small-fp16.json" 2>&1 | grep -v "^W\|Warning" | tail -4
   for preset in tiny small; do
     onnx="$work/$preset-fp16-past.onnx"
     [ -f "$onnx" ] || py -m export.cli --preset "$preset" --with-past --dtype fp16 --no-verify --output "$onnx" > /dev/null

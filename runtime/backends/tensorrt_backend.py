@@ -25,7 +25,8 @@ _TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT
 class TensorRTBackend(Backend):
     """Loads an engine and its sidecar; one execution context (and CUDA stream) per thread."""
 
-    def __init__(self, engine_path: str | Path, flavour: str = "auto", allow_host_code: bool = False):
+    def __init__(self, engine_path: str | Path, flavour: str = "auto", allow_host_code: bool = False,
+                 cuda_graphs: bool = False):
         import torch
 
         engine_path = Path(engine_path)
@@ -63,6 +64,7 @@ class TensorRTBackend(Backend):
             (self._inputs if is_input else self._outputs).append(meta)
         self.vocab_size = next((m.shape[-1] for m in self._outputs if m.name == "logits"), None)
         self._local = threading.local()
+        self.cuda_graphs = cuda_graphs
 
     @property
     def inputs(self) -> list[TensorMeta]:
@@ -80,6 +82,7 @@ class TensorRTBackend(Backend):
             local.context = self.engine.create_execution_context()
             local.stream = torch.cuda.Stream()
             local.profile = None
+            local.graphs = {}  # input shapes -> (CUDAGraph, static inputs, static outputs)
         return local
 
     def select_profile(self, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -92,7 +95,32 @@ class TensorRTBackend(Backend):
                            "rebuild with larger --batch/--seq ranges")
 
     def run_torch(self, feeds: dict) -> dict:
-        """Run with torch CUDA tensors in and out (no host copies)."""
+        """Run with torch CUDA tensors in and out (no host copies). With cuda_graphs=True each new
+        set of input shapes is captured once and later calls with those shapes replay the graph."""
+        if self.cuda_graphs:
+            return self._run_graph(feeds)
+        return self._execute(feeds)
+
+    def _run_graph(self, feeds: dict) -> dict:
+        import torch
+
+        local = self._context()
+        key = tuple((name, tuple(t.shape)) for name, t in sorted(feeds.items()))
+        if key not in local.graphs:
+            static_inputs = {name: t.clone() for name, t in feeds.items()}
+            self._execute(static_inputs)  # warm up: profile and shapes set, lazy allocations done
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=local.stream):
+                static_outputs = self._execute(static_inputs, synchronize=False)
+            local.graphs[key] = (graph, static_inputs, static_outputs)
+        graph, static_inputs, static_outputs = local.graphs[key]
+        for name, tensor in feeds.items():
+            static_inputs[name].copy_(tensor)
+        graph.replay()
+        torch.cuda.current_stream().wait_stream(local.stream)
+        return {name: t.clone() for name, t in static_outputs.items()}
+
+    def _execute(self, feeds: dict, synchronize: bool = True) -> dict:
         import torch
 
         local = self._context()
@@ -109,11 +137,12 @@ class TensorRTBackend(Backend):
             shape = tuple(context.get_tensor_shape(meta.name))
             outputs[meta.name] = torch.empty(shape, dtype=getattr(torch, meta.dtype), device="cuda")
             context.set_tensor_address(meta.name, outputs[meta.name].data_ptr())
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise BackendError(f"{self.name}: execution failed; see the TensorRT log above")
-        stream.synchronize()
+        if synchronize:
+            stream.wait_stream(torch.cuda.current_stream())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise BackendError(f"{self.name}: execution failed; see the TensorRT log above")
+        if synchronize:
+            stream.synchronize()
         return outputs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -200,3 +200,93 @@ def test_help_never_imports_tensorrt():
             "from runtime.backends import open_file_backend; "
             "assert not any(m.startswith(('tensorrt', 'onnxruntime')) for m in sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+def _fake_parsing_trt(error_node: int | None):
+    """Just enough of the TensorRT Python API to reach the parser and the builder."""
+
+    class ParserError:
+        def node(self):
+            return error_node
+
+        def node_name(self):
+            return "node_If_12"
+
+        def node_operator(self):
+            return "If"
+
+        def desc(self):
+            return "If with data-dependent output shapes is not supported"
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.num_errors = 1 if error_node is not None else 0
+
+        def parse_from_file(self, path):
+            return error_node is None
+
+        def get_error(self, index):
+            return ParserError()
+
+    class Config:
+        def __init__(self):
+            self.flags = []
+
+        def set_memory_pool_limit(self, pool, size):
+            self.workspace = size
+
+        def set_flag(self, flag):
+            self.flags.append(flag)
+
+        def add_optimization_profile(self, profile):
+            pass
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, low, opt, high):
+            self.shapes[name] = (low, opt, high)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            self.network_flags = flags
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"serialized-plan"
+
+    module = types.ModuleType("tensorrt_rtx")
+    module.__version__ = "1.7.1"
+    module.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    module.Builder, module.OnnxParser = Builder, OnnxParser
+    module.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    module.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    module.BuilderFlag = types.SimpleNamespace(VERSION_COMPATIBLE=7)
+    return trt_library.TensorRTLibrary(module, "tensorrt-rtx", "1.7.1")
+
+
+def test_parse_errors_name_the_failing_node(tiny_onnx):
+    from runtime.tensorrt.builder import EngineBuildError, build_engine
+
+    with pytest.raises(EngineBuildError, match=r"tensorrt-rtx cannot parse .*model.onnx at node 12 'node_If_12' "
+                                               r"\(If\): If with data-dependent output shapes is not supported"):
+        build_engine(_fake_parsing_trt(12), tiny_onnx, [], BuildOptions())
+
+
+def test_builder_sets_profiles_and_flags(tiny_onnx):
+    from runtime.tensorrt.builder import build_engine
+
+    profile = Profile({"input_ids": ((1, 1), (2, 8), (4, 16)), "attention_mask": ((1, 1), (2, 8), (4, 16))})
+    built = build_engine(_fake_parsing_trt(None), tiny_onnx, [profile],
+                         BuildOptions(workspace_mib=64, version_compatible=True), log=lambda _: None)
+    assert built.plan == b"serialized-plan" and built.timing_cache is None and built.seconds >= 0
