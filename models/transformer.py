@@ -205,6 +205,12 @@ class Transformer(nn.Module):
         logits = self.to_logits(self.norm(x))  # (b, n, num_tokens)
         return (logits, presents) if use_cache else logits
 
+    def _apply(self, fn, recurse=True):
+        # `.half()`/`.to(dtype)` would round the rotary frequencies to 16 bits, which shifts the
+        # angle at position p by about p * 5e-4 rad (0.25 rad at p = 513): keep them float32.
+        super()._apply(fn, recurse)
+        self.inv_freq = inverse_frequencies(self.config.dim_head, self.config.theta).to(self.inv_freq.device)
+        return self
 
     def use_float32_softmax(self, enabled: bool = True) -> "Transformer":
         """Write attention as matmul + float32 softmax (for half-precision graphs) instead of SDPA."""

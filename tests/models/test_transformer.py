@@ -246,3 +246,17 @@ def test_seeded_init_is_deterministic_and_seed_dependent(tiny_config):
     differing = [k for k in a if not torch.equal(a[k], c[k])]
     assert "token_emb.weight" in differing and any("to_qkv" in k for k in differing)
     assert not build_model(tiny_config).training
+
+
+def test_half_precision_keeps_rotary_frequencies_float32(tiny_config):
+    """Rounding the frequencies to fp16 shifts the angle at position ~1000 by ~0.5 rad; the
+    layer-0 keys (no attention upstream of them) would then be off by ~5% of their scale."""
+    model = build_model(tiny_config)
+    half = build_model(tiny_config).half()
+    assert half.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, tiny_config.num_tokens, (1, 1000), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, full = model(ids, use_cache=True)
+        _, reduced = half(ids, use_cache=True)
+    key, key_half = full[0][0], reduced[0][0].float()
+    assert (key - key_half).abs().max() < 5e-3 * key.abs().max()
