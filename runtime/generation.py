@@ -79,7 +79,8 @@ class Generator:
                                    ("cuda" if getattr(backend, "provider", "cpu") == "cuda"
                                     or backend.name.startswith("tensorrt") else "cpu"))
 
-    def _empty_cache(self, batch: int) -> dict[str, Tensor]:
+    def empty_cache(self, batch: int) -> dict[str, Tensor]:
+        """Zero-length past caches for every cache input (the prefill step)."""
         cache = {}
         for meta in self.backend.inputs:
             if meta.name in self.cache_inputs:
@@ -113,7 +114,7 @@ class Generator:
         ids, mask = left_pad(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         batch = ids.shape[0]
-        feeds = {"input_ids": ids, "attention_mask": mask, **self._empty_cache(batch)}
+        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(batch)}
         self.backend.check_feeds(feeds)
         sequence = ids
         finished = torch.zeros(batch, dtype=torch.bool)

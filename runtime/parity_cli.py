@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--atol", type=float, help="override the absolute tolerance")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="also compare N greedy tokens (2 prompts) token by token and report the first "
-                             "divergence with the reference's top-2 logit margin there")
+                             "divergence with the reference's top-2 logit margin there; fp32 must match "
+                             "exactly, fp16/bf16 must reach the top-1 bar with teacher forcing")
     parser.add_argument("--input-seed", type=int, default=0, help="seed of the random token ids (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
     return parser
@@ -95,7 +96,9 @@ def _check(args: argparse.Namespace) -> int:
                 from runtime.generation_parity import compare_generation, random_prompts
 
                 prompts = random_prompts(source.model.config.num_tokens, seed=args.input_seed)
-                generation = compare_generation(reference, candidate, prompts, args.generate)
+                half = precision != "float32"  # rounding may flip a near-tie: judge by teacher forcing
+                generation = compare_generation(reference, candidate, prompts, args.generate,
+                                                tolerance.min_top1 if half else None)
                 log(generation.summary())
     passed = bool(report) and (generation is None or bool(generation))
     if args.json:

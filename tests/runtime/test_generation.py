@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+from models.transformer import build_model
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.backends.torch_backend import TorchBackend
@@ -57,6 +58,43 @@ def test_greedy_identical_for_upstream_checkpoint(upstream_past_onnx):
     with TorchBackend(model, with_past=True) as reference, OnnxRuntimeBackend(path) as candidate:
         result = compare_generation(reference, candidate, prompts, 64)
     assert result, result.summary()
+
+
+class _FlipsOneDecodeStep(TorchBackend):
+    """PyTorch, except that at its 5th decode step the top-2 logits of every row swap: a greedy
+    divergence that teacher forcing (one full forward pass) does not see."""
+
+    steps = 0
+
+    def run_torch(self, feeds):
+        outputs = super().run_torch(feeds)
+        if feeds["input_ids"].shape[1] == 1:
+            self.steps += 1
+            if self.steps == 5:
+                outputs["logits"] = outputs["logits"].clone()
+                last = outputs["logits"][:, -1]
+                top = last.topk(2, dim=-1).indices
+                rows = torch.arange(last.shape[0])
+                first, second = last[rows, top[:, 0]].clone(), last[rows, top[:, 1]].clone()
+                last[rows, top[:, 0]], last[rows, top[:, 1]] = second, first
+        return outputs
+
+
+def test_half_precision_generation_is_judged_by_teacher_forcing(tiny_model):
+    prompts = random_prompts(tiny_model.config.num_tokens, batch=2, length=8)
+    with TorchBackend(tiny_model, with_past=True) as reference:
+        with _FlipsOneDecodeStep(tiny_model, with_past=True) as candidate:
+            exact = compare_generation(reference, candidate, prompts, 32)
+        with _FlipsOneDecodeStep(tiny_model, with_past=True) as candidate:
+            forced = compare_generation(reference, candidate, prompts, 32, min_top1=0.99)
+        other = build_model(tiny_model.config, seed=1)
+        with TorchBackend(other, with_past=True) as candidate:
+            unrelated = compare_generation(reference, candidate, prompts, 32, min_top1=0.99)
+    assert not exact and exact.first_divergence["step"] == 5 and exact.teacher_forced_top1 is None
+    assert "diverge at row 0 step 5" in exact.summary()
+    assert forced and forced.first_divergence["step"] == 5 and forced.teacher_forced_top1 == 1.0
+    assert "teacher-forced top-1 agreement 100.00% (needs >= 99%)" in forced.summary()
+    assert not unrelated and unrelated.teacher_forced_top1 < 0.5
 
 
 def test_cache_decoding_equals_full_recompute(tiny_onnx, tiny_past_onnx, tiny_model):
