@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export the decoder with a key/value cache: extra inputs past_key_values.{i}.key/value "
                              "(batch, kv_heads, past_sequence, dim_head), outputs present.{i}.key/value; "
                              "attention_mask then covers past + new tokens. One graph serves prompt and decode steps")
+    parser.add_argument("--static-cache", type=int, metavar="N",
+                        help="instead, write the ONNX Runtime-only fast decoder: com.microsoft GroupQueryAttention "
+                             "and fused norms over a static N-token key/value cache that past and present share, so "
+                             "CUDA graphs can replay each decode step (use with --dtype fp16 on CUDA; not for "
+                             "TensorRT). Inputs input_ids, seqlens_k, total_sequence_length, past_key_values.*")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="after export, compare ONNX Runtime (CPU) with PyTorch on shapes unlike the "
                              "export example; a failure exits non-zero and writes nothing (default on)")
@@ -52,6 +57,9 @@ def _export(args: argparse.Namespace) -> int:
     precision = PRECISION_NAMES[args.dtype]
     parity = {}
 
+    if args.static_cache is not None:
+        return _export_static_cache(args, source, log)
+
     def verify(path):
         parity["report"] = verify_export(path, model, precision, log, with_past=args.with_past)
 
@@ -67,6 +75,24 @@ def _export(args: argparse.Namespace) -> int:
             "with_past": args.with_past,
             "verify": parity["report"].to_dict() if parity.get("report") else None,
         })
+    return 0
+
+
+def _export_static_cache(args: argparse.Namespace, source, log) -> int:
+    from export.onnx_export import ExportError
+    from export.static_cache_graph import export_static_cache
+
+    if args.dtype == "bf16" or args.with_past:
+        raise ExportError("--static-cache writes its own cache graph in fp32 or fp16; drop --with-past / --dtype bf16")
+    seconds, report = export_static_cache(source.model, args.output, args.static_cache, args.dtype,
+                                          source.metadata(), verify=args.verify, log=log)
+    log(f"wrote {args.output} (ONNX Runtime static-cache decoder, {args.dtype}) in {seconds:.1f} s")
+    if args.json:
+        write_json(args.json, {"output": str(args.output), "kind": "onnxruntime-static-cache", "dtype": args.dtype,
+                               "max_cache": args.static_cache, "source": source.description,
+                               "checkpoint_sha256": source.sha256, "export_seconds": round(seconds, 3),
+                               "config": source.model.config.to_dict(),
+                               "verify": report.to_dict() if report else None})
     return 0
 
 

@@ -176,3 +176,46 @@ def build_static_cache_graph(model: Transformer, max_cache: int, dtype: str = "f
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     return proto
+
+
+def export_static_cache(model: Transformer, output, max_cache: int, dtype: str = "fp16",
+                        source: dict[str, str] | None = None, verify: bool = True, log=print):
+    """Write the static-cache graph to `output` (atomically), after checking it and, with `verify`,
+    running the static-cache parity sweep on ONNX Runtime (CPU). Returns (seconds, report or None)."""
+    import time
+    from pathlib import Path
+
+    from models.files import atomic_path
+
+    from .onnx_export import check_output_path
+
+    output = Path(output)
+    check_output_path(output)
+    started = time.perf_counter()
+    log(f"writing the ONNX Runtime static-cache decoder ({dtype}, {max_cache}-token cache) ...")
+    proto = build_static_cache_graph(model, max_cache, dtype, source)
+    if sum(len(t.raw_data) for t in proto.graph.initializer) > 2**31 - 2**26:
+        raise ExportError("the static-cache graph is written as one file and is limited to 2 GB of weights")
+    data = proto.SerializeToString()
+    seconds = time.perf_counter() - started
+    from runtime.static_cache import StaticCacheDecoder
+    from runtime.static_cache_parity import check_static_cache
+
+    # onnx.checker does not know ONNX Runtime's contrib ops (SimplifiedLayerNormalization is even
+    # registered under the default domain), so the consumer itself is the check: it must load.
+    try:
+        StaticCacheDecoder(data, 1, "cpu").close()
+    except Exception as error:
+        raise ExportError(f"ONNX Runtime rejected the static-cache graph: {str(error).splitlines()[0]}") from None
+    report = None
+    if verify:
+        precision = "float16" if dtype == "fp16" else "float32"
+        lengths = [n for n in (1, 19, 4 * 19) if n + 8 <= max_cache]
+        report = check_static_cache(model, lambda batch: StaticCacheDecoder(data, batch, "cpu"), [1, 3], lengths,
+                                    precision=precision)
+        log(report.summary())
+        if not report:
+            raise ExportError(f"verification failed: {report.summary()}")
+    with atomic_path(output) as temporary:
+        temporary.write_bytes(data)
+    return seconds, report

@@ -76,28 +76,20 @@ def _prefill_feeds(backend: Backend, batch: int, context: int, device: torch.dev
 def measure(backend: Backend, config: ModelConfig, batch: int, context: int, new_tokens: int, warmup: int,
             iters: int, device: torch.device, bytes_per_value: int, peaks: GpuPeaks | None) -> BenchmarkResult:
     """Prefill `context` tokens (median of `iters`), then decode `new_tokens` steps through the cache."""
-    result = BenchmarkResult(backend.name, batch, context)
     timer = StepTimer(device)
     feeds = _prefill_feeds(backend, batch, context, device, config.num_tokens)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        free_before, total = torch.cuda.mem_get_info()
-        torch.cuda.reset_peak_memory_stats()
+    memory = _MemoryProbe(device)
     for _ in range(warmup):
         backend.run_torch(dict(feeds))
     times = []
     for _ in range(iters):
         seconds, outputs = timer(lambda: backend.run_torch(dict(feeds)))
         times.append(seconds)
-    prefill = statistics.median(times)
-    result.prefill_ms = prefill * 1e3
-    result.prefill_tokens_per_s = batch * context / prefill
-    result.prefill_tflops = prefill_flops(config, batch, context) / prefill / 1e12
     caches = _cache_inputs(backend)
+    steps = []
     if caches and new_tokens > 0:
         token = torch.ones(batch, 1, dtype=torch.int64, device=device)
         mask = feeds["attention_mask"]
-        steps = []
         for step in range(warmup + new_tokens):
             mask = torch.cat((mask, torch.ones_like(token)), dim=1)
             step_feeds = {"input_ids": token, "attention_mask": mask}
@@ -106,13 +98,57 @@ def measure(backend: Backend, config: ModelConfig, batch: int, context: int, new
             seconds, outputs = timer(lambda: backend.run_torch(step_feeds))
             if step >= warmup:
                 steps.append(seconds)
+    return _result(backend.name, config, batch, context, times, steps, memory.peak_mib(), bytes_per_value, peaks)
+
+
+def measure_static(decoder, config: ModelConfig, context: int, new_tokens: int, warmup: int, iters: int,
+                   bytes_per_value: int, peaks: GpuPeaks | None) -> BenchmarkResult:
+    """The same measurement for a StaticCacheDecoder (runtime/static_cache.py): prefill, then steps
+    replayed from its static cache."""
+    batch = decoder.batch
+    timer = StepTimer(decoder.device)
+    generator = torch.Generator().manual_seed(batch * 100003 + context)
+    prompts = torch.randint(0, config.num_tokens, (batch, context), generator=generator).tolist()
+    memory = _MemoryProbe(decoder.device)
+    for _ in range(warmup):
+        decoder.prefill(prompts)
+    times = [timer(lambda: decoder.prefill(prompts))[0] for _ in range(iters)]
+    token = torch.ones(batch, dtype=torch.int64, device=decoder.device)
+    steps = [timer(lambda: decoder.step(token))[0] for _ in range(warmup + new_tokens)][warmup:]
+    return _result(decoder.name, config, batch, context, times, steps, memory.peak_mib(), bytes_per_value, peaks)
+
+
+class _MemoryProbe:
+    """Peak GPU memory from here on: PyTorch's allocator peak or, for libraries with their own
+    allocator (ONNX Runtime, TensorRT), the drop in free device memory."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.free_before, _ = torch.cuda.mem_get_info()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float | None:
+        if not self.cuda:
+            return None
+        free_after, _ = torch.cuda.mem_get_info()
+        return max(torch.cuda.max_memory_allocated(), self.free_before - free_after) / 2**20
+
+
+def _result(name: str, config: ModelConfig, batch: int, context: int, prefill_times: list[float],
+            steps: list[float], memory_mib: float | None, bytes_per_value: int,
+            peaks: GpuPeaks | None) -> BenchmarkResult:
+    result = BenchmarkResult(name, batch, context, memory_mib=memory_mib)
+    prefill = statistics.median(prefill_times)
+    result.prefill_ms = prefill * 1e3
+    result.prefill_tokens_per_s = batch * context / prefill
+    result.prefill_tflops = prefill_flops(config, batch, context) / prefill / 1e12
+    if steps:
         result.decode_p50_ms = percentile(steps, 50) * 1e3
         result.decode_p90_ms = percentile(steps, 90) * 1e3
         result.decode_p99_ms = percentile(steps, 99) * 1e3
         result.decode_tokens_per_s = batch / statistics.median(steps)
-    if device.type == "cuda":
-        free_after, _ = torch.cuda.mem_get_info()
-        result.memory_mib = max(torch.cuda.max_memory_allocated(), free_before - free_after) / 2**20
     if peaks is not None:
         half = bytes_per_value == 2
         result.prefill_floor_ms = prefill_floor_seconds(config, batch, context, half, peaks) * 1e3

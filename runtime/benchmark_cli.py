@@ -9,7 +9,9 @@ from models.errors import ToolkitError
 
 from .cli_support import add_model_arguments, int_list, log_to, run_main, write_json
 
-ALL_BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+ALL_BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-cuda", "onnxruntime-static",
+                "onnxruntime-cuda-static", "tensorrt")
+STATIC_PROVIDERS = {"onnxruntime-static": "cpu", "onnxruntime-cuda-static": "cuda"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", metavar="PATH", help="TensorRT engine built from MODEL (for --backend tensorrt)")
     parser.add_argument("--backend", default=None, metavar="LIST",
                         help=f"comma-separated, from {','.join(ALL_BACKENDS)} (default: torch,torch-compile,"
-                             "onnxruntime-cuda[,tensorrt] on a GPU; torch,onnxruntime on the CPU)")
+                             "onnxruntime-cuda,onnxruntime-cuda-static[,tensorrt] on a GPU; torch,onnxruntime on the "
+                             "CPU). The *-static backends write the static-cache graph (export-model --static-cache) "
+                             "from the same weights in memory, sized for the largest context, and replay each decode "
+                             "step as a CUDA graph")
     add_model_arguments(parser, "default: the weights recorded in MODEL")
     parser.add_argument("--batch", type=int_list, default=[1], metavar="N,N", help="batch sizes (default 1)")
     parser.add_argument("--context", type=int_list, default=[128], metavar="N,N",
@@ -157,7 +162,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     config = ModelConfig.from_json(metadata["model_config"]) if "model_config" in metadata else source().model.config
     cuda = torch.cuda.is_available()
     kinds = args.backend.split(",") if args.backend else (
-        ["torch", "torch-compile", "onnxruntime-cuda"] + (["tensorrt"] if args.engine else []) if cuda
+        ["torch", "torch-compile", "onnxruntime-cuda", "onnxruntime-cuda-static"]
+        + (["tensorrt"] if args.engine else []) if cuda
         else ["torch", "onnxruntime"])
     env = environment()
     peaks = peaks_for(env["device"]) if cuda else None
@@ -169,6 +175,9 @@ def _benchmark(args: argparse.Namespace) -> int:
         log("note: no peak figures for this GPU; floors are not computed")
     results = []
     for kind in kinds:
+        if kind.strip() in STATIC_PROVIDERS:
+            results += _benchmark_static(kind.strip(), args, source, precision, config, bytes_per_value, peaks, log)
+            continue
         try:
             backend = _open(kind.strip(), args, source, precision)
         except ToolkitError as error:
@@ -199,6 +208,37 @@ def _benchmark(args: argparse.Namespace) -> int:
         plot(results, args.plot, f"{env['device']}, {precision}, {args.new_tokens} decode steps")
         log(f"chart written to {args.plot}")
     return 0 if any(r.error is None for r in results) else 1
+
+
+def _benchmark_static(kind: str, args, source, precision: str, config, bytes_per_value: int, peaks, log) -> list:
+    """The static-cache decoder, one per batch size (its cache buffers have a fixed batch)."""
+    import torch
+
+    from export.static_cache_graph import build_static_cache_graph
+
+    from .benchmark import BenchmarkResult, measure_static
+    from .static_cache import StaticCacheDecoder
+
+    results = []
+    try:
+        dtype = "fp16" if precision != "float32" else "fp32"
+        max_cache = max(args.context) + args.warmup + args.new_tokens + 1
+        data = build_static_cache_graph(source().model, max_cache, dtype).SerializeToString()
+        for batch in args.batch:
+            with StaticCacheDecoder(data, batch, STATIC_PROVIDERS[kind]) as decoder:
+                for context in args.context:
+                    log(f"  {decoder.name}: batch {batch}, context {context} ...")
+                    results.append(measure_static(decoder, config, context, args.new_tokens, args.warmup,
+                                                  args.iters, bytes_per_value, peaks))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    except (ToolkitError, RuntimeError) as error:
+        message = str(error).splitlines()[0][:200]
+        log(f"{kind}: skipped: {message}")
+        done = {(r.batch, r.context) for r in results}
+        results += [BenchmarkResult(kind, b, c, error=message) for b in args.batch for c in args.context
+                    if (b, c) not in done]
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

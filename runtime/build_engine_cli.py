@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = parser.add_argument_group("engine cache")
     cache.add_argument("--no-cache", action="store_true", help="always build, ignoring the engine cache")
     cache.add_argument("--cache-dir", metavar="DIR",
-                       help="engine cache directory (default $ROTARY_DEPLOY_CACHE or ~/.cache/rotary-deploy/engines)")
+                       help="engine cache directory (default $ROTARY_DEPLOY_CACHE/engines, else $XDG_CACHE_HOME or ~/.cache, then rotary-deploy/engines)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="machine-readable report to PATH, or stdout if no PATH is given")
     return parser

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH", help="an .onnx graph or an .engine (not needed for --backend torch)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="auto (default): tensorrt for engines, onnxruntime-cuda for ONNX when a GPU and "
-                             "onnxruntime-gpu are present, else onnxruntime on the CPU; torch runs the PyTorch model")
+                             "onnxruntime-gpu are present, else onnxruntime on the CPU; torch runs the PyTorch model. "
+                             "A static-cache graph (export-model --static-cache) runs on its fast path")
     add_model_arguments(parser, "for --backend torch")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text prompt (byte-level tokens)")
@@ -43,18 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generation import GenerationSettings, Generator, decode_bytes, encode_text
-    from .open_model import open_model
+    from .static_cache import StaticCacheDecoder
 
     log = log_to(args.json == "-")
     stream = sys.stderr if args.json == "-" else sys.stdout
-    with open_model(args.model, args.backend, lambda: resolve_model_arguments(args)) as backend:
-        generator = Generator(backend)
+    with _open_runner(args) as backend:
+        generator = backend if isinstance(backend, StaticCacheDecoder) else Generator(backend)
         vocab = backend.vocab_size or (generator.config.num_tokens if generator.config else 0)
         prompt = args.prompt_ids if args.prompt_ids else encode_text(args.prompt, vocab)
         text_mode = args.prompt is not None
         settings = GenerationSettings(args.max_new_tokens, args.temperature, args.filter_thres, args.sample_seed,
                                       args.eos_id)
-        mode = "cache" if generator.cache_inputs else "full recompute"
+        mode = ("static cache" if generator is backend else
+                "cache" if generator.cache_inputs else "full recompute")
         log(f"generate: {backend.name} ({mode}), prompt of {len(prompt)} tokens, up to {args.max_new_tokens} new")
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -80,6 +82,29 @@ def _generate(args: argparse.Namespace) -> int:
                                "decode_tokens_per_second": result.decode_tokens_per_second,
                                "settings": vars(settings)})
     return 0
+
+
+def _open_runner(args: argparse.Namespace):
+    """A StaticCacheDecoder for a static-cache graph, else the backend open_model picks."""
+    from pathlib import Path
+
+    from .open_model import open_model
+    from .static_cache import StaticCacheDecoder, is_static_cache_graph, read_metadata
+
+    model = Path(args.model)
+    if model.suffix == ".onnx" and model.is_file() and is_static_cache_graph(read_metadata(model)):
+        providers = {"auto": "cuda" if _cuda_available() else "cpu", "onnxruntime": "cpu", "onnxruntime-cuda": "cuda"}
+        if args.backend not in providers:
+            raise ToolkitError(f"{model} is an ONNX Runtime static-cache graph; use --backend onnxruntime or "
+                               "onnxruntime-cuda")
+        return StaticCacheDecoder(model, 1, providers[args.backend])
+    return open_model(args.model, args.backend, lambda: resolve_model_arguments(args))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .backends import Backend
-from .generation import GenerationSettings, Generator, left_pad
+from .generation import GenerationResult, GenerationSettings, Generator, left_pad
 
 
 @dataclass
@@ -76,6 +76,14 @@ def compare_generation(reference: Backend, candidate: Backend, prompts: list[lis
     settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0)
     expected = Generator(reference).generate(prompts, settings, record_margins=True)
     actual = Generator(candidate).generate(prompts, settings)
+    compared, matched, divergence = token_agreement(expected, actual)
+    forced = None if min_top1 is None else teacher_forced_top1(candidate, prompts, expected.tokens)
+    return GenerationParity(reference.name, candidate.name, compared, matched, divergence, forced, min_top1)
+
+
+def token_agreement(expected: GenerationResult, actual: GenerationResult) -> tuple[int, int, dict | None]:
+    """(tokens compared, tokens matched, the first divergence) between two greedy runs; a row
+    stops matching at its first differing token. `expected` must carry its margins."""
     compared = matched = 0
     divergence = None
     for row, (want, got) in enumerate(zip(expected.tokens, actual.tokens)):
@@ -87,5 +95,4 @@ def compare_generation(reference: Backend, candidate: Backend, prompts: list[lis
                 compared += min(len(want), len(got)) - step - 1
                 break
             matched += 1
-    forced = None if min_top1 is None else teacher_forced_top1(candidate, prompts, expected.tokens)
-    return GenerationParity(reference.name, candidate.name, compared, matched, divergence, forced, min_top1)
+    return compared, matched, divergence

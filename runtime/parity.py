@@ -179,7 +179,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tol
         cosine = float((ref * cand).sum() / norms)
     else:  # both zero: identical; one zero: nothing in common
         cosine = 1.0 if not (ref.any() or cand.any()) else 0.0
-    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean()) if output == "logits" and ref.size else None
+    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean()) if output.startswith("logits") and ref.size else None
     problems = []
     if max_abs > tolerance.atol + tolerance.rtol * scale:
         problems.append(f"max abs {max_abs:.3e} > {tolerance.atol + tolerance.rtol * scale:.3e}")

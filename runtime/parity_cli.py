@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from models.errors import ToolkitError
 
@@ -75,6 +76,12 @@ def _check(args: argparse.Namespace) -> int:
     from runtime.parity import TOLERANCES, check_parity, default_cases
 
     log = log_to(args.json == "-")
+    if str(args.model).endswith(".onnx") and Path(args.model).is_file():
+        from runtime.static_cache import is_static_cache_graph, read_metadata
+
+        metadata = read_metadata(args.model)
+        if is_static_cache_graph(metadata):
+            return _check_static_cache(args, metadata, log)
     with open_file_backend(args.backend, args.model) as candidate:
         metadata = getattr(candidate, "metadata", {})
         source = reference_for(args, metadata)
@@ -107,6 +114,52 @@ def _check(args: argparse.Namespace) -> int:
     if not passed:
         failed = report.summary() if not report else generation.summary()
         print(f"check-parity: error: {failed}", file=sys.stderr)
+    return 0 if passed else 1
+
+
+def _check_static_cache(args: argparse.Namespace, metadata: dict[str, str], log) -> int:
+    """The static-cache decoder: prompt logits, teacher-forced decode steps and greedy tokens."""
+    from dataclasses import replace
+
+    from runtime.generation_parity import random_prompts
+    from runtime.parity import TOLERANCES
+    from runtime.static_cache import StaticCacheDecoder
+    from runtime.static_cache_parity import check_static_cache, compare_static_generation
+
+    providers = {"onnxruntime": "cpu", "onnxruntime-cuda": "cuda"}
+    if args.backend not in providers:
+        raise ToolkitError(f"{args.model} is an ONNX Runtime static-cache graph; check it with --backend "
+                           "onnxruntime or onnxruntime-cuda")
+    provider = providers[args.backend]
+    source = reference_for(args, metadata)
+    precision = metadata.get("precision", "float32") if args.precision == "auto" else PRECISIONS[args.precision]
+    tolerance = TOLERANCES[precision]
+    if args.atol is not None:
+        tolerance = replace(tolerance, atol=args.atol)
+    device = "cuda" if provider == "cuda" else "cpu"
+    model = source.model.to(device)
+    lengths = args.seq or [1, 17, 128, 513]
+    log(f"check-parity: {args.model} (static-cache decoder) on ONNX Runtime {provider} vs PyTorch "
+        f"({source.description}), {precision} tolerance")
+    report = check_static_cache(model, lambda batch: StaticCacheDecoder(args.model, batch, provider),
+                                args.batch or [1, 3], lengths, precision=precision, tolerance=tolerance,
+                                seed=args.input_seed, device=device,
+                                progress=lambda case: log(f"  running {case.label} ..."))
+    log(report.table())
+    log(report.summary())
+    generation = None
+    if args.generate:
+        prompts = random_prompts(model.config.num_tokens, seed=args.input_seed)
+        with StaticCacheDecoder(args.model, len(prompts), provider) as decoder:
+            generation = compare_static_generation(model, decoder, prompts, args.generate, device,
+                                                   None if precision == "float32" else tolerance.min_top1)
+        log(generation.summary())
+    passed = bool(report) and (generation is None or bool(generation))
+    if args.json:
+        write_json(args.json, {**report.to_dict(), "passed": passed,
+                               "generation": generation.to_dict() if generation else None})
+    if not passed:
+        print(f"check-parity: error: {report.summary() if not report else generation.summary()}", file=sys.stderr)
     return 0 if passed else 1
 
 

@@ -46,7 +46,7 @@ class TensorRTBackend(Backend):
             if not allow_host_code:
                 raise EngineIncompatible(
                     f"{engine_path} is a version-compatible plan that embeds host code; load it only if you trust "
-                    "it, with allow_host_code=True (--allow-host-code)"
+                    "it, with TensorRTBackend(..., allow_host_code=True)"
                 )
             self._runtime.engine_host_code_allowed = True
         self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())

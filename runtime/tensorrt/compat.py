@@ -7,7 +7,7 @@ from .engine_files import Sidecar
 
 # TensorRT-RTX builds on any recent GPU but executes only on these compute capabilities
 # (measured: it refuses to run on 9.0, Hopper). TensorRT 10/11 needs 7.5 or newer.
-RTX_RUNNABLE_MAJORS = {8, 12}
+RTX_RUNNABLE = {(8, 0), (8, 6), (8, 9)}  # and every 12.x
 TENSORRT_MIN_CC = (7, 5)
 
 
@@ -23,7 +23,7 @@ def cc_tuple(text: str) -> tuple[int, int]:
 def can_execute(flavour: str, compute_capability: str) -> tuple[bool, str]:
     """Whether `flavour` can execute engines on a GPU of this compute capability, and why not."""
     cc = cc_tuple(compute_capability)
-    if flavour == "tensorrt-rtx" and cc[0] not in RTX_RUNNABLE_MAJORS:
+    if flavour == "tensorrt-rtx" and cc not in RTX_RUNNABLE and cc[0] != 12:
         return False, (f"TensorRT-RTX does not run engines on compute capability {compute_capability} "
                        "(it runs on 8.0, 8.6, 8.9 and 12.x); use the full TensorRT on this GPU")
     if flavour == "tensorrt" and cc < TENSORRT_MIN_CC:

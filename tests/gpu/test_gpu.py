@@ -162,3 +162,28 @@ def test_tensorrt_engine_runs_or_skips_with_reason(tiny, tmp_path):
         report = check_parity(reference, candidate, default_cases(graph_signature(source.model.config), [1, 3],
                                                                   [1, 17, 128, 513]), "float32", )
     assert report, report.summary()
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("preset_name", ["tiny", "small"])
+def test_static_cache_decoder_on_cuda_with_graph_replay(preset_name):
+    """The fast path: fp16 GroupQueryAttention graph, static cache, every step a CUDA graph replay."""
+    from export.static_cache_graph import build_static_cache_graph
+    from models.source import resolve_model
+    from runtime.generation_parity import random_prompts
+    from runtime.static_cache import StaticCacheDecoder
+    from runtime.static_cache_parity import check_static_cache, compare_static_generation
+
+    model = resolve_model(preset=preset_name).model.cuda()
+    data = build_static_cache_graph(model, 1100, "fp16").SerializeToString()
+    report = check_static_cache(model, lambda batch: StaticCacheDecoder(data, batch, "cuda"), [1, 3],
+                                [1, 17, 128, 513], steps=16, precision="float16", device="cuda")
+    print(report.summary())
+    assert report, report.summary()
+    assert min(r.top1 for r in report.results) >= 0.99
+    prompts = random_prompts(model.config.num_tokens, batch=2, length=8)
+    with StaticCacheDecoder(data, 2, "cuda") as decoder:
+        assert decoder.cuda_graph
+        result = compare_static_generation(model, decoder, prompts, 64, "cuda", min_top1=0.99)
+    print(result.summary())
+    assert result, result.summary()

@@ -128,6 +128,7 @@ def test_engines_from_another_library_version_or_gpu_are_refused():
     assert can_execute("tensorrt", "9.0") == (True, "")
     assert not can_execute("tensorrt", "7.0")[0]
     assert can_execute("tensorrt-rtx", "12.0")[0] and can_execute("tensorrt-rtx", "8.6")[0]
+    assert not can_execute("tensorrt-rtx", "8.7")[0]  # Jetson Orin: TensorRT 10 from JetPack instead
 
 
 def _fake_trt(name: str, version: str, weak: bool) -> types.ModuleType:
