@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in three parts that each fit a
-# 10-minute call: tests | export | build | bench. Results go to ${OUT:-build/accelerator}.
+# 10-minute call: tests | export | build | bench (PRESETS="tiny small" by default). Results go to ${OUT:-build/accelerator}.
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see README).
 set -uo pipefail
 part=${1:?usage: scripts/accelerator.sh tests|export|build|bench}
@@ -47,16 +47,20 @@ build)
 bench)
   [ -f "$work/small-fp16-past.onnx" ] && run py scripts/profile_decode.py "$work/small-fp16-past.onnx" \
     --context 1024 --json "$out/profile-small-fp16.json" 2>&1 | grep -v "^W\|Warning" | tail -4
-  for preset in tiny small; do
+  for preset in ${PRESETS:-tiny small}; do
     onnx="$work/$preset-fp16-past.onnx"
     [ -f "$onnx" ] || py -m export.cli --preset "$preset" --with-past --dtype fp16 --no-verify --output "$onnx" > /dev/null
-    run py -m runtime.benchmark_cli "$onnx" --backend torch,torch-compile,onnxruntime-cuda --batch 1,8 \
+    static="$work/$preset-fp16-static.onnx"
+    [ -f "$static" ] || py -m export.cli --preset "$preset" --static-cache 2048 --dtype fp16 --no-verify --output "$static" > /dev/null
+    run py -m runtime.benchmark_cli "$onnx" --backend torch,torch-compile,onnxruntime-cuda,onnxruntime-cuda-static --batch 1,8 \
       --context 128,1024 --new-tokens 32 --warmup 3 --iters 10 --json "$out/bench-$preset-fp16.json" \
       --plot "$out/bench-$preset-fp16.png" 2>&1 | grep -v "^  " | tail -20
-    for backend in torch onnxruntime-cuda; do
-      run py -m runtime.generate_cli --model "$onnx" --backend "$backend" --preset "$preset" --prompt "Hello" \
-        --max-new-tokens 64 --json "$out/generate-$preset-$backend.json" > /dev/null 2>&1
-      py -c "import json; d=json.load(open('$out/generate-$preset-$backend.json')); print('$preset $backend', round(d['decode_tokens_per_second'],1), 'tokens/s')"
+    for backend in torch onnxruntime-cuda static; do
+      model="$onnx"; name="$backend"
+      [ "$backend" = static ] && { model="$static"; backend=onnxruntime-cuda; }
+      run py -m runtime.generate_cli --model "$model" --backend "$backend" --preset "$preset" --prompt "Hello" \
+        --max-new-tokens 64 --json "$out/generate-$preset-$name.json" > /dev/null 2>&1
+      py -c "import json; d=json.load(open('$out/generate-$preset-$name.json')); print('$preset $name', round(d['decode_tokens_per_second'],1), 'tokens/s')"
     done
   done
   ;;
