@@ -174,7 +174,7 @@ def test_static_cache_decoder_on_cuda_with_graph_replay(preset_name):
     from runtime.static_cache import StaticCacheDecoder
     from runtime.static_cache_parity import check_static_cache, compare_static_generation
 
-    model = resolve_model(preset=preset_name).model.cuda()
+    model = resolve_model(None, None, preset_name, 0).model.cuda()
     data = build_static_cache_graph(model, 1100, "fp16").SerializeToString()
     report = check_static_cache(model, lambda batch: StaticCacheDecoder(data, batch, "cuda"), [1, 3],
                                 [1, 17, 128, 513], steps=16, precision="float16", device="cuda")
