@@ -180,7 +180,7 @@ def test_static_cache_decoder_on_cuda_with_graph_replay(preset_name):
                                 [1, 17, 128, 513], steps=16, precision="float16", device="cuda")
     print(report.summary())
     assert report, report.summary()
-    assert min(r.top1 for r in report.results) >= 0.99
+    assert report.top1() >= 0.99  # over the sweep, as check-parity judges it
     prompts = random_prompts(model.config.num_tokens, batch=2, length=8)
     with StaticCacheDecoder(data, 2, "cuda") as decoder:
         assert decoder.cuda_graph
