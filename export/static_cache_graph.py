@@ -9,7 +9,7 @@ overhead. This graph uses ONNX Runtime's fused contrib ops instead:
   cache that past and present share (`past_present_share_buffer`), so every decode step has
   the same shapes and addresses and can be replayed as a CUDA graph;
 - `SkipSimplifiedLayerNormalization` / `SkipLayerNormalization`: residual add + norm in one
-  kernel (statistics in float32), `BiasGelu` for the feed-forward.
+  kernel (statistics in float32), `BiasGelu` for the feed-forward; the logits head in float32.
 
 Inputs: `input_ids` int64 (batch, sequence), `seqlens_k` int32 (batch) = tokens in the cache
 after this call minus 1, `total_sequence_length` int32 scalar, `past_key_values.{i}.key|value`
@@ -151,8 +151,11 @@ def build_static_cache_graph(model: Transformer, max_cache: int, dtype: str = "f
         pending_bias = (g.weight(f"layers.{i}.ff.out.bias", ff.proj_out.bias)
                         if ff.proj_out.bias is not None else None)
     normed, _ = norm("norm", model.norm, hidden, residual, pending_bias)
-    logits = g.node("MatMul", [normed, g.weight("to_logits", model.to_logits.weight.T)], ["logits_half"])[0]
-    g.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
+    # The logits head runs in float32: rounding logits to fp16 (a step of 0.004 at |logit| 4) flips
+    # greedy near-ties; the extra weight bytes cost a few percent of a decode step.
+    if dtype != "fp32":
+        normed = g.node("Cast", [normed], ["norm.out.float"], to=TensorProto.FLOAT)[0]
+    g.node("MatMul", [normed, g.weight("to_logits", model.to_logits.weight.T, np.float32)], ["logits"])
 
     cache_shape = ["batch", config.kv_heads, max_cache, config.dim_head]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
