@@ -110,49 +110,66 @@ class Generator:
                  ) -> GenerationResult:
         """Generate up to max_new_tokens per prompt; `on_tokens(step, tokens)` streams each step."""
         self.check_prompt(prompts, settings)
-        generator = torch.Generator().manual_seed(settings.seed)
         ids, mask = left_pad(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        batch = ids.shape[0]
-        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(batch)}
+        feeds = {"input_ids": ids, "attention_mask": mask, **self.empty_cache(ids.shape[0])}
         self.backend.check_feeds(feeds)
-        sequence = ids
-        finished = torch.zeros(batch, dtype=torch.bool)
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        margins: list[list[float]] = []
-        started = time.perf_counter()
-        prefill_seconds = 0.0
-        for step in range(settings.max_new_tokens):
-            outputs = self.backend.run_torch(feeds)
-            logits = outputs["logits"][:, -1]  # (b, vocab)
-            if record_margins:
-                margins.append(top2_margin(logits).cpu().tolist())
-            chosen = next_tokens(logits, settings.temperature, settings.filter_thres, generator)
-            host = chosen.cpu()
-            if step == 0:
-                prefill_seconds = time.perf_counter() - started
-            for row in range(batch):
-                if not finished[row]:
-                    tokens[row].append(int(host[row]))
-            if settings.eos_id is not None:
-                finished |= host == settings.eos_id
-            if on_tokens:
-                on_tokens(step, host.tolist())
-            if bool(finished.all()) or step + 1 == settings.max_new_tokens:
-                break
-            chosen = chosen.to(self.device)[:, None]
-            mask = torch.cat((mask, torch.ones_like(chosen)), dim=1)
+        state = {"feeds": feeds, "mask": mask, "sequence": ids}
+
+        def prefill() -> Tensor:
+            state["outputs"] = self.backend.run_torch(state["feeds"])
+            return state["outputs"]["logits"][:, -1]  # (b, vocab)
+
+        def step(chosen: Tensor) -> Tensor:
+            chosen = chosen[:, None]
+            state["mask"] = torch.cat((state["mask"], torch.ones_like(chosen)), dim=1)
             if self.cache_inputs:
-                feeds = {"input_ids": chosen, "attention_mask": mask}
+                feeds = {"input_ids": chosen, "attention_mask": state["mask"]}
                 for name in self.cache_inputs:
-                    feeds[name] = outputs[name.replace("past_key_values.", "present.")]
+                    feeds[name] = state["outputs"][name.replace("past_key_values.", "present.")]
             else:
-                sequence = torch.cat((sequence, chosen), dim=1)
-                feeds = {"input_ids": sequence, "attention_mask": mask}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - started
-        return GenerationResult(tokens, prefill_seconds, total - prefill_seconds, step + 1, margins)
+                state["sequence"] = torch.cat((state["sequence"], chosen), dim=1)
+                feeds = {"input_ids": state["sequence"], "attention_mask": state["mask"]}
+            state["outputs"] = self.backend.run_torch(feeds)
+            return state["outputs"]["logits"][:, -1]
+
+        return sample_loop(prefill, step, len(prompts), settings, self.device, on_tokens, record_margins)
+
+
+def sample_loop(prefill: Callable[[], Tensor], step: Callable[[Tensor], Tensor], batch: int,
+                settings: GenerationSettings, device: torch.device,
+                on_tokens: Callable[[int, list[int]], None] | None = None, record_margins: bool = False
+                ) -> GenerationResult:
+    """The token loop every generator shares: `prefill()` returns the first next-token logits
+    (batch, vocab), `step(tokens on device)` feeds the chosen tokens and returns the next ones."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    margins: list[list[float]] = []
+    started = time.perf_counter()
+    prefill_seconds, index = 0.0, 0
+    logits = prefill()
+    for index in range(settings.max_new_tokens):
+        if record_margins:
+            margins.append(top2_margin(logits).cpu().tolist())
+        chosen = next_tokens(logits, settings.temperature, settings.filter_thres, generator)
+        host = chosen.cpu()
+        if index == 0:
+            prefill_seconds = time.perf_counter() - started
+        for row in range(batch):
+            if not finished[row]:
+                tokens[row].append(int(host[row]))
+        if settings.eos_id is not None:
+            finished |= host == settings.eos_id
+        if on_tokens:
+            on_tokens(index, host.tolist())
+        if bool(finished.all()) or index + 1 == settings.max_new_tokens:
+            break
+        logits = step(chosen.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total = time.perf_counter() - started
+    return GenerationResult(tokens, prefill_seconds, total - prefill_seconds, index + 1, margins)
 
 
 def encode_text(text: str, vocab_size: int) -> list[int]:

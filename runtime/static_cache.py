@@ -7,8 +7,6 @@ dominates a batch-1 step. Prefill runs outside the graph (`gpu_graph_id` -1).
 """
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,7 @@ from models.config import ModelConfig
 
 from .backends import BackendError
 from .backends.onnxruntime_backend import PROVIDERS, _import_onnxruntime, _numpy_dtype
-from .generation import GenerationError, GenerationResult, GenerationSettings
-from .sampling import next_tokens, top2_margin
+from .generation import GenerationError, GenerationResult, GenerationSettings, sample_loop
 
 
 
@@ -156,33 +153,12 @@ class StaticCacheDecoder:
         if longest > self.max_cache:
             raise GenerationError(f"prompt plus {settings.max_new_tokens} new tokens is {longest} tokens, past the "
                                   f"graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
-        generator = torch.Generator().manual_seed(settings.seed)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        margins: list[list[float]] = []
-        finished = torch.zeros(len(prompts), dtype=torch.bool)
-        started = time.perf_counter()
-        logits = self.prefill(prompts)
-        last = logits[torch.arange(len(prompts)), (self.lengths - 1).to(self.device)]
-        prefill_seconds, step = 0.0, 0
-        for step in range(settings.max_new_tokens):
-            if record_margins:
-                margins.append(top2_margin(last).cpu().tolist())
-            chosen = next_tokens(last, settings.temperature, settings.filter_thres, generator)
-            host = chosen.cpu()
-            if step == 0:
-                prefill_seconds = time.perf_counter() - started
-            for row in range(len(prompts)):
-                if not finished[row]:
-                    tokens[row].append(int(host[row]))
-            if settings.eos_id is not None:
-                finished |= host == settings.eos_id
-            if on_tokens:
-                on_tokens(step, host.tolist())
-            if bool(finished.all()) or step + 1 == settings.max_new_tokens:
-                break
-            last = self.step(chosen.to(self.device))
-        total = time.perf_counter() - started
-        return GenerationResult(tokens, prefill_seconds, total - prefill_seconds, step + 1, margins)
+
+        def prefill() -> Tensor:
+            logits = self.prefill(prompts)
+            return logits[torch.arange(len(prompts)), (self.lengths - 1).to(self.device)]
+
+        return sample_loop(prefill, self.step, len(prompts), settings, self.device, on_tokens, record_margins)
 
     def close(self) -> None:
         self.session = self._step_binding = None
