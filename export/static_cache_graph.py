@@ -20,8 +20,6 @@ has no com.microsoft ops.
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
@@ -173,9 +171,7 @@ def build_static_cache_graph(model: Transformer, max_cache: int, dtype: str = "f
     props = {"graph_kind": GRAPH_KIND, "model_config": config.to_json(), **(source or {}),
              "precision": "float16" if dtype == "fp16" else "float32", "max_cache": str(max_cache),
              "with_past": "true", "opset": "17", "torch_version": torch.__version__,
-             "exporter": "export/static_cache_graph.py (onnx.helper)", "toolkit_version": TOOLKIT_VERSION,
-             "axes": json.dumps({"batch": {"min": 1, "opt": 1, "max": 64},
-                                 "sequence": {"min": 1, "opt": 128, "max": max_cache}})}
+             "exporter": "export/static_cache_graph.py (onnx.helper)", "toolkit_version": TOOLKIT_VERSION}
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     return proto

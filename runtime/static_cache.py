@@ -21,7 +21,6 @@ from .backends.onnxruntime_backend import PROVIDERS, _import_onnxruntime, _numpy
 from .generation import GenerationError, GenerationResult, GenerationSettings, sample_loop
 
 
-
 def is_static_cache_graph(metadata: dict[str, str]) -> bool:
     return metadata.get("graph_kind") == GRAPH_KIND
 
