@@ -86,13 +86,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _open_runner(args: argparse.Namespace):
     """A StaticCacheDecoder for a static-cache graph, else the backend open_model picks."""
-    from pathlib import Path
-
     from .open_model import open_model
-    from .static_cache import StaticCacheDecoder, is_static_cache_graph, read_metadata
+    from .static_cache import StaticCacheDecoder, static_cache_metadata
 
-    model = Path(args.model)
-    if model.suffix == ".onnx" and model.is_file() and is_static_cache_graph(read_metadata(model)):
+    model = args.model
+    if model and static_cache_metadata(model) is not None:
         providers = {"auto": "cuda" if _cuda_available() else "cpu", "onnxruntime": "cpu", "onnxruntime-cuda": "cuda"}
         if args.backend not in providers:
             raise ToolkitError(f"{model} is an ONNX Runtime static-cache graph; use --backend onnxruntime or "

@@ -91,19 +91,9 @@ class Generator:
 
     def check_prompt(self, prompts: list[list[int]], settings: GenerationSettings) -> None:
         vocab = self.backend.vocab_size or (self.config.num_tokens if self.config else None)
-        for prompt in prompts:
-            bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
-            if bad:
-                raise GenerationError(f"prompt token id {bad[0]} is out of range; the vocabulary is 0..{vocab - 1}")
         limit = self.config.max_seq_len if self.config else None
-        longest = max(len(p) for p in prompts) + settings.max_new_tokens
-        if limit and longest > limit:
-            raise GenerationError(f"prompt plus {settings.max_new_tokens} new tokens is {longest} tokens, past the "
-                                  f"model's max_seq_len of {limit}; shorten the prompt or --max-new-tokens")
-        if settings.max_new_tokens < 1:
-            raise GenerationError("--max-new-tokens must be at least 1")
-        if not 0.0 <= settings.filter_thres < 1.0:
-            raise GenerationError(f"--filter-thres must be in [0, 1), got {settings.filter_thres}")
+        check_request(prompts, settings, vocab, limit,
+                      f"the model's max_seq_len of {limit}; shorten the prompt or --max-new-tokens")
 
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  on_tokens: Callable[[int, list[int]], None] | None = None, record_margins: bool = False
@@ -134,6 +124,23 @@ class Generator:
             return state["outputs"]["logits"][:, -1]
 
         return sample_loop(prefill, step, len(prompts), settings, self.device, on_tokens, record_margins)
+
+
+def check_request(prompts: list[list[int]], settings: GenerationSettings, vocab: int | None,
+                  limit: int | None, limit_text: str) -> None:
+    """Token ids inside the vocabulary, prompt + new tokens within `limit` (described by
+    `limit_text` in the error), and sane settings."""
+    for prompt in prompts:
+        bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is out of range; the vocabulary is 0..{vocab - 1}")
+    longest = max((len(p) for p in prompts), default=0) + settings.max_new_tokens
+    if limit and longest > limit:
+        raise GenerationError(f"prompt plus {settings.max_new_tokens} new tokens is {longest} tokens, past {limit_text}")
+    if settings.max_new_tokens < 1:
+        raise GenerationError("--max-new-tokens must be at least 1")
+    if not 0.0 <= settings.filter_thres < 1.0:
+        raise GenerationError(f"--filter-thres must be in [0, 1), got {settings.filter_thres}")
 
 
 def sample_loop(prefill: Callable[[], Tensor], step: Callable[[Tensor], Tensor], batch: int,

@@ -57,11 +57,16 @@ def teacher_forced_top1(candidate: Backend, prompts: list[list[int]], continuati
     feeds = {"input_ids": ids.to(generator.device), "attention_mask": mask.to(generator.device),
              **generator.empty_cache(len(inputs))}
     predicted = candidate.run_torch(feeds)["logits"].argmax(-1).cpu()  # (b, width)
-    agree = total = 0
-    for row, tokens in enumerate(continuations):
-        if tokens:  # rows end at the last column: the last len(tokens) positions predict them
-            agree += int((predicted[row, -len(tokens):] == torch.tensor(tokens)).sum())
-            total += len(tokens)
+    # left-padded rows end at the last column: the last len(tokens) positions predict them
+    return agreement([predicted[row, predicted.shape[1] - len(tokens):] for row, tokens in enumerate(continuations)],
+                     continuations)
+
+
+def agreement(predicted: list, continuations: list[list[int]]) -> float:
+    """The fraction of continuation tokens equal to the prediction at their position (one
+    tensor of predicted ids per row, aligned with that row's continuation)."""
+    total = sum(len(tokens) for tokens in continuations)
+    agree = sum(int((row == torch.tensor(tokens)).sum()) for row, tokens in zip(predicted, continuations) if tokens)
     return agree / total if total else 1.0
 
 

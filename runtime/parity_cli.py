@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from models.errors import ToolkitError
 
@@ -76,12 +75,11 @@ def _check(args: argparse.Namespace) -> int:
     from runtime.parity import TOLERANCES, check_parity, default_cases
 
     log = log_to(args.json == "-")
-    if str(args.model).endswith(".onnx") and Path(args.model).is_file():
-        from runtime.static_cache import is_static_cache_graph, read_metadata
+    from runtime.static_cache import static_cache_metadata
 
-        metadata = read_metadata(args.model)
-        if is_static_cache_graph(metadata):
-            return _check_static_cache(args, metadata, log)
+    static = static_cache_metadata(args.model)
+    if static is not None:
+        return _check_static_cache(args, static, log)
     with open_file_backend(args.backend, args.model) as candidate:
         metadata = getattr(candidate, "metadata", {})
         source = reference_for(args, metadata)

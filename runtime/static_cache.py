@@ -17,8 +17,8 @@ from export.static_cache_graph import GRAPH_KIND
 from models.config import ModelConfig
 
 from .backends import BackendError
-from .backends.onnxruntime_backend import PROVIDERS, _import_onnxruntime, _numpy_dtype
-from .generation import GenerationError, GenerationResult, GenerationSettings, sample_loop
+from .backends.onnxruntime_backend import _import_onnxruntime, _numpy_dtype, open_session
+from .generation import GenerationError, GenerationResult, GenerationSettings, check_request, sample_loop
 
 
 def is_static_cache_graph(metadata: dict[str, str]) -> bool:
@@ -44,24 +44,8 @@ class StaticCacheDecoder:
     """
 
     def __init__(self, model: str | Path | bytes, batch: int, provider: str = "cuda", cuda_graph: bool | None = None):
-        ort = _import_onnxruntime()
-        if provider not in PROVIDERS or PROVIDERS[provider] not in ort.get_available_providers():
-            raise BackendError(f"this ONNX Runtime build has no {PROVIDERS.get(provider, provider)} "
-                               f"(it has {ort.get_available_providers()})")
-        if not isinstance(model, bytes) and not Path(model).is_file():
-            raise BackendError(f"ONNX model not found: {model}")
         self.cuda_graph = provider == "cuda" if cuda_graph is None else cuda_graph
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        provider_options = {}
-        if provider == "cuda":
-            provider_options = {"device_id": "0", "use_tf32": "0", "enable_cuda_graph": str(int(self.cuda_graph))}
-        try:
-            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                                providers=[(PROVIDERS[provider], provider_options)])
-        except Exception as error:
-            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise BackendError(f"ONNX Runtime cannot load the static-cache graph: {first}") from None
+        self.session = open_session(model, provider, {"enable_cuda_graph": str(int(self.cuda_graph))})
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if not is_static_cache_graph(self.metadata):
             raise BackendError("not a static-cache graph (export it with export-model --static-cache N)")
@@ -81,6 +65,7 @@ class StaticCacheDecoder:
         self.step_logits = torch.zeros(batch, 1, c.num_tokens, dtype=torch.float32, device=self.device)
         self.lengths: Tensor | None = None  # tokens held per row (host copy)
         self._step_binding = self._binding(self.step_ids, self.seqlens, self.max_cache, self.step_logits)
+        ort = _import_onnxruntime()
         self._run_options = {name: ort.RunOptions() for name in ("prefill", "step")}
         if self.cuda_graph:
             self._run_options["prefill"].add_run_config_entry("gpu_graph_id", "-1")  # variable shapes: no graph
@@ -143,15 +128,8 @@ class StaticCacheDecoder:
     def generate(self, prompts: list[list[int]], settings: GenerationSettings, on_tokens=None,
                  record_margins: bool = False) -> GenerationResult:
         """Sample as runtime.generation.Generator does (same settings and semantics)."""
-        vocab = self.config.num_tokens
-        for prompt in prompts:
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise GenerationError(f"prompt token id {bad[0]} is out of range; the vocabulary is 0..{vocab - 1}")
-        longest = max((len(p) for p in prompts), default=0) + settings.max_new_tokens
-        if longest > self.max_cache:
-            raise GenerationError(f"prompt plus {settings.max_new_tokens} new tokens is {longest} tokens, past the "
-                                  f"graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
+        check_request(prompts, settings, self.vocab_size, self.max_cache,
+                      f"the graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
 
         def prefill() -> Tensor:
             logits = self.prefill(prompts)
@@ -170,10 +148,13 @@ class StaticCacheDecoder:
         self.close()
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file, without loading its weights."""
+def static_cache_metadata(path: str | Path) -> dict[str, str] | None:
+    """The metadata of `path` if it is an ONNX file written by export-model --static-cache, else
+    None (read without loading the weights)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
+    path = Path(path)
+    if path.suffix != ".onnx" or not path.is_file():
+        return None
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return metadata if is_static_cache_graph(metadata) else None

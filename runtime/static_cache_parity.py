@@ -9,7 +9,7 @@ from models.transformer import Transformer
 
 from .backends.torch_backend import TorchBackend
 from .generation import GenerationSettings, Generator
-from .generation_parity import GenerationParity, token_agreement
+from .generation_parity import GenerationParity, agreement, token_agreement
 from .parity import TOLERANCES, Case, ParityReport, Tolerance, compare_outputs
 from .static_cache import StaticCacheDecoder
 
@@ -73,9 +73,8 @@ def compare_static_generation(model: Transformer, decoder: StaticCacheDecoder, p
     actual = decoder.generate(prompts, settings)
     compared, matched, divergence = token_agreement(expected, actual)
     forced = None
-    if min_top1 is not None:
-        logits = decoder.prefill([p + t[:-1] for p, t in zip(prompts, expected.tokens)]).argmax(-1).cpu()
-        agree = sum(int((logits[r, len(p) - 1: len(p) - 1 + len(t)] == torch.tensor(t)).sum())
-                    for r, (p, t) in enumerate(zip(prompts, expected.tokens)))
-        forced = agree / max(1, sum(len(t) for t in expected.tokens))
+    if min_top1 is not None:  # right-padded rows: position len(prompt) - 1 predicts the first new token
+        predicted = decoder.prefill([p + t[:-1] for p, t in zip(prompts, expected.tokens)]).argmax(-1).cpu()
+        forced = agreement([predicted[r, len(p) - 1: len(p) - 1 + len(t)]
+                            for r, (p, t) in enumerate(zip(prompts, expected.tokens))], expected.tokens)
     return GenerationParity("torch", decoder.name, compared, matched, divergence, forced, min_top1)

@@ -21,6 +21,36 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+def open_session(model: str | Path | bytes, provider: str, cuda_options: dict[str, str] | None = None,
+                 threads: int | None = None):
+    """An InferenceSession on `provider` ("cpu" or "cuda") for a path or serialized bytes, with
+    one clear error for a missing provider, a missing file or a file ONNX Runtime rejects.
+    On CUDA, TF32 is off unless `cuda_options` says otherwise (it moves fp32 results in the
+    4th digit)."""
+    ort = _import_onnxruntime()
+    if provider not in PROVIDERS:
+        raise BackendError(f"unknown ONNX Runtime provider {provider!r}; choose one of {sorted(PROVIDERS)}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise BackendError(
+            f"this ONNX Runtime build has no {PROVIDERS[provider]} (it has {ort.get_available_providers()}); "
+            "install onnxruntime-gpu for CUDA"
+        )
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise BackendError(f"ONNX model not found: {model}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    provider_options = {"device_id": "0", "use_tf32": "0", **(cuda_options or {})} if provider == "cuda" else {}
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                    providers=[(PROVIDERS[provider], provider_options)])
+    except Exception as error:  # ORT raises its own exception types for bad files
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        where = "the serialized graph" if isinstance(model, bytes) else model
+        raise BackendError(f"ONNX Runtime cannot load {where}: {first}") from None
+
+
 def _numpy_dtype(torch_dtype):
     import torch
 
@@ -35,30 +65,9 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None,
                  tf32: bool = False, cuda_graph: bool = False):
-        ort = _import_onnxruntime()
         path = Path(path)
-        if provider not in PROVIDERS:
-            raise BackendError(f"unknown ONNX Runtime provider {provider!r}; choose one of {sorted(PROVIDERS)}")
-        if PROVIDERS[provider] not in ort.get_available_providers():
-            raise BackendError(
-                f"this ONNX Runtime build has no {PROVIDERS[provider]} (it has {ort.get_available_providers()}); "
-                "install onnxruntime-gpu for CUDA"
-            )
-        if not path.is_file():
-            raise BackendError(f"ONNX model not found: {path}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            provider_options = {}
-            if provider == "cuda":  # TF32 would change fp32 results in the 4th digit: off for parity
-                provider_options = {"device_id": "0", "use_tf32": "1" if tf32 else "0",
-                                    "enable_cuda_graph": "1" if cuda_graph else "0"}
-            self.session = ort.InferenceSession(str(path), options, providers=[(PROVIDERS[provider], provider_options)])
-        except Exception as error:  # ORT raises its own exception types for bad files
-            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise BackendError(f"ONNX Runtime cannot load {path}: {first}") from None
+        self.session = open_session(path, provider, {"use_tf32": "1" if tf32 else "0",
+                                                     "enable_cuda_graph": "1" if cuda_graph else "0"}, threads)
         self.name = f"onnxruntime-{provider}"
         self.provider = provider
         self.path = path
