@@ -1,7 +1,9 @@
-"""The one declaration of the exported graph's inputs, outputs and dynamic axes.
+"""The one declaration of the exported graphs' inputs, outputs and dynamic axes.
 
-ONNX dynamic axes, TensorRT optimisation profiles, dummy inputs and parity sweeps are all
-derived from `graph_signature(config)`, so they cannot drift apart.
+ONNX dynamic axes, TensorRT optimisation profiles, dummy inputs, feed checks and parity
+sweeps are all derived from `graph_signature(config)` (the portable graphs) and
+`static_cache_signature(config, max_cache)` (the ONNX Runtime fast path), so they cannot
+drift apart. The names of the key/value cache tensors are spelled here and nowhere else.
 """
 from __future__ import annotations
 
@@ -51,7 +53,11 @@ class GraphSignature:
 
     @property
     def with_past(self) -> bool:
-        return "past_sequence" in self.axes
+        return any(is_cache_input(name) for name in self.input_names)
+
+    @property
+    def cache_inputs(self) -> list[str]:
+        return [name for name in self.input_names if is_cache_input(name)]
 
 
 BATCH = Axis("batch", min=1, opt=1, max=8, example=2)
@@ -61,12 +67,36 @@ PAST = Axis("past_sequence", min=0, opt=128, max=1024, example=5)
 SUM_AXES = {"total_sequence": ("past_sequence", "sequence")}
 
 
+CACHE_INPUT_PREFIX = "past_key_values."
+CACHE_OUTPUT_PREFIX = "present."
+
+
 def past_names(depth: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(depth) for kind in ("key", "value")]
+    return [name for i in range(depth) for name in layer_cache_names(i)[:2]]
 
 
 def present_names(depth: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(depth) for kind in ("key", "value")]
+    return [name for i in range(depth) for name in layer_cache_names(i)[2:]]
+
+
+def layer_cache_names(layer: int) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) of one layer."""
+    return (f"{CACHE_INPUT_PREFIX}{layer}.key", f"{CACHE_INPUT_PREFIX}{layer}.value",
+            f"{CACHE_OUTPUT_PREFIX}{layer}.key", f"{CACHE_OUTPUT_PREFIX}{layer}.value")
+
+
+def is_cache_input(name: str) -> bool:
+    return name.startswith(CACHE_INPUT_PREFIX)
+
+
+def present_name(past_name: str) -> str:
+    """The output that carries `past_name`'s cache forward: past_key_values.3.key -> present.3.key."""
+    return CACHE_OUTPUT_PREFIX + past_name.removeprefix(CACHE_INPUT_PREFIX)
+
+
+def next_cache_feeds(outputs: dict, cache_inputs: list[str]) -> dict:
+    """The cache feeds of the next step: each present.* output fed back as its past_key_values.* input."""
+    return {name: outputs[present_name(name)] for name in cache_inputs}
 
 
 def graph_signature(config: ModelConfig, with_past: bool = False, cache_dtype: str = "float32") -> GraphSignature:
@@ -101,3 +131,19 @@ def resolve_sizes(sizes: dict[str, int]) -> dict[str, int]:
         if all(part in sizes for part in parts):
             sizes[name] = sum(sizes[part] for part in parts)
     return sizes
+
+
+def static_cache_signature(config: ModelConfig, max_cache: int, cache_dtype: str = "float16") -> GraphSignature:
+    """The static-cache graph: input_ids (batch, sequence), seqlens_k int32 (batch) = tokens in the
+    cache after the call minus 1, total_sequence_length int32 scalar, and per layer a fixed
+    (batch, kv_heads, max_cache, dim_head) cache that past_key_values.* and present.* share."""
+    cache = ("batch", config.kv_heads, max_cache, config.dim_head)
+    return GraphSignature(
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                TensorSpec("seqlens_k", "int32", ("batch",)),
+                TensorSpec("total_sequence_length", "int32", ()),
+                *(TensorSpec(name, cache_dtype, cache) for name in past_names(config.depth))),
+        outputs=(TensorSpec("logits", "float32", ("batch", "sequence", config.num_tokens)),
+                 *(TensorSpec(name, cache_dtype, cache) for name in present_names(config.depth))),
+        axes={axis.name: axis for axis in (BATCH, SEQUENCE)},
+    )

@@ -9,8 +9,14 @@ from typing import Any
 
 from .checkpoints import load_checkpoint
 from .config import ConfigError, ModelConfig
+from .errors import ToolkitError
+from .graph_metadata import GraphMetadata, WeightsRecord
 from .presets import DEFAULT_PRESET, DEFAULT_SEED, preset
 from .transformer import Transformer, build_model
+
+
+class WeightsMismatch(ToolkitError):
+    """The weights given are not those a graph was exported from, or cannot be found."""
 
 
 @dataclass(frozen=True)
@@ -21,12 +27,30 @@ class ModelSource:
     preset: str | None = None  # set when the weights were generated from a preset
     seed: int | None = None
 
-    def metadata(self) -> dict[str, str]:
+    @property
+    def record(self) -> WeightsRecord:
         """What an exported graph records about its weights, enough to rebuild a preset."""
-        data = {"checkpoint_sha256": self.sha256, "source": self.description}
-        if self.preset is not None:
-            data.update(source_preset=self.preset, source_seed=str(self.seed))
-        return data
+        return WeightsRecord(self.description, self.sha256, self.preset, self.seed)
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """The model flags every command shares: a checkpoint (config fields override it), or a
+    preset built from a seed."""
+
+    checkpoint: str | None = None
+    config: dict[str, Any] | None = None
+    preset: str | None = None
+    seed: int = DEFAULT_SEED
+
+    @property
+    def given(self) -> bool:
+        return bool(self.checkpoint or self.preset or self.config)
+
+    def resolve(self) -> "ModelSource":
+        if self.checkpoint and self.preset:
+            raise ConfigError("give either --checkpoint or --preset, not both")
+        return resolve_model(self.checkpoint, self.config, self.preset, self.seed)
 
 
 def weights_sha256(model: Transformer) -> str:
@@ -70,3 +94,22 @@ def resolve_model(
     label = f"preset {preset_name}" + (" with config overrides" if config else "")
     return ModelSource(model, f"{label} (seed {seed})", weights_sha256(model),
                        None if config else preset_name, None if config else seed)
+
+
+def reference_source(metadata: GraphMetadata, where: str, request: ModelRequest | None = None) -> ModelSource:
+    """The weights `where` was exported from: those requested, or the preset it records, rebuilt.
+    Their sha256 must equal the one the graph records."""
+    if request is not None and request.given:
+        source = request.resolve()
+    elif metadata.weights.preset is not None:
+        source = resolve_model(None, None, metadata.weights.preset, metadata.weights.seed or 0)
+    else:
+        raise WeightsMismatch(f"{where} does not record a preset to rebuild its weights from; pass the weights it "
+                              "was exported from with --checkpoint (or --preset/--config as at export)")
+    recorded = metadata.weights.sha256
+    if recorded and recorded != source.sha256:
+        raise WeightsMismatch(
+            f"the reference weights ({source.description}) are not those {where} was exported from "
+            f"(sha256 {recorded[:12]}...); pass the checkpoint used for the export"
+        )
+    return source

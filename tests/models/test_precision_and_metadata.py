@@ -1,0 +1,79 @@
+"""The precision table, the graph metadata record and the weights a graph is checked against."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models.graph_metadata import LOGITS, STATIC_CACHE, WITH_PAST, GraphMetadata, GraphMetadataError, WeightsRecord
+from models.precision import PRECISIONS, PrecisionError, precision, precision_of_torch
+from models.source import ModelRequest, WeightsMismatch, reference_source
+
+
+def test_each_precision_row_agrees_with_torch_numpy_and_onnx():
+    for row in PRECISIONS.values():
+        assert precision(row.name) is row and precision(row.dtype) is row and precision_of_torch(row.torch_dtype) is row
+        assert torch.empty((), dtype=row.torch_dtype).element_size() == row.bytes_per_value
+        assert onnx.helper.tensor_dtype_to_np_dtype(row.onnx_type).name == row.dtype
+        if row.numpy_dtype is not None:
+            assert row.numpy_dtype == np.dtype(row.dtype)
+    assert PRECISIONS["bf16"].numpy_dtype is None and PRECISIONS["bf16"].cpu_note
+    assert [row.name for row in PRECISIONS.values() if row.exact_tokens] == ["fp32"]
+    with pytest.raises(PrecisionError, match="unknown precision 'fp8'; choose one of fp32, fp16, bf16"):
+        precision("fp8")
+
+
+def _metadata(tiny_config, **changes) -> GraphMetadata:
+    fields = dict(kind=WITH_PAST, precision="fp16", config=tiny_config,
+                  weights=WeightsRecord("preset tiny (seed 3)", "ab" * 32, "tiny", 3),
+                  axes={"batch": {"min": 1, "opt": 1, "max": 8}}, opset=17)
+    return GraphMetadata(**{**fields, **changes})
+
+
+def test_metadata_round_trips_through_metadata_props(tiny_config):
+    for kind, max_cache in ((LOGITS, None), (WITH_PAST, None), (STATIC_CACHE, 64)):
+        record = _metadata(tiny_config, kind=kind, max_cache=max_cache)
+        props = record.to_props()
+        assert all(isinstance(v, str) for v in props.values()) and props["precision"] == "float16"
+        assert GraphMetadata.from_props(props) == record
+        assert record.signature().with_past == (kind != LOGITS)
+
+
+def test_graphs_written_before_graph_kind_existed_are_still_read(tiny_config):
+    props = _metadata(tiny_config).to_props()
+    del props["graph_kind"]
+    assert GraphMetadata.from_props(props).kind == WITH_PAST
+    props["graph_kind"] = "onnxruntime-static-cache"
+    props["max_cache"] = "32"
+    assert GraphMetadata.from_props(props).kind == STATIC_CACHE
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_config": None}, "is not a graph written by this toolkit"),
+    ({"model_config": "{not json"}, "damaged toolkit metadata"),
+    ({"precision": "int3"}, "unknown precision 'int3'"),
+    ({"graph_kind": "mystery"}, "unknown graph_kind 'mystery'"),
+    ({"source_seed": "-1"}, "source_seed '-1' is not a non-negative integer"),
+    ({"axes": "[1, 2]"}, "axes must map axis names"),
+    ({"max_cache": "lots"}, "damaged toolkit metadata"),
+])
+def test_foreign_or_damaged_metadata_is_refused_in_one_sentence(tiny_config, change, message):
+    props = _metadata(tiny_config).to_props()
+    for key, value in change.items():
+        if value is None:
+            del props[key]
+        else:
+            props[key] = value
+    with pytest.raises(GraphMetadataError, match=message):
+        GraphMetadata.from_props(props, "m.onnx")
+
+
+def test_reference_weights_are_rebuilt_from_the_record_and_their_hash_checked(tiny_config, tiny_source):
+    recorded = _metadata(tiny_config, weights=tiny_source.record)
+    assert reference_source(recorded, "m.onnx").sha256 == tiny_source.sha256
+    with pytest.raises(WeightsMismatch, match="are not those m.onnx was exported from"):
+        reference_source(recorded, "m.onnx", ModelRequest(preset="tiny", seed=1))
+    unknown = _metadata(tiny_config, weights=WeightsRecord("ck.pt", "cd" * 32))
+    with pytest.raises(WeightsMismatch, match="does not record a preset"):
+        reference_source(unknown, "m.onnx")
