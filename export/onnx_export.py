@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 import tempfile
@@ -17,19 +16,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from models.config import ModelConfig
 from models.errors import ToolkitError
 from models.files import new_file_mode
-from models.config import ModelConfig
+from models.graph_metadata import LOGITS, WITH_PAST, GraphMetadata, WeightsRecord
+from models.precision import Precision, precision as lookup_precision
 from models.signature import BATCH, SEQUENCE, GraphSignature, graph_signature
+from models.source import weights_sha256
 from models.transformer import Transformer
 
 from .lint import LintReport, lint_graph
 from .opset import EXPORTER_MIN_OPSET, check_requested_opset, lower_opset
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GiB in one message
-TOOLKIT_VERSION = "0.1.0"
 
 
 class ExportError(ToolkitError):
@@ -112,34 +111,37 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def trace_to_onnx(model: Transformer, opset: int, dtype: str, with_past: bool = False):
-    """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes)."""
-    import onnx  # noqa: F401  (fail early with ImportError if missing)
-
+def _example_inputs(model: Transformer, signature: GraphSignature, sizes: dict[str, int], row: Precision):
+    """(module to trace, its example arguments, dynamic_shapes, traced axis sizes)."""
     config = model.config
-    signature = graph_signature(config, with_past, PRECISION_NAMES[dtype])
-    sizes = example_sizes(config)
+    with_past = signature.with_past
     batch, seq, past = sizes["batch"], sizes["sequence"], sizes["past_sequence"] if with_past else 0
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.num_tokens, (batch, seq), generator=generator)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    if dtype != "fp32":
-        model = copy.deepcopy(model).to(DTYPES[dtype]).use_float32_softmax()
     # String axis names let the exporter infer relations (total_sequence = past_sequence + sequence).
     axes_of = {spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in signature.inputs}
-    if with_past:
-        shape = (batch, config.kv_heads, past, config.dim_head)
-        cache = [(torch.randn(shape, generator=generator).to(DTYPES[dtype]),
-                  torch.randn(shape, generator=generator).to(DTYPES[dtype])) for _ in range(config.depth)]
-        module, args = DecoderWithPastGraph(model.eval()), (ids, mask, cache)
-        layer_axes = axes_of["past_key_values.0.key"]
-        dynamic_shapes = {"input_ids": axes_of["input_ids"], "attention_mask": axes_of["attention_mask"],
-                          "past": [(layer_axes, layer_axes) for _ in range(config.depth)]}
-        examples = {"sequence": seq, "past_sequence": past, "total_sequence": past + seq}
-    else:
-        module, args = LogitsGraph(model.eval()), (ids, mask)
-        dynamic_shapes = {"input_ids": axes_of["input_ids"], "attention_mask": axes_of["attention_mask"]}
-        examples = {"sequence": seq}
+    dynamic_shapes = {"input_ids": axes_of["input_ids"], "attention_mask": axes_of["attention_mask"]}
+    if not with_past:
+        return LogitsGraph(model), (ids, mask), dynamic_shapes, {"sequence": seq}
+    shape = (batch, config.kv_heads, past, config.dim_head)
+    cache = [(torch.randn(shape, generator=generator).to(row.torch_dtype),
+              torch.randn(shape, generator=generator).to(row.torch_dtype)) for _ in range(config.depth)]
+    layer_axes = axes_of[signature.cache_inputs[0]]
+    dynamic_shapes["past"] = [(layer_axes, layer_axes) for _ in range(config.depth)]
+    examples = {"sequence": seq, "past_sequence": past, "total_sequence": past + seq}
+    return DecoderWithPastGraph(model), (ids, mask, cache), dynamic_shapes, examples
+
+
+def trace_to_onnx(model: Transformer, opset: int, precision: str, with_past: bool = False):
+    """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes)."""
+    import onnx  # noqa: F401  (fail early with ImportError if missing)
+
+    row = lookup_precision(precision)
+    signature = graph_signature(model.config, with_past, row.dtype)
+    if row.name != "fp32":
+        model = copy.deepcopy(model).to(row.torch_dtype).use_float32_softmax()
+    module, args, dynamic_shapes, examples = _example_inputs(model.eval(), signature, example_sizes(model.config), row)
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
@@ -155,33 +157,36 @@ def trace_to_onnx(model: Transformer, opset: int, dtype: str, with_past: bool = 
     return lower_opset(proto, opset), signature, examples
 
 
-def add_metadata(proto, model: Transformer, signature: GraphSignature, opset: int, dtype: str,
-                 source: dict[str, str]) -> None:
+def declared_axes(signature: GraphSignature, config: ModelConfig) -> dict[str, dict[str, int]]:
+    """The axes' min/opt/max as recorded for build-engine; none past the trained context."""
+    axes = {name: {"min": a.min, "opt": a.opt, "max": a.max} for name, a in signature.axes.items()}
+    if config.max_seq_len:
+        for name in ("sequence", "past_sequence"):
+            if name in axes:
+                axes[name]["max"] = min(axes[name]["max"], config.max_seq_len)
+                axes[name]["opt"] = min(axes[name]["opt"], axes[name]["max"])
+    return axes
+
+
+def exporter_description() -> str:
     import onnx
     import onnxscript
 
-    axes = {name: {"min": a.min, "opt": a.opt, "max": a.max} for name, a in signature.axes.items()}
-    if model.config.max_seq_len:  # no profile past the trained context
-        for name in ("sequence", "past_sequence"):
-            if name in axes:
-                axes[name]["max"] = min(axes[name]["max"], model.config.max_seq_len)
-                axes[name]["opt"] = min(axes[name]["opt"], axes[name]["max"])
-    props = {
-        "model_config": model.config.to_json(),
-        **source,
-        "precision": PRECISION_NAMES[dtype],
-        "with_past": str(signature.with_past).lower(),
-        "opset": str(opset),
-        "torch_version": torch.__version__,
-        "exporter": f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__})",
-        "axes": json.dumps(axes, sort_keys=True),
-        "toolkit_version": TOOLKIT_VERSION,
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.producer_name, proto.producer_version = "rotary-transformer-toolkit", TOOLKIT_VERSION
+    return f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__})"
+
+
+def weights_record(model: Transformer, weights: WeightsRecord | None) -> WeightsRecord:
+    """The record an export writes: as given, or the in-memory weights' own hash."""
+    return weights or WeightsRecord("in-memory model", weights_sha256(model))
+
+
+def graph_metadata(model: Transformer, signature: GraphSignature, opset: int, precision: str,
+                   weights: WeightsRecord | None) -> GraphMetadata:
+    return GraphMetadata(
+        kind=WITH_PAST if signature.with_past else LOGITS, precision=lookup_precision(precision).name,
+        config=model.config, weights=weights_record(model, weights), axes=declared_axes(signature, model.config),
+        opset=opset, exporter=exporter_description(), torch_version=torch.__version__,
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _save(proto, folder: Path, name: str) -> list[Path]:
@@ -198,26 +203,41 @@ def _save(proto, folder: Path, name: str) -> list[Path]:
     return [graph]
 
 
-def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, dtype: str = "fp32",
-                source: dict[str, str] | None = None, allow_lint: bool = False,
+def _check_written(graph: Path) -> None:
+    import onnx
+
+    try:  # check the file as written (a path also works for external data)
+        onnx.checker.check_model(str(graph), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"onnx.checker rejected the exported graph: {str(error).splitlines()[0]}") from None
+
+
+def _commit(written: list[Path], output: Path) -> None:
+    """Move the staged files into place (graph last); drop a stale external-data file."""
+    stale_data = output.with_name(output.name + ".data")
+    if len(written) == 1 and stale_data.exists():
+        stale_data.unlink()  # a data file left by an earlier, larger export of this name
+    for path in written:
+        os.chmod(path, new_file_mode())
+        os.replace(path, output.parent / path.name)
+
+
+def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, precision: str = "fp32",
+                weights: WeightsRecord | None = None, allow_lint: bool = False,
                 verify=None, log=print, with_past: bool = False) -> ExportResult:
-    """Export `model` to `output`; `source` is metadata naming the weights (ModelSource.metadata()).
+    """Export `model` to `output`; `weights` names the weights in the metadata (ModelSource.record).
 
     Lint findings (unless allowed) or a failed `verify(path)` callback raise ExportError
     and leave no file behind."""
-    import onnx
-
     output = Path(output)
     check_requested_opset(opset)
-    if dtype not in DTYPES:
-        raise ExportError(f"unknown --dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    lookup_precision(precision)
     check_output_path(output)
     started = time.perf_counter()
-    source = source or {}
     kind = "decoder with past" if with_past else "decoder"
-    log(f"exporting {source.get('source', 'model')} as a {kind} to ONNX opset {opset} ({dtype}) ...")
-    proto, signature, examples = trace_to_onnx(model, opset, dtype, with_past)
-    add_metadata(proto, model, signature, opset, dtype, source)
+    log(f"exporting {weights.description if weights else 'model'} as a {kind} to ONNX opset {opset} ({precision}) ...")
+    proto, signature, examples = trace_to_onnx(model, opset, precision, with_past)
+    graph_metadata(model, signature, opset, precision, weights).write(proto)
     report = lint_graph(proto, signature, examples)
     log(report.format())
     if report.findings and not allow_lint:
@@ -227,18 +247,9 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, 
     # checked and verified, so a failure leaves the previous export (graph and data) untouched.
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as folder:
         written = _save(proto, Path(folder), output.name)
-        graph = written[-1]
-        try:  # check the file as written (a path also works for external data)
-            onnx.checker.check_model(str(graph), full_check=True)
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"onnx.checker rejected the exported graph: {str(error).splitlines()[0]}") from None
+        _check_written(written[-1])
         seconds = time.perf_counter() - started
         if verify is not None:
-            verify(graph)
-        stale_data = output.with_name(output.name + ".data")
-        if len(written) == 1 and stale_data.exists():
-            stale_data.unlink()  # a data file left by an earlier, larger export of this name
-        for path in written:
-            os.chmod(path, new_file_mode())
-            os.replace(path, output.parent / path.name)
+            verify(written[-1])
+        _commit(written, output)
     return ExportResult(output, seconds, opset, report, signature)

@@ -11,25 +11,29 @@ overhead. This graph uses ONNX Runtime's fused contrib ops instead:
 - `SkipSimplifiedLayerNormalization` / `SkipLayerNormalization`: residual add + norm in one
   kernel (statistics in float32), `BiasGelu` for the feed-forward; the logits head in float32.
 
-Inputs: `input_ids` int64 (batch, sequence), `seqlens_k` int32 (batch) = tokens in the cache
-after this call minus 1, `total_sequence_length` int32 scalar, `past_key_values.{i}.key|value`
-(batch, kv_heads, max_cache, dim_head). Outputs: `logits` float32 (batch, sequence, num_tokens),
-`present.{i}.key|value` (the same buffers). Prompts are right-padded: GroupQueryAttention
-places each row's next token at `seqlens_k`. Keep this graph away from TensorRT: its parser
+Inputs and outputs are `models.signature.static_cache_signature`. Prompts are right-padded:
+GroupQueryAttention places each row's next token at `seqlens_k`. Keep this graph away from TensorRT: its parser
 has no com.microsoft ops.
 """
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from models.transformer import Transformer
+from models.files import atomic_path
+from models.graph_metadata import STATIC_CACHE, GraphMetadata, WeightsRecord
+from models.precision import Precision, precision as lookup_precision
 from models.rotary import inverse_frequencies
+from models.signature import GraphSignature, layer_cache_names, static_cache_signature
+from models.transformer import Transformer
 
-from .onnx_export import TOOLKIT_VERSION, ExportError
+from .onnx_export import ExportError, check_output_path, weights_record
 
-GRAPH_KIND = "onnxruntime-static-cache"
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+MAX_WEIGHT_BYTES = 2**31 - 2**26  # one protobuf message; this graph has no external-data path
 
 
 def query_head_order(heads: int, kv_heads: int) -> list[int]:
@@ -58,17 +62,38 @@ def _out_weight(attn, order: list[int]) -> torch.Tensor:
     return weight.T
 
 
-class _Graph:
-    """Collects nodes and initializers; names are unique by construction."""
+def check_static_cache_model(model: Transformer, max_cache: int, row: Precision) -> None:
+    """Refuse what this graph cannot express, before any work."""
+    config = model.config
+    if not row.static_cache:
+        supported = "fp32 or fp16"
+        raise ExportError(f"the static-cache graph is written in {supported}, not {row.name}")
+    if not config.causal:
+        raise ExportError("the static-cache graph needs a causal model (GroupQueryAttention is causal only)")
+    if config.dim_head % 16:
+        raise ExportError(f"GroupQueryAttention's rotary needs dim_head divisible by 16, this model has "
+                          f"{config.dim_head}; use the portable graph (export-model --with-past)")
+    if max_cache < 1:
+        raise ExportError("--static-cache must be at least 1 token")
+    if config.max_seq_len and max_cache > config.max_seq_len:
+        raise ExportError(f"--static-cache {max_cache} is past the model's max_seq_len {config.max_seq_len}")
 
-    def __init__(self, dtype: str):
-        self.dtype = NP_DTYPES[dtype]
+
+class StaticGraphWriter:
+    """Writes the graph node by node: embedding, then per layer an attention block and a
+    feed-forward block, then the final norm and the logits head. Residual adds are folded into
+    the next block's Skip*Normalization, so each block hands on (hidden, residual, pending bias)."""
+
+    def __init__(self, model: Transformer, max_cache: int, row: Precision):
+        self.model, self.config, self.row, self.max_cache = model, model.config, row, max_cache
+        self.order = query_head_order(self.config.heads, self.config.kv_heads)
+        self.rms = self.config.norm == "rms"
         self.nodes, self.initializers = [], []
 
     def weight(self, name: str, tensor: torch.Tensor, dtype=None) -> str:
         from onnx import numpy_helper
 
-        array = tensor.detach().float().cpu().numpy().astype(dtype or self.dtype)
+        array = tensor.detach().float().cpu().numpy().astype(dtype or self.row.numpy_dtype)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -79,142 +104,133 @@ class _Graph:
                                            **attributes))
         return outputs
 
+    def embed(self) -> str:
+        angles = torch.arange(self.max_cache, dtype=torch.float64)[:, None] * inverse_frequencies(
+            self.config.dim_head, self.config.theta).double()
+        self.weight("cos_cache", angles.cos())
+        self.weight("sin_cache", angles.sin())
+        return self.node("Gather", [self.weight("token_emb", self.model.token_emb.weight), "input_ids"], ["embedded"])[0]
 
-def build_static_cache_graph(model: Transformer, max_cache: int, dtype: str = "fp16",
-                             source: dict[str, str] | None = None):
-    """The ONNX Runtime-only decoder (an onnx.ModelProto) for `model`, with a `max_cache`-token cache."""
-    from onnx import TensorProto, helper
-
-    config = model.config
-    if dtype not in NP_DTYPES:
-        raise ExportError(f"the static-cache graph is written in fp32 or fp16, not {dtype!r}")
-    if not config.causal:
-        raise ExportError("the static-cache graph needs a causal model (GroupQueryAttention is causal only)")
-    if config.dim_head % 16:
-        raise ExportError(f"GroupQueryAttention's rotary needs dim_head divisible by 16, this model has "
-                          f"{config.dim_head}; use the portable graph (export-model --with-past)")
-    if config.max_seq_len and max_cache > config.max_seq_len:
-        raise ExportError(f"--static-cache {max_cache} is past the model's max_seq_len {config.max_seq_len}")
-    if max_cache < 1:
-        raise ExportError("--static-cache must be at least 1 token")
-    g = _Graph(dtype)
-    elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
-    order = query_head_order(config.heads, config.kv_heads)
-    rms = config.norm == "rms"
-
-    angles = torch.arange(max_cache, dtype=torch.float64)[:, None] * inverse_frequencies(
-        config.dim_head, config.theta).double()
-    cos, sin = g.weight("cos_cache", angles.cos()), g.weight("sin_cache", angles.sin())
-    hidden = g.node("Gather", [g.weight("token_emb", model.token_emb.weight), "input_ids"], ["embedded"])[0]
-
-    def norm(prefix: str, module, x: str, residual: str | None, bias: str | None) -> tuple[str, str]:
+    def norm(self, prefix: str, module, x: str, residual: str | None, bias: str | None) -> tuple[str, str]:
         """(normed, new residual): plain norm for the first, residual-add + norm after."""
-        gamma = g.weight(f"{prefix}.weight", module.weight)
-        beta = [] if rms else [g.weight(f"{prefix}.bias", module.bias)]
+        gamma = self.weight(f"{prefix}.weight", module.weight)
+        beta = [] if self.rms else [self.weight(f"{prefix}.bias", module.bias)]
         if residual is None:
-            op = "SimplifiedLayerNormalization" if rms else "LayerNormalization"
-            out = g.node(op, [x, gamma, *beta], [f"{prefix}.out"], axis=-1, epsilon=config.norm_eps,
-                         stash_type=1)[0]
+            op = "SimplifiedLayerNormalization" if self.rms else "LayerNormalization"
+            out = self.node(op, [x, gamma, *beta], [f"{prefix}.out"], axis=-1, epsilon=self.config.norm_eps,
+                            stash_type=1)[0]
             return out, x
-        op = "SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"
+        op = "SkipSimplifiedLayerNormalization" if self.rms else "SkipLayerNormalization"
         inputs = [x, residual, gamma, *beta, *([bias] if bias else [])]  # Skip*Norm: input + skip + bias
-        outputs = g.node(op, inputs, [f"{prefix}.out", "", "", f"{prefix}.residual"], domain="com.microsoft",
-                         epsilon=config.norm_eps)
+        outputs = self.node(op, inputs, [f"{prefix}.out", "", "", f"{prefix}.residual"], domain="com.microsoft",
+                            epsilon=self.config.norm_eps)
         return outputs[0], outputs[3]
 
-    residual, pending_bias = None, None
-    for i, layer in enumerate(model.layers):
-        attn, ff = layer.attn, layer.ff
-        normed, residual = norm(f"layers.{i}.attn.norm", attn.norm, hidden, residual, pending_bias)
-        qkv = g.node("MatMul", [normed, g.weight(f"layers.{i}.attn.qkv", _qkv_weight(attn, order))],
-                     [f"layers.{i}.qkv"])[0]
-        attended = g.node(
+    def attention_block(self, i: int, attn, hidden: str, residual: str | None, bias: str | None) -> tuple[str, str]:
+        """Norm, packed QKV projection, GroupQueryAttention over the shared cache, output projection."""
+        config = self.config
+        normed, residual = self.norm(f"layers.{i}.attn.norm", attn.norm, hidden, residual, bias)
+        qkv = self.node("MatMul", [normed, self.weight(f"layers.{i}.attn.qkv", _qkv_weight(attn, self.order))],
+                        [f"layers.{i}.qkv"])[0]
+        past_key, past_value, present_key, present_value = layer_cache_names(i)
+        attended = self.node(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-             "total_sequence_length", cos, sin],
-            [f"layers.{i}.attended", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+            [qkv, "", "", past_key, past_value, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+            [f"layers.{i}.attended", present_key, present_value], domain="com.microsoft",
             num_heads=config.heads, kv_num_heads=config.kv_heads, do_rotary=1,
             rotary_interleaved=int(config.rotary_pairing == "interleaved"), scale=config.dim_head**-0.5)[0]
-        hidden = g.node("MatMul", [attended, g.weight(f"layers.{i}.attn.out", _out_weight(attn, order))],
-                        [f"layers.{i}.attn.delta"])[0]
-        normed, residual = norm(f"layers.{i}.ff.norm", ff.norm, hidden, residual, None)
-        up = g.node("MatMul", [normed, g.weight(f"layers.{i}.ff.in", ff.proj_in.weight.T)], [f"layers.{i}.ff.up"])[0]
-        if ff.proj_in.bias is not None:
-            act = g.node("BiasGelu", [up, g.weight(f"layers.{i}.ff.in.bias", ff.proj_in.bias)],
-                         [f"layers.{i}.ff.act"], domain="com.microsoft")[0]
-        else:
-            act = g.node("Gelu", [up], [f"layers.{i}.ff.act"], domain="com.microsoft")[0]
-        hidden = g.node("MatMul", [act, g.weight(f"layers.{i}.ff.out", ff.proj_out.weight.T)],
-                        [f"layers.{i}.ff.delta"])[0]
-        pending_bias = (g.weight(f"layers.{i}.ff.out.bias", ff.proj_out.bias)
-                        if ff.proj_out.bias is not None else None)
-    normed, _ = norm("norm", model.norm, hidden, residual, pending_bias)
-    # The logits head runs in float32: rounding logits to fp16 (a step of 0.004 at |logit| 4) flips
-    # greedy near-ties; the extra weight bytes cost a few percent of a decode step.
-    if dtype != "fp32":
-        normed = g.node("Cast", [normed], ["norm.out.float"], to=TensorProto.FLOAT)[0]
-    g.node("MatMul", [normed, g.weight("to_logits", model.to_logits.weight.T, np.float32)], ["logits"])
+        out = self.weight(f"layers.{i}.attn.out", _out_weight(attn, self.order))
+        return self.node("MatMul", [attended, out], [f"layers.{i}.attn.delta"])[0], residual
 
-    cache_shape = ["batch", config.kv_heads, max_cache, config.dim_head]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", config.num_tokens])]
-    for i in range(config.depth):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", elem, cache_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem, cache_shape))
-    graph = helper.make_graph(g.nodes, "rotary_transformer_static_cache", inputs, outputs, g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="rotary-transformer-toolkit", producer_version=TOOLKIT_VERSION)
+    def feed_forward_block(self, i: int, ff, hidden: str, residual: str) -> tuple[str, str, str | None]:
+        """Norm, up projection with BiasGelu, down projection; its bias rides into the next norm."""
+        normed, residual = self.norm(f"layers.{i}.ff.norm", ff.norm, hidden, residual, None)
+        up = self.node("MatMul", [normed, self.weight(f"layers.{i}.ff.in", ff.proj_in.weight.T)],
+                       [f"layers.{i}.ff.up"])[0]
+        if ff.proj_in.bias is not None:
+            act = self.node("BiasGelu", [up, self.weight(f"layers.{i}.ff.in.bias", ff.proj_in.bias)],
+                            [f"layers.{i}.ff.act"], domain="com.microsoft")[0]
+        else:
+            act = self.node("Gelu", [up], [f"layers.{i}.ff.act"], domain="com.microsoft")[0]
+        hidden = self.node("MatMul", [act, self.weight(f"layers.{i}.ff.out", ff.proj_out.weight.T)],
+                           [f"layers.{i}.ff.delta"])[0]
+        bias = self.weight(f"layers.{i}.ff.out.bias", ff.proj_out.bias) if ff.proj_out.bias is not None else None
+        return hidden, residual, bias
+
+    def logits_head(self, hidden: str, residual: str | None, bias: str | None) -> None:
+        """Final norm, then the logits head in float32: rounding logits to fp16 (a step of 0.004 at
+        |logit| 4) flips greedy near-ties; the extra weight bytes cost a few percent of a step."""
+        from onnx import TensorProto
+
+        normed, _ = self.norm("norm", self.model.norm, hidden, residual, bias)
+        if self.row.name != "fp32":
+            normed = self.node("Cast", [normed], ["norm.out.float"], to=TensorProto.FLOAT)[0]
+        self.node("MatMul", [normed, self.weight("to_logits", self.model.to_logits.weight.T, np.float32)], ["logits"])
+
+    def build(self):
+        hidden, residual, bias = self.embed(), None, None
+        for i, layer in enumerate(self.model.layers):
+            hidden, residual = self.attention_block(i, layer.attn, hidden, residual, bias)
+            hidden, residual, bias = self.feed_forward_block(i, layer.ff, hidden, residual)
+        self.logits_head(hidden, residual, bias)
+        return self.assemble(static_cache_signature(self.config, self.max_cache, self.row.dtype))
+
+    def assemble(self, signature: GraphSignature):
+        from onnx import helper
+
+        def value_info(spec):
+            elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
+            return helper.make_tensor_value_info(spec.name, elem, list(spec.dims))
+
+        graph = helper.make_graph(self.nodes, "rotary_transformer_static_cache",
+                                  [value_info(s) for s in signature.inputs], [value_info(s) for s in signature.outputs],
+                                  self.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def build_static_cache_graph(model: Transformer, max_cache: int, precision: str = "fp16",
+                             weights: WeightsRecord | None = None):
+    """The ONNX Runtime-only decoder (an onnx.ModelProto) for `model`, with a `max_cache`-token cache."""
+    row = lookup_precision(precision)
+    check_static_cache_model(model, max_cache, row)
+    proto = StaticGraphWriter(model, max_cache, row).build()
     proto.ir_version = 8
-    props = {"graph_kind": GRAPH_KIND, "model_config": config.to_json(), **(source or {}),
-             "precision": "float16" if dtype == "fp16" else "float32", "max_cache": str(max_cache),
-             "with_past": "true", "opset": "17", "torch_version": torch.__version__,
-             "exporter": "export/static_cache_graph.py (onnx.helper)", "toolkit_version": TOOLKIT_VERSION}
-    for key, value in props.items():
-        proto.metadata_props.add(key=key, value=value)
+    GraphMetadata(kind=STATIC_CACHE, precision=row.name, config=model.config, weights=weights_record(model, weights),
+                  max_cache=max_cache, opset=17, exporter="export/static_cache_graph.py (onnx.helper)",
+                  torch_version=torch.__version__,
+                  exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds")).write(proto)
     return proto
 
 
-def export_static_cache(model: Transformer, output, max_cache: int, dtype: str = "fp16",
-                        source: dict[str, str] | None = None, verify: bool = True, log=print):
-    """Write the static-cache graph to `output` (atomically), after checking it and, with `verify`,
-    running the static-cache parity sweep on ONNX Runtime (CPU). Returns (seconds, report or None)."""
-    import time
-    from pathlib import Path
+def check_loads_in_onnxruntime(data: bytes) -> None:
+    """onnx.checker does not know ONNX Runtime's contrib ops (SimplifiedLayerNormalization is even
+    registered under the default domain), so the consumer itself is the check: it must load."""
+    import onnxruntime
 
-    from models.files import atomic_path
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ExportError(f"ONNX Runtime rejected the static-cache graph: {str(error).splitlines()[0]}") from None
 
-    from .onnx_export import check_output_path
 
+def export_static_cache(model: Transformer, output, max_cache: int, precision: str = "fp16",
+                        weights: WeightsRecord | None = None, verify=None, log=print) -> float:
+    """Write the static-cache graph to `output` atomically, after checking that ONNX Runtime loads it
+    and that `verify(serialized bytes)`, if given, passes. Returns the seconds the graph took."""
     output = Path(output)
     check_output_path(output)
     started = time.perf_counter()
-    log(f"writing the ONNX Runtime static-cache decoder ({dtype}, {max_cache}-token cache) ...")
-    proto = build_static_cache_graph(model, max_cache, dtype, source)
-    if sum(len(t.raw_data) for t in proto.graph.initializer) > 2**31 - 2**26:
+    log(f"writing the ONNX Runtime static-cache decoder ({precision}, {max_cache}-token cache) ...")
+    proto = build_static_cache_graph(model, max_cache, precision, weights)
+    if sum(len(t.raw_data) for t in proto.graph.initializer) > MAX_WEIGHT_BYTES:
         raise ExportError("the static-cache graph is written as one file and is limited to 2 GB of weights")
     data = proto.SerializeToString()
     seconds = time.perf_counter() - started
-    from runtime.static_cache import StaticCacheDecoder
-    from runtime.static_cache_parity import check_static_cache
-
-    # onnx.checker does not know ONNX Runtime's contrib ops (SimplifiedLayerNormalization is even
-    # registered under the default domain), so the consumer itself is the check: it must load.
-    try:
-        StaticCacheDecoder(data, 1, "cpu").close()
-    except Exception as error:
-        raise ExportError(f"ONNX Runtime rejected the static-cache graph: {str(error).splitlines()[0]}") from None
-    report = None
-    if verify:
-        precision = "float16" if dtype == "fp16" else "float32"
-        lengths = [n for n in (1, 19, 4 * 19) if n + 8 <= max_cache]
-        report = check_static_cache(model, lambda batch: StaticCacheDecoder(data, batch, "cpu"), [1, 3], lengths,
-                                    precision=precision)
-        log(report.summary())
-        if not report:
-            raise ExportError(f"verification failed: {report.summary()}")
+    check_loads_in_onnxruntime(data)
+    if verify is not None:
+        verify(data)
     with atomic_path(output) as temporary:
         temporary.write_bytes(data)
-    return seconds, report
+    return seconds
