@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/export-model --opset 17 --with-past --output $(DEMO_DIR)/model-past.onnx
 	$(VENV)/bin/generate --model $(DEMO_DIR)/model-past.onnx --prompt "The rotary transformer" \
 		--max-new-tokens 24 --json $(DEMO_DIR)/generate.json
-	@$(PY) -m runtime.demo_summary $(DEMO_DIR)
+	@$(PY) -m runtime.commands.demo_summary $(DEMO_DIR)
 
 test: setup
 	$(PY) -m pytest -q

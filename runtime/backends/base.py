@@ -12,8 +12,10 @@ from typing import Mapping
 
 import numpy as np
 
+from models.config import ModelConfig
 from models.errors import ToolkitError
-from models.signature import SUM_AXES
+from models.graph_metadata import GraphMetadata
+from models.signature import SUM_AXES, GraphSignature
 
 
 class BackendError(ToolkitError):
@@ -37,6 +39,8 @@ class Backend(abc.ABC):
 
     name: str = "backend"
     vocab_size: int | None = None  # when known, token ids are range-checked before running
+    config: ModelConfig | None = None  # the model the backend runs
+    graph: GraphMetadata | None = None  # what the exported graph (or engine) records about itself
 
     @property
     @abc.abstractmethod
@@ -111,6 +115,12 @@ class Backend(abc.ABC):
     def input_names(self) -> list[str]:
         return [meta.name for meta in self.inputs]
 
+    def adopt_graph(self, graph: GraphMetadata, where: str) -> None:
+        """Take the graph's model config and vocabulary, after checking that the inputs and outputs
+        are those its signature declares: a renamed or foreign graph is refused before it runs."""
+        check_io(graph.signature(), self.inputs, self.outputs, where)
+        self.graph, self.config, self.vocab_size = graph, graph.config, graph.config.num_tokens
+
     def close(self) -> None:
         """Release the backend's resources; it cannot run afterwards."""
         self._closed = True
@@ -120,3 +130,18 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def check_io(signature: GraphSignature, inputs: list[TensorMeta], outputs: list[TensorMeta], where: str) -> None:
+    """Names and dtypes of a loaded graph against what export declared for its kind."""
+    for kind, specs, metas in (("inputs", signature.inputs, inputs), ("outputs", signature.outputs, outputs)):
+        want = {spec.name: spec.dtype for spec in specs}
+        have = {meta.name: meta.dtype for meta in metas}
+        if set(want) != set(have):
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            raise BackendError(f"{where} does not have the {kind} its metadata declares (missing {missing[:3]}, "
+                               f"unexpected {extra[:3]}); export it again with export-model")
+        wrong = [name for name in want if want[name] != have[name]]
+        if wrong:
+            raise BackendError(f"{where}: {kind[:-1]} {wrong[0]!r} is {have[wrong[0]]}, but the metadata declares "
+                               f"{want[wrong[0]]}; export it again with export-model")

@@ -1,16 +1,18 @@
 """ONNX Runtime backend; the execution provider is chosen by name."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from models.graph_metadata import GraphMetadata, GraphMetadataError
+from models.precision import PRECISIONS
+
 from .base import Backend, BackendError, TensorMeta
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
-              "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16", "tensor(bool)": "bool"}
+_ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(float)": "float32",
+              **{f"tensor({row.dtype})": row.dtype for row in PRECISIONS.values()}}
 
 
 def _import_onnxruntime():
@@ -51,6 +53,22 @@ def open_session(model: str | Path | bytes, provider: str, cuda_options: dict[st
         raise BackendError(f"ONNX Runtime cannot load {where}: {first}") from None
 
 
+def session_io(session) -> tuple[list[TensorMeta], list[TensorMeta]]:
+    """(inputs, outputs) of a loaded session as TensorMeta."""
+    def meta(arg) -> TensorMeta:
+        return TensorMeta(arg.name, _ORT_TYPES.get(arg.type, arg.type), tuple(arg.shape))
+
+    return [meta(a) for a in session.get_inputs()], [meta(a) for a in session.get_outputs()]
+
+
+def session_metadata(session, where: str) -> GraphMetadata:
+    """The toolkit metadata of a loaded graph, as a BackendError when it is missing or damaged."""
+    try:
+        return GraphMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map), where)
+    except GraphMetadataError as error:
+        raise BackendError(str(error)) from None
+
+
 def _numpy_dtype(torch_dtype):
     import torch
 
@@ -70,19 +88,10 @@ class OnnxRuntimeBackend(Backend):
                                                      "enable_cuda_graph": "1" if cuda_graph else "0"}, threads)
         self.name = f"onnxruntime-{provider}"
         self.provider = provider
+        self.device = "cuda" if provider == "cuda" else "cpu"
         self.path = path
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        try:
-            config = json.loads(self.metadata.get("model_config", "{}"))
-            self.vocab_size = int(config["num_tokens"]) if "num_tokens" in config else None
-        except (ValueError, TypeError) as error:
-            raise BackendError(f"{path} has unreadable model_config metadata ({error}); re-export it") from None
-        self._inputs = [self._meta(arg) for arg in self.session.get_inputs()]
-        self._outputs = [self._meta(arg) for arg in self.session.get_outputs()]
-
-    @staticmethod
-    def _meta(arg) -> TensorMeta:
-        return TensorMeta(arg.name, _ORT_TYPES.get(arg.type, arg.type), tuple(arg.shape))
+        self._inputs, self._outputs = session_io(self.session)
+        self.adopt_graph(session_metadata(self.session, str(path)), str(path))
 
     @property
     def inputs(self) -> list[TensorMeta]:
@@ -145,3 +154,9 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         super().close()
         self.session = None
+
+
+def open_onnxruntime(path, spec, threads: int | None = None, **_options) -> OnnxRuntimeBackend:
+    """The registry's opener for the ONNX Runtime backends (provider = the spec's device); the
+    precision is the graph's own."""
+    return OnnxRuntimeBackend(path, provider=spec.device, threads=threads)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.graph_metadata import GraphMetadata, GraphMetadataError
+from models.precision import PRECISIONS
 from runtime.tensorrt.compat import EngineIncompatible, check_engine_runs_here
 from runtime.tensorrt.engine_files import read_sidecar
 from runtime.tensorrt.library import load_tensorrt
@@ -18,8 +20,8 @@ from runtime.tensorrt.profiles import Profile
 
 from .base import Backend, BackendError, TensorMeta
 
-_TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-                 "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
+_TRT_TO_TORCH = {**{row.tensorrt_type: row.dtype for row in PRECISIONS.values()},
+                 "INT64": "int64", "INT32": "int32", "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
 
 
 class TensorRTBackend(Backend):
@@ -53,7 +55,7 @@ class TensorRTBackend(Backend):
         if self.engine is None:
             raise BackendError(f"{self.library.flavour} could not deserialize {engine_path}; rebuild it with build-engine")
         self.name = self.library.flavour
-        self.metadata = dict(self.sidecar.graph_metadata)
+        self.device = "cuda"
         self.profiles = [Profile.from_dict(p) for p in self.sidecar.profiles]
         self._inputs, self._outputs = [], []
         for index in range(self.engine.num_io_tensors):
@@ -62,7 +64,11 @@ class TensorRTBackend(Backend):
             meta = TensorMeta(name, dtype, tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(name)))
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self._inputs if is_input else self._outputs).append(meta)
-        self.vocab_size = next((m.shape[-1] for m in self._outputs if m.name == "logits"), None)
+        try:
+            graph = GraphMetadata.from_props(self.sidecar.graph_metadata, f"the graph behind {engine_path}")
+        except GraphMetadataError as error:
+            raise BackendError(str(error)) from None
+        self.adopt_graph(graph, str(engine_path))
         self._local = threading.local()
         self.cuda_graphs = cuda_graphs
 
@@ -155,3 +161,8 @@ class TensorRTBackend(Backend):
         super().close()
         self._local = threading.local()
         self.engine = None
+
+
+def open_tensorrt(path, spec, cuda_graphs: bool = False, **_options) -> TensorRTBackend:
+    """The registry's opener; the precision is the engine's own."""
+    return TensorRTBackend(path, cuda_graphs=cuda_graphs)

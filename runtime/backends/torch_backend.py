@@ -7,10 +7,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from models.signature import graph_signature
+from models.precision import precision as lookup_precision, precision_of_torch
+from models.signature import graph_signature, past_names, present_names
 from models.transformer import Transformer
 
-from .base import Backend, TensorMeta
+from .base import Backend, BackendError, TensorMeta
 
 
 class TorchBackend(Backend):
@@ -18,16 +19,18 @@ class TorchBackend(Backend):
 
     def __init__(self, model: Transformer, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  with_past: bool = False):
-        self.name = f"torch-{device}" if dtype == torch.float32 else f"torch-{device}-{str(dtype).removeprefix('torch.')}"
+        row = precision_of_torch(dtype)
+        self.name = f"torch-{device}" if row.name == "fp32" else f"torch-{device}-{row.dtype}"
         first = next(model.parameters())
         if first.dtype != dtype or first.device != torch.device(device):
             model = copy.deepcopy(model)  # leave the caller's model as it is
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
         self.forward_fn = self.model
+        self.config = model.config
         self.vocab_size = model.config.num_tokens
         self.with_past = with_past
-        signature = graph_signature(model.config, with_past, str(dtype).removeprefix("torch."))
+        signature = graph_signature(model.config, with_past, row.dtype)
         self._inputs = [TensorMeta(s.name, s.dtype, s.dims) for s in signature.inputs]
         self._outputs = [TensorMeta(s.name, s.dtype, s.dims) for s in signature.outputs]
 
@@ -61,13 +64,11 @@ class TorchBackend(Backend):
         feeds = {name: value.to(self.device) for name, value in feeds.items()}
         if not self.with_past:
             return {"logits": self.forward_fn(feeds["input_ids"], feeds["attention_mask"]).float()}
-        depth = self.model.config.depth
-        past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in range(depth)]
+        names = past_names(self.model.config.depth)
+        past = [(feeds[key], feeds[value]) for key, value in zip(names[::2], names[1::2])]
         logits, presents = self.forward_fn(feeds["input_ids"], feeds["attention_mask"], past, use_cache=True)
-        outputs = {"logits": logits.float()}
-        for i, (key, value) in enumerate(presents):
-            outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = key, value
-        return outputs
+        cache = [tensor for layer in presents for tensor in layer]
+        return {"logits": logits.float(), **dict(zip(present_names(self.model.config.depth), cache))}
 
 
 class CompiledTorchBackend(TorchBackend):
@@ -86,3 +87,16 @@ class CompiledTorchBackend(TorchBackend):
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
         return {name: value.clone() for name, value in super().run_torch(feeds).items()}
+
+
+def open_torch(source, spec, precision: str = "fp32", with_past: bool = True, device: str | None = None,
+               **_options) -> TorchBackend:
+    """The registry's opener: `source` is a models.source.ModelSource; `device` overrides the spec's."""
+    return TorchBackend(source.model, device or spec.resolved_device(), lookup_precision(precision).torch_dtype,
+                        with_past)
+
+
+def open_compiled(source, spec, precision: str = "fp32", with_past: bool = True, **_options) -> CompiledTorchBackend:
+    if not torch.cuda.is_available():
+        raise BackendError(f"{spec.name} with CUDA graphs needs a GPU")
+    return CompiledTorchBackend(source.model, "cuda", lookup_precision(precision).torch_dtype, with_past)

@@ -62,6 +62,15 @@ def write_json(target: str, data: Any) -> None:
         temporary.write_text(text)
 
 
+def add_backend_argument(parser: argparse.ArgumentParser, names: list[str], default: str, what: str) -> None:
+    """--backend, its choices and their one-line descriptions from the backend registry."""
+    from runtime.registry import BACKENDS
+
+    described = "; ".join(f"{name}: {BACKENDS[name].summary}" for name in names if name in BACKENDS)
+    parser.add_argument("--backend", choices=names, default=default, metavar="NAME",
+                        help=f"{what} (default {default}). {described}")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group(f"model ({what})")
     group.add_argument("--checkpoint", metavar="PATH",
@@ -76,12 +85,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                        help="weight initialisation seed for --preset (default 0)")
 
 
-def resolve_model_arguments(args: argparse.Namespace):
-    from models.source import parse_config_argument, resolve_model
+def model_request(args: argparse.Namespace):
+    """The model flags as a models.source.ModelRequest (--config parsed, nothing loaded yet)."""
+    from models.source import ModelRequest, parse_config_argument
 
     if args.checkpoint and args.preset:
         raise ToolkitError("give either --checkpoint or --preset, not both")
-    return resolve_model(args.checkpoint, parse_config_argument(args.config), args.preset, args.seed)
+    return ModelRequest(args.checkpoint, parse_config_argument(args.config), args.preset, args.seed)
 
 
 def log_to(stream_is_json: bool) -> Callable[[str], None]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from models.errors import ToolkitError
 
-from .cli_support import log_to, run_main, write_json
+from .common import log_to, run_main, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,19 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace) -> int:
-    import time
-    from dataclasses import asdict
+def _inputs(args: argparse.Namespace):
+    """(model path, engine path, profiles, graph metadata props, graph inputs), all checked before any build."""
+    from runtime.tensorrt.profiles import build_profiles, graph_axes
 
-    from models.files import atomic_path
-
-    from .tensorrt.builder import build_engine, gpu_identity
-    from .tensorrt.compat import can_execute
-    from .tensorrt.engine_files import BuildOptions, EngineCache, Sidecar, cache_key, onnx_sha256, write_sidecar
-    from .tensorrt.library import load_tensorrt
-    from .tensorrt.profiles import build_profiles, graph_axes
-
-    log = log_to(args.json == "-")
     model = Path(args.model)
     if not model.is_file():
         raise ToolkitError(f"ONNX model not found: {model}")
@@ -77,7 +68,49 @@ def _build(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise ToolkitError(f"cannot write {output}: {output.parent} is not a directory")
     inputs, axes, metadata = graph_axes(model)
-    profiles = build_profiles(inputs, axes, args.batch, args.seq, args.past, args.min_shapes, args.opt_shapes, args.max_shapes)
+    profiles = build_profiles(inputs, axes, args.batch, args.seq, args.past, args.min_shapes, args.opt_shapes,
+                              args.max_shapes)
+    return model, output, profiles, metadata, inputs
+
+
+def _fresh_build(args, library, model: Path, output: Path, profiles, options, metadata, inputs, identity, log):
+    """Build, write the engine and its sidecar, save the timing cache; return the sidecar."""
+    from dataclasses import asdict
+
+    from models.files import atomic_path
+
+    from runtime.tensorrt.builder import build_engine
+    from runtime.tensorrt.engine_files import Sidecar, onnx_sha256, write_sidecar
+
+    timing_path = Path(args.timing_cache) if args.timing_cache else None
+    timing = timing_path.read_bytes() if timing_path and timing_path.is_file() else None
+    built = build_engine(library, model, profiles, options, timing, log)
+    gpu_name, cc = identity
+    sidecar = Sidecar(profiles=[p.to_dict() for p in profiles], options=asdict(options), flavour=library.flavour,
+                      library_version=library.version, gpu_name=gpu_name, compute_capability=cc,
+                      onnx_sha256=onnx_sha256(model), build_seconds=round(built.seconds, 3),
+                      io=[{"name": i.name, "dims": list(i.dims)} for i in inputs], graph_metadata=metadata)
+    with atomic_path(output) as temporary:
+        temporary.write_bytes(built.plan)
+    write_sidecar(output, sidecar)
+    if timing_path and built.timing_cache is not None:
+        with atomic_path(timing_path) as temporary:
+            temporary.write_bytes(built.timing_cache)
+    log(f"built {output} ({len(built.plan) / 2**20:.1f} MiB) in {built.seconds:.1f} s"
+        + (f"; timing cache saved to {timing_path}" if timing_path and built.timing_cache else ""))
+    return sidecar
+
+
+def _build(args: argparse.Namespace) -> int:
+    import time
+
+    from runtime.tensorrt.builder import gpu_identity
+    from runtime.tensorrt.compat import can_execute
+    from runtime.tensorrt.engine_files import BuildOptions, EngineCache, cache_key, onnx_sha256
+    from runtime.tensorrt.library import load_tensorrt
+
+    log = log_to(args.json == "-")
+    model, output, profiles, metadata, inputs = _inputs(args)
     options = BuildOptions(precision=args.precision, workspace_mib=args.workspace, opt_level=args.opt_level,
                            version_compatible=args.version_compatible,
                            hardware_compatibility=args.hardware_compatibility,
@@ -89,9 +122,8 @@ def _build(args: argparse.Namespace) -> int:
         raise ToolkitError(reason)  # the full TensorRT builds for the GPU it runs on
     if not runnable:
         log(f"note: {reason}; the engine is built for other GPUs")
-    digest = onnx_sha256(model)
     profile_dicts = [p.to_dict() for p in profiles]
-    key = cache_key(digest, profile_dicts, options, library.flavour, library.version, gpu_name, cc)
+    key = cache_key(onnx_sha256(model), profile_dicts, options, library.flavour, library.version, gpu_name, cc)
     cache = EngineCache(args.cache_dir)
     log(f"build-engine: {model} with {library.flavour} {library.version} on {gpu_name} (cc {cc}), "
         f"{len(profiles)} profile(s): " + " | ".join(p.describe() for p in profiles))
@@ -102,23 +134,9 @@ def _build(args: argparse.Namespace) -> int:
         log(f"engine cache hit ({key[:12]}): copied to {output} in {time.perf_counter() - started:.2f} s "
             f"(originally built in {sidecar.build_seconds:.1f} s)")
     else:
-        timing_path = Path(args.timing_cache) if args.timing_cache else None
-        timing = timing_path.read_bytes() if timing_path and timing_path.is_file() else None
-        built = build_engine(library, model, profiles, options, timing, log)
-        sidecar = Sidecar(profiles=profile_dicts, options=asdict(options), flavour=library.flavour,
-                          library_version=library.version, gpu_name=gpu_name, compute_capability=cc,
-                          onnx_sha256=digest, build_seconds=round(built.seconds, 3),
-                          io=[{"name": i.name, "dims": list(i.dims)} for i in inputs], graph_metadata=metadata)
-        with atomic_path(output) as temporary:
-            temporary.write_bytes(built.plan)
-        write_sidecar(output, sidecar)
+        sidecar = _fresh_build(args, library, model, output, profiles, options, metadata, inputs, (gpu_name, cc), log)
         if not args.no_cache:
             cache.store(key, output, sidecar)
-        if timing_path and built.timing_cache is not None:
-            with atomic_path(timing_path) as temporary:
-                temporary.write_bytes(built.timing_cache)
-        log(f"built {output} ({len(built.plan) / 2**20:.1f} MiB) in {built.seconds:.1f} s"
-            + (f"; timing cache saved to {timing_path}" if timing_path and built.timing_cache else ""))
     if args.json:
         write_json(args.json, {"engine": str(output), "sidecar": str(output) + ".json", "cache_hit": cached,
                                "cache_key": key, "seconds": round(time.perf_counter() - started, 3),

@@ -1,33 +1,15 @@
-"""Parity: run a reference and a candidate backend over a sweep of shapes and compare outputs."""
+"""Tensor parity: run a reference and a candidate backend over a sweep of shapes and compare every
+output. The report is shared with the decoder sweep (runtime/verify/decoding.py)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from models.precision import Tolerance, precision as lookup_precision
 from models.signature import GraphSignature, resolve_sizes
 
-from .backends import Backend, TensorMeta
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """A case passes when max_abs <= atol + rtol * max|reference|, cosine >= min_cosine
-    and top-1 agreement >= min_top1."""
-
-    atol: float
-    rtol: float
-    min_cosine: float
-    min_top1: float
-
-
-# Keyed by the candidate's precision. fp32 is strict; the half-precision rows allow for
-# 10-bit (fp16) or 7-bit (bf16) mantissas through every layer.
-TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(atol=1e-4, rtol=0.0, min_cosine=0.99999, min_top1=0.99),
-    "float16": Tolerance(atol=5e-2, rtol=1e-2, min_cosine=0.999, min_top1=0.99),
-    "bfloat16": Tolerance(atol=2e-1, rtol=5e-2, min_cosine=0.995, min_top1=0.97),
-}
+from ..backends import Backend, TensorMeta
 
 
 @dataclass(frozen=True)
@@ -189,11 +171,11 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, tolerance: Tol
     return CaseResult(case, output, max_abs, max_rel, cosine, top1, not problems, "; ".join(problems), positions)
 
 
-def check_parity(reference: Backend, candidate: Backend, cases: list[Case], precision: str = "float32",
+def check_parity(reference: Backend, candidate: Backend, cases: list[Case], precision: str = "fp32",
                  tolerance: Tolerance | None = None, seed: int = 0, progress=None) -> ParityReport:
     """Run both backends on every case; compare every output the reference produces."""
-    tolerance = tolerance or TOLERANCES[precision]
-    report = ParityReport(reference.name, candidate.name, precision, tolerance)
+    row = lookup_precision(precision)
+    report = ParityReport(reference.name, candidate.name, row.dtype, tolerance or row.tolerance)
     vocab = reference.vocab_size or candidate.vocab_size or 2
     for case in cases:
         if progress:
@@ -206,5 +188,5 @@ def check_parity(reference: Backend, candidate: Backend, cases: list[Case], prec
                 report.results.append(CaseResult(case, name, float("inf"), float("inf"), 0.0, 0.0, False,
                                                  "output missing from candidate"))
                 continue
-            report.results.append(compare_outputs(value, actual[name], tolerance, case, name))
+            report.results.append(compare_outputs(value, actual[name], report.tolerance, case, name))
     return report

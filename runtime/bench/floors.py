@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import ModelConfig
+from models.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,16 @@ def prefill_flops(config: ModelConfig, batch: int, context: int) -> float:
     return 2.0 * matmul_params(config) * batch * context + attention
 
 
-def decode_bytes(config: ModelConfig, batch: int, context: int, bytes_per_value: int) -> float:
+def decode_bytes(config: ModelConfig, batch: int, context: int, precision: Precision) -> float:
     """Bytes one decode step must read: every matmul weight once, and the whole key/value cache."""
     cache = 2 * config.depth * batch * config.kv_heads * config.dim_head * context
-    return (matmul_params(config) + cache) * bytes_per_value
+    return matmul_params(config) * precision.weight_bytes + cache * precision.bytes_per_value
 
 
-def decode_floor_seconds(config: ModelConfig, batch: int, context: int, bytes_per_value: int, peaks: GpuPeaks) -> float:
-    return decode_bytes(config, batch, context, bytes_per_value) / peaks.bandwidth
+def decode_floor_seconds(config: ModelConfig, batch: int, context: int, precision: Precision, peaks: GpuPeaks) -> float:
+    return decode_bytes(config, batch, context, precision) / peaks.bandwidth
 
 
-def prefill_floor_seconds(config: ModelConfig, batch: int, context: int, half: bool, peaks: GpuPeaks) -> float:
-    return prefill_flops(config, batch, context) / (peaks.half_flops if half else peaks.fp32_flops)
+def prefill_floor_seconds(config: ModelConfig, batch: int, context: int, precision: Precision,
+                          peaks: GpuPeaks) -> float:
+    return prefill_flops(config, batch, context) / (peaks.half_flops if precision.tensor_cores else peaks.fp32_flops)

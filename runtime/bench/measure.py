@@ -1,0 +1,122 @@
+"""Prefill throughput and per-token decode latency of any Decoder, next to the physical floor."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.config import ModelConfig
+from models.precision import Precision
+
+from ..decoding.base import Decoder
+from .floors import GpuPeaks, decode_floor_seconds, prefill_flops, prefill_floor_seconds
+
+
+@dataclass
+class BenchmarkResult:
+    backend: str
+    batch: int
+    context: int
+    prefill_ms: float | None = None
+    prefill_tokens_per_s: float | None = None
+    prefill_tflops: float | None = None
+    decode_p50_ms: float | None = None
+    decode_p90_ms: float | None = None
+    decode_p99_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    memory_mib: float | None = None
+    prefill_floor_ms: float | None = None
+    decode_floor_ms: float | None = None
+    prefill_x_floor: float | None = None
+    decode_x_floor: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class StepTimer:
+    """Wall-clock timing of one call, synchronising the GPU when there is one."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, result
+
+
+def benchmark_prompts(rows: int, context: int, vocab: int) -> dict[int, list[int]]:
+    """The same random prompts for every backend at a given batch and context."""
+    generator = torch.Generator().manual_seed(rows * 100003 + context)
+    ids = torch.randint(0, vocab, (rows, context), generator=generator).tolist()
+    return dict(enumerate(ids))
+
+
+def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters: int, precision: Precision,
+            peaks: GpuPeaks | None) -> BenchmarkResult:
+    """Start every row with a `context`-token prompt (median of `iters`), then time `new_tokens`
+    decode steps (after `warmup` untimed ones)."""
+    timer = StepTimer(decoder.device)
+    prompts = benchmark_prompts(decoder.rows, context, decoder.vocab_size)
+    memory = MemoryProbe(decoder.device)
+    for _ in range(warmup):
+        decoder.start(prompts)
+    times = [timer(lambda: decoder.start(prompts))[0] for _ in range(iters)]
+    token = torch.ones(decoder.rows, dtype=torch.int64, device=decoder.device)
+    steps = [timer(lambda: decoder.step(token))[0] for _ in range(warmup + new_tokens)][warmup:] if new_tokens else []
+    return result_of(decoder.name, decoder.config, decoder.rows, context, times, steps, memory.peak_mib(), precision,
+                     peaks)
+
+
+class MemoryProbe:
+    """Peak GPU memory from here on: PyTorch's allocator peak or, for libraries with their own
+    allocator (ONNX Runtime, TensorRT), the drop in free device memory."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.free_before, _ = torch.cuda.mem_get_info()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float | None:
+        if not self.cuda:
+            return None
+        free_after, _ = torch.cuda.mem_get_info()
+        return max(torch.cuda.max_memory_allocated(), self.free_before - free_after) / 2**20
+
+
+def result_of(name: str, config: ModelConfig, batch: int, context: int, prefill_times: list[float],
+              steps: list[float], memory_mib: float | None, precision: Precision,
+              peaks: GpuPeaks | None) -> BenchmarkResult:
+    result = BenchmarkResult(name, batch, context, memory_mib=memory_mib)
+    prefill = statistics.median(prefill_times)
+    result.prefill_ms = prefill * 1e3
+    result.prefill_tokens_per_s = batch * context / prefill
+    result.prefill_tflops = prefill_flops(config, batch, context) / prefill / 1e12
+    if steps:
+        result.decode_p50_ms = percentile(steps, 50) * 1e3
+        result.decode_p90_ms = percentile(steps, 90) * 1e3
+        result.decode_p99_ms = percentile(steps, 99) * 1e3
+        result.decode_tokens_per_s = batch / statistics.median(steps)
+    if peaks is not None:
+        result.prefill_floor_ms = prefill_floor_seconds(config, batch, context, precision, peaks) * 1e3
+        result.prefill_x_floor = result.prefill_ms / result.prefill_floor_ms
+        if result.decode_p50_ms is not None:
+            result.decode_floor_ms = decode_floor_seconds(config, batch, context, precision, peaks) * 1e3
+            result.decode_x_floor = result.decode_p50_ms / result.decode_floor_ms
+    return result

@@ -1,0 +1,158 @@
+"""`benchmark`: prefill throughput and decode latency per backend, against the physical floor."""
+from __future__ import annotations
+
+import argparse
+
+from models.errors import ToolkitError
+
+from .common import add_model_arguments, int_list, log_to, model_request, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.registry import BACKENDS
+
+    described = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.items())
+    parser = argparse.ArgumentParser(
+        prog="benchmark",
+        description="Measure prefill throughput (tokens/s, achieved TFLOP/s) and per-token decode latency "
+                    "(p50/p90/p99, through the key/value cache) for each backend, with GPU memory, and print "
+                    "each result as a multiple of the physical floor of this GPU (decode: bytes read / memory "
+                    "bandwidth; prefill: FLOPs / peak tensor throughput). No timing is asserted anywhere.",
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", nargs="?",
+                        help="graph exported with --with-past (for the ONNX Runtime backends); its metadata "
+                             "names the weights and precision the PyTorch backends use")
+    parser.add_argument("--engine", metavar="PATH", help="TensorRT engine built from MODEL (for --backend tensorrt)")
+    parser.add_argument("--backend", default=None, metavar="LIST",
+                        help="comma-separated backends (default: those the registry marks for this machine: "
+                             "torch,torch-compile,onnxruntime-cuda,onnxruntime-cuda-static[,tensorrt with --engine] "
+                             "on a GPU; torch,onnxruntime on the CPU). The *-static backends write the static-cache "
+                             "graph from the same weights in memory, sized for the largest context. " + described)
+    add_model_arguments(parser, "default: the weights recorded in MODEL")
+    parser.add_argument("--batch", type=int_list, default=[1], metavar="N,N", help="batch sizes (default 1)")
+    parser.add_argument("--context", type=int_list, default=[128], metavar="N,N",
+                        help="prompt / cache lengths (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=32, metavar="N", help="decode steps timed (default 32)")
+    parser.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    parser.add_argument("--iters", type=int, default=10, metavar="N", help="timed prefill runs (default 10)")
+    parser.add_argument("--json", metavar="PATH", help="write all results as JSON ('-' for stdout)")
+    parser.add_argument("--plot", metavar="PATH.png", help="draw decode latency vs context per backend (matplotlib)")
+    return parser
+
+
+class Targets:
+    """What each backend opens: the PyTorch weights (loaded once, on demand), MODEL or --engine."""
+
+    def __init__(self, args: argparse.Namespace):
+        from models.graph_metadata import read_graph_metadata
+
+        self.args = args
+        self.metadata = read_graph_metadata(args.model) if args.model else None
+        self._source = None
+
+    def source(self):
+        from models.source import reference_source
+
+        if self._source is None:
+            request = model_request(self.args)
+            self._source = (reference_source(self.metadata, self.args.model, request) if self.metadata
+                            else request.resolve())
+        return self._source
+
+    def config(self):
+        return self.metadata.config if self.metadata else self.source().model.config
+
+    def precision(self) -> str:
+        return self.metadata.precision if self.metadata else "fp32"
+
+    def for_backend(self, spec):
+        from runtime.registry import ENGINE, ONNX
+
+        if spec.opens == ONNX:
+            if not self.args.model:
+                raise ToolkitError(f"{spec.name} needs MODEL.onnx (exported with --with-past)")
+            return self.args.model
+        if spec.opens == ENGINE:
+            if not self.args.engine:
+                raise ToolkitError(f"{spec.name} needs --engine PATH")
+            return self.args.engine
+        return self.source()
+
+
+def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list:
+    """Every batch x context cell of one backend; a failure becomes an error cell, not an exit."""
+    import torch
+
+    from runtime.bench.measure import BenchmarkResult, measure
+    from runtime.decoding.open import open_decoders
+    from runtime.registry import backend_spec
+
+    results = []
+    max_cache = max(args.context) + args.warmup + args.new_tokens + 1
+    try:
+        spec = backend_spec(name)
+        with open_decoders(targets.for_backend(spec), name, precision=row.name, max_cache=max_cache) as opened:
+            for batch in args.batch:
+                with opened.decoder(batch) as decoder:
+                    for context in args.context:
+                        log(f"  {decoder.name}: batch {batch}, context {context} ...")
+                        try:
+                            results.append(measure(decoder, context, args.new_tokens, args.warmup, args.iters,
+                                                   row, peaks))
+                        except (ToolkitError, RuntimeError) as error:
+                            results.append(BenchmarkResult(decoder.name, batch, context, error=_first_line(error)))
+    except (ToolkitError, RuntimeError) as error:
+        log(f"{name}: skipped: {_first_line(error)}")
+        done = {(r.batch, r.context) for r in results}
+        results += [BenchmarkResult(name, b, c, error=_first_line(error)) for b in args.batch for c in args.context
+                    if (b, c) not in done]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.precision import precision
+    from runtime.bench.floors import peaks_for
+    from runtime.bench.report import environment, format_table, plot
+    from runtime.registry import ENGINE, ONNX, WEIGHTS, default_backends
+
+    log = log_to(args.json == "-")
+    targets = Targets(args)
+    row = precision(targets.precision())
+    cuda = torch.cuda.is_available()
+    have = (WEIGHTS,) + ((ONNX,) if args.model else ()) + ((ENGINE,) if args.engine else ())
+    names = [n.strip() for n in args.backend.split(",")] if args.backend else default_backends(cuda, have)
+    env = environment()
+    peaks = peaks_for(env["device"]) if cuda else None
+    log(f"benchmark: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), onnxruntime {env['onnxruntime']}; "
+        f"{row.dtype}; batch {args.batch}, context {args.context}, {args.new_tokens} decode steps, "
+        f"warmup {args.warmup}, iters {args.iters}; {env['date']}")
+    if cuda and peaks is None:
+        log("note: no peak figures for this GPU; floors are not computed")
+    results = [result for name in names for result in _measure_backend(name, targets, args, row, peaks, log)]
+    log(format_table(results))
+    if args.json:
+        write_json(args.json, {"environment": env, "precision": row.dtype, "config": targets.config().to_dict(),
+                               "peaks": vars(peaks) if peaks else None,
+                               "settings": {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens,
+                                            "warmup": args.warmup, "iters": args.iters, "backends": names},
+                               "results": [r.to_dict() for r in results]})
+    if args.plot:
+        plot(results, args.plot, f"{env['device']}, {row.dtype}, {args.new_tokens} decode steps")
+        log(f"chart written to {args.plot}")
+    return 0 if any(r.error is None for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_benchmark, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

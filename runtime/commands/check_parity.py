@@ -1,0 +1,125 @@
+"""`check-parity`: does a deployed model compute what the PyTorch model computes?"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.precision import PRECISIONS
+
+from .common import add_backend_argument, add_model_arguments, int_list, log_to, model_request, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.registry import ENGINE, ONNX, backend_names
+
+    tolerances = "; ".join(f"{row.name}: atol {t.atol:g}, rtol {t.rtol:g}, cosine >= {t.min_cosine:g}, "
+                           f"top-1 >= {t.min_top1:.0%}" for row in PRECISIONS.values() for t in [row.tolerance])
+    parser = argparse.ArgumentParser(
+        prog="check-parity",
+        description="Run the PyTorch reference and a deployed model over a sweep of batch sizes and "
+                    "sequence lengths, and report per shape the max absolute and relative error, cosine "
+                    "similarity and top-1 agreement of the logits. Exit 0 only if every case passes. "
+                    f"Tolerances by precision: {tolerances}.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="the exported .onnx graph, or an engine built from one")
+    add_backend_argument(parser, backend_names((ONNX, ENGINE), static_cache=False), "onnxruntime",
+                         "how to run MODEL; a static-cache graph runs its own decoder on that device")
+    add_model_arguments(parser, "the reference; default: rebuilt from the preset recorded in MODEL")
+    parser.add_argument("--batch", type=int_list, metavar="N,N", help="batch sizes (default 1,3)")
+    parser.add_argument("--seq", type=int_list, metavar="N,N",
+                        help="sequence lengths (default from the model's sequence axis: 1,17,128,513)")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="which tolerance row to apply (default auto: the precision recorded in MODEL)")
+    parser.add_argument("--atol", type=float, help="override the absolute tolerance")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="also compare N greedy tokens (2 prompts) token by token and report the first "
+                             "divergence with the reference's top-2 logit margin there; fp32 must match "
+                             "exactly, fp16/bf16 must reach the top-1 bar with teacher forcing")
+    parser.add_argument("--input-seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from models.graph_metadata import STATIC_CACHE
+    from models.precision import precision
+    from models.source import reference_source
+    from runtime.decoding.open import decoder_spec, read_model_metadata
+
+    log = log_to(args.json == "-")
+    metadata = read_model_metadata(args.model)
+    spec = decoder_spec(args.model, args.backend)
+    source = reference_source(metadata, args.model, model_request(args))
+    row = precision(metadata.precision if args.precision == "auto" else args.precision)
+    tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
+    device = spec.resolved_device()
+    sweep = _decoder_sweep if metadata.kind == STATIC_CACHE else _tensor_sweep
+    report = sweep(args, spec, source, metadata, row, tolerance, device, log)
+    log(report.table())
+    log(report.summary())
+    generation = _generation(args, spec, source, row, tolerance, device, log) if args.generate else None
+    return _verdict(args, report, generation)
+
+
+def _tensor_sweep(args, spec, source, metadata, row, tolerance, device, log):
+    """Every output of the graph (logits and, with past, the cache) over a sweep of shapes."""
+    from runtime.backends.torch_backend import TorchBackend
+    from runtime.registry import open_backend
+    from runtime.verify.tensors import check_parity, default_cases
+
+    signature = metadata.signature()
+    cases = default_cases(signature, args.batch, args.seq)
+    with open_backend(spec.name, args.model) as candidate:
+        log(f"check-parity: {args.model} on {candidate.name} vs PyTorch ({source.description}), "
+            f"{len(cases)} cases, {row.dtype} tolerance")
+        with TorchBackend(source.model, device=device, with_past=signature.with_past) as reference:
+            return check_parity(reference, candidate, cases, row.name, tolerance, seed=args.input_seed,
+                                progress=lambda case: log(f"  running {case.label} ..."))
+
+
+def _decoder_sweep(args, spec, source, metadata, row, tolerance, device, log):
+    """Graphs that only run as a decoder: ragged prompts and teacher-forced decode steps."""
+    from runtime.decoding.open import open_decoder
+    from runtime.verify.decoding import check_decoder
+
+    log(f"check-parity: {args.model} ({metadata.kind} decoder) on {spec.name} vs PyTorch "
+        f"({source.description}), {row.dtype} tolerance")
+    return check_decoder(source.model.to(device), lambda rows: open_decoder(args.model, spec.name, rows),
+                         args.batch or [1, 3], args.seq or [1, 17, 128, 513], precision=row.name,
+                         tolerance=tolerance, seed=args.input_seed, device=device,
+                         progress=lambda case: log(f"  running {case.label} ..."))
+
+
+def _generation(args, spec, source, row, tolerance, device, log):
+    """Greedy tokens of PyTorch and MODEL, token by token; half precision also teacher-forced."""
+    from runtime.decoding.open import open_decoder
+    from runtime.verify.decoding import compare_generation, random_prompts
+
+    prompts = random_prompts(source.model.config.num_tokens, seed=args.input_seed)
+    with open_decoder(source, "torch", rows=len(prompts), device=device) as reference, \
+            open_decoder(args.model, spec.name, rows=len(prompts)) as candidate:
+        generation = compare_generation(reference, candidate, prompts, args.generate,
+                                        None if row.exact_tokens else tolerance.min_top1)
+    log(generation.summary())
+    return generation
+
+
+def _verdict(args: argparse.Namespace, report, generation) -> int:
+    """Write the JSON report; exit 0 only if the tensors and (when compared) the tokens pass."""
+    passed = bool(report) and (generation is None or bool(generation))
+    if args.json:
+        write_json(args.json, {**report.to_dict(), "passed": passed,
+                               "generation": generation.to_dict() if generation else None})
+    if not passed:
+        print(f"check-parity: error: {report.summary() if not report else generation.summary()}", file=sys.stderr)
+    return 0 if passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_check, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""`export-model`: PyTorch checkpoint -> ONNX graph with symbolic batch and sequence axes."""
+from __future__ import annotations
+
+import argparse
+
+from export.opset import MAX_OPSET, MIN_OPSET
+from models.precision import DEFAULT_PRECISION, PRECISIONS
+
+from .common import add_model_arguments, log_to, model_request, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export-model",
+        description="Export the rotary transformer to ONNX with symbolic batch and sequence axes. "
+                    "Inputs: input_ids and attention_mask, int64 (batch, sequence); output: logits, "
+                    "float32 (batch, sequence, num_tokens). With no arguments, exports the embedded "
+                    "default model (preset tiny, seed 0) to model.onnx.",
+    )
+    add_model_arguments(parser, "default: the embedded tiny preset")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {MIN_OPSET}, what TensorRT 8.6+ and "
+                             "ONNX Runtime 1.14+ read)")
+    parser.add_argument("--dtype", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
+                        help=f"precision written into the graph (default {DEFAULT_PRECISION}); fp16/bf16 keep norms, "
+                             "rotary angles and softmax in float32 and always output float32 logits")
+    parser.add_argument("--output", "-o", default="model.onnx", metavar="PATH",
+                        help="where to write the graph (default model.onnx); written to a temporary name and "
+                             "renamed only once checked and verified")
+    parser.add_argument("--with-past", action="store_true",
+                        help="export the decoder with a key/value cache: extra inputs past_key_values.{i}.key/value "
+                             "(batch, kv_heads, past_sequence, dim_head), outputs present.{i}.key/value; "
+                             "attention_mask then covers past + new tokens. One graph serves prompt and decode steps")
+    parser.add_argument("--static-cache", type=int, metavar="N",
+                        help="instead, write the ONNX Runtime-only fast decoder: com.microsoft GroupQueryAttention "
+                             "and fused norms over a static N-token key/value cache that past and present share, so "
+                             "CUDA graphs can replay each decode step (use with --dtype fp16 on CUDA; not for "
+                             "TensorRT). Inputs input_ids, seqlens_k, total_sequence_length, past_key_values.*")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="after export, compare ONNX Runtime (CPU) with PyTorch on shapes unlike the "
+                             "export example; a failure exits non-zero and writes nothing (default on)")
+    parser.add_argument("--allow-lint", action="store_true",
+                        help="write the graph even if the export lint has findings (control flow, sequence ops, "
+                             "frozen dimensions)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write a machine-readable report to PATH, or to stdout if no PATH is given "
+                             "(progress then goes to stderr)")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError, export_onnx
+    from runtime.verify.exported import verify_export, verify_static_export
+
+    log = log_to(args.json == "-")
+    if args.static_cache is not None and args.with_past:
+        raise ExportError("--static-cache writes its own cache graph; drop --with-past")
+    source = model_request(args).resolve()
+    parity = {}
+    if args.static_cache is not None:
+        from export.static_cache_graph import export_static_cache
+
+        def verify(data: bytes) -> None:
+            parity["report"] = verify_static_export(data, source.model, args.dtype, args.static_cache, log)
+
+        seconds = export_static_cache(source.model, args.output, args.static_cache, args.dtype, source.record,
+                                      verify=verify if args.verify else None, log=log)
+        log(f"wrote {args.output} (ONNX Runtime static-cache decoder, {args.dtype}) in {seconds:.1f} s")
+        extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
+    else:
+        def verify(path) -> None:
+            parity["report"] = verify_export(path, source.model, args.dtype, log, with_past=args.with_past)
+
+        result = export_onnx(source.model, args.output, opset=args.opset, precision=args.dtype, weights=source.record,
+                             allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
+                             with_past=args.with_past)
+        seconds = result.seconds
+        log(f"wrote {result.path} (opset {result.opset}, {args.dtype}) in {seconds:.1f} s")
+        extra = {"opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past}
+    if args.json:
+        report = parity.get("report")
+        write_json(args.json, {"output": str(args.output), "dtype": args.dtype, "source": source.description,
+                               "checkpoint_sha256": source.sha256, "export_seconds": round(seconds, 3),
+                               "config": source.model.config.to_dict(), **extra,
+                               "verify": report.to_dict() if report else None})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_export, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

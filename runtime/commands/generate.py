@@ -1,0 +1,111 @@
+"""`generate`: sample tokens from a deployed model (or PyTorch), streaming them as they come."""
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+from models.errors import ToolkitError
+
+from .common import add_backend_argument, add_model_arguments, int_list, log_to, model_request, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.registry import AUTO, BACKENDS
+
+    parser = argparse.ArgumentParser(
+        prog="generate",
+        description="Generate tokens autoregressively through any backend. Graphs exported --with-past "
+                    "(and engines built from them) decode through the key/value cache, kept on the GPU for "
+                    "CUDA backends; plain graphs recompute the sequence each step; a static-cache graph "
+                    "(export-model --static-cache) runs its own fast decoder. Text prompts are encoded "
+                    "byte-level (one token per UTF-8 byte), as upstream's enwik8 models expect, and need a "
+                    "vocabulary of at least 256 tokens.",
+    )
+    parser.add_argument("--model", metavar="PATH", help="an .onnx graph or an .engine (not needed for backends "
+                                                       "that run the PyTorch weights)")
+    add_backend_argument(parser, [AUTO, *BACKENDS], AUTO,
+                         "auto: tensorrt for engines, onnxruntime-cuda for ONNX when a GPU and onnxruntime-gpu "
+                         "are present, else onnxruntime on the CPU")
+    add_model_arguments(parser, "for the backends that run the PyTorch weights")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="text prompt (byte-level tokens)")
+    prompt.add_argument("--prompt-ids", type=int_list, metavar="1,2,3", help="prompt token ids")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sampling temperature; <= 0 means greedy (default 0)")
+    parser.add_argument("--filter-thres", type=float, default=0.9, metavar="F",
+                        help="top-k filter as upstream: keep the top (1 - F) fraction of logits (default 0.9)")
+    parser.add_argument("--seed", dest="sample_seed", type=int, default=0, metavar="S",
+                        help="sampling seed (default 0); the same seed gives the same tokens on every backend")
+    parser.add_argument("--eos-id", type=int, metavar="ID", help="stop a row at this token")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write tokens, text and timings as JSON to PATH, or stdout if no PATH is given")
+    return parser
+
+
+def _open(args: argparse.Namespace, max_length: int):
+    """The decoder for --model/--backend; backends that run weights take the model flags."""
+    from runtime.decoding.open import open_decoder
+    from runtime.registry import WEIGHTS, resolve_backend
+
+    spec = resolve_backend(args.backend, args.model)
+    if spec.opens == WEIGHTS:
+        return open_decoder(model_request(args).resolve(), spec.name, rows=1, max_cache=max_length)
+    if args.model is None:
+        raise ToolkitError(f"--model is required for the {spec.name} backend (an .onnx graph or an .engine)")
+    return open_decoder(args.model, spec.name, rows=1)
+
+
+def _printer(stream, text_mode: bool):
+    """Writes each new token as it comes: bytes decoded incrementally, or ids."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def show(step: int, tokens: list[int]) -> None:
+        token = tokens[0]
+        if text_mode:
+            piece = decoder.decode(bytes([token])) if token < 256 else f"<{token}>"
+        else:
+            piece = f"{token} "
+        stream.write(piece)
+        stream.flush()
+
+    return show
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from runtime.decoding.generation import GenerationSettings, generate
+    from runtime.decoding.text import decode_bytes, encode_text
+
+    log = log_to(args.json == "-")
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.filter_thres, args.sample_seed,
+                                  args.eos_id)
+    settings.check()
+    text_mode = args.prompt is not None
+    prompt_length = len(args.prompt_ids) if args.prompt_ids else len(args.prompt.encode("utf-8"))
+    with _open(args, prompt_length + args.max_new_tokens) as decoder:
+        prompt = args.prompt_ids if args.prompt_ids else encode_text(args.prompt, decoder.vocab_size)
+        log(f"generate: {decoder.name} ({decoder.mode}), prompt of {len(prompt)} tokens, up to "
+            f"{args.max_new_tokens} new")
+        result = generate(decoder, [prompt], settings, on_tokens=_printer(stream, text_mode))
+        name = decoder.name
+    stream.write("\n")
+    tokens = result.tokens[0]
+    log(f"{len(tokens)} tokens; prefill {result.prefill_seconds * 1e3:.1f} ms, "
+        f"decode {result.decode_tokens_per_second:.1f} tokens/s on {name}")
+    if args.json:
+        write_json(args.json, {"backend": name, "prompt_ids": prompt, "tokens": tokens,
+                               "text": decode_bytes(tokens) if text_mode else None,
+                               "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
+                               "decode_tokens_per_second": result.decode_tokens_per_second,
+                               "settings": vars(settings)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_generate, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The Decoder contract: drive a model token by token for up to `rows` independent rows.
+
+`start({row: prompt})` (re)starts rows from their prompts, `step(tokens)` appends one token to
+every active row and returns the next-token logits, `release(rows)` frees rows. Rows sit at
+their own positions and can join or leave between steps, which is what a server's in-flight
+batching needs; `generate` and the benchmark use the same three calls.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from models.config import ModelConfig
+from models.errors import ToolkitError
+
+
+class DecodingError(ToolkitError, ValueError):
+    """Bad prompts, rows or settings for decoding."""
+
+
+class Decoder(abc.ABC):
+    """Base class: checks every call once, so implementations only fill in `_start`, `_step`, `_release`."""
+
+    def __init__(self, name: str, device: torch.device | str, config: ModelConfig, rows: int,
+                 max_length: int | None, capacity_hint: str):
+        if rows < 1:
+            raise DecodingError(f"a decoder needs at least one row, got {rows}")
+        self.name, self.device, self.config, self.rows = name, torch.device(device), config, rows
+        self.max_length = max_length  # tokens one row can hold (prompt + generated); None: unbounded
+        self.capacity_hint = capacity_hint  # what max_length is, for error messages
+        self.lengths: dict[int, int] = {}  # active row -> tokens it holds
+        self.closed = False
+        self.owner = None  # what was opened for this decoder alone (runtime.decoding.open), closed with it
+        self.mode = "cache"  # how it decodes, for humans
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def active(self) -> list[int]:
+        """Active rows, in the order `step` takes tokens and returns logits."""
+        return sorted(self.lengths)
+
+    def start(self, prompts: Mapping[int, Sequence[int]], all_logits: bool = False) -> Tensor | list[Tensor]:
+        """(Re)start the given rows from their prompts. Returns each row's next-token logits as one
+        (len(prompts), vocab) tensor in the order of `prompts`, or with `all_logits` a list of
+        (prompt length, vocab) tensors: the logits at every prompt position."""
+        self._check_open()
+        prompts = {row: list(prompt) for row, prompt in prompts.items()}
+        self.check_prompts(prompts)
+        result = self._start(prompts, all_logits)
+        self.lengths.update({row: len(prompt) for row, prompt in prompts.items()})
+        return result
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Append one token to each active row (`tokens`: (len(active),), in `active` order); return
+        the next-token logits (len(active), vocab). The result may be an output buffer that the
+        next call overwrites: read or copy it first."""
+        self._check_open()
+        active = self.active
+        if not active:
+            raise DecodingError("no active rows: start() some rows before step()")
+        tokens = tokens.reshape(-1)
+        if tokens.numel() != len(active):
+            raise DecodingError(f"step() takes one token per active row ({len(active)}), got {tokens.numel()}")
+        longest = max(self.lengths.values())
+        if self.max_length is not None and longest >= self.max_length:
+            raise DecodingError(f"a row holds {longest} tokens and is full ({self.capacity_hint})")
+        logits = self._step(tokens.to(self.device))
+        for row in active:
+            self.lengths[row] += 1
+        return logits
+
+    def release(self, rows: Iterable[int]) -> None:
+        """Free rows; their slots can be started again."""
+        rows = [row for row in rows if row in self.lengths]
+        if rows and not self.closed:
+            self._release(rows)
+        for row in rows:
+            del self.lengths[row]
+
+    def check_prompts(self, prompts: Mapping[int, Sequence[int]]) -> None:
+        if not prompts:
+            raise DecodingError("start() needs at least one prompt")
+        for row, prompt in prompts.items():
+            if not 0 <= row < self.rows:
+                raise DecodingError(f"row {row} does not exist; this decoder has rows 0..{self.rows - 1}")
+            if not prompt:
+                raise DecodingError("every prompt needs at least one token")
+            low, high = min(prompt), max(prompt)
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise DecodingError(f"prompt token id {bad} is out of range; the vocabulary is 0..{self.vocab_size - 1}")
+            if self.max_length is not None and len(prompt) > self.max_length:
+                raise DecodingError(f"a {len(prompt)}-token prompt is longer than {self.capacity_hint}")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise DecodingError(f"{self.name}: the decoder is closed; open a new one")
+
+    @abc.abstractmethod
+    def _start(self, prompts: dict[int, list[int]], all_logits: bool) -> Tensor | list[Tensor]: ...
+
+    @abc.abstractmethod
+    def _step(self, tokens: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def _release(self, rows: list[int]) -> None: ...
+
+    def close(self) -> None:
+        self.closed = True
+        self.lengths.clear()
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,128 @@
+"""The one table of backends: each one's name, what it opens, where it runs and how to open it.
+
+CLI choices, defaults and the device a backend's companions (the PyTorch reference, token
+buffers) use all come from here. Adding a backend is one `BackendSpec` row and its module.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.base import Backend, BackendError
+
+WEIGHTS, ONNX, ENGINE = "weights", "onnx", "engine"  # what a backend opens
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    opens: str  # WEIGHTS (a PyTorch model), ONNX (a graph file) or ENGINE (a TensorRT plan)
+    device: str  # "cpu", "cuda", or "auto" (CUDA when a GPU is visible)
+    summary: str
+    loader: str  # "module:function" returning a Backend; imported only when opened
+    static_cache: bool = False  # runs export-model --static-cache graphs (their own decoder), not Backends
+    benchmarked_on: tuple[str, ...] = ()  # machines ("cpu", "cuda") where `benchmark` runs it by default
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def open(self, target, **options) -> Backend:
+        """Open `target` (a ModelSource for WEIGHTS, else a path) with this backend."""
+        module, _, function = self.loader.partition(":")
+        return getattr(importlib.import_module(module), function)(target, self, **options)
+
+
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("torch", WEIGHTS, "auto", "the PyTorch model (eager; CUDA when a GPU is visible)",
+                "runtime.backends.torch_backend:open_torch", benchmarked_on=("cpu", "cuda")),
+    BackendSpec("torch-compile", WEIGHTS, "cuda",
+                "PyTorch with torch.compile(mode='reduce-overhead', dynamic=True): CUDA graphs re-recorded "
+                "as the cache grows", "runtime.backends.torch_backend:open_compiled", benchmarked_on=("cuda",)),
+    BackendSpec("onnxruntime", ONNX, "cpu", "ONNX Runtime, CPU execution provider",
+                "runtime.backends.onnxruntime_backend:open_onnxruntime", benchmarked_on=("cpu",)),
+    BackendSpec("onnxruntime-cuda", ONNX, "cuda", "ONNX Runtime, CUDA execution provider, IO bound on the GPU",
+                "runtime.backends.onnxruntime_backend:open_onnxruntime", benchmarked_on=("cuda",)),
+    BackendSpec("onnxruntime-static", WEIGHTS, "cpu",
+                "the static-cache graph written from the weights in memory, ONNX Runtime CPU",
+                "runtime.decoding.static_cache:open_static_cache", static_cache=True),
+    BackendSpec("onnxruntime-cuda-static", WEIGHTS, "cuda",
+                "the static-cache graph written from the weights in memory, ONNX Runtime CUDA with CUDA graphs",
+                "runtime.decoding.static_cache:open_static_cache", static_cache=True,
+                benchmarked_on=("cuda",)),
+    BackendSpec("tensorrt", ENGINE, "cuda", "a TensorRT or TensorRT-RTX engine built by build-engine",
+                "runtime.backends.tensorrt_backend:open_tensorrt", benchmarked_on=("cuda",)),
+)}
+AUTO = "auto"
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+def backend_spec(name: str) -> BackendSpec:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
+
+
+def backend_names(opens: tuple[str, ...] = (WEIGHTS, ONNX, ENGINE), static_cache: bool | None = None) -> list[str]:
+    """Names of the backends that open any of `opens` (and, if given, run static-cache graphs or not)."""
+    return [spec.name for spec in BACKENDS.values()
+            if spec.opens in opens and (static_cache is None or spec.static_cache == static_cache)]
+
+
+def default_backends(cuda: bool, have: tuple[str, ...] = (WEIGHTS, ONNX)) -> list[str]:
+    """What `benchmark` compares when no --backend is given, among backends opening what it `have`s."""
+    machine = "cuda" if cuda else "cpu"
+    return [spec.name for spec in BACKENDS.values() if machine in spec.benchmarked_on and spec.opens in have]
+
+
+def onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(name: str, path: str | Path | None) -> BackendSpec:
+    """`auto`: engines run on TensorRT; ONNX graphs on ONNX Runtime (CUDA if this build has it)."""
+    if name != AUTO:
+        return backend_spec(name)
+    if path is not None and Path(path).suffix in ENGINE_SUFFIXES:
+        return BACKENDS["tensorrt"]
+    return BACKENDS["onnxruntime-cuda" if onnxruntime_has_cuda() else "onnxruntime"]
+
+
+def static_cache_twin(spec: BackendSpec) -> BackendSpec:
+    """The static-cache backend on the same device as an ONNX Runtime backend (for static-cache graphs)."""
+    if spec.static_cache:
+        return spec
+    twin = next((s for s in BACKENDS.values() if s.static_cache and s.device == spec.device), None)
+    if twin is None or spec.opens != ONNX:
+        raise BackendError(f"static-cache graphs run on ONNX Runtime; {spec.name} cannot run one (use "
+                           f"{' or '.join(n for n, s in BACKENDS.items() if s.opens == ONNX)})")
+    return twin
+
+
+def open_backend(name: str, target, **options) -> Backend:
+    """Open `target` with the named backend (or `auto`), as a Backend."""
+    spec = resolve_backend(name, None if _is_weights(target) else target)
+    if spec.static_cache:
+        raise BackendError(f"{spec.name} runs the static-cache decoder, not a Backend; open it with open_decoder")
+    if spec.opens == WEIGHTS and not _is_weights(target):
+        raise BackendError(f"the {spec.name} backend runs PyTorch weights, not a file ({target})")
+    if spec.opens != WEIGHTS and _is_weights(target):
+        raise BackendError(f"the {spec.name} backend needs {'an engine' if spec.opens == ENGINE else 'an ONNX graph'}")
+    return spec.open(target, **options)
+
+
+def _is_weights(target) -> bool:
+    return hasattr(target, "model") and hasattr(target, "sha256")

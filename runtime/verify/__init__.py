@@ -1,0 +1,2 @@
+"""Does a deployed model compute what PyTorch computes? Tensor sweeps over a graph's shapes
+(tensors.py), decoder sweeps and greedy tokens (decoding.py), and the checks export runs (exported.py)."""

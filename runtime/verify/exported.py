@@ -1,0 +1,53 @@
+"""The checks `export-model` runs before it renames a graph into place: ONNX Runtime (CPU)
+against PyTorch on shapes unlike the trace's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.onnx_export import ExportError, example_sizes
+from models.precision import precision as lookup_precision
+from models.transformer import Transformer
+
+from ..backends.onnxruntime_backend import OnnxRuntimeBackend
+from ..backends.torch_backend import TorchBackend
+from ..decoding.static_cache import StaticCacheDecoder
+from .decoding import check_decoder
+from .tensors import Case, ParityReport, check_parity
+
+
+def verification_cases(example_sequence: int, with_past: bool = False) -> list[Case]:
+    """Batch 1 and 3, sequence 1, an odd length and 4x the export example, plus left padding;
+    with past, also past lengths 1 and long, for a decode step and a chunk."""
+    long = 4 * example_sequence
+    cases = [Case(b, s) for b in (1, 3) for s in (1, 19, long)] + [Case(3, long, padded=True)]
+    if with_past:
+        cases += [Case(b, s, past=p) for p in (1, long) for b, s in ((1, 1), (3, 1), (3, 7))]
+        cases.append(Case(3, 1, padded=True, past=long))
+    return cases
+
+
+def _judged(report: ParityReport, log) -> ParityReport:
+    log(report.summary())
+    if not report:
+        raise ExportError(f"verification failed: {report.summary()}")
+    return report
+
+
+def verify_export(path: Path, model: Transformer, precision: str, log=print,
+                  with_past: bool = False) -> ParityReport | None:
+    """Run the verification sweep on a portable graph; raise ExportError naming the worst case if it fails."""
+    row = lookup_precision(precision)
+    if row.cpu_note:
+        log(f"verify skipped: {row.cpu_note}")
+        return None
+    with TorchBackend(model, with_past=with_past) as reference, OnnxRuntimeBackend(path, provider="cpu") as candidate:
+        cases = verification_cases(example_sizes(model.config)["sequence"], with_past)
+        return _judged(check_parity(reference, candidate, cases, row.name), log)
+
+
+def verify_static_export(data: bytes, model: Transformer, precision: str, max_cache: int, log=print) -> ParityReport:
+    """The static-cache graph's decoder sweep on ONNX Runtime (CPU): ragged prompts and decode steps."""
+    lengths = [n for n in (1, 19, 4 * 19) if n + 8 <= max_cache]
+    report = check_decoder(model, lambda rows: StaticCacheDecoder(data, rows, "cpu"), [1, 3], lengths,
+                           precision=precision)
+    return _judged(report, log)
