@@ -68,7 +68,7 @@ def tiny_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
     from export.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("tiny_export") / "model.onnx"
-    result = export_onnx(tiny_model, path, opset=17, dtype="fp32", source=tiny_source.metadata(), log=_quiet)
+    result = export_onnx(tiny_model, path, opset=17, precision="fp32", weights=tiny_source.record, log=_quiet)
     assert result.path == path and path.is_file()
     return path
 
@@ -115,5 +115,5 @@ def upstream_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, object]:
 
     source = resolve_model(checkpoint=str(upstream_checkpoint))
     path = tmp_path_factory.mktemp("upstream_export") / "upstream.onnx"
-    export_onnx(source.model, path, opset=17, source=source.metadata(), log=_quiet)
+    export_onnx(source.model, path, opset=17, weights=source.record, log=_quiet)
     return path, source.model

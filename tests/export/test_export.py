@@ -333,9 +333,11 @@ def test_bad_output_paths(tmp_path, tiny_model, kind, reuse_trace):
     assert reuse_trace == []
 
 
-def test_unknown_dtype_is_refused(tmp_path, tiny_model, reuse_trace):
-    with pytest.raises(ExportError, match="unknown --dtype 'int8'"):
-        export_onnx(tiny_model, tmp_path / "m.onnx", dtype="int8", log=lambda *_: None)
+def test_unknown_precision_is_refused(tmp_path, tiny_model, reuse_trace):
+    from models.precision import PrecisionError
+
+    with pytest.raises(PrecisionError, match="unknown precision 'int8'; choose one of fp32, fp16, bf16"):
+        export_onnx(tiny_model, tmp_path / "m.onnx", precision="int8", log=lambda *_: None)
 
 
 def test_failed_reexport_keeps_the_previous_external_data_export(tmp_path, tiny_model, reuse_trace, monkeypatch):

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     for with_past in (False, True):
         for dtype in ("fp32", "fp16"):
             path = folder / f"tiny-{dtype}{'-past' if with_past else ''}.onnx"
-            export_onnx(source.model, path, dtype=dtype, source=source.metadata(), with_past=with_past,
+            export_onnx(source.model, path, precision=dtype, weights=source.record, with_past=with_past,
                         log=lambda _: None)
             paths[(dtype, with_past)] = path
     return source, paths
@@ -50,10 +50,10 @@ def test_onnxruntime_cuda_parity(tiny, dtype):
     from models.signature import graph_signature
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from runtime.backends.torch_backend import TorchBackend
-    from runtime.parity import check_parity, default_cases
+    from runtime.verify.tensors import check_parity, default_cases
 
     source, paths = tiny
-    precision = {"fp32": "float32", "fp16": "float16"}[dtype]
+    precision = dtype
     for with_past in (False, True):
         cases = default_cases(graph_signature(source.model.config, with_past), [1, 3], [1, 17, 128, 513])
         with TorchBackend(source.model, device="cuda", with_past=with_past) as reference, \
@@ -70,21 +70,57 @@ def test_onnxruntime_cuda_parity(tiny, dtype):
 @needs_ort_cuda
 def test_onnxruntime_cuda_greedy_identical_and_cache_on_device(tiny):
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from runtime.backends.torch_backend import TorchBackend
-    from runtime.generation_parity import compare_generation, random_prompts
+    from runtime.decoding.open import open_decoder
+    from runtime.verify.decoding import compare_generation, random_prompts
 
     source, paths = tiny
-    with TorchBackend(source.model, device="cuda", with_past=True) as reference, \
-            OnnxRuntimeBackend(paths[("fp32", True)], provider="cuda") as candidate:
+    with open_decoder(source, "torch", rows=2, device="cuda") as reference, \
+            open_decoder(paths[("fp32", True)], "onnxruntime-cuda", rows=2) as candidate:
         result = compare_generation(reference, candidate, random_prompts(256, batch=2, length=8), 64)
         assert result, result.summary()
         assert result.tokens_compared == 128
+    with OnnxRuntimeBackend(paths[("fp32", True)], provider="cuda") as backend:
         feeds = {"input_ids": torch.ones(1, 3, dtype=torch.int64, device="cuda"),
                  "attention_mask": torch.ones(1, 3, dtype=torch.int64, device="cuda")}
-        for meta in candidate.inputs[2:]:
+        for meta in backend.inputs[2:]:
             feeds[meta.name] = torch.zeros(1, meta.shape[1], 0, meta.shape[3], device="cuda")
-        outputs = candidate.run_torch(feeds)
+        outputs = backend.run_torch(feeds)
         assert all(t.is_cuda for t in outputs.values())  # IO binding: nothing comes back to the host
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("kind", ["portable", "static"])
+def test_rows_join_and_leave_on_cuda(tiny, tmp_path, kind):
+    """In-flight batching on the GPU: rows started and released between steps, each step of each
+    row against PyTorch's full forward pass (fp32)."""
+    from export.static_cache_graph import export_static_cache
+    from runtime.decoding.open import open_decoder
+
+    source, paths = tiny
+    model = source.model.cuda()
+    path = paths[("fp32", True)]
+    if kind == "static":
+        path = tmp_path / "static.onnx"
+        export_static_cache(source.model, path, 128, "fp32", source.record, log=lambda _: None)
+    history = {1: [5, 6, 7, 8, 9]}
+    with open_decoder(path, "onnxruntime-cuda", rows=3) as decoder:
+        decoder.start({1: history[1]})
+        for step in range(12):
+            if step == 3:
+                history[0] = [1, 2]
+                decoder.start({0: history[0]})
+            if step == 7:
+                decoder.release([1])
+                del history[1]
+                history[2] = [3] * 20
+                decoder.start({2: history[2]})
+            tokens = [(7 * step + row) % 256 for row in decoder.active]
+            logits = decoder.step(torch.tensor(tokens, device="cuda")).float().cpu()
+            for index, row in enumerate(decoder.active):
+                history[row].append(tokens[index])
+                with torch.inference_mode():
+                    expected = model(torch.tensor([history[row]], device="cuda"))[0, -1].float().cpu()
+                assert (logits[index] - expected).abs().max() < 1e-3, (kind, step, row)
 
 
 def _tensorrt_or_skip():
@@ -97,7 +133,7 @@ def _tensorrt_or_skip():
 
 
 def _build(tmp_path, onnx_path, *extra):
-    from runtime.build_engine_cli import main
+    from runtime.commands.build_engine import main
 
     engine = tmp_path / (onnx_path.stem + ".engine")
     report = tmp_path / (onnx_path.stem + ".json")
@@ -144,7 +180,7 @@ def test_tensorrt_engine_runs_or_skips_with_reason(tiny, tmp_path):
     library = _tensorrt_or_skip()
     from runtime.backends.tensorrt_backend import TensorRTBackend
     from runtime.backends.torch_backend import TorchBackend
-    from runtime.parity import check_parity, default_cases
+    from runtime.verify.tensors import check_parity, default_cases
     from models.signature import graph_signature
     from runtime.tensorrt.compat import can_execute
 
@@ -160,7 +196,7 @@ def test_tensorrt_engine_runs_or_skips_with_reason(tiny, tmp_path):
         pytest.skip(reason)
     with TorchBackend(source.model, device="cuda") as reference, TensorRTBackend(engine) as candidate:
         report = check_parity(reference, candidate, default_cases(graph_signature(source.model.config), [1, 3],
-                                                                  [1, 17, 128, 513]), "float32", )
+                                                                  [1, 17, 128, 513]), "fp32")
     assert report, report.summary()
 
 
@@ -170,20 +206,22 @@ def test_static_cache_decoder_on_cuda_with_graph_replay(preset_name):
     """The fast path: fp16 GroupQueryAttention graph, static cache, every step a CUDA graph replay."""
     from export.static_cache_graph import build_static_cache_graph
     from models.source import resolve_model
-    from runtime.generation_parity import random_prompts
-    from runtime.static_cache import StaticCacheDecoder
-    from runtime.static_cache_parity import check_static_cache, compare_static_generation
+    from runtime.decoding.open import open_decoder
+    from runtime.decoding.static_cache import StaticCacheDecoder
+    from runtime.verify.decoding import check_decoder, compare_generation, random_prompts
 
-    model = resolve_model(None, None, preset_name, 0).model.cuda()
+    source = resolve_model(None, None, preset_name, 0)
+    model = source.model.cuda()
     data = build_static_cache_graph(model, 1100, "fp16").SerializeToString()
-    report = check_static_cache(model, lambda batch: StaticCacheDecoder(data, batch, "cuda"), [1, 3],
-                                [1, 17, 128, 513], steps=16, precision="float16", device="cuda")
+    report = check_decoder(model, lambda rows: StaticCacheDecoder(data, rows, "cuda"), [1, 3],
+                           [1, 17, 128, 513], steps=16, precision="fp16", device="cuda")
     print(report.summary())
     assert report, report.summary()
     assert report.top1() >= 0.99  # over the sweep, as check-parity judges it
     prompts = random_prompts(model.config.num_tokens, batch=2, length=8)
-    with StaticCacheDecoder(data, 2, "cuda") as decoder:
+    with StaticCacheDecoder(data, 2, "cuda") as decoder, \
+            open_decoder(source, "torch", rows=2, device="cuda") as reference:
         assert decoder.cuda_graph
-        result = compare_static_generation(model, decoder, prompts, 64, "cuda", min_top1=0.99)
+        result = compare_generation(reference, decoder, prompts, 64, min_top1=0.99)
     print(result.summary())
     assert result, result.summary()

@@ -1,4 +1,4 @@
-"""Exports with a key/value cache, shared by the generation and benchmark tests."""
+"""Exports with a key/value cache and static-cache graphs, shared by the runtime tests."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,11 +9,21 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_past_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
     from export.onnx_export import export_onnx
-    from export.verify import verify_export
+    from runtime.verify.exported import verify_export
 
     path = tmp_path_factory.mktemp("tiny_past") / "model-past.onnx"
-    export_onnx(tiny_model, path, source=tiny_source.metadata(), with_past=True, log=lambda _: None,
-                verify=lambda p: verify_export(p, tiny_model, "float32", log=lambda _: None, with_past=True))
+    export_onnx(tiny_model, path, weights=tiny_source.record, with_past=True, log=lambda _: None,
+                verify=lambda p: verify_export(p, tiny_model, "fp32", log=lambda _: None, with_past=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_static_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
+    """The tiny preset as an fp32 static-cache graph with a 96-token cache."""
+    from export.static_cache_graph import export_static_cache
+
+    path = tmp_path_factory.mktemp("tiny_static") / "model-static.onnx"
+    export_static_cache(tiny_model, path, 96, "fp32", tiny_source.record, log=lambda _: None)
     return path
 
 
@@ -24,5 +34,5 @@ def upstream_past_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, obj
 
     source = resolve_model(checkpoint=str(upstream_checkpoint))
     path = tmp_path_factory.mktemp("upstream_past") / "upstream-past.onnx"
-    export_onnx(source.model, path, source=source.metadata(), with_past=True, log=lambda _: None)
+    export_onnx(source.model, path, weights=source.record, with_past=True, log=lambda _: None)
     return path, source.model

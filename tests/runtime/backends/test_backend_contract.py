@@ -1,10 +1,11 @@
-"""The Backend contract, for the PyTorch and the ONNX Runtime (CPU) backend of the same model."""
+"""The Backend contract, run against every backend that works on the CPU (PyTorch, ONNX Runtime) for the same model."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from runtime.backends import BackendError, open_file_backend
+from runtime.backends import BackendError
+from runtime.registry import open_backend
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.backends.torch_backend import TorchBackend
 
@@ -27,7 +28,7 @@ def good_feeds(vocab: int, batch: int = 2, seq: int = 7, seed: int = 0):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def test_metadata(backend, tiny_config):
+def test_inputs_outputs_and_vocabulary_are_declared(backend, tiny_config):
     inputs = {meta.name: meta for meta in backend.inputs}
     outputs = {meta.name: meta for meta in backend.outputs}
     assert list(inputs) == ["input_ids", "attention_mask"]
@@ -40,7 +41,7 @@ def test_metadata(backend, tiny_config):
 
 
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 7), (3, 40)])
-def test_run_returns_logits(backend, tiny_model, batch, seq):
+def test_run_returns_float32_logits_equal_to_pytorch(backend, tiny_model, batch, seq):
     import torch
 
     vocab = tiny_model.config.num_tokens
@@ -71,14 +72,14 @@ def _raises(backend, feeds, *fragments):
     return message
 
 
-def test_wrong_input_names(backend):
+def test_missing_or_unexpected_inputs_are_named(backend):
     feeds = good_feeds(backend.vocab_size)
     _raises(backend, {"ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]},
             "missing ['input_ids']", "unexpected ['ids']")
     _raises(backend, {"input_ids": feeds["input_ids"]}, "missing ['attention_mask']")
 
 
-def test_wrong_dtype(backend):
+def test_a_wrong_dtype_is_named_with_the_expected_one(backend):
     feeds = good_feeds(backend.vocab_size)
     feeds["input_ids"] = feeds["input_ids"].astype(np.int32)
     _raises(backend, feeds, "'input_ids'", "int64", "int32")
@@ -87,7 +88,7 @@ def test_wrong_dtype(backend):
     _raises(backend, feeds, "'attention_mask'", "int64", "float32")
 
 
-def test_wrong_rank(backend):
+def test_a_wrong_rank_is_named_with_the_shape_given(backend):
     feeds = good_feeds(backend.vocab_size)
     feeds["input_ids"] = feeds["input_ids"][0]
     _raises(backend, feeds, "'input_ids'", "2 dimensions", "(7,)")
@@ -96,20 +97,20 @@ def test_wrong_rank(backend):
     _raises(backend, feeds, "'attention_mask'", "2 dimensions")
 
 
-def test_mismatched_batch(backend):
+def test_inputs_disagreeing_on_batch_are_refused(backend):
     feeds = good_feeds(backend.vocab_size, batch=2)
     feeds["attention_mask"] = np.ones((3, 7), dtype=np.int64)
     _raises(backend, feeds, "batch", "3", "2")
 
 
-def test_mismatched_sequence(backend):
+def test_inputs_disagreeing_on_sequence_are_refused(backend):
     feeds = good_feeds(backend.vocab_size, seq=7)
     feeds["attention_mask"] = np.ones((2, 8), dtype=np.int64)
     _raises(backend, feeds, "sequence")
 
 
 @pytest.mark.parametrize("bad", ["vocab", -1])
-def test_token_id_out_of_range(backend, bad):
+def test_token_ids_outside_the_vocabulary_are_refused(backend, bad):
     feeds = good_feeds(backend.vocab_size)
     value = backend.vocab_size if bad == "vocab" else bad
     feeds["input_ids"][1, 3] = value
@@ -123,7 +124,7 @@ def test_last_valid_token_id_is_accepted(backend):
     assert np.isfinite(backend.run(feeds)["logits"]).all()
 
 
-def test_context_manager_closes(backend, monkeypatch):
+def test_context_manager_closes_the_backend(backend, monkeypatch):
     closed = []
     original = backend.close
 
@@ -148,9 +149,9 @@ def test_context_manager_closes_on_error(tiny_onnx):
 
 
 def test_onnxruntime_backend_metadata_and_errors(tiny_onnx, tiny_source, tmp_path):
-    with open_file_backend("onnxruntime", tiny_onnx) as backend:
+    with open_backend("onnxruntime", tiny_onnx) as backend:
         assert backend.name == "onnxruntime-cpu"
-        assert backend.metadata["checkpoint_sha256"] == tiny_source.sha256
+        assert backend.graph.weights == tiny_source.record
     with pytest.raises(BackendError, match="ONNX model not found"):
         OnnxRuntimeBackend(tmp_path / "missing.onnx")
     garbage = tmp_path / "garbage.onnx"
@@ -160,7 +161,7 @@ def test_onnxruntime_backend_metadata_and_errors(tiny_onnx, tiny_source, tmp_pat
     with pytest.raises(BackendError, match="unknown ONNX Runtime provider 'tpu'"):
         OnnxRuntimeBackend(tiny_onnx, provider="tpu")
     with pytest.raises(BackendError, match="unknown backend 'tflite'"):
-        open_file_backend("tflite", tiny_onnx)
+        open_backend("tflite", tiny_onnx)
 
 
 def test_malformed_metadata_is_a_backend_error(tiny_onnx, tmp_path):
@@ -172,5 +173,5 @@ def test_malformed_metadata_is_a_backend_error(tiny_onnx, tmp_path):
             prop.value = "{not json"
     path = tmp_path / "bad_metadata.onnx"
     onnx.save(proto, str(path))
-    with pytest.raises(BackendError, match="model_config"):
+    with pytest.raises(BackendError, match="bad_metadata.onnx has damaged toolkit metadata .model config is not valid"):
         OnnxRuntimeBackend(path)

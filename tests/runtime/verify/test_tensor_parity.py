@@ -10,7 +10,9 @@ import pytest
 from models.config import ModelConfig
 from models.signature import graph_signature
 from runtime.backends import Backend, TensorMeta
-from runtime.parity import TOLERANCES, Case, ParityReport, Tolerance, check_parity, compare_outputs, default_cases
+from models.precision import PRECISIONS, Tolerance
+from runtime.backends.torch_backend import TorchBackend
+from runtime.verify.tensors import Case, ParityReport, check_parity, compare_outputs, default_cases
 
 STRICT = Tolerance(atol=0.1, rtol=0.0, min_cosine=0.99, min_top1=0.9)
 CASE = Case(2, 2)
@@ -90,9 +92,10 @@ def test_shape_mismatch_and_non_finite():
 
 
 def test_tolerance_table():
-    assert TOLERANCES["float32"].atol == 1e-4 and TOLERANCES["float32"].rtol == 0.0
-    assert TOLERANCES["float16"].atol > TOLERANCES["float32"].atol
-    assert TOLERANCES["bfloat16"].atol >= TOLERANCES["float16"].atol
+    fp32, fp16, bf16 = (PRECISIONS[name].tolerance for name in ("fp32", "fp16", "bf16"))
+    assert fp32.atol == 1e-4 and fp32.rtol == 0.0
+    assert fp16.atol > fp32.atol
+    assert bf16.atol >= fp16.atol
 
 
 def _report():
@@ -207,3 +210,27 @@ def test_check_parity_with_stub_backends(tiny_model):
 
     missing = check_parity(reference, Stub(reference, drop=True), cases)
     assert not missing and all("missing" in r.problem for r in missing.results)
+
+
+def test_parity_of_different_seeds_fails(tiny_config):
+    from models.transformer import build_model
+
+    with TorchBackend(build_model(tiny_config, 0)) as reference, TorchBackend(build_model(tiny_config, 1)) as other:
+        report = check_parity(reference, other, [Case(1, 1), Case(2, 9), Case(2, 9, padded=True)])
+    assert bool(report) is False
+    worst = report.worst()
+    assert not worst.passed and worst.case in {Case(1, 1), Case(2, 9), Case(2, 9, padded=True)}
+    assert worst.max_abs > 1e-2 and "max abs" in worst.problem
+    assert worst.case.label in report.summary() and "FAILED" in report.summary()
+
+
+@pytest.mark.parametrize("past", [0, 1, 150])
+def test_with_past_graph_matches_pytorch_at_past_lengths(tiny_past_onnx, tiny_model, past):
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    with TorchBackend(tiny_model, with_past=True) as reference, OnnxRuntimeBackend(tiny_past_onnx) as candidate:
+        report = check_parity(reference, candidate, [Case(1, 1, past=past), Case(3, 5, past=past),
+                                                     Case(3, 4, padded=True, past=past)])
+    assert report, report.summary()
+    assert max(r.max_abs for r in report.results) < 1e-4
+    assert {r.output for r in report.results} >= {"logits", "present.0.key", "present.1.value"}

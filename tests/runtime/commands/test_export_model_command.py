@@ -1,4 +1,4 @@
-"""`export-model` and `check-parity` run in-process: exit codes, one-line errors, files written."""
+"""`export-model` in-process: exit codes, one-line errors, files written and never half-written."""
 from __future__ import annotations
 
 import json
@@ -8,34 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
-from export import cli as export_cli
+from command_helpers import assert_one_line_error, perturb_embedding
 from export import onnx_export
-from runtime import parity_cli
-from runtime.backends.torch_backend import TorchBackend
-from runtime.parity import Case, check_parity
-
-
-def assert_one_line_error(capsys, prog: str, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith(f"{prog}: error:"), lines[0]
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def perturb_embedding(proto, delta: float = 0.05) -> int:
-    """Shift the graph's token embedding initializer in place; returns how many were changed."""
-    changed = 0
-    for init in proto.graph.initializer:
-        if init.name.endswith("token_emb.weight"):
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + delta, init.name))
-            changed += 1
-    return changed
+from runtime.commands import export_model as export_cli
 
 
 @pytest.fixture
@@ -169,85 +145,6 @@ def test_export_model_writes_graph_and_json(capsys, out_dir, tiny_source):
     assert [o.version for o in proto.opset_import if o.domain == ""] == [17]
 
 
-# --------------------------------------------------------------------------- check-parity
-
-def test_check_parity_passes_on_the_good_model(capsys, tiny_onnx, tmp_path):
-    report_path = tmp_path / "parity.json"
-    code = parity_cli.main([str(tiny_onnx), "--json", str(report_path)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert captured.err == ""
-    report = json.loads(report_path.read_text())
-    assert report["passed"] is True and report["precision"] == "float32"
-    cases = report["cases"]
-    labels = {(c["case"]["batch"], c["case"]["sequence"], c["case"]["padded"]) for c in cases}
-    assert {(1, 1, False), (3, 1, False), (1, 17, False)} <= labels
-    assert any(padded for _, _, padded in labels)
-    for case in cases:
-        assert case["passed"] and case["output"] == "logits"
-        assert 0 <= case["max_abs"] <= 1e-4 and case["cosine"] >= 0.99999 and case["top1"] >= 0.99
-    assert report["tolerance"]["atol"] == 1e-4
-    assert report["worst"]["max_abs"] == max(c["max_abs"] for c in cases)
-
-
-def seed_flag(parser) -> str:
-    """The weight-seed option (named --seed at first, --init-seed since the KV-cache commit)."""
-    for action in parser._actions:
-        if action.dest == "seed" and action.option_strings:
-            return action.option_strings[0]
-    raise AssertionError("check-parity has no weight seed option")
-
-
-def test_check_parity_refuses_other_seed(capsys, tiny_onnx, tmp_path):
-    report_path = tmp_path / "parity.json"
-    flag = seed_flag(parity_cli.build_parser())
-    code = parity_cli.main([str(tiny_onnx), "--preset", "tiny", flag, "1", "--json", str(report_path)])
-    assert code == 2
-    assert_one_line_error(capsys, "check-parity", "not those", "sha256")
-    assert not report_path.exists()
-
-
-def test_check_parity_fails_on_a_tampered_graph(capsys, tiny_onnx, tmp_path):
-    """Same recorded weights sha, but the graph's weights were changed after export: exit 1."""
-    proto = onnx.load(str(tiny_onnx))
-    assert perturb_embedding(proto) == 1
-    tampered = tmp_path / "tampered.onnx"
-    onnx.save(proto, str(tampered))
-    report_path = tmp_path / "parity.json"
-    code = parity_cli.main([str(tampered), "--batch", "1,2", "--seq", "1,9", "--json", str(report_path)])
-    assert code == 1
-    assert_one_line_error(capsys, "check-parity", "parity FAILED")
-    report = json.loads(report_path.read_text())
-    assert report["passed"] is False
-    assert any(not c["passed"] and c["max_abs"] > 1e-4 for c in report["cases"])
-
-
-def test_check_parity_on_checkpoint_export(capsys, upstream_onnx, upstream_checkpoint):
-    path, _ = upstream_onnx
-    assert parity_cli.main([str(path), "--batch", "2", "--seq", "1,9"]) == 2
-    assert_one_line_error(capsys, "check-parity", "does not record a preset", "--checkpoint")
-    code = parity_cli.main([str(path), "--checkpoint", str(upstream_checkpoint), "--batch", "2", "--seq", "1,9"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-
-
-def test_check_parity_missing_model(capsys, tmp_path):
-    assert parity_cli.main([str(tmp_path / "nope.onnx")]) == 2
-    assert_one_line_error(capsys, "check-parity", "ONNX model not found")
-
-
-def test_parity_of_different_seeds_fails(tiny_config):
-    from models.transformer import build_model
-
-    with TorchBackend(build_model(tiny_config, 0)) as reference, TorchBackend(build_model(tiny_config, 1)) as other:
-        report = check_parity(reference, other, [Case(1, 1), Case(2, 9), Case(2, 9, padded=True)])
-    assert bool(report) is False
-    worst = report.worst()
-    assert not worst.passed and worst.case in {Case(1, 1), Case(2, 9), Case(2, 9, padded=True)}
-    assert worst.max_abs > 1e-2 and "max abs" in worst.problem
-    assert worst.case.label in report.summary() and "FAILED" in report.summary()
-
-
 def test_unwritable_json_report_leaves_no_graph(capsys, monkeypatch, out_dir, tiny_onnx, tmp_path):
     def reuse(model, opset, dtype, *args, **kwargs):
         from models.signature import graph_signature
@@ -260,3 +157,17 @@ def test_unwritable_json_report_leaves_no_graph(capsys, monkeypatch, out_dir, ti
     assert code != 0
     assert_one_line_error(capsys, "export-model", "no-such-dir")
     assert os.listdir(out_dir) == []
+
+
+def test_static_cache_export_writes_a_verified_graph(tmp_path):
+    path = tmp_path / "static.onnx"
+    assert export_cli.main(["--static-cache", "96", "--output", str(path), "--json", str(tmp_path / "e.json")]) == 0
+    exported = json.loads((tmp_path / "e.json").read_text())
+    assert exported["kind"] == "onnxruntime-static-cache" and exported["verify"]["passed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "static.onnx"]
+
+
+def test_static_cache_with_past_is_refused_before_any_work(tmp_path, capsys, no_trace):
+    assert export_cli.main(["--static-cache", "8", "--with-past", "--output", str(tmp_path / "x.onnx")]) == 2
+    assert_one_line_error(capsys, "export-model", "drop --with-past")
+    assert not (tmp_path / "x.onnx").exists()

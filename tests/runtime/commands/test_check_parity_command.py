@@ -1,0 +1,99 @@
+"""`check-parity` in-process: verdicts, exit codes, reports and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from command_helpers import assert_one_line_error, perturb_embedding
+from runtime.commands import check_parity as parity_cli
+
+
+# --------------------------------------------------------------------------- check-parity
+
+def test_check_parity_passes_on_the_good_model(capsys, tiny_onnx, tmp_path):
+    report_path = tmp_path / "parity.json"
+    code = parity_cli.main([str(tiny_onnx), "--json", str(report_path)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err == ""
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and report["precision"] == "float32"
+    cases = report["cases"]
+    labels = {(c["case"]["batch"], c["case"]["sequence"], c["case"]["padded"]) for c in cases}
+    assert {(1, 1, False), (3, 1, False), (1, 17, False)} <= labels
+    assert any(padded for _, _, padded in labels)
+    for case in cases:
+        assert case["passed"] and case["output"] == "logits"
+        assert 0 <= case["max_abs"] <= 1e-4 and case["cosine"] >= 0.99999 and case["top1"] >= 0.99
+    assert report["tolerance"]["atol"] == 1e-4
+    assert report["worst"]["max_abs"] == max(c["max_abs"] for c in cases)
+
+
+def seed_flag(parser) -> str:
+    """The weight-seed option (named --seed at first, --init-seed since the KV-cache commit)."""
+    for action in parser._actions:
+        if action.dest == "seed" and action.option_strings:
+            return action.option_strings[0]
+    raise AssertionError("check-parity has no weight seed option")
+
+
+def test_check_parity_refuses_other_seed(capsys, tiny_onnx, tmp_path):
+    report_path = tmp_path / "parity.json"
+    flag = seed_flag(parity_cli.build_parser())
+    code = parity_cli.main([str(tiny_onnx), "--preset", "tiny", flag, "1", "--json", str(report_path)])
+    assert code == 2
+    assert_one_line_error(capsys, "check-parity", "not those", "sha256")
+    assert not report_path.exists()
+
+
+def test_check_parity_fails_on_a_tampered_graph(capsys, tiny_onnx, tmp_path):
+    """Same recorded weights sha, but the graph's weights were changed after export: exit 1."""
+    proto = onnx.load(str(tiny_onnx))
+    assert perturb_embedding(proto) == 1
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    report_path = tmp_path / "parity.json"
+    code = parity_cli.main([str(tampered), "--batch", "1,2", "--seq", "1,9", "--json", str(report_path)])
+    assert code == 1
+    assert_one_line_error(capsys, "check-parity", "parity FAILED")
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is False
+    assert any(not c["passed"] and c["max_abs"] > 1e-4 for c in report["cases"])
+
+
+def test_check_parity_on_checkpoint_export(capsys, upstream_onnx, upstream_checkpoint):
+    path, _ = upstream_onnx
+    assert parity_cli.main([str(path), "--batch", "2", "--seq", "1,9"]) == 2
+    assert_one_line_error(capsys, "check-parity", "does not record a preset", "--checkpoint")
+    code = parity_cli.main([str(path), "--checkpoint", str(upstream_checkpoint), "--batch", "2", "--seq", "1,9"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+
+
+def test_check_parity_missing_model(capsys, tmp_path):
+    assert parity_cli.main([str(tmp_path / "nope.onnx")]) == 2
+    assert_one_line_error(capsys, "check-parity", "ONNX model not found")
+
+
+
+
+def test_generate_flag_compares_greedy_tokens_with_pytorch(tiny_past_onnx, tmp_path):
+    report = tmp_path / "parity.json"
+    code = parity_cli.main([str(tiny_past_onnx), "--seq", "1,9", "--batch", "1,2", "--generate", "16",
+                            "--json", str(report)])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["generation"]["tokens_compared"] == 32
+    assert data["generation"]["first_divergence"] is None
+    assert any(c["case"]["past"] > 0 for c in data["cases"])
+
+
+def test_a_static_cache_graph_is_checked_through_its_decoder(tiny_static_onnx, tmp_path, capsys):
+    report = tmp_path / "parity.json"
+    assert parity_cli.main([str(tiny_static_onnx), "--seq", "1,9,33", "--generate", "16", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["generation"]["tokens_matched"] == 32
+    assert {c["output"] for c in data["cases"]} == {"logits (prompt)", "logits (8 decode steps)"}
+    assert parity_cli.main([str(tiny_static_onnx), "--backend", "tensorrt"]) == 2
+    assert_one_line_error(capsys, "check-parity", "static-cache graphs run on ONNX Runtime; tensorrt cannot run one")
