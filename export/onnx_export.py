@@ -6,7 +6,6 @@ import copy
 import io
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.errors import ToolkitError
-from models.files import new_file_mode
+from models.files import new_file_mode, staging_folder
 from models.graph_metadata import LOGITS, WITH_PAST, GraphMetadata, WeightsRecord
 from models.precision import Precision, precision as lookup_precision
 from models.signature import BATCH, SEQUENCE, GraphSignature, graph_signature
@@ -245,8 +244,8 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, 
                           "fix the model code or pass --allow-lint")
     # Everything is written into a hidden folder beside OUTPUT and moved into place only once
     # checked and verified, so a failure leaves the previous export (graph and data) untouched.
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as folder:
-        written = _save(proto, Path(folder), output.name)
+    with staging_folder(output) as folder:
+        written = _save(proto, folder, output.name)
         _check_written(written[-1])
         seconds = time.perf_counter() - started
         if verify is not None:

@@ -187,7 +187,10 @@ def load_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | N
             if stored is None and sidecar.exists():
                 stored = sidecar.read_text()
             config = _merge_config(ModelConfig.from_json(stored) if stored else None, config_override)
-    except (ConfigError, KeyError) as error:
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint {path} lacks the tensor {error.args[0]!r} that its {layout} layout needs; "
+                              "is it a complete state_dict of the model?") from None
+    except ConfigError as error:
         raise CheckpointError(f"cannot build a model config from {path}: {error}") from None
     model = Transformer(config)
     expected = model.state_dict()

@@ -60,6 +60,18 @@ class ModelConfig:
                 yield f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})"
         if isinstance(self.dim_head, int) and self.dim_head % 2:
             yield f"dim_head must be even for rotary embeddings, got {self.dim_head}"
+        for name in ("ff_expansion_factor", "theta", "dropout", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value in (
+                    float("inf"), float("-inf")):
+                yield f"{name} must be a finite number, got {value!r}"
+                return
+        for name in ("causal", "ff_bias"):
+            if not isinstance(getattr(self, name), bool):
+                yield f"{name} must be true or false, got {getattr(self, name)!r}"
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or isinstance(self.max_seq_len, bool)):
+            yield f"max_seq_len must be a positive integer or null, got {self.max_seq_len!r}"
+            return
         if self.norm not in NORMS:
             yield f"norm must be one of {NORMS}, got {self.norm!r}"
         if self.qkv not in QKV_LAYOUTS:

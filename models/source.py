@@ -66,10 +66,15 @@ def parse_config_argument(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
     candidate = Path(text)
-    if not text.lstrip().startswith("{"):
-        if not candidate.is_file():
-            raise ConfigError(f"--config {text!r} is neither inline JSON nor an existing JSON file")
-        text = candidate.read_text()
+    if not text.lstrip().startswith(("{", "[", '"')) and not candidate.is_file():
+        if candidate.exists():
+            raise ConfigError(f"--config {text!r} is a directory; give inline JSON or a JSON file")
+        raise ConfigError(f"--config {text!r} is neither inline JSON nor an existing JSON file")
+    if candidate.is_file() and not text.lstrip().startswith(("{", "[")):
+        try:
+            text = candidate.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read --config file {text}: {error}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from models.errors import ToolkitError
 
-from .common import add_model_arguments, int_list, log_to, model_request, run_main, write_json
+from .common import (ArgumentParser, Files, add_model_arguments, int_list, log_to, model_files, model_request,
+                     non_negative_int, positive_int, run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.registry import BACKENDS
 
     described = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.items())
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="benchmark",
         description="Measure prefill throughput (tokens/s, achieved TFLOP/s) and per-token decode latency "
                     "(p50/p90/p99, through the key/value cache) for each backend, with GPU memory, and print "
@@ -32,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int_list, default=[1], metavar="N,N", help="batch sizes (default 1)")
     parser.add_argument("--context", type=int_list, default=[128], metavar="N,N",
                         help="prompt / cache lengths (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=32, metavar="N", help="decode steps timed (default 32)")
-    parser.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
-    parser.add_argument("--iters", type=int, default=10, metavar="N", help="timed prefill runs (default 10)")
+    parser.add_argument("--new-tokens", type=non_negative_int, default=32, metavar="N",
+                        help="decode steps timed (default 32; 0 times the prompt only)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed runs first (default 3)")
+    parser.add_argument("--iters", type=positive_int, default=10, metavar="N", help="timed prefill runs (default 10)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="draw decode latency vs context per backend (matplotlib)")
     return parser
@@ -111,6 +114,18 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     return results
 
 
+def _check_sizes(names: list[str], targets: Targets, args, row) -> None:
+    """Unknown backends, and sizes no machine here can hold, are refused before any work."""
+    from runtime.registry import backend_spec
+    from runtime.resources import forward_bytes, require
+
+    needed = forward_bytes(targets.config(), max(args.batch), max(args.context),
+                           args.warmup + args.new_tokens + 1, row.bytes_per_value)
+    for name in names:
+        require(needed, f"batch {max(args.batch)} x context {max(args.context)} on {name}",
+                backend_spec(name).resolved_device(), "benchmark smaller --batch/--context")
+
+
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
@@ -129,6 +144,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     have = (WEIGHTS,) + ((ONNX,) if args.model else ()) + ((ENGINE,) if args.engine else ())
     names = [n.strip() for n in args.backend.split(",")] if args.backend else default_backends(cuda, have)
+    _check_sizes(names, targets, args, row)
     env = environment()
     peaks = peaks_for(env["device"]) if cuda else None
     log(f"benchmark: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), onnxruntime {env['onnxruntime']}; "
@@ -147,11 +163,19 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, args.plot, f"{env['device']}, {row.dtype}, {args.new_tokens} decode steps")
         log(f"chart written to {args.plot}")
-    return 0 if any(r.error is None for r in results) else 1
+    if all(r.error is not None for r in results):
+        print(f"benchmark: error: no backend ran; the first said: {results[0].error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs={"MODEL": args.model, "--engine": args.engine, **model_files(args)},
+                 outputs={"--json": args.json, "--plot": args.plot})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_benchmark, build_parser(), argv)
+    return run_main(_benchmark, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from models.errors import ToolkitError
 
-from .common import log_to, run_main, write_json
+from .common import ArgumentParser, Files, log_to, positive_int, run_main, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="build-engine",
         description="Build a TensorRT engine from an exported ONNX graph (trtexec-style flags). "
                     "Optimisation profiles default to the axes recorded by export-model (batch 1:1:8, "
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default="auto", help="which library builds: auto prefers tensorrt, then tensorrt-rtx")
     build.add_argument("--timing-cache", metavar="PATH",
                        help="load TensorRT's timing cache from PATH if present, and save it back after the build")
-    build.add_argument("--workspace", type=int, metavar="MiB", help="workspace memory pool limit in MiB")
+    build.add_argument("--workspace", type=positive_int, metavar="MiB", help="workspace memory pool limit in MiB")
     build.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="0-5",
                        help="builder optimisation level, 0-5 (default 3); higher builds slower, may run faster")
     build.add_argument("--version-compatible", action="store_true",
@@ -64,9 +64,7 @@ def _inputs(args: argparse.Namespace):
     model = Path(args.model)
     if not model.is_file():
         raise ToolkitError(f"ONNX model not found: {model}")
-    output = Path(args.output) if args.output else model.with_suffix(".engine")
-    if not output.parent.is_dir():
-        raise ToolkitError(f"cannot write {output}: {output.parent} is not a directory")
+    output = _output(args)
     inputs, axes, metadata = graph_axes(model)
     profiles = build_profiles(inputs, axes, args.batch, args.seq, args.past, args.min_shapes, args.opt_shapes,
                               args.max_shapes)
@@ -146,8 +144,19 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output(args: argparse.Namespace) -> Path:
+    return Path(args.output) if args.output else Path(args.model).with_suffix(".engine")
+
+
+def _files(args: argparse.Namespace) -> Files:
+    engine = _output(args)
+    return Files(inputs={"MODEL": args.model},
+                 outputs={"--output": str(engine), "the sidecar of --output": str(engine) + ".json", "--json": args.json,
+                          "--timing-cache": args.timing_cache})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_build, build_parser(), argv)
+    return run_main(_build, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import sys
 
 from models.precision import PRECISIONS
 
-from .common import add_backend_argument, add_model_arguments, int_list, log_to, model_request, run_main, write_json
+from .common import (ArgumentParser, Files, add_backend_argument, add_model_arguments, int_list, log_to, model_files,
+                     model_request, non_negative_float, non_negative_int, run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tolerances = "; ".join(f"{row.name}: atol {t.atol:g}, rtol {t.rtol:g}, cosine >= {t.min_cosine:g}, "
                            f"top-1 >= {t.min_top1:.0%}" for row in PRECISIONS.values() for t in [row.tolerance])
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="check-parity",
         description="Run the PyTorch reference and a deployed model over a sweep of batch sizes and "
                     "sequence lengths, and report per shape the max absolute and relative error, cosine "
@@ -30,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequence lengths (default from the model's sequence axis: 1,17,128,513)")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                         help="which tolerance row to apply (default auto: the precision recorded in MODEL)")
-    parser.add_argument("--atol", type=float, help="override the absolute tolerance")
-    parser.add_argument("--generate", type=int, default=0, metavar="N",
+    parser.add_argument("--atol", type=non_negative_float, help="override the absolute tolerance (a finite number >= 0)")
+    parser.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
                         help="also compare N greedy tokens (2 prompts) token by token and report the first "
                              "divergence with the reference's top-2 logit margin there; fp32 must match "
                              "exactly, fp16/bf16 must reach the top-1 bar with teacher forcing")
-    parser.add_argument("--input-seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    parser.add_argument("--input-seed", type=non_negative_int, default=0, help="seed of the random token ids (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
     return parser
 
@@ -55,12 +56,23 @@ def _check(args: argparse.Namespace) -> int:
     row = precision(metadata.precision if args.precision == "auto" else args.precision)
     tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
     device = spec.resolved_device()
+    _check_sizes(args, metadata, row, device)
     sweep = _decoder_sweep if metadata.kind == STATIC_CACHE else _tensor_sweep
     report = sweep(args, spec, source, metadata, row, tolerance, device, log)
     log(report.table())
     log(report.summary())
     generation = _generation(args, spec, source, row, tolerance, device, log) if args.generate else None
     return _verdict(args, report, generation)
+
+
+def _check_sizes(args, metadata, row, device: str) -> None:
+    """The largest case of the sweep must fit, on the host (numpy copies) and the device."""
+    from runtime.resources import forward_bytes, require
+
+    rows, tokens = max(args.batch or [3]), max(args.seq or [513])
+    needed = 2 * forward_bytes(metadata.config, rows, tokens + 8, 0, row.bytes_per_value)  # reference and candidate
+    for where in {"cpu", device}:
+        require(needed, f"the largest case ({rows} x {tokens} tokens)", where, "check smaller --batch/--seq")
 
 
 def _tensor_sweep(args, spec, source, metadata, row, tolerance, device, log):
@@ -117,8 +129,12 @@ def _verdict(args: argparse.Namespace, report, generation) -> int:
     return 0 if passed else 1
 
 
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs={"MODEL": args.model, **model_files(args)}, outputs={"--json": args.json})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_check, build_parser(), argv)
+    return run_main(_check, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,86 @@
-"""What every command line shares: error handling, JSON output, list parsing, model arguments."""
+"""What every command line shares: one-line errors, argument types that refuse nonsense,
+output paths claimed before any work, signals that clean up, JSON output and the model flags."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from models.errors import ToolkitError
-from models.files import atomic_path
+from models.files import atomic_path, probe_writable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one `prog: error:` line like every other error."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that staging files are removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP unwind like Ctrl-C (finally blocks and context managers run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, _frame):
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Files:
+    """A command's input and output files by flag (None or "-" when not used)."""
+
+    inputs: dict[str, str | None] = field(default_factory=dict)
+    outputs: dict[str, str | None] = field(default_factory=dict)
 
 
 def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
-             argv: list[str] | None) -> int:
-    """Parse argv and run `body`; toolkit errors become one line on stderr and exit 2."""
-    args = parser.parse_args(argv)
+             argv: list[str] | None, files: Callable[[argparse.Namespace], Files] | None = None) -> int:
+    """Parse argv, claim the output files, run `body`; toolkit errors become one line on stderr
+    and exit 2, Ctrl-C/SIGTERM/SIGHUP exit 128 + the signal after the staging files are gone."""
     try:
-        check_output_target(getattr(args, "json", None), "JSON report")
-        check_output_target(getattr(args, "plot", None), "chart")
-        return body(args)
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad argument already reported in one line
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        with _signals_interrupt():
+            check_files(files(args) if files else Files(outputs={"--json": getattr(args, "json", None),
+                                                                 "--plot": getattr(args, "plot", None)}))
+            return body(args)
     except ToolkitError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"{parser.prog}: interrupted by {signal.Signals(signum).name}; nothing was left half-written",
+              file=sys.stderr)
+        return 128 + signum
     except Exception as error:  # an unexpected failure is a bug: one line, traceback on request
         if os.environ.get("TOOLKIT_DEBUG"):
             raise
@@ -34,21 +89,100 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
         return 1
 
 
-def int_list(text: str) -> list[int]:
-    """argparse type for "1,3,17"."""
+def check_files(files: Files) -> None:
+    """Before any work: every output can be written where asked, no two outputs are the same file,
+    and no output would overwrite an input."""
+    claimed: dict[Path, str] = {}
+    inputs = {Path(path).resolve(): flag for flag, path in files.inputs.items() if path and path != "-"}
+    for flag, path in files.outputs.items():
+        if not path or path == "-":
+            continue
+        target = Path(path)
+        check_output_path(target, flag)
+        resolved = target.resolve()
+        if resolved in claimed:
+            raise ToolkitError(f"{flag} and {claimed[resolved]} both name {path}; give each output its own file")
+        if resolved in inputs:
+            raise ToolkitError(f"{flag} {path} is also the {inputs[resolved]} input; writing it would destroy "
+                               "the input, so choose another path")
+        claimed[resolved] = flag
+
+
+def check_output_path(target: Path, flag: str) -> None:
+    parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        raise ToolkitError(f"cannot write {flag} {target}: {parent} is a file, not a directory; choose another {flag}")
+    if not parent.exists():
+        raise ToolkitError(f"cannot write {flag} {target}: directory {parent} does not exist; create it or "
+                           f"choose another {flag}")
+    if target.is_dir():
+        raise ToolkitError(f"cannot write {flag} {target}: it is a directory; give a file name inside it")
+    try:
+        probe_writable(target)
+    except OSError as error:
+        raise ToolkitError(f"cannot write {flag} {target}: {error.strerror or error} in {parent}; "
+                           f"choose a writable place for {flag}") from None
+
+
+def _number(kind, text: str, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise argparse.ArgumentTypeError(f"must be in {left}{'-inf' if low is None else low}, "
+                                         f"{'inf' if high is None else high}{right}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, 0)
+
+
+def finite_float(text: str) -> float:
+    return _number(float, text)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(float, text, 0.0)
+
+
+def fraction(text: str) -> float:
+    """[0, 1): the top-k filter threshold."""
+    return _number(float, text, 0.0, 1.0, high_open=True)
+
+
+def _integers(text: str, low: int, example: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,3,17, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r}")
+    bad = next((v for v in values if v < low), None)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"expected integers >= {low}, got {bad}")
     return values
 
 
-def check_output_target(target: str | None, what: str) -> None:
-    """Fail before any work if a report or chart could not be written where asked."""
-    if target and target != "-" and not Path(target).parent.is_dir():
-        raise ToolkitError(f"cannot write {what} {target}: {Path(target).parent} is not a directory")
+def int_list(text: str) -> list[int]:
+    """argparse type for positive sizes: "1,3,17"."""
+    return _integers(text, 1, "1,3,17")
+
+
+def token_ids(text: str) -> list[int]:
+    """argparse type for token ids: "0,17,255" (0 is a token like any other)."""
+    return _integers(text, 0, "0,17,255")
 
 
 def write_json(target: str, data: Any) -> None:
@@ -57,7 +191,6 @@ def write_json(target: str, data: Any) -> None:
     if target == "-":
         sys.stdout.write(text)
         return
-    check_output_target(target, "JSON report")
     with atomic_path(Path(target)) as temporary:
         temporary.write_text(text)
 
@@ -81,8 +214,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                             "or the preset's values")
     group.add_argument("--preset", metavar="NAME",
                        help="build a preset model from --init-seed instead of loading weights: tiny (default) or small")
-    group.add_argument("--init-seed", dest="seed", type=int, default=0, metavar="N",
+    group.add_argument("--init-seed", dest="seed", type=non_negative_int, default=0, metavar="N",
                        help="weight initialisation seed for --preset (default 0)")
+
+
+def model_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """The model flags' input files, for Files.inputs."""
+    config = args.config if args.config and Path(args.config).is_file() else None
+    return {"--checkpoint": args.checkpoint, "--config": config}
 
 
 def model_request(args: argparse.Namespace):

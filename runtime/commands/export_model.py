@@ -6,11 +6,12 @@ import argparse
 from export.opset import MAX_OPSET, MIN_OPSET
 from models.precision import DEFAULT_PRECISION, PRECISIONS
 
-from .common import add_model_arguments, log_to, model_request, run_main, write_json
+from .common import (ArgumentParser, Files, add_model_arguments, log_to, model_files, model_request, positive_int,
+                     run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="export-model",
         description="Export the rotary transformer to ONNX with symbolic batch and sequence axes. "
                     "Inputs: input_ids and attention_mask, int64 (batch, sequence); output: logits, "
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export the decoder with a key/value cache: extra inputs past_key_values.{i}.key/value "
                              "(batch, kv_heads, past_sequence, dim_head), outputs present.{i}.key/value; "
                              "attention_mask then covers past + new tokens. One graph serves prompt and decode steps")
-    parser.add_argument("--static-cache", type=int, metavar="N",
+    parser.add_argument("--static-cache", type=positive_int, metavar="N",
                         help="instead, write the ONNX Runtime-only fast decoder: com.microsoft GroupQueryAttention "
                              "and fused norms over a static N-token key/value cache that past and present share, so "
                              "CUDA graphs can replay each decode step (use with --dtype fp16 on CUDA; not for "
@@ -59,6 +60,12 @@ def _export(args: argparse.Namespace) -> int:
     parity = {}
     if args.static_cache is not None:
         from export.static_cache_graph import export_static_cache
+        from runtime.resources import cache_bytes, require
+
+        config = source.model.config
+        require(8.0 * args.static_cache * config.dim_head + cache_bytes(config, 3, args.static_cache, 4),
+                f"a {args.static_cache}-token static cache (rotary tables, and the verification's 3-row cache)",
+                "cpu", "choose a smaller --static-cache")
 
         def verify(data: bytes) -> None:
             parity["report"] = verify_static_export(data, source.model, args.dtype, args.static_cache, log)
@@ -86,8 +93,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs=model_files(args), outputs={"--output": args.output, "--json": args.json})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_export, build_parser(), argv)
+    return run_main(_export, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ import sys
 
 from models.errors import ToolkitError
 
-from .common import add_backend_argument, add_model_arguments, int_list, log_to, model_request, run_main, write_json
+from .common import (ArgumentParser, Files, add_backend_argument, add_model_arguments, finite_float, fraction, log_to,
+                     model_files, model_request, non_negative_int, positive_int, run_main, token_ids, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.registry import AUTO, BACKENDS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="generate",
         description="Generate tokens autoregressively through any backend. Graphs exported --with-past "
                     "(and engines built from them) decode through the key/value cache, kept on the GPU for "
@@ -30,15 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser, "for the backends that run the PyTorch weights")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text prompt (byte-level tokens)")
-    prompt.add_argument("--prompt-ids", type=int_list, metavar="1,2,3", help="prompt token ids")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    prompt.add_argument("--prompt-ids", type=token_ids, metavar="0,1,2", help="prompt token ids (0 to vocabulary - 1)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                        help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=finite_float, default=0.0, metavar="T",
                         help="sampling temperature; <= 0 means greedy (default 0)")
-    parser.add_argument("--filter-thres", type=float, default=0.9, metavar="F",
-                        help="top-k filter as upstream: keep the top (1 - F) fraction of logits (default 0.9)")
-    parser.add_argument("--seed", dest="sample_seed", type=int, default=0, metavar="S",
+    parser.add_argument("--filter-thres", type=fraction, default=0.9, metavar="F",
+                        help="top-k filter as upstream: keep the top (1 - F) fraction of logits, F in [0, 1) "
+                             "(default 0.9)")
+    parser.add_argument("--seed", dest="sample_seed", type=non_negative_int, default=0, metavar="S",
                         help="sampling seed (default 0); the same seed gives the same tokens on every backend")
-    parser.add_argument("--eos-id", type=int, metavar="ID", help="stop a row at this token")
+    parser.add_argument("--eos-id", type=non_negative_int, metavar="ID", help="stop a row at this token")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write tokens, text and timings as JSON to PATH, or stdout if no PATH is given")
     return parser
@@ -103,8 +106,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs={"--model": args.model, **model_files(args)}, outputs={"--json": args.json})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_generate, build_parser(), argv)
+    return run_main(_generate, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

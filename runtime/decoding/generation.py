@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..resources import forward_bytes, require
 from .base import Decoder, DecodingError
 from .sampling import next_tokens, top2_margin
 
@@ -62,6 +63,9 @@ def check_request(decoder: Decoder, prompts: list[list[int]], settings: Generati
     if decoder.max_length and longest > decoder.max_length:
         raise DecodingError(f"prompt plus {settings.max_new_tokens} new tokens is {longest} tokens, past "
                             f"{decoder.capacity_hint}")
+    require(forward_bytes(decoder.config, len(prompts), max(len(p) for p in prompts), settings.max_new_tokens, 4),
+            f"{len(prompts)} row(s) of {longest} tokens", decoder.device.type,
+            "shorten the prompt or ask for fewer new tokens")
 
 
 def generate(decoder: Decoder, prompts: list[list[int]], settings: GenerationSettings,

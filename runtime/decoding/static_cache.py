@@ -23,6 +23,7 @@ from ..backends import BackendError
 from ..backends.base import check_io
 from ..backends.onnxruntime_backend import (_import_onnxruntime, _numpy_dtype, open_session, session_io,
                                             session_metadata)
+from ..resources import cache_bytes, logits_bytes, require
 from .base import Decoder, DecodingError
 
 
@@ -72,7 +73,11 @@ class StaticCacheDecoder(Decoder):
 
     def _allocate(self, cache_names: list[str]) -> None:
         c, rows, device = self.config, self.rows, self.device
-        dtype = precision(self.graph.precision).torch_dtype
+        row = precision(self.graph.precision)
+        require(cache_bytes(c, rows, self.max_cache, row.bytes_per_value) + logits_bytes(c, rows, 1),
+                f"the static cache of {rows} row(s) x {self.max_cache} tokens", device.type,
+                "use fewer rows or a graph exported with a smaller --static-cache")
+        dtype = row.torch_dtype
         self.caches = {name: torch.zeros(rows, c.kv_heads, self.max_cache, c.dim_head, dtype=dtype, device=device)
                        for name in cache_names}
         self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)

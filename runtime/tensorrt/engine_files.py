@@ -52,9 +52,17 @@ class Sidecar:
     @classmethod
     def from_json(cls, text: str) -> "Sidecar":
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != SIDECAR_FORMAT:
             raise ValueError(f"unknown sidecar format {data.get('format')!r}")
-        return cls(**data)
+        sidecar = cls(**data)
+        kinds = {"profiles": list, "options": dict, "flavour": str, "library_version": str, "gpu_name": str,
+                 "compute_capability": str, "graph_metadata": dict}
+        wrong = next((name for name, kind in kinds.items() if not isinstance(getattr(sidecar, name), kind)), None)
+        if wrong:
+            raise ValueError(f"{wrong} must be a {kinds[wrong].__name__}")
+        return sidecar
 
 
 def sidecar_path(engine: str | Path) -> Path:
@@ -72,7 +80,7 @@ def read_sidecar(engine: str | Path) -> Sidecar:
         raise EngineFileError(f"engine sidecar {path} is missing; rebuild the engine with build-engine")
     try:
         return Sidecar.from_json(path.read_text())
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:
         raise EngineFileError(f"engine sidecar {path} is unreadable ({error}); rebuild the engine with build-engine") from None
 
 

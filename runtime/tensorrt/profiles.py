@@ -1,7 +1,6 @@
 """Optimisation profiles: min/opt/max shapes per input, derived from the graph's declared axes."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,13 +96,23 @@ def parse_shapes(text: str, flag: str) -> dict[str, Shape]:
 
 def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRange], dict[str, str]]:
     """The graph's inputs, its declared axis ranges (export metadata; 1:1:1 where unknown)
-    and its metadata_props."""
+    and its metadata_props. Only this toolkit's portable graphs are accepted."""
     import onnx
+
+    from models.graph_metadata import STATIC_CACHE, GraphMetadata, GraphMetadataError
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:
         raise ProfileError(f"cannot read ONNX file {onnx_path}: {str(error).splitlines()[0] if str(error) else error}") from None
+    metadata = {p.key: p.value for p in model.metadata_props}
+    try:
+        graph = GraphMetadata.from_props(metadata, str(onnx_path))
+    except GraphMetadataError as error:
+        raise ProfileError(str(error)) from None
+    if graph.kind == STATIC_CACHE:
+        raise ProfileError(f"{onnx_path} is an ONNX Runtime static-cache graph (com.microsoft ops TensorRT cannot "
+                           "parse); build an engine from the portable graph (export-model --with-past)")
     initializers = {t.name for t in model.graph.initializer}
     inputs = []
     for value in model.graph.input:
@@ -111,9 +120,11 @@ def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRa
             continue
         dims = tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim)
         inputs.append(InputAxes(value.name, dims))
-    metadata = {p.key: p.value for p in model.metadata_props}
-    declared = json.loads(metadata.get("axes", "{}"))
-    axes = {name: AxisRange(v["min"], v["opt"], v["max"]) for name, v in declared.items()}
+    declared = graph.signature().input_names
+    if [spec.name for spec in inputs] != declared:
+        raise ProfileError(f"{onnx_path}'s inputs {[spec.name for spec in inputs]} are not those its metadata declares "
+                           f"({declared}); export it again with export-model")
+    axes = {name: AxisRange(v["min"], v["opt"], v["max"]) for name, v in graph.axes.items()}
     for spec in inputs:
         for dim in spec.dims:
             if isinstance(dim, str) and dim not in axes:

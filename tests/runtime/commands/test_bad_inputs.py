@@ -1,0 +1,181 @@
+"""Every class of bad input, for every command, ends in one `error:` line and a non-zero exit
+before any expensive work, and changes no file. Table-driven: (command, arguments, words the
+message must hold, exit code). The fuzzer below mutates real files the same way."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+COMMANDS = {"export-model": "export_model", "check-parity": "check_parity", "generate": "generate",
+            "benchmark": "benchmark", "build-engine": "build_engine"}
+
+
+def read_only_folder() -> str | None:
+    """A folder where even root cannot create files (so the check is real, not mocked)."""
+    for candidate in ("/sys", "/proc"):
+        try:
+            tempfile.mkstemp(dir=candidate)
+        except OSError:
+            return candidate
+    return None
+
+
+READ_ONLY = read_only_folder()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_past_onnx, tiny_static_onnx, tiny_model, upstream_model):
+    """A folder of good and bad inputs; tests must leave every one of them unchanged."""
+    from models.checkpoints import save_checkpoint
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    shutil.copy(tiny_past_onnx, root / "model.onnx")
+    shutil.copy(tiny_static_onnx, root / "static.onnx")
+    save_checkpoint(tiny_model, root / "ck.safetensors")
+    good = (root / "model.onnx").read_bytes()
+    (root / "truncated.onnx").write_bytes(good[: len(good) // 3])
+    (root / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "add",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph), str(root / "foreign.onnx"))
+    (root / "list-sidecar.engine").write_bytes(b"plan")
+    (root / "list-sidecar.engine.json").write_text("[1, 2, 3]")
+    (root / "no-sidecar.engine").write_bytes(b"plan")
+    state = {k: v for k, v in upstream_model.state_dict().items() if k != "layers.1.0.to_out.weight"}
+    torch.save(state, root / "incomplete-upstream.pt")
+    (root / "adir").mkdir()
+    return root
+
+
+def run(command: str, argv: list[str], capsys) -> tuple[int, str]:
+    module = importlib.import_module(f"runtime.commands.{COMMANDS[command]}")
+    code = module.main(argv)
+    return code, capsys.readouterr().err
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in root.iterdir()}
+
+
+# (command, argv with {root} for the folder of inputs, words the error line holds, exit code)
+MATRIX = [
+    # export-model
+    ("export-model", ["--checkpoint", "{root}/missing.pt", "-o", "{root}/m.onnx"], ["checkpoint not found"], 2),
+    ("export-model", ["--checkpoint", "{root}/ck.safetensors", "-o", "{root}/ck.safetensors"],
+     ["--output", "is also the --checkpoint input"], 2),
+    ("export-model", ["-o", "{root}/m.onnx", "--json", "{root}/m.onnx"], ["--json and --output both name"], 2),
+    ("export-model", ["-o", "{readonly}/m.onnx"], ["cannot write --output"], 2),
+    ("export-model", ["-o", "{root}/m.onnx", "--json", "{readonly}/r.json"], ["cannot write --json"], 2),
+    ("export-model", ["-o", "{root}/adir"], ["it is a directory"], 2),
+    ("export-model", ["-o", "{root}/model.onnx/x.onnx"], ["is a file, not a directory"], 2),
+    ("export-model", ["--opset", "16", "-o", "{root}/m.onnx"], ["opset 16 is not supported"], 2),
+    ("export-model", ["--opset", "seventeen"], ["argument --opset", "invalid int value"], 2),
+    ("export-model", ["--static-cache", "0", "-o", "{root}/m.onnx"], ["argument --static-cache", "must be in [1"], 2),
+    ("export-model", ["--static-cache", "1000000000000", "-o", "{root}/m.onnx"], ["static cache", "needs about"], 2),
+    ("export-model", ["--static-cache", "8", "--dtype", "bf16", "-o", "{root}/m.onnx"], ["not bf16"], 2),
+    ("export-model", ["--config", "[1, 2]", "-o", "{root}/m.onnx"], ["must be a JSON object"], 2),
+    ("export-model", ["--config", '{"dim": "64"}', "-o", "{root}/m.onnx"], ["dim must be a positive integer"], 2),
+    ("export-model", ["--config", '{"theta": "big"}', "-o", "{root}/m.onnx"], ["theta must be a finite number"], 2),
+    ("export-model", ["--config", '{"causal": "yes"}', "-o", "{root}/m.onnx"], ["causal must be true or false"], 2),
+    ("export-model", ["--config", "{root}/adir", "-o", "{root}/m.onnx"], ["is a directory"], 2),
+    ("export-model", ["--init-seed", "-1", "-o", "{root}/m.onnx"], ["argument --init-seed", "must be in [0"], 2),
+    ("export-model", ["--checkpoint", "{root}/incomplete-upstream.pt", "-o", "{root}/m.onnx"],
+     ["lacks the tensor 'layers.1.0.to_out.weight'"], 2),
+    ("export-model", ["--checkpoint", "{root}/model.onnx", "-o", "{root}/m.onnx"],
+     ["not a safetensors file or a torch.save'd state_dict"], 2),
+    # check-parity
+    ("check-parity", ["{root}/missing.onnx"], ["ONNX model not found"], 2),
+    ("check-parity", ["{root}/truncated.onnx"], ["truncated.onnx: not a valid ONNX file"], 2),
+    ("check-parity", ["{root}/random.onnx"], ["random.onnx: not a valid ONNX file"], 2),
+    ("check-parity", ["{root}/foreign.onnx"], ["not a graph written by this toolkit"], 2),
+    ("check-parity", ["{root}/model.onnx", "--atol", "nan"], ["argument --atol", "finite"], 2),
+    ("check-parity", ["{root}/model.onnx", "--atol", "-1"], ["argument --atol", "must be in [0.0"], 2),
+    ("check-parity", ["{root}/model.onnx", "--generate", "-1"], ["argument --generate", "must be in [0"], 2),
+    ("check-parity", ["{root}/model.onnx", "--batch", "0"], ["argument --batch", "integers >= 1"], 2),
+    ("check-parity", ["{root}/model.onnx", "--seq", "1,x"], ["argument --seq", "comma-separated integers"], 2),
+    ("check-parity", ["{root}/model.onnx", "--seq", "100000000"], ["largest case", "needs about"], 2),
+    ("check-parity", ["{root}/model.onnx", "--json", "{root}/model.onnx"], ["is also the MODEL input"], 2),
+    ("check-parity", ["{root}/model.onnx", "--json", "{readonly}/p.json"], ["cannot write --json"], 2),
+    ("check-parity", ["{root}/model.onnx", "--backend", "tflite"], ["argument --backend", "invalid choice"], 2),
+    ("check-parity", ["{root}/model.onnx", "--preset", "tiny", "--init-seed", "3"], ["not those", "sha256"], 2),
+    ("check-parity", ["{root}/list-sidecar.engine", "--backend", "tensorrt"], ["sidecar", "expected a JSON object"], 2),
+    ("check-parity", ["{root}/no-sidecar.engine", "--backend", "tensorrt"], ["sidecar", "is missing"], 2),
+    ("check-parity", ["{root}/static.onnx", "--backend", "tensorrt"], ["static-cache graphs run on ONNX Runtime"], 2),
+    # generate
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--temperature", "nan"],
+     ["argument --temperature", "finite"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--temperature", "inf"],
+     ["argument --temperature", "finite"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--eos-id", "999"],
+     ["--eos-id 999 is outside the vocabulary 0..255"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1,x"], ["argument --prompt-ids"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1,-2"], ["argument --prompt-ids", ">= 0"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "256"], ["token id 256 is out of range"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--filter-thres", "1.5"],
+     ["argument --filter-thres", "must be in [0.0, 1.0)"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--max-new-tokens", "0"],
+     ["argument --max-new-tokens"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--max-new-tokens", "100000000000"],
+     ["needs about", "fewer new tokens"], 2),
+    ("generate", ["--model", "{root}/foreign.onnx", "--prompt-ids", "1"], ["not a graph written by this toolkit"], 2),
+    ("generate", ["--model", "{root}/truncated.onnx", "--prompt-ids", "1"], ["not a valid ONNX file"], 2),
+    ("generate", ["--model", "{root}/static.onnx", "--prompt-ids", "1", "--max-new-tokens", "200"],
+     ["past the graph's 96-token static cache"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--json", "{readonly}/g.json"],
+     ["cannot write --json"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--json", "{root}/model.onnx"],
+     ["is also the --model input"], 2),
+    ("generate", ["--backend", "onnxruntime", "--prompt-ids", "1"], ["--model is required"], 2),
+    # benchmark
+    ("benchmark", ["{root}/model.onnx", "--iters", "0"], ["argument --iters", "must be in [1"], 2),
+    ("benchmark", ["{root}/model.onnx", "--warmup", "-1"], ["argument --warmup", "must be in [0"], 2),
+    ("benchmark", ["{root}/model.onnx", "--backend", "foo"], ["unknown backend 'foo'"], 2),
+    ("benchmark", ["{root}/foreign.onnx"], ["not a graph written by this toolkit"], 2),
+    ("benchmark", ["{root}/random.onnx"], ["not a valid ONNX file"], 2),
+    ("benchmark", ["{root}/model.onnx", "--json", "{root}/b.out", "--plot", "{root}/b.out"], ["both name"], 2),
+    ("benchmark", ["{root}/model.onnx", "--plot", "{readonly}/b.png"], ["cannot write --plot"], 2),
+    ("benchmark", ["{root}/model.onnx", "--backend", "torch", "--context", "1000000000"], ["needs about"], 2),
+    ("benchmark", ["{root}/model.onnx", "--backend", "torch-compile"], ["no backend ran", "needs a GPU"], 1),
+    # build-engine
+    ("build-engine", ["{root}/foreign.onnx", "-o", "{root}/e.engine"], ["not a graph written by this toolkit"], 2),
+    ("build-engine", ["{root}/static.onnx", "-o", "{root}/e.engine"], ["static-cache graph"], 2),
+    ("build-engine", ["{root}/model.onnx", "-o", "{root}/model.onnx"], ["is also the MODEL input"], 2),
+    ("build-engine", ["{root}/model.onnx", "-o", "{root}/e.engine", "--batch", "0:1:2"],
+     ["sizes must be at least 1"], 2),
+    ("build-engine", ["{root}/model.onnx", "--workspace", "0"], ["argument --workspace"], 2),
+    ("build-engine", ["{root}/model.onnx", "-o", "{readonly}/e.engine"], ["cannot write --output"], 2),
+]
+
+
+@pytest.mark.parametrize("command, argv, words, code", MATRIX,
+                         ids=[f"{c}-{i}" for i, (c, *_rest) in enumerate(MATRIX)])
+def test_bad_input_is_one_error_line_and_changes_nothing(files, command, argv, words, code, capsys):
+    if any("{readonly}" in a for a in argv) and READ_ONLY is None:
+        pytest.skip("no read-only folder on this machine")
+    before = digests(files)
+    argv = [a.replace("{root}", str(files)).replace("{readonly}", str(READ_ONLY)) for a in argv]
+    got, err = run(command, argv, capsys)
+    lines = err.strip().splitlines()
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert got == code and len(lines) == 1 and lines[0].startswith(f"{command}: error:"), err
+    assert all(word in lines[0] for word in words), (words, lines[0])
+    assert digests(files) == before
+
+
+def test_token_id_zero_is_a_valid_prompt(files, capsys, tmp_path):
+    report = tmp_path / "g.json"
+    code, err = run("generate", ["--model", str(files / "model.onnx"), "--prompt-ids", "0,0,1",
+                                 "--max-new-tokens", "3", "--json", str(report)], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["prompt_ids"] == [0, 0, 1]
