@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from models.config import ModelConfig
 from models.errors import ToolkitError
 from models.files import new_file_mode, staging_folder
-from models.graph_metadata import LOGITS, WITH_PAST, GraphMetadata, WeightsRecord
+from models.graph_metadata import LOGITS, STATIC_PORTABLE, WITH_PAST, GraphMetadata, WeightsRecord
 from models.precision import Precision, precision as lookup_precision
-from models.signature import BATCH, SEQUENCE, GraphSignature, graph_signature
+from models.signature import BATCH, LOGITS_POSITIONS, SEQUENCE, GraphSignature, graph_signature, static_cache_signature
+from models.static_cache import StaticCacheGraph
 from models.source import weights_sha256
 from models.transformer import Transformer
 
@@ -74,13 +75,23 @@ def _example_size(start: int, taken: set[int]) -> int:
     return size
 
 
-def example_sizes(config: ModelConfig) -> dict[str, int]:
-    """The trace's batch, sequence and past lengths: sizes no config dimension equals."""
+def example_sizes(config: ModelConfig, window: int | None = None) -> dict[str, int]:
+    """The trace's batch, sequence and past lengths: sizes no config dimension (nor a static
+    window) equals. In a static window the chunk must fit: the sequence is then below it."""
     taken = {config.num_tokens, config.dim, config.depth, config.dim_head, config.heads, config.kv_heads,
-             config.ff_hidden, config.dim_inner, config.dim_kv_inner}
-    sequence = _example_size(SEQUENCE.example, taken)
+             config.ff_hidden, config.dim_inner, config.dim_kv_inner} | ({window} if window else set())
+    start = SEQUENCE.example if window is None else min(SEQUENCE.example, max(3, window // 2))
+    sequence = _example_size(start, taken)
     past = _example_size(11, taken | {sequence, sequence + 11})
-    return {"batch": BATCH.example, "sequence": sequence, "past_sequence": past}
+    picked = _example_size(LOGITS_POSITIONS.example, taken | {sequence, past, BATCH.example})
+    return {"batch": BATCH.example, "sequence": sequence, "past_sequence": past, "logits_positions": picked}
+
+
+def check_static_window(model: Transformer, window: int) -> None:
+    if window < 8:
+        raise ExportError(f"--static-cache {window} is too small for the standard-ops graph; give at least 8 tokens")
+    if model.config.max_seq_len and window > model.config.max_seq_len:
+        raise ExportError(f"--static-cache {window} is past the model's max_seq_len {model.config.max_seq_len}")
 
 
 def check_output_path(output: Path) -> None:
@@ -110,6 +121,26 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
+def _static_example_inputs(model: Transformer, signature: GraphSignature, sizes: dict[str, int], row: Precision,
+                           max_cache: int):
+    """The static-cache graph's trace: rows at different positions writing a chunk each."""
+    config = model.config
+    batch, seq, picked = sizes["batch"], sizes["sequence"], sizes["logits_positions"]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.num_tokens, (batch, seq), generator=generator)
+    positions = torch.randint(0, max_cache - seq + 1, (batch,), generator=generator)
+    index = torch.randint(0, seq, (batch, picked), generator=generator)
+    shape = (batch, config.kv_heads, max_cache, config.dim_head)
+    cache = [(torch.randn(shape, generator=generator).to(row.torch_dtype),
+              torch.randn(shape, generator=generator).to(row.torch_dtype)) for _ in range(config.depth)]
+    axes_of = {spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in signature.inputs}
+    layer_axes = axes_of[signature.cache_inputs[0]]
+    dynamic_shapes = {"input_ids": axes_of["input_ids"], "positions": axes_of["positions"],
+                      "logits_index": axes_of["logits_index"], "caches": [(layer_axes, layer_axes)] * config.depth}
+    examples = {"sequence": seq, "logits_positions": picked}
+    return StaticCacheGraph(model), (ids, positions, index, cache), dynamic_shapes, examples
+
+
 def _example_inputs(model: Transformer, signature: GraphSignature, sizes: dict[str, int], row: Precision):
     """(module to trace, its example arguments, dynamic_shapes, traced axis sizes)."""
     config = model.config
@@ -132,15 +163,23 @@ def _example_inputs(model: Transformer, signature: GraphSignature, sizes: dict[s
     return DecoderWithPastGraph(model), (ids, mask, cache), dynamic_shapes, examples
 
 
-def trace_to_onnx(model: Transformer, opset: int, precision: str, with_past: bool = False):
-    """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes)."""
+def trace_to_onnx(model: Transformer, opset: int, precision: str, with_past: bool = False,
+                  static_cache: int | None = None):
+    """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes).
+    `static_cache` N: the standard-ops static-cache graph with an N-token window."""
     import onnx  # noqa: F401  (fail early with ImportError if missing)
 
     row = lookup_precision(precision)
-    signature = graph_signature(model.config, with_past, row.dtype)
     if row.name != "fp32":
         model = copy.deepcopy(model).to(row.torch_dtype).use_float32_softmax()
-    module, args, dynamic_shapes, examples = _example_inputs(model.eval(), signature, example_sizes(model.config), row)
+    sizes = example_sizes(model.config, static_cache)
+    if static_cache is not None:
+        signature = static_cache_signature(model.config, static_cache, row.dtype, portable=True)
+        module, args, dynamic_shapes, examples = _static_example_inputs(model.eval(), signature, sizes, row,
+                                                                        static_cache)
+    else:
+        signature = graph_signature(model.config, with_past, row.dtype)
+        module, args, dynamic_shapes, examples = _example_inputs(model.eval(), signature, sizes, row)
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
@@ -156,13 +195,15 @@ def trace_to_onnx(model: Transformer, opset: int, precision: str, with_past: boo
     return lower_opset(proto, opset), signature, examples
 
 
-def declared_axes(signature: GraphSignature, config: ModelConfig) -> dict[str, dict[str, int]]:
-    """The axes' min/opt/max as recorded for build-engine; none past the trained context."""
+def declared_axes(signature: GraphSignature, config: ModelConfig, window: int | None = None) -> dict[str, dict[str, int]]:
+    """The axes' min/opt/max as recorded for build-engine; none past the trained context, nor
+    (static-cache graphs) past the window."""
     axes = {name: {"min": a.min, "opt": a.opt, "max": a.max} for name, a in signature.axes.items()}
-    if config.max_seq_len:
-        for name in ("sequence", "past_sequence"):
+    limit = min(x for x in (config.max_seq_len, window) if x) if (config.max_seq_len or window) else None
+    if limit:
+        for name in ("sequence", "past_sequence", "logits_positions"):
             if name in axes:
-                axes[name]["max"] = min(axes[name]["max"], config.max_seq_len)
+                axes[name]["max"] = min(axes[name]["max"], limit)
                 axes[name]["opt"] = min(axes[name]["opt"], axes[name]["max"])
     return axes
 
@@ -180,12 +221,23 @@ def weights_record(model: Transformer, weights: WeightsRecord | None) -> Weights
 
 
 def graph_metadata(model: Transformer, signature: GraphSignature, opset: int, precision: str,
-                   weights: WeightsRecord | None) -> GraphMetadata:
+                   weights: WeightsRecord | None, static_cache: int | None = None) -> GraphMetadata:
+    kind = STATIC_PORTABLE if static_cache else WITH_PAST if signature.with_past else LOGITS
     return GraphMetadata(
-        kind=WITH_PAST if signature.with_past else LOGITS, precision=lookup_precision(precision).name,
-        config=model.config, weights=weights_record(model, weights), axes=declared_axes(signature, model.config),
+        kind=kind, precision=lookup_precision(precision).name, max_cache=static_cache,
+        config=model.config, weights=weights_record(model, weights),
+        axes=declared_axes(signature, model.config, static_cache),
         opset=opset, exporter=exporter_description(), torch_version=torch.__version__,
         exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def build_portable_static_graph(model: Transformer, max_cache: int, precision: str = "fp32",
+                                weights: WeightsRecord | None = None, opset: int = 17):
+    """The standard-ops static-cache graph as an onnx.ModelProto, in memory (for benchmarks)."""
+    check_static_window(model, max_cache)
+    proto, signature, _ = trace_to_onnx(model, opset, precision, static_cache=max_cache)
+    graph_metadata(model, signature, opset, precision, weights, max_cache).write(proto)
+    return proto
 
 
 def _save(proto, folder: Path, name: str) -> list[Path]:
@@ -223,8 +275,9 @@ def _commit(written: list[Path], output: Path) -> None:
 
 def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, precision: str = "fp32",
                 weights: WeightsRecord | None = None, allow_lint: bool = False,
-                verify=None, log=print, with_past: bool = False) -> ExportResult:
+                verify=None, log=print, with_past: bool = False, static_cache: int | None = None) -> ExportResult:
     """Export `model` to `output`; `weights` names the weights in the metadata (ModelSource.record).
+    `static_cache` N writes the standard-ops static-cache graph (an N-token window per row).
 
     Lint findings (unless allowed) or a failed `verify(path)` callback raise ExportError
     and leave no file behind."""
@@ -233,10 +286,12 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, 
     lookup_precision(precision)
     check_output_path(output)
     started = time.perf_counter()
-    kind = "decoder with past" if with_past else "decoder"
+    if static_cache is not None:
+        check_static_window(model, static_cache)
+    kind = ("static-cache decoder (standard ops)" if static_cache else "decoder with past" if with_past else "decoder")
     log(f"exporting {weights.description if weights else 'model'} as a {kind} to ONNX opset {opset} ({precision}) ...")
-    proto, signature, examples = trace_to_onnx(model, opset, precision, with_past)
-    graph_metadata(model, signature, opset, precision, weights).write(proto)
+    proto, signature, examples = trace_to_onnx(model, opset, precision, with_past, static_cache)
+    graph_metadata(model, signature, opset, precision, weights, static_cache).write(proto)
     report = lint_graph(proto, signature, examples)
     log(report.format())
     if report.findings and not allow_lint:

@@ -36,6 +36,22 @@ def _since(op_type: str, opset: int) -> int | None:
         return None
 
 
+def _reduction(node: onnx.NodeProto) -> str:
+    return next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+
+
+# Ops whose newer versions only added options: at the older opset they mean the same as long as the
+# node does not use what was added (ScatterND 18 added reduction "min" and "max" to 16's).
+SAME_WHEN = {"ScatterND": (16, lambda node: _reduction(node) in ("none", "add", "mul"))}
+
+
+def _means_the_same(node: onnx.NodeProto, target: int, current: int) -> bool:
+    if _since(node.op_type, target) == _since(node.op_type, current):
+        return True
+    rule = SAME_WHEN.get(node.op_type)
+    return rule is not None and target >= rule[0] and rule[1](node)
+
+
 def lower_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Relabel `model` to the default-domain opset `target` if every op means the same there."""
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -43,7 +59,7 @@ def lower_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         return model
     changed = sorted({
         node.op_type for node in model.graph.node
-        if node.domain in ("", "ai.onnx") and _since(node.op_type, target) != _since(node.op_type, current)
+        if node.domain in ("", "ai.onnx") and not _means_the_same(node, target, current)
     })
     if changed:
         raise OpsetError(

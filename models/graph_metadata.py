@@ -17,12 +17,14 @@ from .signature import GraphSignature, graph_signature, static_cache_signature
 
 TOOLKIT_VERSION = "0.1.0"
 PRODUCER = "rotary-transformer-toolkit"
-LOGITS, WITH_PAST, STATIC_CACHE = "logits", "with-past", "static-cache"
+LOGITS, WITH_PAST, STATIC_CACHE, STATIC_PORTABLE = "logits", "with-past", "static-cache", "static-cache-portable"
 GRAPH_KINDS = {
     LOGITS: "logits from ids and a padding mask",
     WITH_PAST: "decoder with a key/value cache fed back each step (portable: ONNX Runtime and TensorRT)",
     STATIC_CACHE: "ONNX Runtime fast decoder over a static key/value cache (GroupQueryAttention)",
+    STATIC_PORTABLE: "decoder over a static key/value cache in standard ONNX ops (ONNX Runtime and TensorRT)",
 }
+STATIC_KINDS = (STATIC_CACHE, STATIC_PORTABLE)
 _STATIC_KIND_TAG = "onnxruntime-static-cache"  # graph_kind as written by earlier releases
 
 
@@ -61,8 +63,8 @@ class GraphMetadata:
     def signature(self) -> GraphSignature:
         """The graph's inputs and outputs, as export declared them."""
         dtype = precision(self.precision).dtype
-        if self.kind == STATIC_CACHE:
-            return static_cache_signature(self.config, self.max_cache or 1, dtype)
+        if self.kind in STATIC_KINDS:
+            return static_cache_signature(self.config, self.max_cache or 1, dtype, portable=self.kind == STATIC_PORTABLE)
         return graph_signature(self.config, self.kind == WITH_PAST, dtype)
 
     def replace(self, **changes) -> "GraphMetadata":

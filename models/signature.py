@@ -63,6 +63,7 @@ class GraphSignature:
 BATCH = Axis("batch", min=1, opt=1, max=8, example=2)
 SEQUENCE = Axis("sequence", min=1, opt=128, max=1024, example=37)
 PAST = Axis("past_sequence", min=0, opt=128, max=1024, example=5)
+LOGITS_POSITIONS = Axis("logits_positions", min=1, opt=1, max=1024, example=3)  # static graphs: positions given logits
 # An axis whose size is the sum of others: the attention mask covers cached and new tokens.
 SUM_AXES = {"total_sequence": ("past_sequence", "sequence")}
 
@@ -133,17 +134,25 @@ def resolve_sizes(sizes: dict[str, int]) -> dict[str, int]:
     return sizes
 
 
-def static_cache_signature(config: ModelConfig, max_cache: int, cache_dtype: str = "float16") -> GraphSignature:
-    """The static-cache graph: input_ids (batch, sequence), seqlens_k int32 (batch) = tokens in the
-    cache after the call minus 1, total_sequence_length int32 scalar, and per layer a fixed
-    (batch, kv_heads, max_cache, dim_head) cache that past_key_values.* and present.* share."""
+def static_cache_signature(config: ModelConfig, max_cache: int, cache_dtype: str = "float16",
+                           portable: bool = False) -> GraphSignature:
+    """The static-cache graphs: a fixed (batch, kv_heads, max_cache, dim_head) cache per layer that
+    past_key_values.* and present.* share, and logits only at the positions `logits_index`
+    (batch, logits_positions) picks (every position for parity, the last for generation).
+
+    ONNX Runtime's GroupQueryAttention graph takes seqlens_k int32 (batch) = tokens in the cache
+    after the call minus 1, and total_sequence_length int32 scalar; the portable graph (standard
+    ops) takes positions int64 (batch) = the position of each row's first new token."""
     cache = ("batch", config.kv_heads, max_cache, config.dim_head)
+    if portable:
+        lengths = (TensorSpec("positions", "int64", ("batch",)),)
+    else:
+        lengths = (TensorSpec("seqlens_k", "int32", ("batch",)), TensorSpec("total_sequence_length", "int32", ()))
     return GraphSignature(
-        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),
-                TensorSpec("seqlens_k", "int32", ("batch",)),
-                TensorSpec("total_sequence_length", "int32", ()),
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")), *lengths,
+                TensorSpec("logits_index", "int64", ("batch", "logits_positions")),
                 *(TensorSpec(name, cache_dtype, cache) for name in past_names(config.depth))),
-        outputs=(TensorSpec("logits", "float32", ("batch", "sequence", config.num_tokens)),
+        outputs=(TensorSpec("logits", "float32", ("batch", "logits_positions", config.num_tokens)),
                  *(TensorSpec(name, cache_dtype, cache) for name in present_names(config.depth))),
-        axes={axis.name: axis for axis in (BATCH, SEQUENCE)},
+        axes={axis.name: axis for axis in (BATCH, SEQUENCE, LOGITS_POSITIONS)},
     )

@@ -9,6 +9,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.graph_metadata import STATIC_CACHE, STATIC_PORTABLE
+
 from .backends.base import Backend, BackendError
 
 WEIGHTS, ONNX, ENGINE = "weights", "onnx", "engine"  # what a backend opens
@@ -20,8 +22,9 @@ class BackendSpec:
     opens: str  # WEIGHTS (a PyTorch model), ONNX (a graph file) or ENGINE (a TensorRT plan)
     device: str  # "cpu", "cuda", or "auto" (CUDA when a GPU is visible)
     summary: str
-    loader: str  # "module:function" returning a Backend; imported only when opened
-    static_cache: bool = False  # runs export-model --static-cache graphs (their own decoder), not Backends
+    loader: str  # "module:function" returning a Backend (or a Decoder, see `decoder`); imported only when opened
+    decoder: bool = False  # opens a Decoder of its own rather than a Backend
+    static_cache: str | None = None  # the static-cache graph kind it runs (from a file, or written from weights)
     benchmarked_on: tuple[str, ...] = ()  # machines ("cpu", "cuda") where `benchmark` runs it by default
 
     def resolved_device(self) -> str:
@@ -43,17 +46,28 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("torch-compile", WEIGHTS, "cuda",
                 "PyTorch with torch.compile(mode='reduce-overhead', dynamic=True): CUDA graphs re-recorded "
                 "as the cache grows", "runtime.backends.torch_backend:open_compiled", benchmarked_on=("cuda",)),
+    BackendSpec("torch-compile-static", WEIGHTS, "cuda",
+                "gpt-fast's recipe: key/value buffers in the module, fixed shapes, the decode step compiled with "
+                "mode='reduce-overhead', fullgraph=True (CUDA graphs), prompts compiled separately",
+                "runtime.decoding.torch_static:open_torch_static", decoder=True, benchmarked_on=("cuda",)),
     BackendSpec("onnxruntime", ONNX, "cpu", "ONNX Runtime, CPU execution provider",
                 "runtime.backends.onnxruntime_backend:open_onnxruntime", benchmarked_on=("cpu",)),
     BackendSpec("onnxruntime-cuda", ONNX, "cuda", "ONNX Runtime, CUDA execution provider, IO bound on the GPU",
                 "runtime.backends.onnxruntime_backend:open_onnxruntime", benchmarked_on=("cuda",)),
     BackendSpec("onnxruntime-static", WEIGHTS, "cpu",
-                "the static-cache graph written from the weights in memory, ONNX Runtime CPU",
-                "runtime.decoding.static_cache:open_static_cache", static_cache=True),
+                "the GroupQueryAttention static-cache graph written from the weights in memory, ONNX Runtime CPU",
+                "runtime.decoding.static_cache:open_static_cache", decoder=True, static_cache=STATIC_CACHE),
     BackendSpec("onnxruntime-cuda-static", WEIGHTS, "cuda",
-                "the static-cache graph written from the weights in memory, ONNX Runtime CUDA with CUDA graphs",
-                "runtime.decoding.static_cache:open_static_cache", static_cache=True,
-                benchmarked_on=("cuda",)),
+                "the GroupQueryAttention static-cache graph written from the weights in memory, ONNX Runtime CUDA "
+                "with CUDA graphs", "runtime.decoding.static_cache:open_static_cache", decoder=True,
+                static_cache=STATIC_CACHE, benchmarked_on=("cuda",)),
+    BackendSpec("onnxruntime-static-portable", WEIGHTS, "cpu",
+                "the standard-ops static-cache graph exported from the weights in memory, ONNX Runtime CPU",
+                "runtime.decoding.static_cache:open_static_cache", decoder=True, static_cache=STATIC_PORTABLE),
+    BackendSpec("onnxruntime-cuda-static-portable", WEIGHTS, "cuda",
+                "the standard-ops static-cache graph exported from the weights in memory, ONNX Runtime CUDA with "
+                "CUDA graphs", "runtime.decoding.static_cache:open_static_cache", decoder=True,
+                static_cache=STATIC_PORTABLE, benchmarked_on=("cuda",)),
     BackendSpec("tensorrt", ENGINE, "cuda", "a TensorRT or TensorRT-RTX engine built by build-engine",
                 "runtime.backends.tensorrt_backend:open_tensorrt", benchmarked_on=("cuda",)),
 )}
@@ -68,10 +82,10 @@ def backend_spec(name: str) -> BackendSpec:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
 
 
-def backend_names(opens: tuple[str, ...] = (WEIGHTS, ONNX, ENGINE), static_cache: bool | None = None) -> list[str]:
-    """Names of the backends that open any of `opens` (and, if given, run static-cache graphs or not)."""
+def backend_names(opens: tuple[str, ...] = (WEIGHTS, ONNX, ENGINE), decoder: bool | None = None) -> list[str]:
+    """Names of the backends that open any of `opens` (and, if given, that open decoders or Backends)."""
     return [spec.name for spec in BACKENDS.values()
-            if spec.opens in opens and (static_cache is None or spec.static_cache == static_cache)]
+            if spec.opens in opens and (decoder is None or spec.decoder == decoder)]
 
 
 def default_backends(cuda: bool, have: tuple[str, ...] = (WEIGHTS, ONNX)) -> list[str]:
@@ -101,11 +115,11 @@ def resolve_backend(name: str, path: str | Path | None) -> BackendSpec:
     return BACKENDS["onnxruntime-cuda" if onnxruntime_has_cuda() else "onnxruntime"]
 
 
-def static_cache_twin(spec: BackendSpec) -> BackendSpec:
-    """The static-cache backend on the same device as an ONNX Runtime backend (for static-cache graphs)."""
-    if spec.static_cache:
+def static_cache_twin(spec: BackendSpec, kind: str) -> BackendSpec:
+    """The backend that runs a static-cache graph of `kind` on the same device as `spec`."""
+    if spec.static_cache == kind:
         return spec
-    twin = next((s for s in BACKENDS.values() if s.static_cache and s.device == spec.device), None)
+    twin = next((s for s in BACKENDS.values() if s.static_cache == kind and s.device == spec.device), None)
     if twin is None or spec.opens != ONNX:
         raise BackendError(f"static-cache graphs run on ONNX Runtime; {spec.name} cannot run one (use "
                            f"{' or '.join(n for n, s in BACKENDS.items() if s.opens == ONNX)})")
@@ -115,8 +129,8 @@ def static_cache_twin(spec: BackendSpec) -> BackendSpec:
 def open_backend(name: str, target, **options) -> Backend:
     """Open `target` with the named backend (or `auto`), as a Backend."""
     spec = resolve_backend(name, None if _is_weights(target) else target)
-    if spec.static_cache:
-        raise BackendError(f"{spec.name} runs the static-cache decoder, not a Backend; open it with open_decoder")
+    if spec.decoder:
+        raise BackendError(f"{spec.name} runs as a decoder, not a Backend; open it with open_decoder")
     if spec.opens == WEIGHTS and not _is_weights(target):
         raise BackendError(f"the {spec.name} backend runs PyTorch weights, not a file ({target})")
     if spec.opens != WEIGHTS and _is_weights(target):

@@ -117,3 +117,23 @@ def upstream_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, object]:
     path = tmp_path_factory.mktemp("upstream_export") / "upstream.onnx"
     export_onnx(source.model, path, opset=17, weights=source.record, log=_quiet)
     return path, source.model
+
+
+@pytest.fixture(scope="session")
+def tiny_static_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
+    """The tiny preset as an fp32 static-cache graph with a 96-token cache."""
+    from export.static_cache_graph import export_static_cache
+
+    path = tmp_path_factory.mktemp("tiny_static") / "model-static.onnx"
+    export_static_cache(tiny_model, path, 96, "fp32", tiny_source.record, log=lambda _: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_portable_static_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
+    """The tiny preset as the standard-ops static-cache graph (fp32, 96-token window)."""
+    from export.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("tiny_portable_static") / "model-static-portable.onnx"
+    export_onnx(tiny_model, path, weights=tiny_source.record, static_cache=96, log=lambda _: None)
+    return path

@@ -80,7 +80,7 @@ class CompiledTorchBackend(TorchBackend):
     def __init__(self, model: Transformer, device: str = "cuda", dtype: torch.dtype = torch.float32,
                  with_past: bool = False, mode: str = "reduce-overhead"):
         super().__init__(model, device, dtype, with_past)
-        self.name = self.name.replace("torch-", "torch-compile-", 1)
+        self.name = self.name.replace("torch-", "torch-compile-dynamic-", 1)
         self.forward_fn = torch.compile(self.model, mode=mode, dynamic=True)
 
     def run_torch(self, feeds: dict) -> dict:

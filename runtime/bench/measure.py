@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 
 from models.config import ModelConfig
 from models.precision import Precision
@@ -19,7 +20,10 @@ class BenchmarkResult:
     backend: str
     batch: int
     context: int
-    prefill_ms: float | None = None
+    open_ms: float | None = None  # opening the decoder: session, warm-up, CUDA-graph capture / compilation
+    cold_ttft_ms: float | None = None  # the first request after opening: prompt in, first token on the host
+    ttft_ms: float | None = None  # the same, warm (median)
+    prefill_ms: float | None = None  # a prompt with logits at every position (median)
     prefill_tokens_per_s: float | None = None
     prefill_tflops: float | None = None
     decode_p50_ms: float | None = None
@@ -66,20 +70,31 @@ def benchmark_prompts(rows: int, context: int, vocab: int) -> dict[int, list[int
     return dict(enumerate(ids))
 
 
+def first_tokens(decoder: Decoder, prompts: dict[int, list[int]]) -> Tensor:
+    """What a user waits for: the prompt in, each row's first (greedy) token on the host."""
+    return decoder.start(prompts).argmax(-1).cpu()
+
+
 def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters: int, precision: Precision,
-            peaks: GpuPeaks | None) -> BenchmarkResult:
-    """Start every row with a `context`-token prompt (median of `iters`), then time `new_tokens`
-    decode steps (after `warmup` untimed ones)."""
+            peaks: GpuPeaks | None, open_seconds: float | None = None) -> BenchmarkResult:
+    """Time to first token (the first request after opening, then warm), full-logits prefill
+    (median of `iters`), then `new_tokens` decode steps after `warmup` untimed ones."""
     timer = StepTimer(decoder.device)
     prompts = benchmark_prompts(decoder.rows, context, decoder.vocab_size)
     memory = MemoryProbe(decoder.device)
+    cold = timer(lambda: first_tokens(decoder, prompts))[0]
     for _ in range(warmup):
-        decoder.start(prompts)
-    times = [timer(lambda: decoder.start(prompts))[0] for _ in range(iters)]
+        first_tokens(decoder, prompts)
+    ttft = [timer(lambda: first_tokens(decoder, prompts))[0] for _ in range(iters)]
+    times = [timer(lambda: decoder.start(prompts, all_logits=True))[0] for _ in range(iters)]
+    decoder.start(prompts)
     token = torch.ones(decoder.rows, dtype=torch.int64, device=decoder.device)
     steps = [timer(lambda: decoder.step(token))[0] for _ in range(warmup + new_tokens)][warmup:] if new_tokens else []
-    return result_of(decoder.name, decoder.config, decoder.rows, context, times, steps, memory.peak_mib(), precision,
-                     peaks)
+    result = result_of(decoder.name, decoder.config, decoder.rows, context, times, steps, memory.peak_mib(),
+                       precision, peaks)
+    result.cold_ttft_ms, result.ttft_ms = cold * 1e3, statistics.median(ttft) * 1e3
+    result.open_ms = None if open_seconds is None else open_seconds * 1e3
+    return result
 
 
 class MemoryProbe:

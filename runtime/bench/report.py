@@ -19,22 +19,27 @@ def environment() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+COLUMNS = (  # header, width, format, field
+    ("open ms", 9, ".0f", "open_ms"), ("cold TTFT", 10, ".2f", "cold_ttft_ms"), ("TTFT ms", 9, ".2f", "ttft_ms"),
+    ("prefill ms", 11, ".2f", "prefill_ms"), ("tok/s", 11, ".0f", "prefill_tokens_per_s"),
+    ("TFLOP/s", 9, ".2f", "prefill_tflops"), ("x floor", 8, ".1f", "prefill_x_floor"),
+    ("dec p50", 9, ".3f", "decode_p50_ms"), ("p90", 8, ".3f", "decode_p90_ms"), ("p99", 8, ".3f", "decode_p99_ms"),
+    ("x floor", 8, ".1f", "decode_x_floor"), ("MiB", 8, ".0f", "memory_mib"),
+)
+
+
 def format_table(results: list) -> str:
-    head = (f"{'backend':<28}{'batch':>6}{'ctx':>6}{'prefill ms':>11}{'tok/s':>11}{'TFLOP/s':>9}{'x floor':>8}"
-            f"{'dec p50':>9}{'p90':>8}{'p99':>8}{'x floor':>8}{'MiB':>8}")
-    lines = [head]
-
-    def cell(value, width, spec):
-        return f"{'-' if value is None else format(value, spec):>{width}}"
-
+    """One row per backend x batch x context; TTFT is prompt in to first token on the host, prefill
+    computes logits at every prompt position, decode is per step."""
+    width = max([28] + [len(r.backend) + 2 for r in results])
+    lines = [f"{'backend':<{width}}{'batch':>6}{'ctx':>6}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS)]
     for r in results:
+        row = f"{r.backend:<{width}}{r.batch:>6}{r.context:>6}"
         if r.error:
-            lines.append(f"{r.backend:<28}{r.batch:>6}{r.context:>6}  skipped: {r.error}")
+            lines.append(f"{row}  skipped: {r.error}")
             continue
-        lines.append(f"{r.backend:<28}{r.batch:>6}{r.context:>6}{cell(r.prefill_ms, 11, '.2f')}"
-                     f"{cell(r.prefill_tokens_per_s, 11, '.0f')}{cell(r.prefill_tflops, 9, '.2f')}"
-                     f"{cell(r.prefill_x_floor, 8, '.1f')}{cell(r.decode_p50_ms, 9, '.3f')}{cell(r.decode_p90_ms, 8, '.3f')}"
-                     f"{cell(r.decode_p99_ms, 8, '.3f')}{cell(r.decode_x_floor, 8, '.1f')}{cell(r.memory_mib, 8, '.0f')}")
+        lines.append(row + "".join(f"{'-' if getattr(r, f) is None else format(getattr(r, f), spec):>{w}}"
+                                   for _, w, spec, f in COLUMNS))
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from models.errors import ToolkitError
 
@@ -94,16 +95,20 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     max_cache = max(args.context) + args.warmup + args.new_tokens + 1
     try:
         spec = backend_spec(name)
+        started = time.perf_counter()
         with open_decoders(targets.for_backend(spec), name, precision=row.name, max_cache=max_cache) as opened:
             for batch in args.batch:
                 with opened.decoder(batch) as decoder:
+                    opened_in, started = time.perf_counter() - started, None
                     for context in args.context:
                         log(f"  {decoder.name}: batch {batch}, context {context} ...")
                         try:
                             results.append(measure(decoder, context, args.new_tokens, args.warmup, args.iters,
-                                                   row, peaks))
+                                                   row, peaks, opened_in))
+                            opened_in = None  # only the first cell pays for opening
                         except (ToolkitError, RuntimeError) as error:
                             results.append(BenchmarkResult(decoder.name, batch, context, error=_first_line(error)))
+                started = time.perf_counter()
     except (ToolkitError, RuntimeError) as error:
         log(f"{name}: skipped: {_first_line(error)}")
         done = {(r.batch, r.context) for r in results}

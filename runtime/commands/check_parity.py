@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"Tolerances by precision: {tolerances}.",
     )
     parser.add_argument("model", metavar="MODEL", help="the exported .onnx graph, or an engine built from one")
-    add_backend_argument(parser, backend_names((ONNX, ENGINE), static_cache=False), "onnxruntime",
+    add_backend_argument(parser, backend_names((ONNX, ENGINE), decoder=False), "onnxruntime",
                          "how to run MODEL; a static-cache graph runs its own decoder on that device")
     add_model_arguments(parser, "the reference; default: rebuilt from the preset recorded in MODEL")
     parser.add_argument("--batch", type=int_list, metavar="N,N", help="batch sizes (default 1,3)")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from models.graph_metadata import STATIC_CACHE
+    from models.graph_metadata import STATIC_KINDS
     from models.precision import precision
     from models.source import reference_source
     from runtime.decoding.open import decoder_spec, read_model_metadata
@@ -57,7 +57,7 @@ def _check(args: argparse.Namespace) -> int:
     tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
     device = spec.resolved_device()
     _check_sizes(args, metadata, row, device)
-    sweep = _decoder_sweep if metadata.kind == STATIC_CACHE else _tensor_sweep
+    sweep = _decoder_sweep if metadata.kind in STATIC_KINDS else _tensor_sweep
     report = sweep(args, spec, source, metadata, row, tolerance, device, log)
     log(report.table())
     log(report.summary())

@@ -34,14 +34,19 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []  # signals seen: C extensions may turn the exception into another (pybind11: ImportError)
+
+
 @contextlib.contextmanager
 def _signals_interrupt():
     """SIGTERM and SIGHUP unwind like Ctrl-C (finally blocks and context managers run)."""
+    _RECEIVED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def raise_terminated(signum, _frame):
+        _RECEIVED.append(signum)
         raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -73,20 +78,26 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
             check_files(files(args) if files else Files(outputs={"--json": getattr(args, "json", None),
                                                                  "--plot": getattr(args, "plot", None)}))
             return body(args)
+    except KeyboardInterrupt as error:
+        return _interrupted(parser.prog, getattr(error, "signum", signal.SIGINT))
     except ToolkitError as error:
+        if _RECEIVED:
+            return _interrupted(parser.prog, _RECEIVED[0])
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as error:
-        signum = getattr(error, "signum", signal.SIGINT)
-        print(f"{parser.prog}: interrupted by {signal.Signals(signum).name}; nothing was left half-written",
-              file=sys.stderr)
-        return 128 + signum
     except Exception as error:  # an unexpected failure is a bug: one line, traceback on request
+        if _RECEIVED:
+            return _interrupted(parser.prog, _RECEIVED[0])
         if os.environ.get("TOOLKIT_DEBUG"):
             raise
         print(f"{parser.prog}: internal error: {type(error).__name__}: {error} "
               "(set TOOLKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+def _interrupted(prog: str, signum: int) -> int:
+    print(f"{prog}: interrupted by {signal.Signals(signum).name}; nothing was left half-written", file=sys.stderr)
+    return 128 + signum
 
 
 def check_files(files: Files) -> None:

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "and fused norms over a static N-token key/value cache that past and present share, so "
                              "CUDA graphs can replay each decode step (use with --dtype fp16 on CUDA; not for "
                              "TensorRT). Inputs input_ids, seqlens_k, total_sequence_length, past_key_values.*")
+    parser.add_argument("--portable", action="store_true",
+                        help="with --static-cache: write the static-cache decoder in standard ONNX ops instead (opset "
+                             "17, no com.microsoft ops; ScatterND cache writes, attention over the fixed window with a "
+                             "mask), for ONNX Runtime and TensorRT. Inputs input_ids, positions (each row's first new "
+                             "position), logits_index, past_key_values.*")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="after export, compare ONNX Runtime (CPU) with PyTorch on shapes unlike the "
                              "export example; a failure exits non-zero and writes nothing (default on)")
@@ -56,16 +61,19 @@ def _export(args: argparse.Namespace) -> int:
     log = log_to(args.json == "-")
     if args.static_cache is not None and args.with_past:
         raise ExportError("--static-cache writes its own cache graph; drop --with-past")
+    if args.portable and args.static_cache is None:
+        raise ExportError("--portable writes the standard-ops static-cache graph; give its window with --static-cache N")
     source = model_request(args).resolve()
     parity = {}
     if args.static_cache is not None:
-        from export.static_cache_graph import export_static_cache
         from runtime.resources import cache_bytes, require
 
         config = source.model.config
         require(8.0 * args.static_cache * config.dim_head + cache_bytes(config, 3, args.static_cache, 4),
                 f"a {args.static_cache}-token static cache (rotary tables, and the verification's 3-row cache)",
                 "cpu", "choose a smaller --static-cache")
+    if args.static_cache is not None and not args.portable:
+        from export.static_cache_graph import export_static_cache
 
         def verify(data: bytes) -> None:
             parity["report"] = verify_static_export(data, source.model, args.dtype, args.static_cache, log)
@@ -76,14 +84,17 @@ def _export(args: argparse.Namespace) -> int:
         extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
     else:
         def verify(path) -> None:
-            parity["report"] = verify_export(path, source.model, args.dtype, log, with_past=args.with_past)
+            parity["report"] = (verify_static_export(path, source.model, args.dtype, args.static_cache, log)
+                                if args.portable else
+                                verify_export(path, source.model, args.dtype, log, with_past=args.with_past))
 
         result = export_onnx(source.model, args.output, opset=args.opset, precision=args.dtype, weights=source.record,
                              allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
-                             with_past=args.with_past)
+                             with_past=args.with_past, static_cache=args.static_cache)
         seconds = result.seconds
         log(f"wrote {result.path} (opset {result.opset}, {args.dtype}) in {seconds:.1f} s")
-        extra = {"opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past}
+        extra = {"opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past,
+                 **({"kind": "static-cache-portable", "max_cache": args.static_cache} if args.portable else {})}
     if args.json:
         report = parity.get("report")
         write_json(args.json, {"output": str(args.output), "dtype": args.dtype, "source": source.description,

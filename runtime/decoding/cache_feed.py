@@ -82,14 +82,14 @@ class _Batch:
 class CacheFeedDecoder(Decoder):
     """Decodes through `backend`, feeding each step's present.* back as the next past_key_values.*."""
 
-    def __init__(self, backend: Backend, rows: int = 1, owner=None):
+    def __init__(self, backend: Backend, rows: int = 1):
         config = backend.config
         if config is None:
             raise DecodingError(f"{backend.name}: the model config is unknown; use a graph written by export-model")
         limit = config.max_seq_len
         super().__init__(backend.name, getattr(backend, "device", "cpu"), config, rows, limit,
                          f"the model's max_seq_len of {limit}; shorten the prompt or --max-new-tokens")
-        self.backend, self.owner = backend, owner
+        self.backend = backend
         self.cache_inputs = [name for name in backend.input_names if is_cache_input(name)]
         self.cache_dtypes = {meta.name: getattr(torch, meta.dtype) for meta in backend.inputs
                              if meta.name in self.cache_inputs}

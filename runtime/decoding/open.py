@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.graph_metadata import STATIC_CACHE, GraphMetadata, GraphMetadataError, read_graph_metadata
+from models.graph_metadata import STATIC_KINDS, GraphMetadata, GraphMetadataError, read_graph_metadata
 
 from ..backends import Backend
 from ..registry import ENGINE_SUFFIXES, BackendSpec, resolve_backend, static_cache_twin
 from .base import Decoder
 from .cache_feed import CacheFeedDecoder
+from .static_cache import StaticCacheDecoder, static_graph_bytes
 
 
 class Decoders:
@@ -19,15 +20,20 @@ class Decoders:
     def __init__(self, spec: BackendSpec, target, options: dict):
         self.spec, self.options = spec, options
         self.backend: Backend | None = None
+        if spec.static_cache and hasattr(target, "model"):  # write the graph once for every decoder opened
+            target = static_graph_bytes(target, spec.static_cache, options.get("max_cache"), options.get("precision"))
         self.target = target
-        if not spec.static_cache:
+        if not spec.decoder:
             self.backend = spec.open(target, **options)
         self.name = self.backend.name if self.backend is not None else spec.name
 
     def decoder(self, rows: int = 1, owner=None) -> Decoder:
-        if self.backend is not None:
-            return CacheFeedDecoder(self.backend, rows, owner)
-        decoder = self.spec.open(self.target, rows=rows, **self.options)
+        if self.backend is None:
+            decoder = self.spec.open(self.target, rows=rows, **self.options)
+        elif self.backend.graph is not None and self.backend.graph.kind in STATIC_KINDS:
+            decoder = StaticCacheDecoder(self.backend, rows)  # e.g. a TensorRT engine of the portable static graph
+        else:
+            decoder = CacheFeedDecoder(self.backend, rows)
         decoder.owner = owner
         return decoder
 
@@ -47,8 +53,10 @@ def decoder_spec(target, backend: str = "auto") -> BackendSpec:
     static-cache backend on the same device."""
     path = target if isinstance(target, (str, Path)) else None
     spec = resolve_backend(backend, path)
-    if path is not None and Path(path).suffix == ".onnx" and read_graph_metadata(path).kind == STATIC_CACHE:
-        spec = static_cache_twin(spec)
+    if path is not None and Path(path).suffix == ".onnx":
+        kind = read_graph_metadata(path).kind
+        if kind in STATIC_KINDS:
+            spec = static_cache_twin(spec, kind)
     return spec
 
 

@@ -1,25 +1,33 @@
-"""The static-cache decoder: a graph written by `export-model --static-cache N` on ONNX Runtime.
+"""The static-cache decoder: graphs written by `export-model --static-cache N` (ONNX Runtime's
+GroupQueryAttention graph) or `--static-cache N --portable` (standard ops, also for TensorRT).
 
-Each layer's key/value cache is a preallocated (rows, kv_heads, N, dim_head) buffer bound as
-both past and present (IO binding), and every row keeps its own length in `seqlens_k`, so a
-decode step has fixed shapes and addresses whichever rows are active; on CUDA it is replayed
-as one CUDA graph (ONNX Runtime's `enable_cuda_graph`), which removes the per-node launch
-overhead that dominates a batch-1 step. Prompts run outside the graph (`gpu_graph_id` -1),
-each contiguous run of started rows in one call that writes into those rows' buffers only.
+Each layer's key/value cache is a preallocated (rows, kv_heads, N, dim_head) buffer and every
+row keeps its own length on the device, so a decode step has fixed shapes and addresses whichever
+rows are active. Started rows are prefilled as contiguous runs into their own buffer rows, with
+logits computed only where asked (`logits_index`: every prompt position for parity, the last
+for generation). Two runners feed the graph:
+
+- `BoundRunner` (ONNX Runtime, CPU or CUDA): the buffers are bound as both past and present (IO
+  binding), so the graph writes in place; on CUDA every decode step is one CUDA-graph replay,
+  captured when the decoder is opened, and ONNX Runtime runs on PyTorch's current stream, so no
+  host synchronisation is needed before a step.
+- `BackendRunner` (any Backend, e.g. a TensorRT engine of the portable graph): the buffers are
+  fed and the present.* outputs copied back into them.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from models.graph_metadata import STATIC_CACHE
+from models.graph_metadata import STATIC_CACHE, STATIC_KINDS, STATIC_PORTABLE, GraphMetadata
 from models.precision import precision
 from models.signature import present_name
 
-from ..backends import BackendError
+from ..backends import Backend, BackendError
 from ..backends.base import check_io
 from ..backends.onnxruntime_backend import (_import_onnxruntime, _numpy_dtype, open_session, session_io,
                                             session_metadata)
@@ -47,89 +55,199 @@ def contiguous_runs(rows: list[int]) -> list[list[int]]:
     return runs
 
 
-class StaticCacheDecoder(Decoder):
-    """`model` is a path or the serialized bytes of a static-cache graph. Not thread-safe: one
-    decoder owns its cache buffers."""
+def length_feeds(graph: GraphMetadata, start: Tensor, after: Tensor, total: int) -> dict[str, Tensor | np.ndarray]:
+    """What each static graph kind takes to place new tokens: GroupQueryAttention wants tokens after
+    the call minus 1 (int32) and the attended length; the portable graph each row's first position."""
+    if graph.kind == STATIC_CACHE:
+        return {"seqlens_k": (after - 1).to(torch.int32), "total_sequence_length": np.array(total, dtype=np.int32)}
+    return {"positions": start}
 
-    def __init__(self, model: str | Path | bytes, rows: int = 1, provider: str = "cuda", cuda_graph: bool | None = None):
-        self.cuda_graph = provider == "cuda" if cuda_graph is None else cuda_graph
-        self.session = open_session(model, provider, {"enable_cuda_graph": str(int(self.cuda_graph))})
-        where = "the serialized graph" if isinstance(model, bytes) else str(model)
-        graph = session_metadata(self.session, where)
-        if graph.kind != STATIC_CACHE:
-            raise BackendError(f"{where} is not a static-cache graph (export it with export-model --static-cache N)")
-        check_io(graph.signature(), *session_io(self.session), where)
-        self.max_cache = graph.max_cache
-        super().__init__(f"onnxruntime-{provider}-static-cache", "cuda" if provider == "cuda" else "cpu", graph.config,
-                         rows, self.max_cache,
-                         f"the graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
-        self.graph, self.provider, self.mode = graph, provider, "static cache"
-        self._allocate(graph.signature().cache_inputs)
+
+class BoundRunner:
+    """ONNX Runtime with the cache buffers bound in place (and CUDA-graph replay on CUDA)."""
+
+    def __init__(self, model: str | Path | bytes, provider: str, cuda_graph: bool | None):
+        self.on_cuda = provider == "cuda"
+        self.cuda_graph = self.on_cuda if cuda_graph is None else cuda_graph
+        options = {"enable_cuda_graph": str(int(self.cuda_graph))}
+        self.torch_stream = provider == "cuda"
+        if self.torch_stream:  # run on PyTorch's stream: ordered with our tensors, no sync before a run
+            stream = {"has_user_compute_stream": "1", "user_compute_stream": str(torch.cuda.current_stream().cuda_stream)}
+            try:
+                self.session = open_session(model, provider, {**options, **stream})
+            except BackendError:  # a build that refuses a user stream with CUDA graphs: synchronise instead
+                self.torch_stream = False
+        if not self.torch_stream:
+            self.session = open_session(model, provider, options)
+        self.where = "the serialized graph" if isinstance(model, bytes) else str(model)
+        self.graph = session_metadata(self.session, self.where)
+        self.inputs, self.outputs = session_io(self.session)
         ort = _import_onnxruntime()
-        self._run_options = {name: ort.RunOptions() for name in ("prefill", "step")}
+        self.run_options = {name: ort.RunOptions() for name in ("prefill", "step")}
         if self.cuda_graph:
-            self._run_options["prefill"].add_run_config_entry("gpu_graph_id", "-1")  # variable shapes: no graph
-            self._run_options["step"].add_run_config_entry("gpu_graph_id", "1")
+            self.run_options["prefill"].add_run_config_entry("gpu_graph_id", "-1")  # variable shapes: no graph
+            self.run_options["step"].add_run_config_entry("gpu_graph_id", "1")
+        self.step_binding = None
 
-    def _allocate(self, cache_names: list[str]) -> None:
+    def _binding(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor):
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                self._bind(binding, name, value)
+        for name, buffer in caches.items():  # past and present share the buffer
+            self._bind(binding, name, buffer)
+            self._bind(binding, present_name(name), buffer, output=True)
+        self._bind(binding, "logits", logits, output=True)
+        return binding
+
+    @staticmethod
+    def _bind(binding, name: str, tensor: Tensor, output: bool = False) -> None:
+        method = binding.bind_output if output else binding.bind_input
+        method(name, tensor.device.type, 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+
+    def _run(self, binding, kind: str) -> None:
+        if self.on_cuda and not self.torch_stream:  # ONNX Runtime's own stream: wait for ours first
+            torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding, self.run_options[kind])
+
+    def prefill(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
+        self._run(self._binding(feeds, caches, logits), "prefill")
+
+    def prepare_step(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
+        """Bind the step's fixed buffers once: every later step replays with the same addresses (the
+        feeds are kept referenced here, so their memory outlives the binding)."""
+        self.step_feeds = (feeds, caches, logits)
+        self.step_binding = self._binding(feeds, caches, logits)
+
+    def step(self, total: np.ndarray | None) -> None:
+        if total is not None and not self.cuda_graph:  # without a graph, attend only to the longest row
+            self.step_binding.bind_cpu_input("total_sequence_length", total)
+        self._run(self.step_binding, "step")
+
+    def close(self) -> None:
+        self.session = self.step_binding = self.step_feeds = None
+
+
+class BackendRunner:
+    """Any Backend of the portable static graph: buffers fed, present.* copied back into them."""
+
+    def __init__(self, backend: Backend):
+        if backend.graph is None or backend.graph.kind not in STATIC_KINDS:
+            raise BackendError(f"{backend.name} does not run a static-cache graph")
+        self.backend, self.graph, self.cuda_graph = backend, backend.graph, getattr(backend, "cuda_graphs", False)
+        self.step_feeds = None
+
+    def _run(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
+        feeds = {n: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for n, v in feeds.items()}
+        outputs = self.backend.run_torch({**feeds, **caches})
+        for name, buffer in caches.items():
+            buffer.copy_(outputs[present_name(name)])
+        logits.copy_(outputs["logits"])
+
+    def prefill(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
+        self._run(feeds, caches, logits)
+
+    def prepare_step(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
+        self.step_feeds = (feeds, caches, logits)
+
+    def step(self, total: np.ndarray | None) -> None:
+        feeds, caches, logits = self.step_feeds
+        if total is not None:
+            feeds = {**feeds, "total_sequence_length": total}
+        self._run(feeds, caches, logits)
+
+    def close(self) -> None:
+        pass  # the backend belongs to whoever opened it
+
+
+class StaticCacheDecoder(Decoder):
+    """`model`: a path or the serialized bytes of a static-cache graph (run by ONNX Runtime on
+    `provider`), or a Backend that runs one. Not thread-safe: one decoder owns its buffers."""
+
+    def __init__(self, model: str | Path | bytes | Backend, rows: int = 1, provider: str = "cuda",
+                 cuda_graph: bool | None = None):
+        if isinstance(model, Backend):
+            runner, where, device, name = BackendRunner(model), model.name, model.device, model.name
+        else:
+            runner = BoundRunner(model, provider, cuda_graph)
+            where, device, name = runner.where, "cuda" if provider == "cuda" else "cpu", f"onnxruntime-{provider}"
+            if runner.graph.kind not in STATIC_KINDS:
+                raise BackendError(f"{where} is not a static-cache graph (export it with export-model --static-cache N)")
+            check_io(runner.graph.signature(), runner.inputs, runner.outputs, where)
+        self.runner, self.graph = runner, runner.graph
+        self.max_cache, self.cuda_graph = self.graph.max_cache, runner.cuda_graph
+        name = name.removesuffix("-static-cache") + f"-{self.graph.kind}"  # ...-static-cache or ...-static-cache-portable
+        super().__init__(name, device, self.graph.config, rows, self.max_cache,
+                         f"the graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
+        self.mode, self.open_seconds = "static cache", 0.0
+        started = time.perf_counter()
+        self._allocate()
+        self._warm_up()
+        self.open_seconds = time.perf_counter() - started
+
+    def _allocate(self) -> None:
         c, rows, device = self.config, self.rows, self.device
         row = precision(self.graph.precision)
         require(cache_bytes(c, rows, self.max_cache, row.bytes_per_value) + logits_bytes(c, rows, 1),
                 f"the static cache of {rows} row(s) x {self.max_cache} tokens", device.type,
                 "use fewer rows or a graph exported with a smaller --static-cache")
-        dtype = row.torch_dtype
-        self.caches = {name: torch.zeros(rows, c.kv_heads, self.max_cache, c.dim_head, dtype=dtype, device=device)
-                       for name in cache_names}
-        self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)
-        self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)  # per row: tokens held - 1
-        self.row_active = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.caches = {name: torch.zeros(rows, c.kv_heads, self.max_cache, c.dim_head, dtype=row.torch_dtype,
+                                         device=device) for name in self.graph.signature().cache_inputs}
+        self.held = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens each row holds
+        self.row_active = torch.zeros(rows, dtype=torch.int64, device=device)
         self.active_index: Tensor | None = None  # None when every row is active
+        self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)
         self.step_logits = torch.zeros(rows, 1, c.num_tokens, dtype=torch.float32, device=device)
-        self._step_binding = self._binding(slice(0, rows), self.step_ids, self.seqlens, self.max_cache, self.step_logits)
+        feeds = {"input_ids": self.step_ids, "logits_index": torch.zeros(rows, 1, dtype=torch.int64, device=device)}
+        if self.graph.kind == STATIC_CACHE:
+            self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
+            feeds.update(seqlens_k=self.seqlens, total_sequence_length=np.array(self.max_cache, dtype=np.int32))
+        else:
+            feeds["positions"] = self.held
+        self.runner.prepare_step(feeds, self.caches, self.step_logits)
 
-    def _bind(self, binding, name: str, tensor: Tensor, output: bool = False) -> None:
-        method = binding.bind_output if output else binding.bind_input
-        method(name, self.device.type, 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+    def _warm_up(self) -> None:
+        """Run a prompt and a step once now, so kernels are loaded and the step's CUDA graph is
+        captured when the decoder opens, not during the first request."""
+        if self.device.type != "cuda":
+            return
+        self._start({0: [0]}, False)
+        self.lengths[0] = 1
+        self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
+        self.lengths.clear()
+        self._release([0])
+        torch.cuda.synchronize()
 
-    def _binding(self, rows: slice, ids: Tensor, seqlens: Tensor, total: int, logits: Tensor):
-        binding = self.session.io_binding()
-        self._bind(binding, "input_ids", ids)
-        self._bind(binding, "seqlens_k", seqlens)
-        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        for name, buffer in self.caches.items():  # past and present share the buffer
-            self._bind(binding, name, buffer[rows])
-            self._bind(binding, present_name(name), buffer[rows], output=True)
-        self._bind(binding, "logits", logits, output=True)
-        return binding
-
-    def _run(self, binding, kind: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # ONNX Runtime runs on its own stream
-        self.session.run_with_iobinding(binding, self._run_options[kind])
-
-    def _prefill_run(self, run: list[int], prompts: dict[int, list[int]]) -> Tensor:
-        """Fill the cache rows of one contiguous run; return their logits (k, width, vocab)."""
+    def _prefill_run(self, run: list[int], prompts: dict[int, list[int]], all_logits: bool) -> Tensor:
+        """Fill the cache rows of one contiguous run; return their logits (k, positions, vocab)."""
         ids, lengths = right_pad([prompts[row] for row in run])
         if ids.shape[1] > self.max_cache:
             raise DecodingError(f"a {ids.shape[1]}-token prompt does not fit {self.capacity_hint}")
-        rows = slice(run[0], run[-1] + 1)
-        seqlens = (lengths - 1).to(torch.int32).to(self.device)
-        logits = torch.empty(len(run), ids.shape[1], self.config.num_tokens, dtype=torch.float32, device=self.device)
-        self._run(self._binding(rows, ids.to(self.device), seqlens, ids.shape[1], logits), "prefill")
-        self.seqlens[rows] = seqlens
+        rows, width = slice(run[0], run[-1] + 1), ids.shape[1]
+        lengths = lengths.to(self.device)
+        index = (torch.arange(width, device=self.device).expand(len(run), width) if all_logits
+                 else (lengths - 1)[:, None])  # right-padded: each row's own last position
+        start = torch.zeros(len(run), dtype=torch.int64, device=self.device)
+        feeds = {"input_ids": ids.to(self.device), "logits_index": index.contiguous(),
+                 **length_feeds(self.graph, start, lengths, width)}
+        logits = torch.empty(len(run), index.shape[1], self.config.num_tokens, dtype=torch.float32, device=self.device)
+        self.runner.prefill(feeds, {name: buffer[rows] for name, buffer in self.caches.items()}, logits)
+        self.held[rows] = lengths
         self.row_active[rows] = 1
         return logits
 
     def _start(self, prompts: dict[int, list[int]], all_logits: bool):
         per_row = {}
         for run in contiguous_runs(list(prompts)):
-            logits = self._prefill_run(run, prompts)
+            logits = self._prefill_run(run, prompts, all_logits)
             for i, row in enumerate(run):
-                per_row[row] = logits[i, : len(prompts[row])]  # right-padded: the prompt's own positions
+                per_row[row] = logits[i, : len(prompts[row])] if all_logits else logits[i, -1]
         self._update_active(set(self.lengths) | set(prompts))
         if all_logits:
             return [per_row[row] for row in prompts]
-        return torch.stack([per_row[row][-1] for row in prompts])
+        return torch.stack([per_row[row] for row in prompts])
 
     def _update_active(self, active: set[int]) -> None:
         self.active_index = None if len(active) == self.rows else torch.tensor(sorted(active), device=self.device)
@@ -139,11 +257,12 @@ class StaticCacheDecoder(Decoder):
             self.step_ids.copy_(tokens.reshape(self.rows, 1))
         else:
             self.step_ids.index_copy_(0, self.active_index, tokens.reshape(-1, 1))
-        self.seqlens.add_(self.row_active)
-        if not self.cuda_graph:  # without a graph, the true longest row keeps attention short
-            self._step_binding.bind_cpu_input("total_sequence_length",
-                                              np.array(max(self.lengths.values()) + 1, dtype=np.int32))
-        self._run(self._step_binding, "step")
+        total = None
+        if self.graph.kind == STATIC_CACHE:
+            self.seqlens.copy_(self.held)  # tokens held before the step = tokens after it minus 1
+            total = np.array(max(self.lengths.values()) + 1, dtype=np.int32)
+        self.runner.step(total)
+        self.held.add_(self.row_active)
         if self.active_index is None:
             return self.step_logits[:, 0]
         return self.step_logits[:, 0].index_select(0, self.active_index)
@@ -151,13 +270,26 @@ class StaticCacheDecoder(Decoder):
     def _release(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.device)
         self.row_active.index_fill_(0, index, 0)
-        self.seqlens.index_fill_(0, index, 0)
+        self.held.index_fill_(0, index, 0)
         self._update_active(set(self.lengths) - set(rows))
 
     def close(self) -> None:
         super().close()
-        self.session = self._step_binding = None
-        self.caches.clear()
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = None
+        self.caches = {}
+
+
+def static_graph_bytes(source, kind: str, max_cache: int | None, precision: str | None) -> bytes:
+    """A ModelSource's weights written into a static-cache graph of `kind`, serialized in memory."""
+    if max_cache is None:
+        raise DecodingError("writing a static-cache graph from weights needs max_cache")
+    if kind == STATIC_PORTABLE:
+        from export.onnx_export import build_portable_static_graph as build
+    else:
+        from export.static_cache_graph import build_static_cache_graph as build
+    return build(source.model, max_cache, precision or "fp32", source.record).SerializeToString()
 
 
 def open_static_cache(target, spec, rows: int = 1, precision: str | None = None, max_cache: int | None = None,
@@ -165,9 +297,5 @@ def open_static_cache(target, spec, rows: int = 1, precision: str | None = None,
     """The registry's opener for the *-static backends: `target` is a static-cache graph (path or
     bytes), or a ModelSource whose weights are written into one in memory, `max_cache` tokens deep."""
     if hasattr(target, "model"):
-        from export.static_cache_graph import build_static_cache_graph
-
-        if max_cache is None:
-            raise DecodingError("writing a static-cache graph from weights needs max_cache")
-        target = build_static_cache_graph(target.model, max_cache, precision or "fp32", target.record).SerializeToString()
+        target = static_graph_bytes(target, spec.static_cache, max_cache, precision)
     return StaticCacheDecoder(target, rows, spec.device)

@@ -110,7 +110,7 @@ def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRa
         graph = GraphMetadata.from_props(metadata, str(onnx_path))
     except GraphMetadataError as error:
         raise ProfileError(str(error)) from None
-    if graph.kind == STATIC_CACHE:
+    if graph.kind == STATIC_CACHE:  # the portable static graph (standard ops) is TensorRT's
         raise ProfileError(f"{onnx_path} is an ONNX Runtime static-cache graph (com.microsoft ops TensorRT cannot "
                            "parse); build an engine from the portable graph (export-model --with-past)")
     initializers = {t.name for t in model.graph.initializer}

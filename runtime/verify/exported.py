@@ -45,8 +45,9 @@ def verify_export(path: Path, model: Transformer, precision: str, log=print,
         return _judged(check_parity(reference, candidate, cases, row.name), log)
 
 
-def verify_static_export(data: bytes, model: Transformer, precision: str, max_cache: int, log=print) -> ParityReport:
-    """The static-cache graph's decoder sweep on ONNX Runtime (CPU): ragged prompts and decode steps."""
+def verify_static_export(data: bytes | Path, model: Transformer, precision: str, max_cache: int,
+                         log=print) -> ParityReport:
+    """A static-cache graph's decoder sweep on ONNX Runtime (CPU): ragged prompts and decode steps."""
     lengths = [n for n in (1, 19, 4 * 19) if n + 8 <= max_cache]
     report = check_decoder(model, lambda rows: StaticCacheDecoder(data, rows, "cpu"), [1, 3], lengths,
                            precision=precision)

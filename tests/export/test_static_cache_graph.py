@@ -53,3 +53,39 @@ def test_export_verifies_before_it_writes(tiny_model, tmp_path):
     with pytest.raises(ExportError, match="on purpose"):
         export_static_cache(tiny_model, tmp_path / "s.onnx", 16, "fp32", verify=failing, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_portable_static_graph_is_opset_17_standard_ops_and_lint_clean(tiny_portable_static_onnx, tiny_source):
+    import onnx
+
+    from export.lint import lint_graph
+    from models.graph_metadata import STATIC_PORTABLE, read_graph_metadata
+
+    proto = onnx.load(str(tiny_portable_static_onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+    ops = {node.op_type for node in proto.graph.node}
+    assert "ScatterND" in ops and not ops & {"If", "Loop", "Scan"}
+    metadata = read_graph_metadata(tiny_portable_static_onnx)
+    assert metadata.kind == STATIC_PORTABLE and metadata.max_cache == 96 and metadata.weights == tiny_source.record
+    assert metadata.axes["sequence"]["max"] == 96  # no profile past the window
+    assert not lint_graph(proto, metadata.signature(), {"sequence": 37}).findings
+
+
+def test_portable_static_graph_gets_tensorrt_profiles_from_its_axes(tiny_portable_static_onnx):
+    from runtime.tensorrt.profiles import build_profiles, graph_axes
+
+    inputs, axes, _ = graph_axes(tiny_portable_static_onnx)
+    (profile,) = build_profiles(inputs, axes, batch=["1:4:8"])
+    shapes = profile.to_dict()
+    assert shapes["input_ids"] == {"min": [1, 1], "opt": [4, 96], "max": [8, 96]}
+    assert shapes["positions"] == {"min": [1], "opt": [4], "max": [8]}
+    assert shapes["past_key_values.1.value"] == {"min": [1, 2, 96, 16], "opt": [4, 2, 96, 16], "max": [8, 2, 96, 16]}
+
+
+def test_the_portable_window_must_hold_a_chunk(tiny_model, tmp_path):
+    from export.onnx_export import export_onnx
+
+    with pytest.raises(ExportError, match="--static-cache 4 is too small for the standard-ops graph"):
+        export_onnx(tiny_model, tmp_path / "p.onnx", static_cache=4, log=lambda _: None)

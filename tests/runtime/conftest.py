@@ -18,16 +18,6 @@ def tiny_past_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_static_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
-    """The tiny preset as an fp32 static-cache graph with a 96-token cache."""
-    from export.static_cache_graph import export_static_cache
-
-    path = tmp_path_factory.mktemp("tiny_static") / "model-static.onnx"
-    export_static_cache(tiny_model, path, 96, "fp32", tiny_source.record, log=lambda _: None)
-    return path
-
-
-@pytest.fixture(scope="session")
 def upstream_past_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, object]:
     from export.onnx_export import export_onnx
     from models.source import resolve_model

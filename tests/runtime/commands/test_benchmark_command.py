@@ -24,17 +24,19 @@ def test_benchmark_measures_every_backend_batch_and_context(tiny_past_onnx, tmp_
         for c in (8, 16)}
     for r in results:
         assert r["error"] is None and r["prefill_ms"] > 0 and r["decode_p50_ms"] > 0
+        assert r["ttft_ms"] > 0 and r["cold_ttft_ms"] > 0
         assert r["decode_p50_ms"] <= r["decode_p90_ms"] <= r["decode_p99_ms"]
         assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * r["context"] / r["prefill_ms"] * 1e3)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unavailable_backends_are_reported_with_their_reason(tiny_past_onnx, tmp_path):
-    code = main([str(tiny_past_onnx), "--backend", "torch,torch-compile,tensorrt", "--context", "8",
+    code = main([str(tiny_past_onnx), "--backend", "torch,torch-compile,torch-compile-static,tensorrt", "--context", "8",
                  "--new-tokens", "2", "--warmup", "0", "--iters", "1", "--json", str(tmp_path / "b.json")])
     assert code == 0  # torch ran; the others are reported as skipped with their reason
     results = {r["backend"]: r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
     assert results["torch-compile"]["error"] == "torch-compile with CUDA graphs needs a GPU"
+    assert results["torch-compile-static"]["error"] == "torch-compile-static replays CUDA graphs and needs a GPU"
     assert results["tensorrt"]["error"] == "tensorrt needs --engine PATH"
 
 

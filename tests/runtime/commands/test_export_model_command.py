@@ -171,3 +171,17 @@ def test_static_cache_with_past_is_refused_before_any_work(tmp_path, capsys, no_
     assert export_cli.main(["--static-cache", "8", "--with-past", "--output", str(tmp_path / "x.onnx")]) == 2
     assert_one_line_error(capsys, "export-model", "drop --with-past")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_portable_static_cache_export_writes_a_verified_standard_ops_graph(tmp_path):
+    path = tmp_path / "portable.onnx"
+    assert export_cli.main(["--static-cache", "64", "--portable", "--output", str(path),
+                            "--json", str(tmp_path / "e.json")]) == 0
+    exported = json.loads((tmp_path / "e.json").read_text())
+    assert exported["kind"] == "static-cache-portable" and exported["verify"]["passed"]
+    assert exported["lint"]["findings"] == [] and exported["opset"] == 17
+
+
+def test_portable_without_a_window_is_refused(tmp_path, capsys, no_trace):
+    assert export_cli.main(["--portable", "--output", str(tmp_path / "x.onnx")]) == 2
+    assert_one_line_error(capsys, "export-model", "give its window with --static-cache N")

@@ -98,3 +98,12 @@ def test_a_closed_decoder_refuses_work(open_cpu_decoder):
     decoder.close()
     with pytest.raises(DecodingError, match="the decoder is closed; open a new one"):
         decoder.start({0: [1]})
+
+
+def test_last_position_logits_equal_the_last_row_of_full_logits(open_cpu_decoder):
+    prompts = {0: [3, 1, 4, 1, 5, 9, 2], 1: [6, 5]}
+    with open_cpu_decoder(2) as decoder:
+        full = decoder.start(prompts, all_logits=True)
+        last = decoder.start(prompts)
+    for i, row in enumerate(prompts):
+        np.testing.assert_allclose(last[i].numpy(), full[i][-1].numpy(), atol=1e-5)
