@@ -43,6 +43,7 @@ class ServingMetrics:
         self.active, self.queued = active, queued
         self._publish("active_rows", active)
         self._publish("queue_length", queued)
+        self._publish("tokens_per_second", self.tokens_per_second())  # decays to 0 while idle
 
     def finished(self, outcome: str) -> None:
         with self._lock:

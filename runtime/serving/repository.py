@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import ToolkitError
-from models.graph_metadata import GraphMetadata
+from models.graph_metadata import STATIC_CACHE, GraphMetadata, read_graph_metadata
 from models.signature import TensorSpec
 
+from ..decoding.open import read_model_metadata
 from ..registry import ENGINE_SUFFIXES
 from .limits import Limits
 from .pbtxt import Enum, parameters, render
@@ -48,6 +49,32 @@ class RepositoryOptions:
     device: str = "auto"  # generate's decoder
     decoder: Path | None = None  # a different graph for generate (e.g. a static-cache graph beside an engine)
     python_env: Path | None = None  # conda-pack archive for the python backend (EXECUTION_ENV_PATH)
+
+
+def export_repository(model: str | Path, output: str | Path, options: RepositoryOptions) -> dict:
+    """Read what `model` (a graph or an engine) and the optional decoder graph record, check that
+    they belong together and that the limits fit, and write the repository."""
+    model = Path(model)
+    metadata = read_model_metadata(model)
+    profiles = None
+    if model.suffix in ENGINE_SUFFIXES:
+        from ..tensorrt.engine_files import read_sidecar
+
+        profiles = read_sidecar(model).profiles
+    decoder = metadata
+    if options.decoder is not None:
+        decoder = read_graph_metadata(options.decoder)
+        if decoder.weights.sha256 != metadata.weights.sha256:
+            raise RepositoryError(f"--decoder {options.decoder} was exported from other weights than {model}; "
+                                  "export both from the same checkpoint")
+    capacity = decoder_capacity(decoder)
+    options.limits.check_capacity(capacity, f"the decoder's {capacity}-token capacity")
+    return write_repository(model, output, options, metadata, profiles, decoder)
+
+
+def decoder_capacity(metadata: GraphMetadata) -> int | None:
+    """Tokens one row can hold (prompt + generated): the static cache, or max_seq_len; None: unbounded."""
+    return metadata.max_cache if metadata.kind == STATIC_CACHE else metadata.config.max_seq_len
 
 
 def write_repository(model: str | Path, output: str | Path, options: RepositoryOptions, metadata: GraphMetadata,
@@ -175,6 +202,8 @@ def generate_config(options: RepositoryOptions, decoder_path: str, metadata: Gra
     """The decoupled python model: optional inputs (prompt or prompt_ids is checked per request)."""
     values = {"decoder_model": decoder_path, "device": options.device, "vocab_size": metadata.config.num_tokens,
               **options.limits.to_parameters()}
+    if decoder_capacity(metadata) is not None:
+        values["capacity"] = decoder_capacity(metadata)  # for clients: prompt + new tokens must fit
     if options.python_env is not None:
         values["EXECUTION_ENV_PATH"] = "$$TRITON_MODEL_DIRECTORY/python-env.tar.gz"
     return {"name": GENERATE, "backend": "python", "max_batch_size": 0,

@@ -114,7 +114,7 @@ class TritonServer:
         """Until the HTTP endpoint answers (the server is up, no model loaded yet)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_running()
+            self.check_running()
             if _get(f"{self.endpoints.url}/v2/health/live") == 200:
                 return
             time.sleep(POLL_S)
@@ -134,7 +134,7 @@ class TritonServer:
             detail = _error_text(error.read())
             raise ServerError(f"the {model} model did not load ({detail}); see {self.log_path}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            self._check_running()
+            self.check_running()
             raise ServerError(f"loading the {model} model failed ({error}); see {self.log_path}") from None
         if _get(f"{self.endpoints.url}/v2/models/{model}/ready") != 200:
             raise ServerError(f"the {model} model loaded but is not ready; see {self.log_path}")
@@ -142,7 +142,7 @@ class TritonServer:
     def running(self) -> bool:
         return self.process.poll() is None
 
-    def _check_running(self) -> None:
+    def check_running(self) -> None:
         if not self.running():
             raise ServerError(f"tritonserver exited with code {self.process.returncode} "
                               f"({_last_error(self.log_path)}); see {self.log_path}")
