@@ -38,26 +38,34 @@ def split_url(url: str, default_port: int) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or default_port
 
 
+def grpc_inputs(request: dict) -> list:
+    """tritonclient InferInputs from a request dict (the HTTP JSON body), typed as generate declares."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in request.items():
+        dtype = INPUTS[name][0]
+        array = np.array(value if isinstance(value, list) else [value], dtype=NUMPY_TYPES[dtype])
+        tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if dtype == "TYPE_STRING"
+                                       else dtype.removeprefix("TYPE_"))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
 class GrpcStreamer:
     """One gRPC stream (tritonclient) that carries this client's requests one after another."""
 
     def __init__(self, address: str):
         import tritonclient.grpc as grpcclient
 
-        self.grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(address)
         self.responses: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.responses.put((time.perf_counter(), result, error)))
         self.count = 0
 
     def generate(self, request: dict, timeout: float) -> StreamResult:
-        inputs = []
-        for name, value in request.items():
-            array = np.array(value if isinstance(value, list) else [value], dtype=NUMPY_TYPES[INPUTS[name][0]])
-            tensor = self.grpc.InferInput(name, list(array.shape), "BYTES" if INPUTS[name][0] == "TYPE_STRING"
-                                          else INPUTS[name][0].removeprefix("TYPE_"))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+        inputs = grpc_inputs(request)
         self.count += 1
         result = StreamResult(started=time.perf_counter())
         self.client.async_stream_infer(GENERATE, inputs, request_id=str(self.count), enable_empty_final_response=True)

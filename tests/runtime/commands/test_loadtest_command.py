@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from command_helpers import assert_one_line_error
+from triton_process import free_ports
 from runtime.commands.loadtest import main
 
 
@@ -30,8 +31,6 @@ def test_http_streams_too(triton_server, tmp_path):
 
 
 def test_no_server_is_one_error_line(capsys):
-    from conftest import free_ports
-
     (port,) = free_ports(1)
     assert main(["--url", f"http://127.0.0.1:{port}", "--requests", "1"]) == 2
     assert_one_line_error(capsys, "loadtest", f"no Triton server answers at http://127.0.0.1:{port}")

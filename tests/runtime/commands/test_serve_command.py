@@ -10,7 +10,7 @@ import time
 import pytest
 
 from command_helpers import assert_one_line_error
-from conftest import ROOT, ServeProcess
+from triton_process import ROOT, ServeProcess, free_ports
 from runtime.commands.serve import main
 from runtime.serving.clients import http_generate
 
@@ -49,8 +49,6 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     (["--checkpoint", "x.pt", "--preset", "tiny"], "give either --checkpoint or --preset, not both"),
 ])
 def test_bad_input_is_one_error_line(tiny_static_onnx, tmp_path, capsys, args, message):
-    from conftest import free_ports
-
     (free,) = free_ports(1)
     argv = [a.format(tmp=tmp_path, static=tiny_static_onnx, free=free) for a in args]
     assert main(argv) == 2

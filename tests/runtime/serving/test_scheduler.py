@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import FakeStream, mixed_requests
+from serving_helpers import FakeStream, mixed_requests
 from runtime.decoding.generation import GenerationSettings
 from runtime.decoding.open import open_decoder
 from runtime.serving.limits import Limits

@@ -11,9 +11,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import mixed_requests
+from serving_helpers import mixed_requests
 from runtime.decoding.text import encode_text
-from runtime.serving.clients import GrpcStreamer, http_generate
+from runtime.serving.clients import GrpcStreamer, grpc_inputs, http_generate
 
 TIMEOUT_S = 60  # per request; every wait below is bounded
 
@@ -128,26 +128,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, proto
         assert partial.error is None and len(partial.tokens) == 2
     else:
         streamer = GrpcStreamer(triton_server.grpc_url)
-        streamer.client.async_stream_infer("generate", _grpc_inputs(long_stream), request_id="gone")
+        streamer.client.async_stream_infer("generate", grpc_inputs(long_stream), request_id="gone")
         assert streamer.responses.get(timeout=TIMEOUT_S)[2] is None  # the first token came
         streamer.close(cancel=True)
     wait_for(lambda: triton_server.metric("rotary_generate_requests_total", outcome="cancelled") == cancelled + 1,
              "the row to be released as cancelled")
     wait_for(lambda: triton_server.metric("rotary_generate_active_rows") == 0, "no active rows")
     assert triton_server.metric("rotary_generate_requests_total", outcome="completed") == completed
-
-
-def _grpc_inputs(request: dict):
-    import tritonclient.grpc as grpcclient
-
-    inputs = []
-    for name, value in request.items():
-        array = np.array(value if isinstance(value, list) else [value],
-                         dtype=np.int64 if name == "prompt_ids" else np.int32)
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64" if name == "prompt_ids" else "INT32")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
 
 
 def test_health_readiness_and_metrics_answer(triton_server):
