@@ -115,6 +115,18 @@ def resolve_backend(name: str, path: str | Path | None) -> BackendSpec:
     return BACKENDS["onnxruntime-cuda" if onnxruntime_has_cuda() else "onnxruntime"]
 
 
+def backend_on(device: str, path: str | Path) -> BackendSpec:
+    """The backend that runs a model file on `device`: "auto" (as resolve_backend), "cpu" or "cuda"."""
+    if device == AUTO:
+        return resolve_backend(AUTO, path)
+    opens = ENGINE if Path(path).suffix in ENGINE_SUFFIXES else ONNX
+    spec = next((s for s in BACKENDS.values() if s.opens == opens and s.device == device and not s.decoder), None)
+    if spec is None:
+        raise BackendError(f"no backend runs {'an engine' if opens == ENGINE else 'an ONNX graph'} on {device!r}; "
+                           "use auto, cpu or cuda (engines: cuda)")
+    return spec
+
+
 def static_cache_twin(spec: BackendSpec, kind: str) -> BackendSpec:
     """The backend that runs a static-cache graph of `kind` on the same device as `spec`."""
     if spec.static_cache == kind:

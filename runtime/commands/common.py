@@ -248,3 +248,21 @@ def log_to(stream_is_json: bool) -> Callable[[str], None]:
     """Human progress goes to stderr when stdout carries JSON."""
     stream = sys.stderr if stream_is_json else sys.stdout
     return lambda message: print(message, file=stream, flush=True)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving limits (runtime.serving.limits.Limits) as flags; unset flags keep the defaults."""
+    group = parser.add_argument_group("serving limits (a request over one gets an error response)")
+    group.add_argument("--max-rows", type=int, metavar="N", help="requests decoded together (default 8)")
+    group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="longest prompt accepted (default 256)")
+    group.add_argument("--max-new-tokens-limit", type=int, metavar="N",
+                       help="most new tokens a request may ask for (default 256)")
+    group.add_argument("--queue", type=int, metavar="N",
+                       help="requests that may wait for a free row; more are refused at once (default 64)")
+
+
+def limit_changes(args: argparse.Namespace) -> dict:
+    """The limit flags that were given, as Limits fields."""
+    changes = {"max_rows": args.max_rows, "max_prompt_tokens": args.max_prompt_tokens,
+               "max_new_tokens": args.max_new_tokens_limit, "max_queue": args.queue}
+    return {name: value for name, value in changes.items() if value is not None}

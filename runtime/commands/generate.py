@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 
 from models.errors import ToolkitError
@@ -62,15 +61,13 @@ def _open(args: argparse.Namespace, max_length: int):
 
 def _printer(stream, text_mode: bool):
     """Writes each new token as it comes: bytes decoded incrementally, or ids."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    from runtime.decoding.text import TextPieces
+
+    pieces = TextPieces()
 
     def show(step: int, tokens: list[int]) -> None:
         token = tokens[0]
-        if text_mode:
-            piece = decoder.decode(bytes([token])) if token < 256 else f"<{token}>"
-        else:
-            piece = f"{token} "
-        stream.write(piece)
+        stream.write(pieces.piece(token) if text_mode else f"{token} ")
         stream.flush()
 
     return show

@@ -51,6 +51,30 @@ class GenerationResult:
         return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+class RowSampler:
+    """One row's token choice with its own settings and generator. A row sampled alone draws exactly
+    what `sample_loop` draws for a batch of one (noise of shape (1, vocab) per step from a generator
+    seeded with `settings.seed`), so a server row equals offline `generate` of its prompt alone."""
+
+    def __init__(self, settings: GenerationSettings):
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.tokens: list[int] = []
+
+    def choose(self, logits: Tensor) -> int:
+        """`logits`: this row's next-token logits (vocab,) or (1, vocab); returns and records the token."""
+        s = self.settings
+        token = int(next_tokens(logits.reshape(1, -1), s.temperature, s.filter_thres, self.generator)[0])
+        self.tokens.append(token)
+        return token
+
+    @property
+    def done(self) -> bool:
+        """After max_new_tokens, or right after the end token (which is kept, as `generate` keeps it)."""
+        eos = self.settings.eos_id
+        return len(self.tokens) >= self.settings.max_new_tokens or (eos is not None and self.tokens[-1:] == [eos])
+
+
 def check_request(decoder: Decoder, prompts: list[list[int]], settings: GenerationSettings) -> None:
     """Everything `generate` needs, checked before any work: rows, ids, settings and room in the cache."""
     settings.check(decoder.vocab_size)

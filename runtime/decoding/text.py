@@ -1,6 +1,8 @@
 """Byte-level text (as upstream's enwik8 training): one token per UTF-8 byte."""
 from __future__ import annotations
 
+import codecs
+
 from .base import DecodingError
 
 
@@ -23,3 +25,14 @@ def decode_bytes(tokens: list[int]) -> str:
         out.append(f"<{token}>")
     out.append(pending.decode("utf-8", errors="replace"))
     return "".join(out)
+
+
+class TextPieces:
+    """Turns one row's tokens into text as they come: bytes decoded incrementally (a piece is empty
+    while a multi-byte character is incomplete), ids of 256 and over as <id>."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def piece(self, token: int) -> str:
+        return self._decoder.decode(bytes([token])) if token < 256 else f"<{token}>"

@@ -26,3 +26,28 @@ def upstream_past_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, obj
     path = tmp_path_factory.mktemp("upstream_past") / "upstream-past.onnx"
     export_onnx(source.model, path, weights=source.record, with_past=True, log=lambda _: None)
     return path, source.model
+
+
+# --- serving: one real Triton server for the session ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def serving_graph(tmp_path_factory, tiny_model, tiny_source) -> Path:
+    """The tiny preset as an fp32 static-cache graph deep enough for long streams (cancellation tests)."""
+    from export.static_cache_graph import export_static_cache
+
+    path = tmp_path_factory.mktemp("serving") / "model-static-512.onnx"
+    export_static_cache(tiny_model, path, 512, "fp32", tiny_source.record, log=lambda _: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, serving_graph):
+    """One real server for the session: `serve` on the 512-token static-cache graph (ONNX Runtime CPU)."""
+    from triton_process import ServeProcess
+
+    server = ServeProcess(serving_graph, tmp_path_factory.mktemp("triton"))
+    yield server
+    if server.process.poll() is None:
+        assert server.terminate() == 0, server.log.read_text()[-2000:]
+    assert server.leftovers() == ([], [])

@@ -1,0 +1,77 @@
+"""`export-triton`: a Triton model repository from a graph or an engine, with a streaming `generate` model."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_limit_arguments, limit_changes, log_to, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export-triton",
+        description="Write a Triton Inference Server model repository: the model as Triton's own backends serve "
+                    "it (onnxruntime_onnx for a graph, tensorrt_plan for an engine, one instance group per "
+                    "optimization profile), with dynamic batching, and a decoupled python-backend model "
+                    "`generate` that streams one response per token from the toolkit's decoder with in-flight "
+                    "batching. Run it with `serve REPO` or in NVIDIA's Triton container (see README).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="an .onnx graph from export-model, or an .engine/.plan from "
+                                                       "build-engine (its .json sidecar beside it)")
+    parser.add_argument("--output", "-o", required=True, metavar="REPO", help="the repository folder to create")
+    parser.add_argument("--name", default="rotary", help="the model entry's name (default rotary)")
+    parser.add_argument("--kind", choices=["gpu", "cpu"], default="gpu",
+                        help="where Triton runs the model entry (default gpu; engines need gpu)")
+    parser.add_argument("--instances", type=int, default=1, metavar="N",
+                        help="model entry instances per GPU, or per profile for engines (default 1)")
+    parser.add_argument("--max-batch-size", type=int, metavar="N",
+                        help="the model entry's max_batch_size (default: the graph's batch axis maximum, or the "
+                             "largest batch every engine profile takes; 0 disables batching)")
+    parser.add_argument("--queue-delay-us", type=int, default=100, metavar="US",
+                        help="dynamic batching: how long a request may wait for others (default 100)")
+    parser.add_argument("--decoder", metavar="GRAPH",
+                        help="the graph `generate` decodes with, if not MODEL: e.g. an export-model --static-cache "
+                             "graph (CUDA graphs on the GPU) beside an engine; same weights required")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where `generate` decodes: auto (CUDA when the server has it, else CPU; default)")
+    parser.add_argument("--python-env", metavar="TAR",
+                        help="a conda-pack archive with this toolkit and its dependencies for Triton's python "
+                             "backend (copied in and named by EXECUTION_ENV_PATH)")
+    add_limit_arguments(parser)
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write what was written as JSON to PATH, or stdout if no PATH is given")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from runtime.serving.limits import Limits
+    from runtime.serving.repository import RepositoryError, RepositoryOptions, export_repository
+
+    log = log_to(args.json == "-")
+    for flag, value, low in (("--instances", args.instances, 1), ("--max-batch-size", args.max_batch_size, 0),
+                             ("--queue-delay-us", args.queue_delay_us, 0)):
+        if value is not None and value < low:
+            raise RepositoryError(f"{flag} must be at least {low}, got {value}")
+    if not Path(args.model).is_file():
+        raise RepositoryError(f"model not found: {args.model}; pass an .onnx graph or an engine")
+    options = RepositoryOptions(args.name, args.kind, args.instances, args.max_batch_size, args.queue_delay_us,
+                                Limits().replace(**limit_changes(args)), args.device,
+                                Path(args.decoder) if args.decoder else None,
+                                Path(args.python_env) if args.python_env else None)
+    for flag, path in (("--decoder", options.decoder), ("--python-env", options.python_env)):
+        if path is not None and not path.is_file():
+            raise RepositoryError(f"{flag} {path} not found")
+    report = export_repository(args.model, args.output, options)
+    log(f"export-triton: wrote {report['repository']}: {args.name} ({report['models'][args.name]}, max_batch_size "
+        f"{report['max_batch_size']}) and generate (decoupled, decodes {report['decoder_model']})")
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_export, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""`loadtest`: concurrent streaming clients against a running `serve` (or any Triton serving generate)."""
+from __future__ import annotations
+
+import argparse
+
+from models.errors import ToolkitError
+
+from .common import int_list, log_to, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loadtest",
+        description="Run N concurrent streaming clients (tritonclient gRPC streams, or HTTP generate_stream) "
+                    "against a server's `generate` with a seeded mix of prompt lengths, output lengths and "
+                    "settings (within the limits the server's model config declares). Reports requests/s, "
+                    "tokens/s, time to first token and inter-token latency (p50, p99) and errors per "
+                    "concurrency level. Exit 1 when any request failed.",
+    )
+    parser.add_argument("--url", required=True, help="the server's HTTP address, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--concurrency", type=int_list, default=[8], metavar="N[,N...]",
+                        help="concurrent clients; several levels (1,8,32) run one after another (default 8)")
+    parser.add_argument("--requests", type=int, default=64, metavar="M", help="requests per level (default 64)")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+                        help="grpc (tritonclient streams; default) or http (server-sent events)")
+    parser.add_argument("--grpc-url", metavar="HOST:PORT",
+                        help="the gRPC address (default: the URL's host, port + 1 as Triton lays them out)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=64, metavar="N",
+                        help="longest prompt sent (default 64, at most the server's limit)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                        help="most tokens asked for (default 64, at most the server's limit)")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per request (default 120)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (`errors`: failed requests)")
+    parser.add_argument("--plot", metavar="PNG", help="chart latency against concurrency")
+    return parser
+
+
+def server_limits(url: str) -> dict[str, int]:
+    """The generate model's declared limits, vocabulary and capacity, read from its config."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from runtime.serving.clients import split_url
+    from runtime.serving.repository import GENERATE
+
+    host, port = split_url(url, 8000)
+    try:
+        client = httpclient.InferenceServerClient(f"{host}:{port}", connection_timeout=10, network_timeout=10)
+        if not client.is_model_ready(GENERATE):
+            raise ToolkitError(f"the server at {url} has no ready {GENERATE} model; start it with serve")
+        config = client.get_model_config(GENERATE)
+    except (InferenceServerException, OSError) as error:
+        raise ToolkitError(f"no Triton server answers at {url} ({error}); start one with serve") from None
+    values = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+    return {key: int(value) for key, value in values.items() if value.isdigit()}
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from runtime.serving.clients import GrpcStreamer, split_url
+    from runtime.serving.loadtest import HttpClient, Workload, plot_levels, run_level
+
+    if args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0:
+        raise ToolkitError("--requests, --max-prompt-tokens, --max-new-tokens and --timeout must be positive")
+    log = log_to(False)
+    limits = server_limits(args.url)
+    prompt = min(args.max_prompt_tokens, limits.get("max_prompt_tokens", args.max_prompt_tokens))
+    new = min(args.max_new_tokens, limits.get("max_new_tokens", args.max_new_tokens))
+    if "capacity" in limits:  # prompt + new tokens must fit in a row
+        prompt = min(prompt, limits["capacity"] // 2)
+        new = min(new, limits["capacity"] - prompt)
+    requests = Workload(args.requests, limits.get("vocab_size", 256), prompt, new, args.seed).build()
+    host, port = split_url(args.url, 8000)
+    grpc_url = args.grpc_url or f"{host}:{port + 1}"
+    client = (lambda: GrpcStreamer(grpc_url)) if args.protocol == "grpc" else (lambda: HttpClient(args.url))
+    levels = []
+    for concurrency in args.concurrency:
+        level = run_level(requests, concurrency, client, args.timeout)
+        levels.append(level)
+        log(f"loadtest: {concurrency:4d} clients  {level['requests_per_second']:7.2f} req/s  "
+            f"{level['tokens_per_second']:8.1f} tokens/s  TTFT p50 {_ms(level['ttft_ms']['p50'])} p99 "
+            f"{_ms(level['ttft_ms']['p99'])}  ITL p50 {_ms(level['itl_ms']['p50'])} p99 {_ms(level['itl_ms']['p99'])}"
+            f"  errors {level['errors']}")
+    errors = sum(level["errors"] for level in levels)
+    if args.json:
+        write_json(args.json, {"url": args.url, "protocol": args.protocol, "prompt_tokens_max": prompt,
+                               "new_tokens_max": new, "levels": levels, "errors": errors})
+    if args.plot:
+        plot_levels(levels, args.plot)
+    return 1 if errors else 0
+
+
+def _ms(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.1f} ms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_loadtest, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

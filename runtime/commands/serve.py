@@ -1,0 +1,104 @@
+"""`serve`: a real Triton server on this machine, streaming `generate` with in-flight batching."""
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from .common import add_limit_arguments, add_model_arguments, limit_changes, model_request, run_main, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve",
+        description="Start the Triton Inference Server bundled with nvidia-pytriton on this machine and serve "
+                    "`generate`: streaming over HTTP (POST /v2/models/generate/generate_stream, server-sent "
+                    "events) and gRPC (tritonclient stream_infer), requests joining and leaving the running "
+                    "batch between decode steps, readiness at /v2/health/ready, Prometheus metrics. SIGTERM or "
+                    "Ctrl-C stops accepting, lets in-flight requests finish (--exit-timeout) and exits 0.",
+    )
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a repository from export-triton, an .onnx graph (--with-past or --static-cache) or "
+                             "an engine; without it, the model flags' weights are written as a static-cache graph")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
+    parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="where generate decodes: auto (CUDA when present; default), cpu or cuda")
+    add_limit_arguments(parser)
+    add_model_arguments(parser, "without MODEL")
+    parser.add_argument("--max-cache", type=int, metavar="N",
+                        help="without MODEL: static cache per row (default max prompt + max new tokens)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"],
+                        help="without MODEL: graph precision (default fp16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--exit-timeout", type=int, default=30, metavar="S",
+                        help="on SIGTERM, how long in-flight requests may still run (default 30)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, metavar="S",
+                        help="how long starting the server and loading the model may take (default 300)")
+    parser.add_argument("--log", metavar="PATH", help="tritonserver's log (default: a temporary file)")
+    parser.add_argument("--json", metavar="PATH", help="write the endpoints as JSON once the model is ready")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    from runtime.serving.tritonserver import ServerError
+
+    ports = {"--port": args.port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise ServerError(f"{flag} must be a port number 1-65535, got {port}")
+    if len(set(ports.values())) < 3:
+        raise ServerError("--port, --grpc-port and --metrics-port must differ")
+    if args.exit_timeout < 1 or args.start_timeout <= 0:
+        raise ServerError("--exit-timeout and --start-timeout must be positive")
+    if args.max_cache is not None and args.max_cache < 2:
+        raise ServerError(f"--max-cache must be at least 2, got {args.max_cache}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from runtime.serving.service import repository_for, run_server
+    from runtime.serving.tritonserver import Endpoints
+
+    _check(args)
+    endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory(prefix="rotary-serve-") as work:
+        precision = args.dtype or ("fp16" if _cuda() else "fp32")
+        repository, override = repository_for(args.model, Path(work), limit_changes(args), args.device,
+                                              lambda: model_request(args).resolve(), args.max_cache, precision,
+                                              _say)
+
+        def ready() -> None:
+            where = endpoints.describe()
+            _say(f"serve: generate ready on {where['http']} (gRPC {where['grpc']}, metrics {where['metrics']}); "
+                 f"health: {where['health']}")
+            if args.json:
+                write_json(args.json, {"ready": True, **where, "repository": str(repository)})
+
+        run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout, args.start_timeout,
+                   Path(args.log) if args.log else None)
+    _say("serve: stopped")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_serve, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

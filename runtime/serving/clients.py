@@ -1,0 +1,128 @@
+"""Streaming clients of `generate`: gRPC through tritonclient, HTTP through Triton's generate_stream
+(server-sent events). Each returns the tokens with their arrival times, or the server's error."""
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .repository import GENERATE
+from .requests import INPUTS
+
+NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32}
+
+
+@dataclass
+class StreamResult:
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # arrival of each token (perf_counter)
+    started: float = 0.0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.times[0] - self.started if self.times else None
+
+    @property
+    def itl(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+def split_url(url: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def grpc_inputs(request: dict) -> list:
+    """tritonclient InferInputs from a request dict (the HTTP JSON body), typed as generate declares."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in request.items():
+        dtype = INPUTS[name][0]
+        array = np.array(value if isinstance(value, list) else [value], dtype=NUMPY_TYPES[dtype])
+        tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if dtype == "TYPE_STRING"
+                                       else dtype.removeprefix("TYPE_"))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class GrpcStreamer:
+    """One gRPC stream (tritonclient) that carries this client's requests one after another."""
+
+    def __init__(self, address: str):
+        import tritonclient.grpc as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(address)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((time.perf_counter(), result, error)))
+        self.count = 0
+
+    def generate(self, request: dict, timeout: float) -> StreamResult:
+        inputs = grpc_inputs(request)
+        self.count += 1
+        result = StreamResult(started=time.perf_counter())
+        self.client.async_stream_infer(GENERATE, inputs, request_id=str(self.count), enable_empty_final_response=True)
+        deadline = result.started + timeout
+        while True:
+            try:
+                arrived, response, error = self.responses.get(timeout=max(deadline - time.perf_counter(), 0.001))
+            except queue.Empty:
+                result.error = f"no response within {timeout:.0f} s"
+                return result
+            if error is not None:
+                result.error = error.message() if hasattr(error, "message") else str(error)
+                return result
+            token = response.as_numpy("token_id")
+            if token is not None:
+                result.tokens.append(int(token[0]))
+                result.times.append(arrived)
+            if response.get_response().parameters["triton_final_response"].bool_param:
+                return result
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def http_generate(url: str, request: dict, timeout: float, stop_after: int | None = None) -> StreamResult:
+    """POST /v2/models/generate/generate_stream and read its events; `stop_after` tokens: hang up then."""
+    host, port = split_url(url, 8000)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    result = StreamResult(started=time.perf_counter())
+    try:
+        connection.request("POST", f"/v2/models/{GENERATE}/generate_stream", json.dumps(request),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200 and "event-stream" not in (response.getheader("Content-Type") or ""):
+            result.error = f"HTTP {response.status}: {_error_text(response.read())}"
+            return result
+        for line in response:
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                result.error = event["error"]
+                break
+            result.tokens.append(int(event["token_id"]))
+            result.times.append(time.perf_counter())
+            if stop_after is not None and len(result.tokens) >= stop_after:
+                break
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        result.error = f"{type(error).__name__}: {error}"
+    finally:
+        connection.close()
+    return result
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("error", body.decode("utf-8", "replace")))
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace")[:300]

@@ -1,0 +1,58 @@
+"""What one server accepts: rows decoded at once, prompt and output lengths, waiting requests.
+
+The same record is written into the `generate` model's config.pbtxt parameters, read back by the
+python backend, and set by `serve`'s flags, so the names are spelled here only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from models.errors import ToolkitError
+
+
+class LimitsError(ToolkitError, ValueError):
+    """Limits that are not positive integers, or that the model cannot hold."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rows: int = 8  # requests decoded together (rows of the one decoder)
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 256  # the most a request may ask for
+    max_queue: int = 64  # requests waiting for a free row; more are refused
+    default_new_tokens: int = 64  # for a request that does not say
+
+    def __post_init__(self):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if item.name == "max_queue" else 1):
+                raise LimitsError(f"{item.name} must be a positive integer, got {value!r}")
+
+    @property
+    def new_tokens_default(self) -> int:
+        return min(self.default_new_tokens, self.max_new_tokens)
+
+    def check_capacity(self, capacity: int | None, what: str) -> None:
+        """A prompt of max_prompt_tokens must leave room for at least one new token in `capacity`."""
+        if capacity is not None and self.max_prompt_tokens >= capacity:
+            raise LimitsError(f"max_prompt_tokens {self.max_prompt_tokens} leaves no room for new tokens in {what}; "
+                              f"lower it below {capacity}")
+
+    def to_parameters(self) -> dict[str, str]:
+        return {name: str(value) for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> "Limits":
+        """The limits among a model config's parameters (missing ones take their defaults)."""
+        values = {}
+        for item in fields(cls):
+            if item.name in parameters:
+                text = str(parameters[item.name]).strip()
+                if not text.lstrip("-").isdigit():
+                    raise LimitsError(f"parameter {item.name} must be an integer, got {text!r}")
+                values[item.name] = int(text)
+        return cls(**values)
+
+    def replace(self, **changes) -> "Limits":
+        """These limits with the given fields changed (None leaves a field as it is)."""
+        return Limits(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})

@@ -1,0 +1,119 @@
+"""Load against a running `generate`: N concurrent streaming clients over a seeded mix of prompt and
+output lengths and settings; requests/s, tokens/s, time to first token and inter-token latency."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .clients import GrpcStreamer, StreamResult, http_generate
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int
+    vocab_size: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    seed: int = 0
+
+    def build(self) -> list[dict]:
+        """Seeded requests: prompts of 1..max_prompt_tokens ids, outputs of 1..max_new_tokens, greedy or sampled."""
+        rng = random.Random(self.seed)
+        made = []
+        for index in range(self.requests):
+            prompt = [rng.randrange(self.vocab_size) for _ in range(rng.randint(1, self.max_prompt_tokens))]
+            request = {"prompt_ids": prompt, "max_new_tokens": rng.randint(1, self.max_new_tokens),
+                       "seed": index}
+            if rng.random() < 0.5:
+                request.update(temperature=round(rng.uniform(0.5, 1.2), 2), filter_thres=rng.choice([0.5, 0.9]))
+            made.append(request)
+        return made
+
+
+def run_level(requests: list[dict], concurrency: int, client: Callable[[], "Client"], timeout: float) -> dict:
+    """`concurrency` threads, each with its own client, take requests in turn until none are left."""
+    results: list[StreamResult | None] = [None] * len(requests)
+    cursor = iter(range(len(requests)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        session = client()
+        try:
+            while True:
+                with lock:
+                    index = next(cursor, None)
+                if index is None:
+                    return
+                results[index] = session.generate(requests[index], timeout)
+        finally:
+            session.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout * len(requests) + 10)
+    return summarize(results, concurrency, time.perf_counter() - started)
+
+
+def summarize(results: list[StreamResult | None], concurrency: int, seconds: float) -> dict:
+    done = [r for r in results if r is not None and r.error is None]
+    errors = [r.error if r is not None else "no result (client timed out)" for r in results
+              if r is None or r.error is not None]
+    tokens = sum(len(r.tokens) for r in done)
+    ttft = [r.ttft for r in done if r.ttft is not None]
+    itl = [gap for r in done for gap in r.itl]
+    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors), "seconds": seconds,
+            "requests_per_second": len(done) / seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
+            "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl), "error_messages": sorted(set(errors))[:5]}
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None}
+    return {name: float(np.percentile(values, q)) * 1e3 for name, q in (("p50", 50), ("p99", 99))}
+
+
+class HttpClient:
+    def __init__(self, url: str):
+        self.url = url
+
+    def generate(self, request: dict, timeout: float) -> StreamResult:
+        return http_generate(self.url, request, timeout)
+
+    def close(self) -> None:
+        pass
+
+
+Client = GrpcStreamer | HttpClient
+
+
+def plot_levels(levels: list[dict], path: str) -> None:
+    """Latency (TTFT and inter-token, p50 and p99) against concurrency, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    x = [level["concurrency"] for level in levels]
+    for key, label in (("ttft_ms", "time to first token"), ("itl_ms", "inter-token latency")):
+        for quantile, style in (("p50", "-o"), ("p99", "--o")):
+            values = [level[key][quantile] for level in levels]
+            axis.plot(x, [float("nan") if v is None else v for v in values], style, label=f"{label} {quantile}")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("concurrent streaming clients")
+    axis.set_ylabel("ms")
+    axis.set_title("generate latency vs concurrency")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,74 @@
+"""What `serve` does: get a repository (an exported one, or one written now from a graph, an engine or
+weights), start the bundled tritonserver on it, load `generate`, serve until told to stop, stop cleanly."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+from models.errors import ToolkitError
+
+from ..registry import ENGINE_SUFFIXES
+from .limits import Limits
+from .repository import GENERATE, RepositoryOptions, export_repository
+from .tritonserver import Endpoints, ServerError, TritonServer
+
+
+def repository_for(model: str | None, workdir: Path, limits: dict, device: str | None, weights: Callable,
+                   max_cache: int | None, precision: str, log: Callable[[str], None]) -> tuple[Path, dict | None]:
+    """(repository, generate config override or None). `model`: an exported repository (whose limits and
+    device the given ones override), a graph or an engine; None: `weights()` (a ModelSource) written as
+    a static-cache graph of `max_cache` tokens. `device` None: auto, or the repository's."""
+    if model is not None and Path(model).is_dir():
+        if not (Path(model) / GENERATE / "config.pbtxt").is_file():
+            raise ServerError(f"{model} is not a repository written by export-triton (no {GENERATE}/config.pbtxt)")
+        return Path(model), generate_override(Path(model), limits, device)
+    base = Limits().replace(**limits)
+    if model is None:
+        from export.static_cache_graph import export_static_cache
+
+        source = weights()
+        model = workdir / "model-static.onnx"
+        cache = max_cache or base.max_prompt_tokens + base.max_new_tokens
+        log(f"serve: writing {source.description} as a {cache}-token static-cache graph ({precision})")
+        export_static_cache(source.model, model, cache, precision, source.record, log=lambda _: None)
+    elif not Path(model).is_file():
+        raise ServerError(f"model not found: {model}; pass a repository, an .onnx graph or an engine")
+    kind = "gpu" if Path(model).suffix in ENGINE_SUFFIXES else "cpu"
+    options = RepositoryOptions(kind=kind, limits=base, device=device or "auto")
+    return Path(export_repository(model, workdir / "repository", options)["repository"]), None
+
+
+def generate_override(repository: Path, limits: dict, device: str | None) -> dict | None:
+    """An exported repository's `generate` config with the given limits (and device) in its parameters,
+    as the JSON Triton's load API takes; None when nothing changes."""
+    if not limits and device is None:
+        return None
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((repository / GENERATE / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    current = {key: value.string_value for key, value in config.parameters.items()}
+    merged = Limits.from_parameters(current).replace(**limits).to_parameters()
+    if device is not None:
+        merged["device"] = device
+    for key, value in merged.items():
+        config.parameters[key].string_value = value
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: dict | None, stop: threading.Event,
+               on_ready: Callable[[], None], exit_timeout: int, start_timeout: float, log_path: Path | None) -> int:
+    """Serve until `stop` is set (or the server dies); returns tritonserver's exit code."""
+    server = TritonServer(repository, endpoints, workdir, exit_timeout, log_path)
+    try:
+        server.wait_live(min(start_timeout, 60.0))
+        server.load(GENERATE, override, start_timeout)
+        on_ready()
+        while not stop.wait(0.2):
+            server.check_running()
+    finally:
+        code = server.stop()
+    if code != 0:
+        raise ToolkitError(f"tritonserver did not stop cleanly (exit code {code}); see {server.log_path}")
+    return code

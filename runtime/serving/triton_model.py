@@ -1,0 +1,115 @@
+"""The `generate` model inside Triton's python backend: parse each request, hand it to the
+scheduler, stream tokens through the request's response sender, publish the toolkit's metrics.
+
+`pb_utils` (triton_python_backend_utils) exists only inside the backend's stub process, so it is
+passed in rather than imported.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import ToolkitError
+
+from ..decoding.open import open_decoder
+from ..decoding.text import TextPieces
+from ..registry import backend_on
+from .limits import Limits
+from .metrics import OUTCOMES, ServingMetrics
+from .requests import RequestError, parse_request
+from .scheduler import Scheduler
+
+DRAIN_S = 30.0  # at unload, how long active requests may still run (Triton drains before unloading)
+# toolkit metric -> (Prometheus name, kind, help)
+METRICS = {
+    "tokens": ("rotary_generate_tokens_total", "COUNTER", "tokens generated"),
+    "tokens_per_second": ("rotary_generate_tokens_per_second", "GAUGE", "tokens generated per second, last 5 s"),
+    "active_rows": ("rotary_generate_active_rows", "GAUGE", "requests being decoded"),
+    "queue_length": ("rotary_generate_queue_length", "GAUGE", "requests waiting for a free row"),
+    "requests": ("rotary_generate_requests_total", "COUNTER", "finished requests by outcome"),
+}
+
+
+class TritonStream:
+    """One request's response sender, as the scheduler's Stream."""
+
+    def __init__(self, pb_utils, sender, text: bool):
+        self.pb, self.sender = pb_utils, sender
+        self.pieces = TextPieces() if text else None
+
+    def send(self, token: int, final: bool) -> None:
+        piece = self.pieces.piece(token) if self.pieces else ""
+        response = self.pb.InferenceResponse(output_tensors=[
+            self.pb.Tensor("token_id", np.array([token], dtype=np.int64)),
+            self.pb.Tensor("text", np.array([piece.encode("utf-8")], dtype=np.object_))])
+        self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+
+    def fail(self, message: str) -> None:
+        self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message)),
+                         flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def end(self) -> None:
+        self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+
+class TritonMetricsSink:
+    """The toolkit's metrics as Triton custom metrics (on the server's /metrics). The families are
+    kept referenced: a collected family invalidates its metrics."""
+
+    def __init__(self, pb_utils, labels: dict[str, str]):
+        kinds = {"COUNTER": pb_utils.MetricFamily.COUNTER, "GAUGE": pb_utils.MetricFamily.GAUGE}
+        self.families = {key: pb_utils.MetricFamily(name=name, description=text, kind=kinds[kind])
+                         for key, (name, kind, text) in METRICS.items()}
+        self.counters = {key for key, (_, kind, _) in METRICS.items() if kind == "COUNTER"}
+        self.metrics = {key: family.Metric(labels=labels) for key, family in self.families.items() if key != "requests"}
+        self.metrics.update({("requests", outcome): self.families["requests"].Metric(labels={**labels, "outcome": outcome})
+                             for outcome in OUTCOMES})
+
+    def publish(self, name: str, value: float, outcome: str | None = None) -> None:
+        metric = self.metrics[(name, outcome) if outcome else name]
+        if name in self.counters:
+            metric.increment(value)
+        else:
+            metric.set(value)
+
+
+class GenerateModel:
+    def __init__(self, pb_utils, args: dict):
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        self.limits = Limits.from_parameters(params)
+        model = (Path(args["model_repository"]) / params.get("decoder_model", "")).resolve()
+        spec = backend_on(params.get("device", "auto"), model)
+        self.decoder = open_decoder(model, spec.name, rows=self.limits.max_rows)
+        try:
+            self.limits.check_capacity(self.decoder.max_length, self.decoder.capacity_hint)
+        except ToolkitError:
+            self.decoder.close()
+            raise
+        sink = TritonMetricsSink(pb_utils, {"model": config.get("name", "generate")})
+        self.metrics = ServingMetrics(sink)
+        self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn).start()
+        pb_utils.Logger.log_info(f"generate: {self.decoder.name} ({self.decoder.mode}) over {model.name}, "
+                                 f"{self.limits.max_rows} rows")
+
+    def submit(self, request) -> None:
+        """Check the request and queue it; a bad request gets one error response, nothing else."""
+        sender = request.get_response_sender()
+        arrays = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+        try:
+            parsed = parse_request(arrays, self.decoder.vocab_size, self.limits, self.decoder.max_length)
+        except RequestError as error:
+            self.metrics.finished("rejected")
+            TritonStream(self.pb, sender, False).fail(str(error))
+            return
+        self.scheduler.submit(parsed, TritonStream(self.pb, sender, parsed.text))
+
+    def close(self) -> None:
+        self.scheduler.close(DRAIN_S)
+        self.decoder.close()

@@ -1,0 +1,197 @@
+"""The tritonserver that nvidia-pytriton bundles, run on a model repository: found in the installed
+package, given its python backend and environment, started on the given address and ports, its
+`generate` model loaded and waited for, and stopped (SIGTERM: Triton stops listening, lets in-flight
+requests finish within its exit timeout, unloads; then the process group is killed if anything is left).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import ToolkitError
+
+TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding models/, export/, runtime/
+RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answers only requests carrying it
+POLL_S = 0.1
+
+
+class ServerError(ToolkitError):
+    """The Triton server could not be found, started or asked to load a model."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str = "127.0.0.1"
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @property
+    def url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.http}"
+
+    def describe(self) -> dict:
+        return {"http": self.url, "grpc": f"{_url_host(self.host)}:{self.grpc}",
+                "metrics": f"http://{_url_host(self.host)}:{self.metrics}/metrics",
+                "health": f"{self.url}/v2/health/ready"}
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def bundled_root() -> Path:
+    """pytriton/tritonserver inside the installed nvidia-pytriton package."""
+    spec = importlib.util.find_spec("pytriton")
+    root = Path(spec.origin).parent / "tritonserver" if spec and spec.origin else None
+    if root is None or not (root / "bin" / "tritonserver").is_file():
+        raise ServerError("serve needs the tritonserver bundled with nvidia-pytriton; install the serve extra "
+                          "(pip install -e '.[serve]')")
+    return root
+
+
+def backend_directory(root: Path, workdir: Path) -> Path:
+    """Triton's python backend with the stub built for this interpreter beside it, as Triton expects."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the bundled Triton has no python backend stub for Python {version}; use Python 3.8-3.13")
+    python = workdir / "backends" / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for source in (*(root / "backends" / "python").glob("*.so"), root / "backends" / "python" /
+                   "triton_python_backend_utils.py", stub):
+        shutil.copy2(source, python / source.name)
+    return python.parent
+
+
+def server_environment(root: Path) -> dict[str, str]:
+    """The stub embeds libpython: it must load this interpreter's (LIBDIR), find this environment's
+    python3 first on PATH, and import this toolkit."""
+    env = dict(os.environ)
+    libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parents[1] / "nvidia_pytriton.libs"),
+            env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(part for part in libs if part)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(part for part in (str(TOOLKIT_ROOT), env.get("PYTHONPATH", "")) if part)
+    return env
+
+
+class TritonServer:
+    """A tritonserver process in its own process group, serving `repository` with explicit model control."""
+
+    def __init__(self, repository: Path, endpoints: Endpoints, workdir: Path, exit_timeout: int = 30,
+                 log_path: Path | None = None):
+        root = bundled_root()
+        self.endpoints, self.exit_timeout = endpoints, exit_timeout
+        self.key = secrets.token_hex(16)
+        self.log_path = log_path or workdir / "tritonserver.log"
+        e = endpoints
+        command = [str(root / "bin" / "tritonserver"), f"--model-repository={repository}",
+                   f"--backend-directory={backend_directory(root, workdir)}", "--model-control-mode=explicit",
+                   f"--http-address={e.host}", f"--http-port={e.http}", f"--grpc-address={e.host}",
+                   f"--grpc-port={e.grpc}", f"--metrics-address={e.host}", f"--metrics-port={e.metrics}",
+                   f"--exit-timeout-secs={exit_timeout}",
+                   f"--http-restricted-api=model-repository:{RESTRICTED_HEADER}={self.key}",
+                   f"--grpc-restricted-protocol=model-repository:{RESTRICTED_HEADER}={self.key}"]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=server_environment(root), stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+
+    def wait_live(self, timeout: float) -> None:
+        """Until the HTTP endpoint answers (the server is up, no model loaded yet)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running()
+            if _get(f"{self.endpoints.url}/v2/health/live") == 200:
+                return
+            time.sleep(POLL_S)
+        raise ServerError(f"tritonserver did not answer on {self.endpoints.url} within {timeout:.0f} s; "
+                          f"see {self.log_path}")
+
+    def load(self, model: str, config: dict | None, timeout: float) -> None:
+        """Load `model` (with `config` replacing its config.pbtxt when given) and wait until it is ready."""
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
+        request = urllib.request.Request(f"{self.endpoints.url}/v2/repository/models/{model}/load",
+                                         data=json.dumps(body).encode(), method="POST",
+                                         headers={RESTRICTED_HEADER: self.key, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as error:
+            detail = _error_text(error.read())
+            raise ServerError(f"the {model} model did not load ({detail}); see {self.log_path}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            self.check_running()
+            raise ServerError(f"loading the {model} model failed ({error}); see {self.log_path}") from None
+        if _get(f"{self.endpoints.url}/v2/models/{model}/ready") != 200:
+            raise ServerError(f"the {model} model loaded but is not ready; see {self.log_path}")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def check_running(self) -> None:
+        if not self.running():
+            raise ServerError(f"tritonserver exited with code {self.process.returncode} "
+                              f"({_last_error(self.log_path)}); see {self.log_path}")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for Triton's drain and unload, then kill whatever of its group is left.
+        Returns tritonserver's exit code (None if it had to be killed)."""
+        if self.running():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(self.exit_timeout + 15)
+        except subprocess.TimeoutExpired:
+            code = None
+        _kill_group(self.process.pid)
+        self.process.wait()
+        return code
+
+
+def _kill_group(pgid: int) -> None:
+    """The python backend stubs run in the server's process group; none may outlive it."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _get(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        return None
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        text = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        text = body.decode("utf-8", "replace")
+    return " ".join(text.split())[:400] or "no detail"
+
+
+def _last_error(log_path: Path) -> str:
+    """The last error line tritonserver logged (lines starting E or 'error:')."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [line for line in lines if line.startswith("E") or "error" in line.lower()]
+    return " ".join((errors or lines or ["no output"])[-1].split())[:300]

@@ -1,0 +1,40 @@
+"""`export-triton` in-process: a repository whose configs Triton's schema accepts; one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from command_helpers import assert_one_line_error
+from runtime.commands.export_triton import main
+
+
+def test_writes_a_repository_triton_accepts(tiny_past_onnx, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code = main([str(tiny_past_onnx), "--output", str(tmp_path / "repo"), "--name", "tiny", "--kind", "cpu",
+                 "--max-rows", "4", "--max-prompt-tokens", "100", "--queue", "8", "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["models"] == {"tiny": "onnxruntime_onnx", "generate": "python (decoupled)"}
+    assert data["limits"]["max_rows"] == "4" and data["limits"]["max_queue"] == "8"
+    for name in ("tiny", "generate"):
+        config = text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert config.name == name
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx", "--output", "{tmp}/r"], "model not found: missing.onnx"),
+    (["{model}", "--output", "{tmp}/r", "--max-rows", "0"], "max_rows must be a positive integer, got 0"),
+    (["{model}", "--output", "{tmp}/r", "--instances", "0"], "--instances must be at least 1"),
+    (["{model}", "--output", "{tmp}/no/such/r"], "is not a directory"),
+    (["{model}", "--output", "{tmp}/r", "--decoder", "{tmp}/nothing.onnx"], "--decoder"),
+])
+def test_bad_input_is_one_error_line(tiny_past_onnx, tmp_path, capsys, args, message):
+    argv = [a.format(tmp=tmp_path, model=tiny_past_onnx) for a in args]
+    assert main(argv) == 2
+    assert_one_line_error(capsys, "export-triton", message)
+    assert not (tmp_path / "r").exists()

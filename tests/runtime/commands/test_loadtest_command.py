@@ -1,0 +1,36 @@
+"""`loadtest` against the session's real server: reports, JSON with integer errors, the chart."""
+from __future__ import annotations
+
+import json
+
+from command_helpers import assert_one_line_error
+from triton_process import free_ports
+from runtime.commands.loadtest import main
+
+
+def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp_path, capsys):
+    report, chart = tmp_path / "load.json", tmp_path / "latency.png"
+    code = main(["--url", triton_server.url, "--grpc-url", triton_server.grpc_url, "--concurrency", "1,4",
+                 "--requests", "8", "--max-new-tokens", "16", "--json", str(report), "--plot", str(chart)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["errors"] == 0 and isinstance(data["errors"], int)
+    assert [level["concurrency"] for level in data["levels"]] == [1, 4]
+    for level in data["levels"]:
+        assert level["requests"] == 8 and level["tokens"] > 0 and level["tokens_per_second"] > 0
+        assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_http_streams_too(triton_server, tmp_path):
+    report = tmp_path / "load.json"
+    assert main(["--url", triton_server.url, "--protocol", "http", "--concurrency", "2", "--requests", "4",
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["errors"] == 0
+
+
+def test_no_server_is_one_error_line(capsys):
+    (port,) = free_ports(1)
+    assert main(["--url", f"http://127.0.0.1:{port}", "--requests", "1"]) == 2
+    assert_one_line_error(capsys, "loadtest", f"no Triton server answers at http://127.0.0.1:{port}")

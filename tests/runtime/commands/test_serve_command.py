@@ -1,0 +1,65 @@
+"""`serve`: SIGTERM drains an in-flight stream and exits 0 leaving no process and no bound port;
+bad input is one error line before anything starts; --help imports no serving library."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from command_helpers import assert_one_line_error
+from triton_process import ROOT, ServeProcess, free_ports
+from runtime.commands.serve import main
+from runtime.serving.clients import http_generate
+
+
+def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_graph, tmp_path):
+    server = ServeProcess(serving_graph, tmp_path)
+    result = {}
+    try:
+        thread = threading.Thread(target=lambda: result.update(
+            stream=http_generate(server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": 400}, 60)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while server.metric("rotary_generate_active_rows") == 0:  # the stream is being decoded
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.005)
+        code = server.terminate()
+        thread.join(60)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    assert code == 0, server.log.read_text()[-2000:]
+    assert result["stream"].error is None and len(result["stream"].tokens) == 400  # drained, not cut
+    triton_log = (tmp_path / "tritonserver.log").read_text()
+    # Triton closes its listeners at once and unloads generate, whose scheduler finishes active rows first
+    assert "successfully unloaded 'generate'" in triton_log
+    assert "serve: stopped" in server.log.read_text()
+    assert server.leftovers() == ([], [])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx"], "model not found: missing.onnx"),
+    (["{tmp}"], "is not a repository written by export-triton"),
+    (["--port", "0"], "--port must be a port number 1-65535, got 0"),
+    (["--port", "9000", "--grpc-port", "9000"], "--port, --grpc-port and --metrics-port must differ"),
+    (["{static}", "--port", "{free}"], "max_prompt_tokens 256 leaves no room for new tokens"),
+    (["--checkpoint", "x.pt", "--preset", "tiny"], "give either --checkpoint or --preset, not both"),
+])
+def test_bad_input_is_one_error_line(tiny_static_onnx, tmp_path, capsys, args, message):
+    (free,) = free_ports(1)
+    argv = [a.format(tmp=tmp_path, static=tiny_static_onnx, free=free) for a in args]
+    assert main(argv) == 2
+    assert_one_line_error(capsys, "serve", message)
+
+
+def test_help_imports_no_serving_library():
+    code = ("import sys; from runtime.commands import serve, loadtest, export_triton\n"
+            "for m in (serve, loadtest, export_triton):\n"
+            "    try: m.main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('tritonclient', 'pytriton', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

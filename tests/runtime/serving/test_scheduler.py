@@ -1,0 +1,139 @@
+"""The in-flight batching scheduler without a server: real tiny decoders, fake streams."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from serving_helpers import FakeStream, mixed_requests
+from runtime.decoding.generation import GenerationSettings
+from runtime.decoding.open import open_decoder
+from runtime.serving.limits import Limits
+from runtime.serving.requests import GenerateRequest
+from runtime.serving.scheduler import Scheduler
+
+WAIT_S = 30  # every wait is bounded
+
+
+def typed(prompt, settings) -> GenerateRequest:
+    return GenerateRequest(prompt, settings, False)
+
+
+def wait_all(streams) -> None:
+    deadline = time.monotonic() + WAIT_S
+    for stream in streams:
+        assert stream.done.wait(max(deadline - time.monotonic(), 0.01)), "a request never finished"
+
+
+@pytest.mark.parametrize("graph", ["tiny_static_onnx", "tiny_past_onnx"])
+def test_rows_joining_and_leaving_give_each_request_its_offline_tokens(request, graph, offline_tokens):
+    """40 requests arrive at random moments into 4 rows: each row is started, stepped and released at
+    its own position with its own settings, and its tokens equal offline generate of it alone."""
+    target = request.getfixturevalue(graph)
+    work = mixed_requests(40, seed=1, max_prompt=20, max_new=40)
+    rng = random.Random(2)
+    with open_decoder(target, "onnxruntime", rows=4) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=4, max_queue=64)).start()
+        streams = []
+        for prompt, settings in work:
+            streams.append(FakeStream())
+            scheduler.submit(typed(prompt, settings), streams[-1])
+            time.sleep(rng.choice([0.0, 0.0, 0.002]))
+        wait_all(streams)
+        assert scheduler.close(5)
+    for (prompt, settings), stream in zip(work, streams):
+        assert stream.error is None and stream.tokens == offline_tokens(target, prompt, settings)
+    assert scheduler.metrics.requests["completed"] == 40
+    assert scheduler.metrics.tokens_total == sum(len(s.tokens) for s in streams)
+
+
+def test_a_full_queue_refuses_at_once_and_the_rest_are_served(tiny_static_onnx):
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=1, max_queue=2))
+        streams = [FakeStream() for _ in range(3)]
+        for stream in streams:  # not started yet: the first two wait, the third finds the queue full
+            scheduler.submit(typed([1, 2], GenerationSettings(4)), stream)
+        assert streams[2].done.is_set() and "the server is busy: 2 requests already wait" in streams[2].error
+        scheduler.start()
+        wait_all(streams[:2])
+        assert scheduler.close(5)
+    assert [len(s.tokens) for s in streams[:2]] == [4, 4]
+    assert scheduler.metrics.requests == {"completed": 2, "cancelled": 0, "rejected": 1, "failed": 0}
+
+
+def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx):
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=1)).start()
+        gone, after = FakeStream(cancel_after=3), FakeStream()
+        scheduler.submit(typed([5], GenerationSettings(80)), gone)
+        scheduler.submit(typed([6], GenerationSettings(5)), after)
+        wait_all([gone, after])
+        assert scheduler.close(5)
+        assert decoder.active == []
+    assert gone.ended and gone.error is None and 3 <= len(gone.tokens) < 80
+    assert len(after.tokens) == 5
+    assert scheduler.metrics.requests["cancelled"] == 1 and scheduler.metrics.active == 0
+
+
+class FailingOnce:
+    """A decoder whose next step raises once (a backend failure mid-batch)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.fail_next = decoder, False
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device lost")
+        return self.decoder.step(tokens)
+
+
+def test_a_decoder_failure_fails_those_rows_only_and_serving_goes_on(tiny_static_onnx):
+    messages = []
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as inner:
+        decoder = FailingOnce(inner)
+        scheduler = Scheduler(decoder, Limits(max_rows=2), log=messages.append)
+        first = FakeStream()
+        scheduler.submit(typed([1], GenerationSettings(10)), first)
+        decoder.fail_next = True
+        scheduler.start()
+        wait_all([first])
+        later = FakeStream()
+        scheduler.submit(typed([2], GenerationSettings(3)), later)
+        wait_all([later])
+        assert scheduler.close(5)
+    assert first.error == "decoding failed on the server (RuntimeError); retry the request"
+    assert len(later.tokens) == 3 and later.error is None
+    assert messages and "device lost" in messages[0]
+
+
+def test_close_drains_active_requests_then_refuses_new_ones(tiny_static_onnx):
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=2)).start()
+        streams = [FakeStream() for _ in range(4)]
+        for stream in streams:
+            scheduler.submit(typed([3, 4], GenerationSettings(30)), stream)
+        assert scheduler.close(WAIT_S)  # returns once all four finished
+        late = FakeStream()
+        scheduler.submit(typed([1], GenerationSettings(2)), late)
+    assert all(len(s.tokens) == 30 and s.error is None for s in streams)
+    assert late.error == "the server is shutting down; retry on another server"
+
+
+def test_a_drain_that_times_out_fails_what_is_left(tiny_static_onnx):
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=1))
+        active, waiting = FakeStream(), FakeStream()
+        scheduler.submit(typed([3], GenerationSettings(90)), active)
+        scheduler.submit(typed([4], GenerationSettings(5)), waiting)
+        scheduler.start()
+        assert not scheduler.close(0.0)  # no time to drain: at most one step runs
+        assert decoder.active == []
+    message = "the server shut down before this request finished; retry it"
+    assert active.error == message and len(active.tokens) < 90 and waiting.error == message
+    assert scheduler.metrics.requests["failed"] == 2

@@ -1,0 +1,116 @@
+"""A `serve` process for the tests, and the checks that it left no process and no port behind."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_LIMITS = {"max_rows": 8, "max_prompt_tokens": 48, "max_new_tokens": 400, "max_queue": 64}
+SERVER_START_S = 120  # bounded: starting tritonserver and loading generate takes ~6 s on 2 cores
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (held open together so they differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port and it can be bound again (SO_REUSEADDR, as servers bind:
+    connections of finished clients may linger in TIME_WAIT)."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except OSError:
+        pass
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class ServeProcess:
+    """`serve` run as users run it, in a subprocess on 127.0.0.1 with free ports."""
+
+    def __init__(self, model: Path, workdir: Path, extra: list[str] = ()):
+        import subprocess
+        import sys
+        import time
+
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.url, self.grpc_url = f"http://127.0.0.1:{self.http}", f"127.0.0.1:{self.grpc}"
+        self.ready_file, self.log = workdir / "ready.json", workdir / "serve.log"
+        limits = [f"--max-rows={SERVER_LIMITS['max_rows']}", f"--max-prompt-tokens={SERVER_LIMITS['max_prompt_tokens']}",
+                  f"--max-new-tokens-limit={SERVER_LIMITS['max_new_tokens']}", f"--queue={SERVER_LIMITS['max_queue']}"]
+        command = [sys.executable, "-m", "runtime.commands.serve", str(model), "--port", str(self.http), "--grpc-port",
+                   str(self.grpc), "--metrics-port", str(self.metrics), "--json", str(self.ready_file),
+                   "--log", str(workdir / "tritonserver.log"), "--exit-timeout", "20", *limits, *extra]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + SERVER_START_S
+        while not self.ready_file.is_file():
+            assert self.process.poll() is None, f"serve exited early:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"serve not ready in {SERVER_START_S} s:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        self.tree = descendants(self.process.pid)  # tritonserver and its python backend stub
+
+    def metric(self, name: str, **labels) -> float:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name + "{") and wanted in line:
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"metric {name} {labels} not found")
+
+    def terminate(self, timeout: float = 60) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def leftovers(self) -> tuple[list[int], list[int]]:
+        """(processes of this server still running, its ports still bound)."""
+        return ([pid for pid in self.tree | {self.process.pid} if alive(pid)],
+                [port for port in (self.http, self.grpc, self.metrics) if not port_is_free(port)])
