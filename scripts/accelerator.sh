@@ -1,67 +1,74 @@
 #!/usr/bin/env bash
-# Verification and benchmark runs on a GPU machine, in three parts that each fit a
-# 10-minute call: tests | export | build | bench (PRESETS="tiny small" by default). Results go to ${OUT:-build/accelerator}.
+# Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
+#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt
+# Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
+# Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see README).
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|build|bench}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt}
 out=${OUT:-build/accelerator}
 work=${WORK:-/tmp/rotary-work}
-mkdir -p "$out" "$work"
+results="$work/results-$part"
+mkdir -p "$out" "$work" "$results"
 [ -f /tmp/gpu/env.sh ] && source /tmp/gpu/env.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py() { python3 "$@"; }
 run() { echo "+ $*"; local t0=$SECONDS; "$@"; local rc=$?; echo "  (exit $rc, $((SECONDS - t0)) s)"; return 0; }
+small="$work/small-fp16-past.onnx"; static="$work/small-fp16-static.onnx"; portable="$work/small-fp16-portable.onnx"
+bench() {  # name, then benchmark arguments
+  local name=$1; shift
+  run py -m runtime.commands.benchmark "$small" --context 1024 --new-tokens 32 --warmup 3 --iters 10 \
+    --json "$results/bench-$name.json" "$@" 2>&1 | grep -v "^  " | tail -14
+}
 
 case "$part" in
 tests)
-  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$out/gpu.txt"
-  py -c "import torch, onnx, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| onnx', onnx.__version__, '| onnxruntime', o.__version__, o.get_available_providers())" | tee -a "$out/gpu.txt"
-  py -c "import tensorrt_rtx as t; print('tensorrt_rtx', t.__version__)" 2>&1 | tee -a "$out/gpu.txt"
-  run py -m pytest -m gpu -v -rs -s -p no:cacheprovider tests/gpu 2>&1 | tee "$out/pytest-gpu.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$results/gpu.txt"
+  py -c "import torch, onnx, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| onnx', onnx.__version__, '| onnxruntime', o.__version__, o.get_available_providers())" | tee -a "$results/gpu.txt"
+  py -c "import tensorrt_rtx as t; print('tensorrt_rtx', t.__version__)" 2>&1 | tee -a "$results/gpu.txt"
+  run py -m pytest -m gpu -v -rs -s -p no:cacheprovider tests/gpu 2>&1 | tee "$results/pytest-gpu.txt" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed|parity|portable static" | tail -40
   ;;
 export)
-  for preset in tiny small; do
-    for dtype in fp32 fp16; do
-      run py -m runtime.commands.export_model --preset "$preset" --with-past --dtype "$dtype" --output "$work/$preset-$dtype-past.onnx" \
-        --json "$out/export-$preset-$dtype.json" > "$work/export-$preset-$dtype.log" 2>&1
-      tail -3 "$work/export-$preset-$dtype.log"
-      run py -m runtime.commands.check_parity "$work/$preset-$dtype-past.onnx" --backend onnxruntime-cuda --generate 64 \
-        --batch 1,3 --seq 1,17,128,513 --json "$out/parity-$preset-$dtype.json" > "$work/parity-$preset-$dtype.log" 2>&1
-      tail -2 "$work/parity-$preset-$dtype.log"
-    done
+  [ -f "$small" ] || run py -m runtime.commands.export_model --preset small --with-past --dtype fp16 --no-verify --output "$small" > "$results/export-past.log" 2>&1
+  [ -f "$static" ] || run py -m runtime.commands.export_model --preset small --static-cache 2048 --dtype fp16 --no-verify --output "$static" > "$results/export-static.log" 2>&1
+  [ -f "$portable" ] || run py -m runtime.commands.export_model --preset small --static-cache 2048 --portable --dtype fp16 --no-verify --output "$portable" > "$results/export-portable.log" 2>&1
+  ls -la "$work"
+  ;;
+parity)
+  for graph in past static portable; do
+    model="$work/small-fp16-$graph.onnx"
+    run py -m runtime.commands.check_parity "$model" --backend onnxruntime-cuda --generate 64 --batch 1,3 \
+      --seq 1,17,128,513 --json "$results/parity-small-fp16-$graph.json" > "$results/parity-$graph.log" 2>&1
+    tail -2 "$results/parity-$graph.log"
   done
   ;;
-build)
-  for preset in tiny small; do
-    for dtype in fp32 fp16; do
-      [ -f "$work/$preset-$dtype-past.onnx" ] || { echo "missing $work/$preset-$dtype-past.onnx: run the export part"; continue; }
-      for attempt in build cached; do
-        run py -m runtime.commands.build_engine "$work/$preset-$dtype-past.onnx" --output "$work/$preset-$dtype-past.engine" \
-          --batch 1:1:8 --seq 1:128:1024 --past 0:128:1024 --timing-cache "$work/timing-$dtype.cache" \
-          --json "$out/build-$preset-$dtype-$attempt.json" 2>&1 | tail -3
-      done
-    done
-  done
-  run py -m runtime.commands.check_parity "$work/tiny-fp32-past.engine" --backend tensorrt 2>&1 | tail -1
+bench-static)  # the static decoders side by side, batch 1, 8, 32
+  bench static --backend onnxruntime-cuda-static,onnxruntime-cuda-static-portable,onnxruntime-cuda,torch --batch 1,8,32
   ;;
-bench)
-  [ -f "$work/small-fp16-past.onnx" ] && run py scripts/profile_decode.py "$work/small-fp16-past.onnx" \
-    --context 1024 --json "$out/profile-small-fp16.json" 2>&1 | grep -v "^W\|Warning" | tail -4
-  for preset in ${PRESETS:-tiny small}; do
-    onnx="$work/$preset-fp16-past.onnx"
-    [ -f "$onnx" ] || py -m runtime.commands.export_model --preset "$preset" --with-past --dtype fp16 --no-verify --output "$onnx" > /dev/null
-    static="$work/$preset-fp16-static.onnx"
-    [ -f "$static" ] || py -m runtime.commands.export_model --preset "$preset" --static-cache 2048 --dtype fp16 --no-verify --output "$static" > /dev/null
-    run py -m runtime.commands.benchmark "$onnx" --backend torch,torch-compile,onnxruntime-cuda,onnxruntime-cuda-static --batch 1,8 \
-      --context 128,1024 --new-tokens 32 --warmup 3 --iters 10 --json "$out/bench-$preset-fp16.json" \
-      --plot "$out/bench-$preset-fp16.png" 2>&1 | grep -v "^  " | tail -20
-    for backend in torch onnxruntime-cuda static; do
-      model="$onnx"; name="$backend"
-      [ "$backend" = static ] && { model="$static"; backend=onnxruntime-cuda; }
-      run py -m runtime.commands.generate --model "$model" --backend "$backend" --preset "$preset" --prompt "Hello" \
-        --max-new-tokens 64 --json "$out/generate-$preset-$name.json" > /dev/null 2>&1
-      py -c "import json; d=json.load(open('$out/generate-$preset-$name.json')); print('$preset $name', round(d['decode_tokens_per_second'],1), 'tokens/s')"
+bench-compile)  # the gpt-fast recipe (compiles once per batch size)
+  bench compile-static --backend torch-compile-static --batch 1,8,32
+  ;;
+bench-dynamic)  # torch.compile with dynamic shapes, as the earlier baseline
+  bench compile-dynamic --backend torch-compile --batch 1 --new-tokens 16 --iters 3
+  ;;
+generate)
+  ids=$(py -c "import random; random.seed(0); print(','.join(str(random.randrange(32000)) for _ in range(1024)))")
+  for model in "$static" "$portable"; do
+    name=$(basename "$model" .onnx)
+    for attempt in 1 2; do
+      run py -m runtime.commands.generate --model "$model" --backend onnxruntime-cuda --prompt-ids "$ids" \
+        --max-new-tokens 64 --json "$results/generate-$name-$attempt.json" > "$results/generate-$name-$attempt.log" 2>&1
+      tail -1 "$results/generate-$name-$attempt.log"
     done
   done
+  run py scripts/profile_decode.py "$static" --backend onnxruntime-cuda --context 1024 --json "$results/profile-static.json" 2>&1 | tail -2
+  run py scripts/profile_decode.py "$portable" --backend onnxruntime-cuda --context 1024 --json "$results/profile-portable.json" 2>&1 | tail -2
+  ;;
+trt)
+  run py -m runtime.commands.build_engine "$portable" --output "$work/small-fp16-portable.engine" --batch 1:1:32 \
+    --seq 1:1:1024 --no-cache --json "$results/build-portable.json" 2>&1 | tail -3
+  run py -m runtime.commands.build_engine "$small" --output "$work/small-fp16-past.engine" --batch 1:1:8 \
+    --seq 1:128:1024 --past 0:128:1024 --no-cache --json "$results/build-past.json" 2>&1 | tail -3
   ;;
 esac
+tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null

@@ -88,22 +88,51 @@ def test_onnxruntime_cuda_greedy_identical_and_cache_on_device(tiny):
         assert all(t.is_cuda for t in outputs.values())  # IO binding: nothing comes back to the host
 
 
-@needs_ort_cuda
-@pytest.mark.parametrize("kind", ["portable", "static"])
-def test_rows_join_and_leave_on_cuda(tiny, tmp_path, kind):
-    """In-flight batching on the GPU: rows started and released between steps, each step of each
-    row against PyTorch's full forward pass (fp32)."""
+def _cuda_decoder(kind: str, source, paths, tmp_path, rows: int):
+    """Each CUDA decoder kind over the tiny model, fp32."""
+    from export.onnx_export import export_onnx
     from export.static_cache_graph import export_static_cache
     from runtime.decoding.open import open_decoder
+    from runtime.decoding.torch_static import TorchStaticDecoder
 
-    source, paths = tiny
-    model = source.model.cuda()
+    if kind == "torch-compile-static":
+        return TorchStaticDecoder(source.model, rows, 128, "cuda")
     path = paths[("fp32", True)]
     if kind == "static":
         path = tmp_path / "static.onnx"
         export_static_cache(source.model, path, 128, "fp32", source.record, log=lambda _: None)
+    if kind == "static-portable":
+        path = tmp_path / "static-portable.onnx"
+        export_onnx(source.model, path, weights=source.record, static_cache=128, log=lambda _: None)
+    return open_decoder(path, "onnxruntime-cuda", rows=rows)
+
+
+CUDA_DECODERS = ["portable", "static", "static-portable", "torch-compile-static"]
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("kind", CUDA_DECODERS)
+def test_greedy_tokens_on_cuda_equal_pytorch(tiny, tmp_path, kind):
+    from runtime.decoding.open import open_decoder
+    from runtime.verify.decoding import compare_generation, random_prompts
+
+    source, paths = tiny
+    with open_decoder(source, "torch", rows=2, device="cuda") as reference, \
+            _cuda_decoder(kind, source, paths, tmp_path, 2) as candidate:
+        result = compare_generation(reference, candidate, random_prompts(256, batch=2, length=8), 64)
+    print(kind, result.summary())
+    assert result and result.tokens_matched == 128, result.summary()
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("kind", CUDA_DECODERS)
+def test_rows_join_and_leave_on_cuda(tiny, tmp_path, kind):
+    """In-flight batching on the GPU: rows started and released between steps, each step of each
+    row against PyTorch's full forward pass (fp32)."""
+    source, paths = tiny
+    model = source.model.cuda()
     history = {1: [5, 6, 7, 8, 9]}
-    with open_decoder(path, "onnxruntime-cuda", rows=3) as decoder:
+    with _cuda_decoder(kind, source, paths, tmp_path, 3) as decoder:
         decoder.start({1: history[1]})
         for step in range(12):
             if step == 3:
@@ -174,6 +203,22 @@ def test_tensorrt_builds_the_with_past_graph(tiny, tmp_path):
     profile = report["profiles"][0]
     assert profile["attention_mask"] == {"min": [1, 1], "opt": [1, 33], "max": [2, 128]}
     assert profile["past_key_values.0.key"]["max"] == [2, 2, 64, 16]
+
+
+def test_tensorrt_builds_the_portable_static_cache_graph(tiny, tmp_path):
+    """The standard-ops static graph parses and builds: fixed cache buffers, a batch profile."""
+    _tensorrt_or_skip()
+    from export.onnx_export import export_onnx
+
+    source, _ = tiny
+    path = tmp_path / "static-portable.onnx"
+    export_onnx(source.model, path, weights=source.record, static_cache=128, log=lambda _: None)
+    engine, report = _build(tmp_path, path, "--batch", "1:1:4", "--seq", "1:1:128", "--no-cache")
+    profile = report["profiles"][0]
+    assert profile["past_key_values.0.key"] == {"min": [1, 2, 128, 16], "opt": [1, 2, 128, 16], "max": [4, 2, 128, 16]}
+    assert profile["positions"] == {"min": [1], "opt": [1], "max": [4]}
+    assert engine.stat().st_size > 0
+    print(f"portable static graph: built in {report['build_seconds']:.2f} s, {engine.stat().st_size / 2**20:.1f} MiB")
 
 
 def test_tensorrt_engine_runs_or_skips_with_reason(tiny, tmp_path):
