@@ -117,3 +117,18 @@ def upstream_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, object]:
     path = tmp_path_factory.mktemp("upstream_export") / "upstream.onnx"
     export_onnx(source.model, path, opset=17, weights=source.record, log=_quiet)
     return path, source.model
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_export(tmp_path_factory) -> tuple[Path, dict]:
+    """(graph, export report): the tiny preset with past, int4 weights in blocks of 32 (fp32
+    activations, opset 21), exported and verified through the export-model command line."""
+    import json
+
+    from runtime.commands import export_model as export_cli
+
+    folder = tmp_path_factory.mktemp("tiny_int4")
+    path, report = folder / "model-int4.onnx", folder / "export.json"
+    code = export_cli.main(["--quantize", "int4", "--with-past", "--output", str(path), "--json", str(report)])
+    assert code == 0
+    return path, json.loads(report.read_text())

@@ -117,7 +117,7 @@ def test_report_verdict_worst_and_dict():
     json.dumps(data)  # serialisable
     assert data["passed"] is False
     assert data["reference"] == "torch-cpu" and data["candidate"] == "onnxruntime-cpu"
-    assert data["tolerance"] == {"atol": 0.1, "rtol": 0.0, "min_cosine": 0.99, "min_top1": 0.9}
+    assert data["tolerance"] == {"atol": 0.1, "rtol": 0.0, "min_cosine": 0.99, "min_top1": 0.9, "min_forced_top1": None}
     assert data["worst"]["case"] == "3x17 padded" and data["worst"]["max_abs"] == pytest.approx(0.5, abs=1e-6)
     assert len(data["cases"]) == 2
     assert data["cases"][0]["case"]["batch"] == 1 and data["cases"][0]["case"]["sequence"] == 5
