@@ -43,7 +43,7 @@ def _constants(graph: onnx.GraphProto):
                     yield node.output[0], attribute.t
 
 
-def _dequantize_findings(graph: onnx.GraphProto) -> list[str]:
+def dequantize_findings(graph: onnx.GraphProto) -> list[str]:
     """Weight-only Q/DQ as TensorRT takes it: a constant weight, positive scales, zero points of
     zero, dequantized straight into a MatMul's weight input (the pattern it fuses)."""
     constants = dict(_constants(graph))
@@ -101,7 +101,7 @@ def lint_graph(model: onnx.ModelProto, signature: GraphSignature, example_sizes:
                 report.findings.append(
                     f"{value.name} dimension {axis} should be the symbolic axis {want!r} but is fixed at {dim.dim_value}"
                 )
-    report.findings += _dequantize_findings(graph)
+    report.findings += dequantize_findings(graph)
     frozen = {size: name for name, size in example_sizes.items()}
     scales = {name for node in graph.node if node.op_type in QDQ for name in node.input[1:]}
     for name, tensor in _constants(graph):

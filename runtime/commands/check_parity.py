@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int_list, metavar="N,N", help="batch sizes (default 1,3)")
     parser.add_argument("--seq", type=int_list, metavar="N,N",
                         help="sequence lengths (default from the model's sequence axis: 1,17,128,513)")
+    parser.add_argument("--past", type=int_list, metavar="N,N",
+                        help="cached lengths of the decode cases, for graphs with past (default 1 and half the "
+                             "declared maximum + 1: 1,513); keep them inside an engine's profile")
     parser.add_argument("--against", choices=["quantized", "float"], default="quantized",
                         help="the reference: quantized (default) is the PyTorch model with the weights MODEL holds, "
                              "so a quantized graph meets the same fake-quantized weights under its activation "
@@ -81,7 +84,7 @@ def _tensor_sweep(args, spec, source, metadata, row, tolerance, device, log):
     from runtime.verify.tensors import check_parity, default_cases
 
     signature = metadata.signature()
-    cases = default_cases(signature, args.batch, args.seq)
+    cases = default_cases(signature, args.batch, args.seq, args.past)
     with open_backend(spec.name, args.model) as candidate:
         log(f"check-parity: {args.model} on {candidate.name} vs PyTorch ({source.description}), "
             f"{len(cases)} cases, {row.dtype} tolerance")

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from export.lint import lint_graph
 from export.onnx_export import example_sizes, export_onnx
 from export.quantize import (QuantizeError, absmax_quantize, add_weight_dequantization, check_quantization,
-                             fake_quantize, matmulnbits, mlas_fake_quant, required_opset)
+                             matmulnbits, mlas_fake_quant, required_opset)
 from export.static_cache_graph import build_static_cache_graph
 from models.graph_metadata import GraphMetadata, read_graph_metadata
 from models.precision import precision
