@@ -178,15 +178,17 @@ def add_weight_dequantization(proto, model: Transformer, row: Precision) -> Quan
     if missing:
         raise QuantizeError(f"the exported graph has no MatMul weight equal to {missing[0]}'s; "
                             "the exporter changed the graph's layout, so it cannot be quantized")
-    nodes = []
+    nodes, written = [], set()
     for node in graph.node:
         layer = found.get(node.input[1]) if node.op_type == "MatMul" else None
-        if layer is not None:
-            q, scale = absmax_quantize(layers[layer].weight.detach().T, row.scheme.bits, row.block_size, row.torch_dtype)
+        if layer is not None and layer not in written:  # one DequantizeLinear per weight, before its first use
+            q, scale = absmax_quantize(layers[layer].weight.T, row.scheme.bits, row.block_size, row.torch_dtype)
             graph.initializer.extend(_dequantize_initializers(layer, q, scale, row))
             blocked = {"axis": 0, "block_size": row.block_size} if row.block_size else {"axis": 1}
             nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.weight_quantized", f"{layer}.weight_scale"],
                                           [f"{layer}.weight"], name=f"{layer}.dequantize", **blocked))
+            written.add(layer)
+        if layer is not None:
             node.input[1] = f"{layer}.weight"
         nodes.append(node)
     kept = [t for t in graph.initializer if t.name not in found]

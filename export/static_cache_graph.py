@@ -71,8 +71,8 @@ def _out_weight(attn, order: list[int]) -> torch.Tensor:
 # Each quantizable Linear's matrix in this graph. Only the output projection's rows (the input
 # dimension, along which quantization blocks run) are reordered; reordered query columns do not
 # change per-column scales.
-_GRAPH_WEIGHTS = {"attn.to_qkv": "attn.qkv", "attn.to_q": "attn.qkv", "attn.to_k": "attn.qkv", "attn.to_v": "attn.qkv",
-                  "attn.to_out": "attn.out", "ff.proj_in": "ff.in", "ff.proj_out": "ff.out"}
+_GRAPH_WEIGHTS = {"attn.to_qkv": "attn.qkv", "attn.to_q": "attn.qkv", "attn.to_k": "attn.qkv",
+                  "attn.to_v": "attn.qkv", "attn.to_out": "attn.out", "ff.proj_in": "ff.in", "ff.proj_out": "ff.out"}
 
 
 def static_row_orders(model: Transformer) -> dict[str, list[int]]:

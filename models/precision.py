@@ -45,7 +45,7 @@ class WeightScheme:
 
     name: str  # the --quantize spelling
     bits: int
-    block_sizes: tuple[int, ...]  # the --block-size values it takes
+    block_sizes: tuple[int, ...]  # the --block-size values it takes, the default first
     per_channel: bool  # the TensorRT (Q/DQ) graph: one scale per output channel rather than per block
     qdq_opset: int  # the first opset whose DequantizeLinear expresses it (float32 scales)
     tolerance: Tolerance  # against the unquantized float model
@@ -140,7 +140,8 @@ def quantized(base: str, scheme: str, block_size: int | None = None) -> Precisio
     scale_bytes = row.bytes_per_value / block_size if block_size else 0.0  # per channel: matrix_bytes counts them
     name = f"{row.name}-{scheme}" + (f"-b{block_size}" if block_size else "")
     return replace(row, name=name, weight_bytes=weights.bits / 8 + scale_bytes, tolerance=weights.tolerance,
-                   scheme=weights, block_size=block_size, base=row.name, static_cache=row.static_cache and bool(block_size))
+                   scheme=weights, block_size=block_size, base=row.name,
+                   static_cache=row.static_cache and bool(block_size))
 
 
 def precision(name: str) -> Precision:

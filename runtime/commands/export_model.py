@@ -8,8 +8,6 @@ from models.precision import DEFAULT_PRECISION, PRECISIONS, WEIGHT_SCHEMES
 
 from .common import add_model_arguments, log_to, model_request, run_main, write_json
 
-DEFAULT_BLOCK_SIZE = 32
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -107,7 +105,8 @@ def _precision_row(args: argparse.Namespace):
     if per_channel and args.block_size is not None:
         raise QuantizeError(f"--quantize {args.quantize} has one scale per output channel in the TensorRT graph "
                             "(TensorRT's block-wise dequantization is int4 only); drop --block-size")
-    return quantized(args.dtype, args.quantize, None if per_channel else args.block_size or DEFAULT_BLOCK_SIZE)
+    default_block = WEIGHT_SCHEMES[args.quantize].block_sizes[0]
+    return quantized(args.dtype, args.quantize, None if per_channel else args.block_size or default_block)
 
 
 def _report(args, row, source, seconds: float, extra: dict, parity) -> dict:

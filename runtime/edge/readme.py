@@ -11,18 +11,21 @@ from .budget import FORMULA, GIB, RUNTIME_GIB
 from .targets import USABLE_ASSUMPTION
 
 
+def _mark(unconfirmed: bool) -> str:
+    return " (unconfirmed)" if unconfirmed else ""
+
+
 def _facts(plan) -> list[str]:
     target, jetpack = plan.target, plan.jetpack
-    mark = lambda unconfirmed: " (unconfirmed)" if unconfirmed else ""  # noqa: E731
     lines = [f"- board: {target.module}, {target.memory_gib:g} GB shared by CPU and GPU, "
-             f"{target.bandwidth_gbs:g} GB/s{mark('bandwidth_gbs' in target.unconfirmed)}, "
-             f"{target.sms} SMs{mark('sms' in target.unconfirmed)}, compute capability {target.compute_capability}"]
+             f"{target.bandwidth_gbs:g} GB/s{_mark('bandwidth_gbs' in target.unconfirmed)}, "
+             f"{target.sms} SMs{_mark('sms' in target.unconfirmed)}, compute capability {target.compute_capability}"]
     if target.note:
         lines.append(f"- note: {target.note}")
-    lines.append(f"- JetPack {jetpack.version}: L4T {jetpack.l4t}{mark(not jetpack.confirmed('l4t'))}, "
-                 f"CUDA {jetpack.cuda}{mark(not jetpack.confirmed('cuda'))}, "
-                 f"TensorRT {jetpack.tensorrt}{mark(not jetpack.confirmed('tensorrt'))}, ONNX parser documented "
-                 f"to opset {jetpack.max_opset}{mark(not jetpack.confirmed('max_opset'))}; weak typing: "
+    lines.append(f"- JetPack {jetpack.version}: L4T {jetpack.l4t}{_mark(not jetpack.confirmed('l4t'))}, "
+                 f"CUDA {jetpack.cuda}{_mark(not jetpack.confirmed('cuda'))}, "
+                 f"TensorRT {jetpack.tensorrt}{_mark(not jetpack.confirmed('tensorrt'))}, ONNX parser documented "
+                 f"to opset {jetpack.max_opset}{_mark(not jetpack.confirmed('max_opset'))}; weak typing: "
                  f"{jetpack.weak_typing} (this bundle builds strongly typed)")
     lines += [f"- unconfirmed {name}: {why}" for name, why in jetpack.unconfirmed.items()]
     lines += [f"- source: {source}" for source in jetpack.sources]
@@ -68,8 +71,8 @@ def bundle_readme(plan) -> str:
         "## On the board",
         "",
         "1. Copy this folder to the board (JetPack as above). `bash build.sh` checks every file against "
-        "`manifest.json`, then builds `" + plan.engine + "` with `build-engine` (rotary-deploy installed) or "
-        "with trtexec (`TRTEXEC` overrides its path), reusing `" + "timing.cache` across builds.",
+        f"`manifest.json`, then builds `{plan.engine}` with `build-engine` (rotary-deploy and torch installed) "
+        "or with trtexec (`TRTEXEC` overrides its path), reusing `timing.cache` across builds.",
         "2. The same build with trtexec alone (`trtexec.txt`):",
         "", "    " + shlex.join(plan.trtexec_args()), "",
         "3. After a build-engine build, compare the engine with PyTorch (needs torch on the board):",
