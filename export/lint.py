@@ -1,7 +1,8 @@
-"""Export lint: catch graph features that break TensorRT or freeze a dynamic dimension."""
+"""Export lint: catch graph features that break TensorRT or freeze a dynamic dimension, and
+weight quantization TensorRT cannot take."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import onnx
@@ -10,6 +11,7 @@ from onnx import numpy_helper
 from models.signature import GraphSignature
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
+QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 
 @dataclass
@@ -41,12 +43,43 @@ def _constants(graph: onnx.GraphProto):
                     yield node.output[0], attribute.t
 
 
+def dequantize_findings(graph: onnx.GraphProto) -> list[str]:
+    """Weight-only Q/DQ as TensorRT takes it: a constant weight, positive scales, zero points of
+    zero, dequantized straight into a MatMul's weight input (the pattern it fuses)."""
+    constants = dict(_constants(graph))
+    users = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            users[name].append((node, index))
+    findings = []
+    for node in (n for n in graph.node if n.op_type in QDQ):
+        scale = constants.get(node.input[1])
+        if scale is None or (numpy_helper.to_array(scale) <= 0).any():
+            findings.append(f"{node.op_type} {node.name!r} needs constant, positive scales (TensorRT refuses others)")
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        if zero_point and (zero_point not in constants or numpy_helper.to_array(constants[zero_point]).any()):
+            findings.append(f"{node.op_type} {node.name!r} has a non-zero zero point; TensorRT quantizes symmetrically")
+        if node.op_type != "DequantizeLinear":
+            continue
+        if node.input[0] not in constants:
+            findings.append(f"DequantizeLinear {node.name!r} dequantizes {node.input[0]!r}, which is not a weight "
+                            "initializer; only weights are quantized here")
+        odd = [f"{user.op_type} {user.name!r}" for user, index in users[node.output[0]]
+               if user.op_type != "MatMul" or index != 1]
+        if odd:
+            findings.append(f"DequantizeLinear {node.name!r} feeds {odd[0]}; weight-only dequantization must feed a "
+                            "MatMul's weight input directly for TensorRT to fuse it")
+    return findings
+
+
 def lint_graph(model: onnx.ModelProto, signature: GraphSignature, example_sizes: dict[str, int]) -> LintReport:
     """Op histogram plus findings: control flow, sequence ops, non-standard domains,
-    I/O axes that are not symbolic, and constants sized by the export example.
+    I/O axes that are not symbolic, constants sized by the export example, and weight
+    quantization TensorRT cannot take.
 
     `example_sizes` maps axis name to the size used when tracing; they should be sizes no
     config dimension equals, so a constant carrying one is a dimension frozen by tracing.
+    Quantization scales are shaped by the weights (blocks, columns), not by tracing.
     """
     graph = model.graph
     report = LintReport(Counter(node.op_type for node in graph.node))
@@ -68,8 +101,12 @@ def lint_graph(model: onnx.ModelProto, signature: GraphSignature, example_sizes:
                 report.findings.append(
                     f"{value.name} dimension {axis} should be the symbolic axis {want!r} but is fixed at {dim.dim_value}"
                 )
+    report.findings += dequantize_findings(graph)
     frozen = {size: name for name, size in example_sizes.items()}
+    scales = {name for node in graph.node if node.op_type in QDQ for name in node.input[1:]}
     for name, tensor in _constants(graph):
+        if name in scales:
+            continue
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
             hits = [d for d in tensor.dims if d in frozen]
             if hits:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from models.config import ModelConfig
 from models.errors import ToolkitError
 from models.files import new_file_mode, staging_folder
-from models.graph_metadata import LOGITS, STATIC_PORTABLE, WITH_PAST, GraphMetadata, WeightsRecord
+from models.graph_metadata import LOGITS, STATIC_PORTABLE, WITH_PAST, GraphMetadata, QuantizationRecord, WeightsRecord
 from models.precision import Precision, precision as lookup_precision
 from models.signature import BATCH, LOGITS_POSITIONS, SEQUENCE, GraphSignature, graph_signature, static_cache_signature
 from models.static_cache import StaticCacheGraph
@@ -27,6 +27,7 @@ from models.transformer import Transformer
 
 from .lint import LintReport, lint_graph
 from .opset import EXPORTER_MIN_OPSET, check_requested_opset, lower_opset
+from .quantize import add_weight_dequantization, check_quantization
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GiB in one message
 
@@ -221,14 +222,36 @@ def weights_record(model: Transformer, weights: WeightsRecord | None) -> Weights
 
 
 def graph_metadata(model: Transformer, signature: GraphSignature, opset: int, precision: str,
-                   weights: WeightsRecord | None, static_cache: int | None = None) -> GraphMetadata:
+                   weights: WeightsRecord | None, static_cache: int | None = None,
+                   quantization: QuantizationRecord | None = None) -> GraphMetadata:
     kind = STATIC_PORTABLE if static_cache else WITH_PAST if signature.with_past else LOGITS
     return GraphMetadata(
         kind=kind, precision=lookup_precision(precision).name, max_cache=static_cache,
         config=model.config, weights=weights_record(model, weights),
         axes=declared_axes(signature, model.config, static_cache),
         opset=opset, exporter=exporter_description(), torch_version=torch.__version__,
-        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), quantization=quantization)
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes a tensor's data takes as stored (int4 packed two to a byte), also when it is external."""
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return int({entry.key: entry.value for entry in tensor.external_data}.get("length", 0))
+    return len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
+
+
+def initializer_bytes(proto) -> int:
+    """Bytes of a graph's initializers: its weights, quantization scales included."""
+    return sum(tensor_bytes(t) for t in proto.graph.initializer)
+
+
+def graph_weight_bytes(path: str | os.PathLike) -> int:
+    """initializer_bytes of an ONNX file, read without loading external data."""
+    import onnx
+
+    return initializer_bytes(onnx.load(str(path), load_external_data=False))
 
 
 def build_portable_static_graph(model: Transformer, max_cache: int, precision: str = "fp32",
@@ -245,8 +268,7 @@ def _save(proto, folder: Path, name: str) -> list[Path]:
     import onnx
 
     graph = folder / name
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:
+    if initializer_bytes(proto) > EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=name + ".data", size_threshold=1024)
         return [graph.with_name(name + ".data"), graph]  # data first: the graph is renamed last
@@ -273,25 +295,32 @@ def _commit(written: list[Path], output: Path) -> None:
         os.replace(path, output.parent / path.name)
 
 
-def export_onnx(model: Transformer, output: str | os.PathLike, opset: int = 17, precision: str = "fp32",
+def export_onnx(model: Transformer, output: str | os.PathLike, opset: int | None = None, precision: str = "fp32",
                 weights: WeightsRecord | None = None, allow_lint: bool = False,
                 verify=None, log=print, with_past: bool = False, static_cache: int | None = None) -> ExportResult:
     """Export `model` to `output`; `weights` names the weights in the metadata (ModelSource.record).
     `static_cache` N writes the standard-ops static-cache graph (an N-token window per row).
+    A quantized `precision` row (fp16-int4-b32) writes its weights as DequantizeLinear -> MatMul;
+    `opset` None is the lowest that expresses the graph.
 
     Lint findings (unless allowed) or a failed `verify(path)` callback raise ExportError
     and leave no file behind."""
     output = Path(output)
+    row = lookup_precision(precision)
+    opset = check_quantization(model, row, opset)
     check_requested_opset(opset)
-    lookup_precision(precision)
     check_output_path(output)
     started = time.perf_counter()
     if static_cache is not None:
         check_static_window(model, static_cache)
+        if row.scheme:
+            raise ExportError("the standard-ops static-cache graph is not quantized yet; quantize the GroupQueryAttention "
+                              "graph (drop --portable) or the --with-past graph")
     kind = ("static-cache decoder (standard ops)" if static_cache else "decoder with past" if with_past else "decoder")
-    log(f"exporting {weights.description if weights else 'model'} as a {kind} to ONNX opset {opset} ({precision}) ...")
-    proto, signature, examples = trace_to_onnx(model, opset, precision, with_past, static_cache)
-    graph_metadata(model, signature, opset, precision, weights, static_cache).write(proto)
+    log(f"exporting {weights.description if weights else 'model'} as a {kind} to ONNX opset {opset} ({row.name}) ...")
+    proto, signature, examples = trace_to_onnx(model, opset, row.float_row.name, with_past, static_cache)
+    record = add_weight_dequantization(proto, model, row) if row.scheme else None
+    graph_metadata(model, signature, opset, row.name, weights, static_cache, record).write(proto)
     report = lint_graph(proto, signature, examples)
     log(report.format())
     if report.findings and not allow_lint:

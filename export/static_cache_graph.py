@@ -13,7 +13,8 @@ overhead. This graph uses ONNX Runtime's fused contrib ops instead:
 
 Inputs and outputs are `models.signature.static_cache_signature`. Prompts are right-padded:
 GroupQueryAttention places each row's next token at `seqlens_k`. Keep this graph away from TensorRT: its parser
-has no com.microsoft ops.
+has no com.microsoft ops. With a quantized precision row (fp16-int4-b32), ONNX Runtime's quantizer turns the
+blocks' MatMuls into `com.microsoft.MatMulNBits` (export/quantize.py).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from models.rotary import inverse_frequencies
 from models.signature import GraphSignature, layer_cache_names, static_cache_signature
 from models.transformer import Transformer
 
-from .onnx_export import ExportError, check_output_path, weights_record
+from .onnx_export import ExportError, check_output_path, initializer_bytes, weights_record
+from .quantize import check_quantization, matmulnbits, quantized_layers
 
 MAX_WEIGHT_BYTES = 2**31 - 2**26  # one protobuf message; this graph has no external-data path
 
@@ -56,15 +58,42 @@ def _qkv_weight(attn, order: list[int]) -> torch.Tensor:
     return torch.cat((q, kv)).T
 
 
+def out_rows(order: list[int], dim_head: int) -> list[int]:
+    """The output projection's input rows as this graph holds them: grouped after the reordered query heads."""
+    return [head * dim_head + d for head in order for d in range(dim_head)]
+
+
 def _out_weight(attn, order: list[int]) -> torch.Tensor:
     """(heads * dim_head, dim), rows following the reordered query heads."""
-    weight = attn.to_out.weight.unflatten(1, (attn.heads, attn.dim_head))[:, order].flatten(1)
-    return weight.T
+    return attn.to_out.weight.T[out_rows(order, attn.dim_head)]
+
+
+# Each quantizable Linear's matrix in this graph. Only the output projection's rows (the input
+# dimension, along which quantization blocks run) are reordered; reordered query columns do not
+# change per-column scales.
+_GRAPH_WEIGHTS = {"attn.to_qkv": "attn.qkv", "attn.to_q": "attn.qkv", "attn.to_k": "attn.qkv",
+                  "attn.to_v": "attn.qkv", "attn.to_out": "attn.out", "ff.proj_in": "ff.in", "ff.proj_out": "ff.out"}
+
+
+def static_row_orders(model: Transformer) -> dict[str, list[int]]:
+    """Per Linear, the order of its input rows in this graph where it differs from the model's
+    (what a fake-quantized reference needs to cut the same blocks)."""
+    config = model.config
+    rows = out_rows(query_head_order(config.heads, config.kv_heads), config.dim_head)
+    return {} if rows == sorted(rows) else {f"layers.{i}.attn.to_out": rows for i in range(config.depth)}
+
+
+def _graph_weight(layer: str) -> str:
+    prefix, _, rest = layer.partition(".")
+    index, _, module = rest.partition(".")
+    return "to_logits" if layer == "to_logits" else f"{prefix}.{index}.{_GRAPH_WEIGHTS[module]}"
 
 
 def check_static_cache_model(model: Transformer, max_cache: int, row: Precision) -> None:
     """Refuse what this graph cannot express, before any work."""
     config = model.config
+    if row.scheme is not None and row.block_size is None:
+        raise ExportError("the static-cache graph's MatMulNBits quantizes in blocks; give a block size (--block-size)")
     if not row.static_cache:
         supported = "fp32 or fp16"
         raise ExportError(f"the static-cache graph is written in {supported}, not {row.name}")
@@ -164,12 +193,11 @@ class StaticGraphWriter:
         from onnx import TensorProto
 
         normed, _ = self.norm("norm", self.model.norm, hidden, residual, bias)
+        # GatherND with batch_dims=1 picks (b, k) positions of (b, s, dim) with no shape arithmetic, so
+        # every node stays on the CUDA provider and the step can be captured as a CUDA graph
         index = self.node("Unsqueeze", ["logits_index", self.constant("last_axis", [-1])], ["logits_index.3d"])[0]
-        shape = self.node("Shape", ["logits_index"], ["logits_index.shape"])[0]
-        wide = self.node("Concat", [shape, self.constant("dim", [self.config.dim])], ["picked.shape"], axis=0)[0]
-        index = self.node("Expand", [index, wide], ["logits_index.wide"])[0]
-        normed = self.node("GatherElements", [normed, index], ["norm.picked"], axis=1)[0]
-        if self.row.name != "fp32":
+        normed = self.node("GatherND", [normed, index], ["norm.picked"], batch_dims=1)[0]
+        if self.row.half:
             normed = self.node("Cast", [normed], ["norm.picked.float"], to=TensorProto.FLOAT)[0]
         self.node("MatMul", [normed, self.weight("to_logits", self.model.to_logits.weight.T, np.float32)], ["logits"])
 
@@ -205,12 +233,16 @@ def build_static_cache_graph(model: Transformer, max_cache: int, precision: str 
     """The ONNX Runtime-only decoder (an onnx.ModelProto) for `model`, with a `max_cache`-token cache."""
     row = lookup_precision(precision)
     check_static_cache_model(model, max_cache, row)
-    proto = StaticGraphWriter(model, max_cache, row).build()
+    check_quantization(model, row)
+    proto = StaticGraphWriter(model, max_cache, row.float_row).build()
     proto.ir_version = 8
+    record = None
+    if row.scheme is not None:
+        proto, record = matmulnbits(proto, row, {layer: _graph_weight(layer) for layer in quantized_layers(model, row)})
     GraphMetadata(kind=STATIC_CACHE, precision=row.name, config=model.config, weights=weights_record(model, weights),
                   max_cache=max_cache, opset=17, exporter="export/static_cache_graph.py (onnx.helper)",
-                  torch_version=torch.__version__,
-                  exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds")).write(proto)
+                  torch_version=torch.__version__, exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  quantization=record).write(proto)
     return proto
 
 
@@ -236,7 +268,7 @@ def export_static_cache(model: Transformer, output, max_cache: int, precision: s
     started = time.perf_counter()
     log(f"writing the ONNX Runtime static-cache decoder ({precision}, {max_cache}-token cache) ...")
     proto = build_static_cache_graph(model, max_cache, precision, weights)
-    if sum(len(t.raw_data) for t in proto.graph.initializer) > MAX_WEIGHT_BYTES:
+    if initializer_bytes(proto) > MAX_WEIGHT_BYTES:
         raise ExportError("the static-cache graph is written as one file and is limited to 2 GB of weights")
     data = proto.SerializeToString()
     seconds = time.perf_counter() - started

@@ -26,11 +26,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def new_file_mode() -> int:
-    """The permissions open() would give a new file under the current umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def new_file_mode() -> int:
+    """The permissions open() would give a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The permissions mkdir() would give a new folder under the current umask."""
+    return 0o777 & ~_umask()
 
 
 def staging_prefix(path: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, ModelConfig
 from .errors import ToolkitError
-from .precision import PrecisionError, precision
+from .precision import WEIGHT_SCHEMES, PrecisionError, precision, quantized
 from .signature import GraphSignature, graph_signature, static_cache_signature
 
 TOOLKIT_VERSION = "0.1.0"
@@ -26,6 +26,19 @@ GRAPH_KINDS = {
 }
 STATIC_KINDS = (STATIC_CACHE, STATIC_PORTABLE)
 _STATIC_KIND_TAG = "onnxruntime-static-cache"  # graph_kind as written by earlier releases
+# How quantized weights are stored, and the formulas that make them (export/quantize.py
+# implements each by this name; the fake-quantized reference uses the same one).
+QUANT_FORMATS = {
+    "qdq": "int8/int4 initializers -> DequantizeLinear -> MatMul (standard ONNX; TensorRT and ONNX Runtime)",
+    "matmulnbits": "com.microsoft.MatMulNBits (ONNX Runtime), written by onnxruntime.quantization",
+}
+SCALE_FORMULAS = {
+    "absmax": "scale = max|w| / (2^(bits-1) - 1) per output channel or block, positive; "
+              "q = round_half_even(w / scale) clipped to [-2^(bits-1), 2^(bits-1) - 1]",
+    "ort-mlas": "ONNX Runtime MatMulNBits symmetric: m = the block's signed weight of largest magnitude, "
+                "scale = -m / 2^(bits-1); q = floor(w / scale + 2^(bits-1) + 0.5) clipped to [0, 2^bits - 1], "
+                "zero point 2^(bits-1)",
+}
 
 
 class GraphMetadataError(ToolkitError, ValueError):
@@ -43,9 +56,41 @@ class WeightsRecord:
 
 
 @dataclass(frozen=True)
+class QuantizationRecord:
+    """How a graph's matrix weights were quantized: enough to rebuild the same weights in PyTorch."""
+
+    scheme: str  # a models.precision.WEIGHT_SCHEMES name: int8, int4
+    block_size: int | None  # input rows per scale; None: one scale per output channel
+    format: str  # one of QUANT_FORMATS
+    formula: str  # one of SCALE_FORMULAS
+    layers: tuple[str, ...]  # the PyTorch model's Linear modules whose weights are quantized
+
+    @property
+    def bits(self) -> int:
+        return WEIGHT_SCHEMES[self.scheme].bits
+
+    def describe(self) -> str:
+        blocks = f"blocks of {self.block_size}" if self.block_size else "per output channel"
+        return f"{self.scheme} ({blocks}, {self.format}, {self.formula} scales, {len(self.layers)} layers)"
+
+    def to_json(self) -> str:
+        return json.dumps({"scheme": self.scheme, "bits": self.bits, "block_size": self.block_size,
+                           "format": self.format, "formula": self.formula, "layers": list(self.layers)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantizationRecord":
+        data = json.loads(text)
+        record = cls(data["scheme"], data["block_size"], data["format"], data["formula"], tuple(data["layers"]))
+        if record.scheme not in WEIGHT_SCHEMES or record.format not in QUANT_FORMATS \
+                or record.formula not in SCALE_FORMULAS or not all(isinstance(n, str) for n in record.layers):
+            raise ValueError(f"unknown quantization {text[:80]!r}")
+        return record
+
+
+@dataclass(frozen=True)
 class GraphMetadata:
     kind: str  # one of GRAPH_KINDS
-    precision: str  # a models.precision name: fp32, fp16, bf16
+    precision: str  # a models.precision name: fp32, fp16, bf16, or a quantized row such as fp16-int4-b32
     config: ModelConfig
     weights: WeightsRecord
     axes: dict[str, dict[str, int]] = field(default_factory=dict)  # axis -> {"min", "opt", "max"}
@@ -55,6 +100,7 @@ class GraphMetadata:
     torch_version: str = ""
     toolkit_version: str = TOOLKIT_VERSION
     exported_at: str = ""
+    quantization: QuantizationRecord | None = None  # weight-only quantized graphs
 
     @property
     def with_past(self) -> bool:
@@ -84,6 +130,8 @@ class GraphMetadata:
             props["axes"] = json.dumps(self.axes, sort_keys=True)
         if self.max_cache is not None:
             props["max_cache"] = str(self.max_cache)
+        if self.quantization is not None:
+            props["quantization"] = self.quantization.to_json()
         return props
 
     def write(self, proto) -> None:
@@ -100,12 +148,17 @@ class GraphMetadata:
             raise GraphMetadataError(f"{where} is not a graph written by this toolkit (it has no model_config "
                                      "metadata); export it with export-model")
         try:
-            return cls(kind=_kind(props), precision=precision(props.get("precision", "float32")).name,
+            record = QuantizationRecord.from_json(props["quantization"]) if "quantization" in props else None
+            row = precision(props.get("precision", "float32"))
+            if record is not None:  # "precision" holds the activations' dtype, readable by earlier releases
+                row = quantized(row.name, record.scheme, record.block_size)
+            return cls(kind=_kind(props), precision=row.name,
                        config=ModelConfig.from_json(props["model_config"]), weights=_weights(props),
                        axes=_axes(props), max_cache=_optional_int(props, "max_cache"),
                        opset=_optional_int(props, "opset") or 17, exporter=props.get("exporter", ""),
                        torch_version=props.get("torch_version", ""),
-                       toolkit_version=props.get("toolkit_version", ""), exported_at=props.get("exported_at", ""))
+                       toolkit_version=props.get("toolkit_version", ""), exported_at=props.get("exported_at", ""),
+                       quantization=record)
         except (ConfigError, PrecisionError, ValueError, TypeError, KeyError) as error:
             raise GraphMetadataError(f"{where} has damaged toolkit metadata ({error}); export it again") from None
 

@@ -137,3 +137,18 @@ def tiny_portable_static_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path
     path = tmp_path_factory.mktemp("tiny_portable_static") / "model-static-portable.onnx"
     export_onnx(tiny_model, path, weights=tiny_source.record, static_cache=96, log=lambda _: None)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_export(tmp_path_factory) -> tuple[Path, dict]:
+    """(graph, export report): the tiny preset with past, int4 weights in blocks of 32 (fp32
+    activations, opset 21), exported and verified through the export-model command line."""
+    import json
+
+    from runtime.commands import export_model as export_cli
+
+    folder = tmp_path_factory.mktemp("tiny_int4")
+    path, report = folder / "model-int4.onnx", folder / "export.json"
+    code = export_cli.main(["--quantize", "int4", "--with-past", "--output", str(path), "--json", str(report)])
+    assert code == 0
+    return path, json.loads(report.read_text())

@@ -41,6 +41,9 @@ def open_session(model: str | Path | bytes, provider: str, cuda_options: dict[st
         raise BackendError(f"ONNX model not found: {model}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ONNX Runtime fuses a weight DequantizeLinear -> MatMul into MatMulNBits and, by default,
+    # quantizes its activations to int8 (accuracy level 4): the graph says float activations.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
     provider_options = {"device_id": "0", "use_tf32": "0", **(cuda_options or {})} if provider == "cuda" else {}

@@ -32,11 +32,25 @@ def peaks_for(device_name: str) -> GpuPeaks | None:
     return next((p for p in GPU_PEAKS if p.name.lower() in device_name.lower()), None)
 
 
+def matmul_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(input, output) size of every matrix a token passes through: per layer the QKV and output
+    projections and the feed-forward pair, then the logits head (last). Not the embedding."""
+    per_layer = [(config.dim, config.dim_inner + 2 * config.dim_kv_inner), (config.dim_inner, config.dim),
+                 (config.dim, config.ff_hidden), (config.ff_hidden, config.dim)]
+    return per_layer * config.depth + [(config.dim, config.num_tokens)]
+
+
 def matmul_params(config: ModelConfig) -> int:
     """Weights read by matrix multiplies per token: projections, feed-forward, logits (not the embedding)."""
-    per_layer = (config.dim * (config.dim_inner + 2 * config.dim_kv_inner) + config.dim_inner * config.dim
-                 + 2 * config.dim * config.ff_hidden)
-    return config.depth * per_layer + config.dim * config.num_tokens
+    return sum(rows * columns for rows, columns in matmul_shapes(config))
+
+
+def matmul_bytes(config: ModelConfig, precision: Precision) -> float:
+    """Bytes of those weights in `precision`, quantization scales included; a quantized row's
+    scheme says whether the logits head is quantized or stays in the activations' precision."""
+    *blocks, head = matmul_shapes(config)
+    head_row = precision if precision.scheme is None or precision.scheme.head else precision.float_row
+    return sum(precision.matrix_bytes(*shape) for shape in blocks) + head_row.matrix_bytes(*head)
 
 
 def prefill_flops(config: ModelConfig, batch: int, context: int) -> float:
@@ -48,7 +62,7 @@ def prefill_flops(config: ModelConfig, batch: int, context: int) -> float:
 def decode_bytes(config: ModelConfig, batch: int, context: int, precision: Precision) -> float:
     """Bytes one decode step must read: every matmul weight once, and the whole key/value cache."""
     cache = 2 * config.depth * batch * config.kv_heads * config.dim_head * context
-    return matmul_params(config) * precision.weight_bytes + cache * precision.bytes_per_value
+    return matmul_bytes(config, precision) + cache * precision.bytes_per_value
 
 
 def decode_floor_seconds(config: ModelConfig, batch: int, context: int, precision: Precision, peaks: GpuPeaks) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.precision import PRECISIONS
+from models.precision import PRECISIONS, WEIGHT_SCHEMES, quantized
 
 from .common import (ArgumentParser, Files, add_backend_argument, add_model_arguments, int_list, log_to, model_files,
                      model_request, non_negative_float, non_negative_int, run_main, write_json)
@@ -13,8 +13,11 @@ from .common import (ArgumentParser, Files, add_backend_argument, add_model_argu
 def build_parser() -> argparse.ArgumentParser:
     from runtime.registry import ENGINE, ONNX, backend_names
 
+    rows = [*PRECISIONS.values(), *(quantized("fp16", name, None if s.per_channel else s.block_sizes[0])
+                                    for name, s in WEIGHT_SCHEMES.items())]
     tolerances = "; ".join(f"{row.name}: atol {t.atol:g}, rtol {t.rtol:g}, cosine >= {t.min_cosine:g}, "
-                           f"top-1 >= {t.min_top1:.0%}" for row in PRECISIONS.values() for t in [row.tolerance])
+                           f"top-1 >= {t.min_top1:.0%}, teacher-forced top-1 >= {t.forced_top1:.0%}"
+                           for row in rows for t in [row.tolerance])
     parser = ArgumentParser(
         prog="check-parity",
         description="Run the PyTorch reference and a deployed model over a sweep of batch sizes and "
@@ -29,8 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int_list, metavar="N,N", help="batch sizes (default 1,3)")
     parser.add_argument("--seq", type=int_list, metavar="N,N",
                         help="sequence lengths (default from the model's sequence axis: 1,17,128,513)")
+    parser.add_argument("--past", type=int_list, metavar="N,N",
+                        help="cached lengths of the decode cases, for graphs with past (default 1 and half the "
+                             "declared maximum + 1: 1,513); keep them inside an engine's profile")
+    parser.add_argument("--against", choices=["quantized", "float"], default="quantized",
+                        help="the reference: quantized (default) is the PyTorch model with the weights MODEL holds, "
+                             "so a quantized graph meets the same fake-quantized weights under its activation "
+                             "precision's tight row; float is the unquantized model under the scheme's row against "
+                             "float (cosine, top-1, teacher-forced top-1). The same for graphs that are not quantized")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="which tolerance row to apply (default auto: the precision recorded in MODEL)")
+                        help="which tolerance row to apply (default auto: the row of the reference --against picks)")
     parser.add_argument("--atol", type=non_negative_float, help="override the absolute tolerance (a finite number >= 0)")
     parser.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
                         help="also compare N greedy tokens (2 prompts) token by token and report the first "
@@ -48,12 +59,15 @@ def _check(args: argparse.Namespace) -> int:
     from models.precision import precision
     from models.source import reference_source
     from runtime.decoding.open import decoder_spec, read_model_metadata
+    from runtime.verify.reference import parity_reference
 
     log = log_to(args.json == "-")
     metadata = read_model_metadata(args.model)
     spec = decoder_spec(args.model, args.backend)
     source = reference_source(metadata, args.model, model_request(args))
-    row = precision(metadata.precision if args.precision == "auto" else args.precision)
+    reference = parity_reference(source.model, metadata, args.against)
+    source = replace(source, model=reference.model, description=f"{source.description}, {reference.label}")
+    row = reference.row if args.precision == "auto" else precision(args.precision)
     tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
     device = spec.resolved_device()
     _check_sizes(args, metadata, row, device)
@@ -82,7 +96,7 @@ def _tensor_sweep(args, spec, source, metadata, row, tolerance, device, log):
     from runtime.verify.tensors import check_parity, default_cases
 
     signature = metadata.signature()
-    cases = default_cases(signature, args.batch, args.seq)
+    cases = default_cases(signature, args.batch, args.seq, args.past)
     with open_backend(spec.name, args.model) as candidate:
         log(f"check-parity: {args.model} on {candidate.name} vs PyTorch ({source.description}), "
             f"{len(cases)} cases, {row.dtype} tolerance")
@@ -113,7 +127,7 @@ def _generation(args, spec, source, row, tolerance, device, log):
     with open_decoder(source, "torch", rows=len(prompts), device=device) as reference, \
             open_decoder(args.model, spec.name, rows=len(prompts)) as candidate:
         generation = compare_generation(reference, candidate, prompts, args.generate,
-                                        None if row.exact_tokens else tolerance.min_top1)
+                                        None if row.exact_tokens else tolerance.forced_top1)
     log(generation.summary())
     return generation
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from export.opset import MAX_OPSET, MIN_OPSET
-from models.precision import DEFAULT_PRECISION, PRECISIONS
+from models.precision import DEFAULT_PRECISION, PRECISIONS, WEIGHT_SCHEMES
 
 from .common import (ArgumentParser, Files, add_model_arguments, log_to, model_files, model_request, positive_int,
                      run_main, write_json)
@@ -19,12 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "default model (preset tiny, seed 0) to model.onnx.",
     )
     add_model_arguments(parser, "default: the embedded tiny preset")
-    parser.add_argument("--opset", type=int, default=MIN_OPSET,
-                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {MIN_OPSET}, what TensorRT 8.6+ and "
-                             "ONNX Runtime 1.14+ read)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the lowest the graph needs: {MIN_OPSET}, "
+                             "what TensorRT 8.6+ and ONNX Runtime 1.14+ read; 19 for --quantize int8 with fp16, "
+                             "21 for --quantize int4)")
     parser.add_argument("--dtype", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
                         help=f"precision written into the graph (default {DEFAULT_PRECISION}); fp16/bf16 keep norms, "
                              "rotary angles and softmax in float32 and always output float32 logits")
+    parser.add_argument("--quantize", choices=list(WEIGHT_SCHEMES),
+                        help="weight-only quantization of the blocks' linear layers (symmetric, round to nearest; the "
+                             "embedding, norms and logits head stay in --dtype): int8 per output channel or int4 in "
+                             "blocks, as DequantizeLinear -> MatMul (TensorRT, ONNX Runtime); with --static-cache, "
+                             "ONNX Runtime's MatMulNBits in blocks")
+    parser.add_argument("--block-size", type=int, metavar="N",
+                        help="input rows per scale for int4, and for int8 in --static-cache graphs: 32 (default), "
+                             "64 or 128; it must divide every quantized layer's input size")
     parser.add_argument("--output", "-o", default="model.onnx", metavar="PATH",
                         help="where to write the graph (default model.onnx); written to a temporary name and "
                              "renamed only once checked and verified")
@@ -63,6 +72,7 @@ def _export(args: argparse.Namespace) -> int:
         raise ExportError("--static-cache writes its own cache graph; drop --with-past")
     if args.portable and args.static_cache is None:
         raise ExportError("--portable writes the standard-ops static-cache graph; give its window with --static-cache N")
+    row = _precision_row(args)
     source = model_request(args).resolve()
     parity = {}
     if args.static_cache is not None:
@@ -76,36 +86,57 @@ def _export(args: argparse.Namespace) -> int:
         from export.static_cache_graph import export_static_cache
 
         def verify(data: bytes) -> None:
-            parity["report"] = verify_static_export(data, source.model, args.dtype, args.static_cache, log)
+            parity["report"] = verify_static_export(data, source.model, args.static_cache, log)
 
-        seconds = export_static_cache(source.model, args.output, args.static_cache, args.dtype, source.record,
+        seconds = export_static_cache(source.model, args.output, args.static_cache, row.name, source.record,
                                       verify=verify if args.verify else None, log=log)
-        log(f"wrote {args.output} (ONNX Runtime static-cache decoder, {args.dtype}) in {seconds:.1f} s")
+        log(f"wrote {args.output} (ONNX Runtime static-cache decoder, {row.name}) in {seconds:.1f} s")
         extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
     else:
         def verify(path) -> None:
-            parity["report"] = (verify_static_export(path, source.model, args.dtype, args.static_cache, log)
-                                if args.portable else
-                                verify_export(path, source.model, args.dtype, log, with_past=args.with_past))
+            parity["report"] = (verify_static_export(path, source.model, args.static_cache, log) if args.portable
+                                else verify_export(path, source.model, log, with_past=args.with_past))
 
-        result = export_onnx(source.model, args.output, opset=args.opset, precision=args.dtype, weights=source.record,
+        result = export_onnx(source.model, args.output, opset=args.opset, precision=row.name, weights=source.record,
                              allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
                              with_past=args.with_past, static_cache=args.static_cache)
         seconds = result.seconds
-        log(f"wrote {result.path} (opset {result.opset}, {args.dtype}) in {seconds:.1f} s")
+        log(f"wrote {result.path} (opset {result.opset}, {row.name}) in {seconds:.1f} s")
         extra = {"opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past,
                  **({"kind": "static-cache-portable", "max_cache": args.static_cache} if args.portable else {})}
     if args.json:
-        report = parity.get("report")
-        write_json(args.json, {"output": str(args.output), "dtype": args.dtype, "source": source.description,
-                               "checkpoint_sha256": source.sha256, "export_seconds": round(seconds, 3),
-                               "config": source.model.config.to_dict(), **extra,
-                               "verify": report.to_dict() if report else None})
+        write_json(args.json, _report(args, row, source, seconds, extra, parity.get("report")))
     return 0
 
 
 def _files(args: argparse.Namespace) -> Files:
     return Files(inputs=model_files(args), outputs={"--output": args.output, "--json": args.json})
+
+
+def _precision_row(args: argparse.Namespace):
+    """The graph's precision row: --dtype, with --quantize/--block-size's weights if given."""
+    from export.quantize import QuantizeError
+    from models.precision import quantized
+
+    if args.quantize is None:
+        if args.block_size is not None:
+            raise QuantizeError("--block-size applies to --quantize; add --quantize int4 (or int8)")
+        return PRECISIONS[args.dtype]
+    per_channel = WEIGHT_SCHEMES[args.quantize].per_channel and args.static_cache is None
+    if per_channel and args.block_size is not None:
+        raise QuantizeError(f"--quantize {args.quantize} has one scale per output channel in the TensorRT graph "
+                            "(TensorRT's block-wise dequantization is int4 only); drop --block-size")
+    default_block = WEIGHT_SCHEMES[args.quantize].block_sizes[0]
+    return quantized(args.dtype, args.quantize, None if per_channel else args.block_size or default_block)
+
+
+def _report(args, row, source, seconds: float, extra: dict, parity) -> dict:
+    from export.onnx_export import graph_weight_bytes
+
+    return {"output": str(args.output), "dtype": args.dtype, "precision": row.name, "source": source.description,
+            "checkpoint_sha256": source.sha256, "export_seconds": round(seconds, 3),
+            "weight_bytes": graph_weight_bytes(args.output), "config": source.model.config.to_dict(), **extra,
+            "verify": parity.to_dict() if parity else None}
 
 
 def main(argv: list[str] | None = None) -> int:

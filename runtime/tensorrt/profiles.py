@@ -94,6 +94,11 @@ def parse_shapes(text: str, flag: str) -> dict[str, Shape]:
     return shapes
 
 
+def format_shapes(shapes: dict[str, Shape]) -> str:
+    """{name: shape} -> trtexec style 'input_ids:1x128,attention_mask:1x128' (parse_shapes' inverse)."""
+    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
 def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRange], dict[str, str]]:
     """The graph's inputs, its declared axis ranges (export metadata; 1:1:1 where unknown)
     and its metadata_props. Only this toolkit's portable graphs are accepted."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.onnx_export import ExportError, example_sizes
-from models.precision import precision as lookup_precision
+from models.graph_metadata import GraphMetadata, read_graph_metadata
 from models.transformer import Transformer
 
 from ..backends.onnxruntime_backend import OnnxRuntimeBackend
 from ..backends.torch_backend import TorchBackend
 from ..decoding.static_cache import StaticCacheDecoder
 from .decoding import check_decoder
+from .reference import parity_reference
 from .tensors import Case, ParityReport, check_parity
 
 
@@ -33,22 +34,28 @@ def _judged(report: ParityReport, log) -> ParityReport:
     return report
 
 
-def verify_export(path: Path, model: Transformer, precision: str, log=print,
-                  with_past: bool = False) -> ParityReport | None:
-    """Run the verification sweep on a portable graph; raise ExportError naming the worst case if it fails."""
-    row = lookup_precision(precision)
-    if row.cpu_note:
-        log(f"verify skipped: {row.cpu_note}")
+def verify_export(path: Path, model: Transformer, log=print, with_past: bool = False) -> ParityReport | None:
+    """Run the verification sweep on a portable graph against the reference its metadata names
+    (for a quantized graph, the same weights fake-quantized); raise ExportError naming the worst
+    case if it fails."""
+    reference = parity_reference(model, read_graph_metadata(path))
+    if reference.row.cpu_note:
+        log(f"verify skipped: {reference.row.cpu_note}")
         return None
-    with TorchBackend(model, with_past=with_past) as reference, OnnxRuntimeBackend(path, provider="cpu") as candidate:
+    with TorchBackend(reference.model, with_past=with_past) as torch_model, \
+            OnnxRuntimeBackend(path, provider="cpu") as candidate:
         cases = verification_cases(example_sizes(model.config)["sequence"], with_past)
-        return _judged(check_parity(reference, candidate, cases, row.name), log)
+        return _judged(check_parity(torch_model, candidate, cases, reference.row.name), log)
 
 
-def verify_static_export(data: bytes | Path, model: Transformer, precision: str, max_cache: int,
-                         log=print) -> ParityReport:
-    """A static-cache graph's decoder sweep on ONNX Runtime (CPU): ragged prompts and decode steps."""
+def verify_static_export(data: bytes | Path, model: Transformer, max_cache: int, log=print) -> ParityReport:
+    """A static-cache graph's decoder sweep on ONNX Runtime (CPU): ragged prompts and decode steps,
+    against the reference its metadata names. `data`: the serialized graph, or its file."""
+    import onnx
+
+    proto = onnx.load_from_string(data) if isinstance(data, bytes) else onnx.load(str(data), load_external_data=False)
+    reference = parity_reference(model, GraphMetadata.from_props({p.key: p.value for p in proto.metadata_props}))
     lengths = [n for n in (1, 19, 4 * 19) if n + 8 <= max_cache]
-    report = check_decoder(model, lambda rows: StaticCacheDecoder(data, rows, "cpu"), [1, 3], lengths,
-                           precision=precision)
+    report = check_decoder(reference.model, lambda rows: StaticCacheDecoder(data, rows, "cpu"), [1, 3], lengths,
+                           precision=reference.row.name)
     return _judged(report, log)

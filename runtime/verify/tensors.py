@@ -130,14 +130,15 @@ def cast_feeds(feeds: dict[str, np.ndarray], inputs: list[TensorMeta]) -> dict[s
 def default_cases(signature: GraphSignature, batches: list[int] | None = None,
                   sequences: list[int] | None = None, pasts: list[int] | None = None) -> list[Case]:
     """The sweep: every batch x sequence (from the signature's axes unless given), plus a padded
-    case; for graphs with past, also decode steps (sequence 1) at past lengths 1 and long."""
+    case; for graphs with past, also decode steps (sequence 1) and a 5-token chunk at past lengths
+    1 and long (unless given), and a padded decode step at the longest."""
     batches = batches or sorted({1, 3} | {signature.axes["batch"].min})
     sequences = sequences or signature.axes["sequence"].sweep()
     cases = [Case(b, s) for b in batches for s in sequences]
     if max(batches) > 1 and max(sequences) >= 3:
         cases.append(Case(max(batches), max(s for s in sequences if s >= 3), padded=True))
     if signature.with_past:
-        long_past = signature.axes["past_sequence"].max // 2 + 1
+        long_past = max(pasts) if pasts else signature.axes["past_sequence"].max // 2 + 1
         for past in pasts or [1, long_past]:
             cases += [Case(b, 1, past=past) for b in batches] + [Case(max(batches), 5, past=past)]
         cases.append(Case(max(batches), 1, padded=True, past=long_past))

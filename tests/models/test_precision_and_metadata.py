@@ -1,6 +1,8 @@
 """The precision table, the graph metadata record and the weights a graph is checked against."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -77,3 +79,33 @@ def test_reference_weights_are_rebuilt_from_the_record_and_their_hash_checked(ti
     unknown = _metadata(tiny_config, weights=WeightsRecord("ck.pt", "cd" * 32))
     with pytest.raises(WeightsMismatch, match="does not record a preset"):
         reference_source(unknown, "m.onnx")
+
+
+def test_quantized_rows_carry_weight_bytes_with_scales_and_the_scheme_tolerance():
+    int4 = precision("fp16-int4-b32")
+    assert int4.dtype == "float16" and int4.float_row is PRECISIONS["fp16"] and int4.torch_dtype == torch.float16
+    assert int4.weight_bytes == 0.5 + 2 / 32 and int4.tolerance.forced_top1 == 0.97 and not int4.exact_tokens
+    assert int4.matrix_bytes(64, 256) == 64 * 256 / 2 + 2 * 256 * 2  # 2 blocks of 32 rows, fp16 scales
+    int8 = precision("fp32-int8")  # per output channel: one float32 scale per column
+    assert int8.block_size is None and int8.matrix_bytes(256, 64) == 256 * 64 + 64 * 4
+    assert not int8.static_cache and precision("fp16-int8-b32").static_cache  # MatMulNBits is block-wise
+    assert PRECISIONS["fp16"].tolerance.forced_top1 == PRECISIONS["fp16"].tolerance.min_top1
+    for bad, message in (("fp16-int4", "block size of 32, 64, 128, not None"), ("fp16-int4-b48", "not 48"),
+                         ("fp16-int3-b32", "spelled like fp16-int4-b32")):
+        with pytest.raises(PrecisionError, match=message):
+            precision(bad)
+
+
+def test_quantized_metadata_round_trips_and_stays_readable_as_its_float_precision(tiny_config):
+    from models.graph_metadata import QuantizationRecord
+
+    record = QuantizationRecord("int4", 32, "qdq", "absmax", ("layers.0.attn.to_qkv", "layers.0.ff.proj_in"))
+    quantized = _metadata(tiny_config, precision="fp16-int4-b32", quantization=record)
+    props = quantized.to_props()
+    assert props["precision"] == "float16"  # what a release before quantization reads
+    assert json.loads(props["quantization"])["bits"] == 4
+    assert GraphMetadata.from_props(props) == quantized
+    props["quantization"] = props["quantization"].replace('"absmax"', '"guesswork"')
+    with pytest.raises(GraphMetadataError, match="damaged toolkit metadata"):
+        GraphMetadata.from_props(props, "m.onnx")
+    assert GraphMetadata.from_props(_metadata(tiny_config).to_props()).quantization is None

@@ -13,7 +13,7 @@ def tiny_past_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
 
     path = tmp_path_factory.mktemp("tiny_past") / "model-past.onnx"
     export_onnx(tiny_model, path, weights=tiny_source.record, with_past=True, log=lambda _: None,
-                verify=lambda p: verify_export(p, tiny_model, "fp32", log=lambda _: None, with_past=True))
+                verify=lambda p: verify_export(p, tiny_model, log=lambda _: None, with_past=True))
     return path
 
 

@@ -5,8 +5,8 @@ import pytest
 
 from models.precision import PRECISIONS
 from models.presets import preset
-from runtime.bench.floors import (decode_bytes, decode_floor_seconds, matmul_params, peaks_for, prefill_flops,
-                            prefill_floor_seconds)
+from runtime.bench.floors import (decode_bytes, decode_floor_seconds, matmul_params, matmul_shapes, peaks_for,
+                                  prefill_flops, prefill_floor_seconds)
 
 
 def test_floor_arithmetic_for_the_small_preset():
@@ -26,3 +26,15 @@ def test_floor_arithmetic_for_the_small_preset():
     assert prefill_floor_seconds(config, 8, 1024, fp32, h100) == pytest.approx(prefill_flops(config, 8, 1024) / 67e12)
     assert peaks_for("NVIDIA H200").bandwidth == 4.8e12
     assert peaks_for("Some Unknown GPU") is None
+
+
+def test_quantized_rows_change_the_decode_floor_through_their_weight_bytes():
+    from models.precision import precision
+
+    config = preset("small")
+    head = 768 * 32000
+    blocks = 109_510_656 - head
+    scales = sum(n * (k // 32) for k, n in matmul_shapes(config)[:-1])  # one fp16 scale per 32 rows per column
+    assert decode_bytes(config, 1, 0, precision("fp16-int4-b32")) == blocks / 2 + scales * 2 + head * 2
+    per_channel = sum(n for _, n in matmul_shapes(config)[:-1])
+    assert decode_bytes(config, 1, 0, precision("fp16-int8")) == blocks + per_channel * 2 + head * 2

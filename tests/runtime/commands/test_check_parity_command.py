@@ -97,3 +97,29 @@ def test_a_static_cache_graph_is_checked_through_its_decoder(tiny_static_onnx, t
     assert {c["output"] for c in data["cases"]} == {"logits (prompt)", "logits (8 decode steps)"}
     assert parity_cli.main([str(tiny_static_onnx), "--backend", "tensorrt"]) == 2
     assert_one_line_error(capsys, "check-parity", "static-cache graphs run on ONNX Runtime; tensorrt cannot run one")
+
+
+# --------------------------------------------------------------------------- quantized graphs: two references
+
+def test_a_quantized_graph_is_judged_against_its_fake_quantized_weights_by_default(capsys, tiny_int4_export, tmp_path):
+    report_path = tmp_path / "parity.json"
+    code = parity_cli.main([str(tiny_int4_export[0]), "--batch", "1,2", "--seq", "1,9", "--generate", "12",
+                            "--json", str(report_path)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["tolerance"]["atol"] == 1e-4 and all(c["max_abs"] <= 1e-4 for c in report["cases"])
+    assert report["generation"]["first_divergence"] is None  # fp32 activations: token for token
+    assert "fake-quantized" in capsys.readouterr().out
+
+
+def test_against_float_applies_the_scheme_row_and_reports_the_first_divergence(capsys, tiny_int4_export, tmp_path):
+    report_path = tmp_path / "parity.json"
+    code = parity_cli.main([str(tiny_int4_export[0]), "--against", "float", "--batch", "1,2", "--seq", "1,17",
+                            "--generate", "32", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    tolerance, generation = report["tolerance"], report["generation"]
+    assert tolerance["min_cosine"] == 0.99 and tolerance["min_forced_top1"] == 0.97
+    assert generation["min_top1"] == 0.97 and generation["teacher_forced_top1"] is not None
+    assert code == 0 and report["passed"] and min(c["cosine"] for c in report["cases"]) >= 0.99
+    assert report["top1"] >= 0.75 and generation["teacher_forced_top1"] >= 0.97  # measured: 94 % and 98.4 %
+    assert generation["first_divergence"]["step"] < 32  # int4 flips a near-tie of the random tiny model

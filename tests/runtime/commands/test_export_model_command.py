@@ -185,3 +185,41 @@ def test_portable_static_cache_export_writes_a_verified_standard_ops_graph(tmp_p
 def test_portable_without_a_window_is_refused(tmp_path, capsys, no_trace):
     assert export_cli.main(["--portable", "--output", str(tmp_path / "x.onnx")]) == 2
     assert_one_line_error(capsys, "export-model", "give its window with --static-cache N")
+
+
+# --------------------------------------------------------------------------- export-model --quantize
+
+def test_quantized_export_reports_its_scheme_opset_and_weight_bytes(tiny_int4_export, tiny_onnx):
+    from export.onnx_export import graph_weight_bytes
+
+    path, report = tiny_int4_export
+    assert report["precision"] == "fp32-int4-b32" and report["opset"] == 21 and report["lint"]["findings"] == []
+    assert report["verify"]["passed"] and report["verify"]["precision"] == "float32"  # the tight fp32 row
+    assert all(case["max_abs"] <= 1e-4 for case in report["verify"]["cases"])
+    assert report["weight_bytes"] == graph_weight_bytes(path) < 0.6 * graph_weight_bytes(tiny_onnx)
+    proto = onnx.load(str(path))
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [21] and proto.ir_version >= 10
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--quantize", "int4", "--opset", "17"], ("needs opset 21 or newer", "pass --opset 21 or leave --opset out")),
+    (["--quantize", "int8", "--dtype", "fp16", "--opset", "18"], ("needs opset 19 or newer",)),
+    (["--quantize", "int8", "--block-size", "32"], ("one scale per output channel", "drop --block-size")),
+    (["--quantize", "int4", "--block-size", "128"], ("--block-size 128 does not divide", "choose 32 or 64")),
+    (["--quantize", "int4", "--block-size", "48"], ("block size of 32, 64, 128, not 48",)),
+    (["--quantize", "int4", "--dtype", "bf16"], ("fp32 or fp16 activations, not bf16",)),
+    (["--block-size", "32"], ("--block-size applies to --quantize",)),
+])
+def test_impossible_quantization_is_one_line_before_any_work(capsys, out_dir, no_trace, flags, fragments):
+    assert export_cli.main([*flags, "--output", str(out_dir / "m.onnx")]) == 2
+    assert_one_line_error(capsys, "export-model", *fragments)
+    assert os.listdir(out_dir) == []
+
+
+def test_quantized_static_cache_export_is_verified_against_the_ort_formula(tmp_path):
+    path = tmp_path / "static-int4.onnx"
+    assert export_cli.main(["--static-cache", "64", "--quantize", "int4", "--dtype", "fp16", "--output", str(path),
+                            "--json", str(tmp_path / "e.json")]) == 0
+    exported = json.loads((tmp_path / "e.json").read_text())
+    assert exported["precision"] == "fp16-int4-b32" and exported["verify"]["passed"]
+    assert exported["verify"]["precision"] == "float16"  # the tight row of the activations

@@ -171,7 +171,7 @@ def test_weak_typing_is_refused_where_gone(monkeypatch, tiny_onnx):
 def test_help_of_every_command_never_imports_tensorrt_or_onnxruntime():
     import subprocess
 
-    commands = ("export_model", "check_parity", "build_engine", "generate", "benchmark")
+    commands = ("export_model", "check_parity", "build_engine", "generate", "benchmark", "package_edge")
     code = ("import sys, importlib; "
             f"[importlib.import_module('runtime.commands.' + c).build_parser().format_help() for c in {commands}]; "
             "import runtime.registry, runtime.decoding.open; "

@@ -117,7 +117,7 @@ def test_report_verdict_worst_and_dict():
     json.dumps(data)  # serialisable
     assert data["passed"] is False
     assert data["reference"] == "torch-cpu" and data["candidate"] == "onnxruntime-cpu"
-    assert data["tolerance"] == {"atol": 0.1, "rtol": 0.0, "min_cosine": 0.99, "min_top1": 0.9}
+    assert data["tolerance"] == {"atol": 0.1, "rtol": 0.0, "min_cosine": 0.99, "min_top1": 0.9, "min_forced_top1": None}
     assert data["worst"]["case"] == "3x17 padded" and data["worst"]["max_abs"] == pytest.approx(0.5, abs=1e-6)
     assert len(data["cases"]) == 2
     assert data["cases"][0]["case"]["batch"] == 1 and data["cases"][0]["case"]["sequence"] == 5
@@ -234,3 +234,10 @@ def test_with_past_graph_matches_pytorch_at_past_lengths(tiny_past_onnx, tiny_mo
     assert report, report.summary()
     assert max(r.max_abs for r in report.results) < 1e-4
     assert {r.output for r in report.results} >= {"logits", "present.0.key", "present.1.value"}
+
+
+def test_given_past_lengths_bound_every_decode_case(tiny_config):
+    """check-parity --past keeps an engine's sweep inside its profile: no case past the longest given."""
+    cases = default_cases(graph_signature(tiny_config, with_past=True), [1, 3], [1, 9], pasts=[1, 40])
+    assert {case.past for case in cases} == {0, 1, 40}
+    assert Case(3, 1, padded=True, past=40) in cases
