@@ -171,8 +171,9 @@ def trace_to_onnx(model: Transformer, opset: int, precision: str, with_past: boo
     import onnx  # noqa: F401  (fail early with ImportError if missing)
 
     row = lookup_precision(precision)
-    if row.name != "fp32":
-        model = copy.deepcopy(model).to(row.torch_dtype).use_float32_softmax()
+    if row.name != "fp32" or next(model.parameters()).device.type != "cpu":  # trace a CPU copy in the graph's dtype
+        model = copy.deepcopy(model).to(device="cpu", dtype=row.torch_dtype)
+        model.use_float32_softmax(row.name != "fp32")
     sizes = example_sizes(model.config, static_cache)
     if static_cache is not None:
         signature = static_cache_signature(model.config, static_cache, row.dtype, portable=True)

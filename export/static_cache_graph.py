@@ -29,6 +29,7 @@ from models.files import atomic_path
 from models.graph_metadata import STATIC_CACHE, GraphMetadata, WeightsRecord
 from models.precision import Precision, precision as lookup_precision
 from models.rotary import inverse_frequencies
+from models.static_cache import query_head_order
 from models.signature import GraphSignature, layer_cache_names, static_cache_signature
 from models.transformer import Transformer
 
@@ -36,14 +37,6 @@ from .onnx_export import ExportError, check_output_path, initializer_bytes, weig
 from .quantize import check_quantization, matmulnbits, quantized_layers
 
 MAX_WEIGHT_BYTES = 2**31 - 2**26  # one protobuf message; this graph has no external-data path
-
-
-def query_head_order(heads: int, kv_heads: int) -> list[int]:
-    """GroupQueryAttention gives query head p the kv head p // (heads / kv_heads); this model
-    (like upstream) gives query head j the kv head j % kv_heads. Listing, for each new slot p,
-    the model's head that belongs there makes the two agree."""
-    groups = heads // kv_heads
-    return [i * kv_heads + g for g in range(kv_heads) for i in range(groups)]
 
 
 def _qkv_weight(attn, order: list[int]) -> torch.Tensor:

@@ -17,6 +17,14 @@ from .rotary import apply_rotary, rotary_cos_sin
 from .transformer import Transformer
 
 
+def query_head_order(heads: int, kv_heads: int) -> list[int]:
+    """Grouped-query kernels (GroupQueryAttention, SDPA's enable_gqa) give query head p the kv head
+    p // (heads / kv_heads); this model (like upstream) gives query head j the kv head j % kv_heads.
+    Listing, for each kernel slot p, the model's head that belongs there makes the two agree."""
+    groups = heads // kv_heads
+    return [i * kv_heads + g for g in range(kv_heads) for i in range(groups)]
+
+
 def window_bias(positions: Tensor, window: int) -> Tensor:
     """(b, 1, 1, s, window) float32: 0 where key index <= the query's position, else the most
     negative finite float (a row never has every key masked: its own key is always visible)."""
@@ -53,6 +61,8 @@ def attend_window(attn, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, posit
     v = v.unflatten(-1, (kv_heads, dim_head)).transpose(1, 2)
     keys = write_positions(keys, k, positions, in_place)
     values = write_positions(values, v, positions, in_place)
+    if in_place:  # PyTorch: one fused SDPA kernel, as gpt-fast runs it
+        return attn.to_out(_sdpa_window(q, keys, values, bias, kv_heads).to(x.dtype)), keys, values
     q = q.unflatten(1, (groups, kv_heads)).transpose(1, 2).flatten(2, 3)  # (b, kvh, g*s, d)
     scores = (q * dim_head**-0.5) @ keys.transpose(-1, -2).to(q.dtype)  # (b, kvh, g*s, N)
     scores = scores.float().unflatten(2, (groups, s)) + bias  # (b, kvh, g, s, N)
@@ -62,11 +72,27 @@ def attend_window(attn, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, posit
     return attn.to_out(out.to(x.dtype)), keys, values
 
 
+def _sdpa_window(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, kv_heads: int) -> Tensor:
+    """Window attention through F.scaled_dot_product_attention with grouped kv heads; (b, s, h * d)."""
+    import torch.nn.functional as F
+
+    heads = q.shape[1]
+    order = torch.tensor(query_head_order(heads, kv_heads), device=q.device)
+    mask = bias[:, 0].clamp(min=torch.finfo(q.dtype).min).to(q.dtype)  # (b, 1, s, N)
+    out = F.scaled_dot_product_attention(q.index_select(1, order), keys.to(q.dtype), values.to(q.dtype),
+                                         attn_mask=mask, enable_gqa=heads != kv_heads)  # (b, h, s, d), kernel order
+    out = out.index_select(1, torch.argsort(order))  # back to the model's head order
+    return out.transpose(1, 2).flatten(2)
+
+
 def static_forward(model: Transformer, input_ids: Tensor, positions: Tensor, caches: list[tuple[Tensor, Tensor]],
-                   in_place: bool, logits_index: Tensor | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+                   in_place: bool, logits_index: Tensor | None = None, head: Tensor | None = None
+                   ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """Logits float32 for tokens at `positions` (b,) onwards, and the caches after the write.
     `caches`: per layer (keys, values), each (b, kv_heads, N, dim_head). `logits_index` (b, k)
-    picks the positions (within this call) that get logits: (b, k, vocab); None: all (b, s, vocab)."""
+    picks the positions (within this call) that get logits: (b, k, vocab); None: all (b, s, vocab).
+    `head`: a float32 copy of the logits weight for half-precision models (rounding logits to fp16
+    flips greedy near-ties); None uses the model's own."""
     seq = input_ids.shape[1]
     window = caches[0][0].shape[2]
     token_positions = positions[:, None] + torch.arange(seq, device=positions.device)  # (b, s)
@@ -82,6 +108,8 @@ def static_forward(model: Transformer, input_ids: Tensor, positions: Tensor, cac
     x = model.norm(x)
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (b, k, dim)
+    if head is not None:
+        return x.float() @ head.T, written
     return model.to_logits(x).float(), written
 
 
@@ -91,9 +119,12 @@ class StaticCacheGraph(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
+        weight = model.to_logits.weight
+        self.head = None if weight.dtype == torch.float32 else nn.Parameter(weight.detach().float(), requires_grad=False)
 
     def forward(self, input_ids: Tensor, positions: Tensor, logits_index: Tensor, caches: list[tuple[Tensor, Tensor]]):
-        return static_forward(self.model, input_ids, positions, [tuple(c) for c in caches], False, logits_index)
+        return static_forward(self.model, input_ids, positions, [tuple(c) for c in caches], False, logits_index,
+                              self.head)
 
 
 class StaticCacheModel(nn.Module):

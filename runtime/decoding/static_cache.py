@@ -209,10 +209,12 @@ class StaticCacheDecoder(Decoder):
         self.runner.prepare_step(feeds, self.caches, self.step_logits)
 
     def _warm_up(self) -> None:
-        """Run a prompt and a step once now, so kernels are loaded and the step's CUDA graph is
-        captured when the decoder opens, not during the first request."""
+        """Run a full-window prompt, a short one and a step now, so kernels are loaded, the memory
+        arena holds the largest prompt and the step's CUDA graph is captured when the decoder opens,
+        not during the first request."""
         if self.device.type != "cuda":
             return
+        self._start({0: [0] * self.max_cache}, False)
         self._start({0: [0]}, False)
         self.lengths[0] = 1
         self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))

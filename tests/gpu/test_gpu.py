@@ -1,6 +1,7 @@
 """GPU tests: run on the accelerator with `python3 -m pytest -m gpu` after staging the GPU wheels."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -130,7 +131,7 @@ def test_rows_join_and_leave_on_cuda(tiny, tmp_path, kind):
     """In-flight batching on the GPU: rows started and released between steps, each step of each
     row against PyTorch's full forward pass (fp32)."""
     source, paths = tiny
-    model = source.model.cuda()
+    model = copy.deepcopy(source.model).cuda()  # the fixture's model stays on the CPU for the other tests
     history = {1: [5, 6, 7, 8, 9]}
     with _cuda_decoder(kind, source, paths, tmp_path, 3) as decoder:
         decoder.start({1: history[1]})
