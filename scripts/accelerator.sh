@@ -35,7 +35,7 @@ export)
   ls -la "$work"
   ;;
 parity)
-  for graph in past static portable; do
+  for graph in ${GRAPHS:-past static portable}; do
     model="$work/small-fp16-$graph.onnx"
     run py -m runtime.commands.check_parity "$model" --backend onnxruntime-cuda --generate 64 --batch 1,3 \
       --seq 1,17,128,513 --json "$results/parity-small-fp16-$graph.json" > "$results/parity-$graph.log" 2>&1
@@ -46,7 +46,7 @@ bench-static)  # the static decoders side by side, batch 1, 8, 32
   bench static --backend onnxruntime-cuda-static,onnxruntime-cuda-static-portable,onnxruntime-cuda,torch --batch 1,8,32
   ;;
 bench-compile)  # the gpt-fast recipe (compiles once per batch size)
-  bench compile-static --backend torch-compile-static --batch 1,8,32
+  bench compile-static --backend torch-compile-static --batch ${BATCHES:-1,8,32}
   ;;
 bench-dynamic)  # torch.compile with dynamic shapes, as the earlier baseline
   bench compile-dynamic --backend torch-compile --batch 1 --new-tokens 16 --iters 3
