@@ -74,11 +74,13 @@ class BoundRunner:
         if self.torch_stream:  # run on PyTorch's stream: ordered with our tensors, no sync before a run
             stream = {"has_user_compute_stream": "1", "user_compute_stream": str(torch.cuda.current_stream().cuda_stream)}
             try:
-                self.session = open_session(model, provider, {**options, **stream})
-            except BackendError:  # a build that refuses a user stream with CUDA graphs: synchronise instead
+                self.session = self._open(model, provider, {**options, **stream})
+            except BackendError as error:  # a build that refuses a user stream with CUDA graphs: synchronise instead
+                if "CUDA graph" in str(error):
+                    raise
                 self.torch_stream = False
         if not self.torch_stream:
-            self.session = open_session(model, provider, options)
+            self.session = self._open(model, provider, options)
         self.where = "the serialized graph" if isinstance(model, bytes) else str(model)
         self.graph = session_metadata(self.session, self.where)
         self.inputs, self.outputs = session_io(self.session)
@@ -88,6 +90,18 @@ class BoundRunner:
             self.run_options["prefill"].add_run_config_entry("gpu_graph_id", "-1")  # variable shapes: no graph
             self.run_options["step"].add_run_config_entry("gpu_graph_id", "1")
         self.step_binding = None
+
+    @staticmethod
+    def _open(model, provider: str, options: dict):
+        try:
+            return open_session(model, provider, options)
+        except BackendError as error:
+            if "graph capture" not in str(error):
+                raise
+            where = "the serialized graph" if isinstance(model, bytes) else str(model)
+            raise BackendError(f"{where} cannot replay its steps as a CUDA graph: not every node runs on the CUDA "
+                               "provider (GroupQueryAttention runs in fp16 or bf16 there); export it with --dtype fp16, "
+                               "or with --portable for fp32") from None
 
     def _binding(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor):
         binding = self.session.io_binding()
@@ -175,6 +189,7 @@ class StaticCacheDecoder(Decoder):
             where, device, name = runner.where, "cuda" if provider == "cuda" else "cpu", f"onnxruntime-{provider}"
             if runner.graph.kind not in STATIC_KINDS:
                 raise BackendError(f"{where} is not a static-cache graph (export it with export-model --static-cache N)")
+
             check_io(runner.graph.signature(), runner.inputs, runner.outputs, where)
         self.runner, self.graph = runner, runner.graph
         self.max_cache, self.cuda_graph = self.graph.max_cache, runner.cuda_graph

@@ -99,9 +99,9 @@ def _cuda_decoder(kind: str, source, paths, tmp_path, rows: int):
     if kind == "torch-compile-static":
         return TorchStaticDecoder(source.model, rows, 128, "cuda")
     path = paths[("fp32", True)]
-    if kind == "static":
+    if kind == "static":  # GroupQueryAttention runs in fp16 on CUDA; the graph's head stays float32
         path = tmp_path / "static.onnx"
-        export_static_cache(source.model, path, 128, "fp32", source.record, log=lambda _: None)
+        export_static_cache(source.model, path, 128, "fp16", source.record, log=lambda _: None)
     if kind == "static-portable":
         path = tmp_path / "static-portable.onnx"
         export_onnx(source.model, path, weights=source.record, static_cache=128, log=lambda _: None)
@@ -120,9 +120,10 @@ def test_greedy_tokens_on_cuda_equal_pytorch(tiny, tmp_path, kind):
     source, paths = tiny
     with open_decoder(source, "torch", rows=2, device="cuda") as reference, \
             _cuda_decoder(kind, source, paths, tmp_path, 2) as candidate:
-        result = compare_generation(reference, candidate, random_prompts(256, batch=2, length=8), 64)
+        result = compare_generation(reference, candidate, random_prompts(256, batch=2, length=8), 64,
+                                    0.99 if kind == "static" else None)
     print(kind, result.summary())
-    assert result and result.tokens_matched == 128, result.summary()
+    assert result, result.summary()
 
 
 @needs_ort_cuda
@@ -150,7 +151,8 @@ def test_rows_join_and_leave_on_cuda(tiny, tmp_path, kind):
                 history[row].append(tokens[index])
                 with torch.inference_mode():
                     expected = model(torch.tensor([history[row]], device="cuda"))[0, -1].float().cpu()
-                assert (logits[index] - expected).abs().max() < 1e-3, (kind, step, row)
+                tolerance = 5e-2 if kind == "static" else 1e-3  # the GroupQueryAttention graph is fp16
+                assert (logits[index] - expected).abs().max() < tolerance, (kind, step, row)
 
 
 def _tensorrt_or_skip():
@@ -271,3 +273,16 @@ def test_static_cache_decoder_on_cuda_with_graph_replay(preset_name):
         result = compare_generation(reference, decoder, prompts, 64, min_top1=0.99)
     print(result.summary())
     assert result, result.summary()
+
+
+@needs_ort_cuda
+def test_an_fp32_group_query_attention_graph_is_refused_on_cuda_in_one_sentence(tiny, tmp_path):
+    from export.static_cache_graph import export_static_cache
+    from runtime.backends import BackendError
+    from runtime.decoding.open import open_decoder
+
+    source, _ = tiny
+    path = tmp_path / "static-fp32.onnx"
+    export_static_cache(source.model, path, 64, "fp32", source.record, log=lambda _: None)
+    with pytest.raises(BackendError, match="cannot replay its steps as a CUDA graph.*--dtype fp16"):
+        open_decoder(path, "onnxruntime-cuda")
