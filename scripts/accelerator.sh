@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
-#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt
+#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see README).
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve}
 out=${OUT:-build/accelerator}
 work=${WORK:-/tmp/rotary-work}
 results="$work/results-$part"
 mkdir -p "$out" "$work" "$results"
 [ -f /tmp/gpu/env.sh ] && source /tmp/gpu/env.sh
+# The serve wheels (GPU_EXTRA_WHEELS, see README) bring numpy 1.26 for Triton's python backend:
+# keep it out of everything else's path, in its own folder that only `serve` puts first.
+np1=/tmp/gpu/numpy1
+if ls -d /tmp/gpu/site/numpy-1.* > /dev/null 2>&1; then
+  mkdir -p "$np1" && mv /tmp/gpu/site/numpy /tmp/gpu/site/numpy-1.* /tmp/gpu/site/numpy.libs "$np1"/ 2>/dev/null
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py() { python3 "$@"; }
 run() { echo "+ $*"; local t0=$SECONDS; "$@"; local rc=$?; echo "  (exit $rc, $((SECONDS - t0)) s)"; return 0; }
@@ -69,6 +75,22 @@ trt)
     --seq 1:1:1024 --no-cache --json "$results/build-portable.json" 2>&1 | tail -3
   run py -m runtime.commands.build_engine "$small" --output "$work/small-fp16-past.engine" --batch 1:1:8 \
     --seq 1:128:1024 --past 0:128:1024 --no-cache --json "$results/build-past.json" 2>&1 | tail -3
+  ;;
+serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients
+  PYTHONPATH="$np1:$PYTHONPATH" py -m runtime.commands.serve --preset small --dtype fp16 --max-rows ${ROWS:-32} \
+    --max-prompt-tokens 512 --max-new-tokens-limit 512 --queue 256 --json "$results/serve-ready.json" \
+    --log "$results/tritonserver.log" > "$results/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do [ -f "$results/serve-ready.json" ] || ! kill -0 $server 2>/dev/null && break; sleep 1; done
+  cat "$results/serve.log"
+  if [ -f "$results/serve-ready.json" ]; then
+    run py -m runtime.commands.loadtest --url http://127.0.0.1:8000 --concurrency ${LEVELS:-1,8,32,64} \
+      --requests ${REQUESTS:-192} --max-prompt-tokens 128 --max-new-tokens 256 --json "$results/loadtest.json" \
+      --plot "$results/loadtest.png" 2>&1 | tail -8
+  else
+    tail -30 "$results/tritonserver.log"
+  fi
+  kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"; tail -3 "$results/serve.log"
   ;;
 esac
 tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 
 from models.errors import ToolkitError
 
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grpc (tritonclient streams; default) or http (server-sent events)")
     parser.add_argument("--grpc-url", metavar="HOST:PORT",
                         help="the gRPC address (default: the URL's host, port + 1 as Triton lays them out)")
+    parser.add_argument("--metrics-url", metavar="HOST:PORT",
+                        help="Triton's metrics address, read before and after each level for the server's decode "
+                             "steps: mean rows per step and mean step time (default: the URL's host, port + 2)")
     parser.add_argument("--max-prompt-tokens", type=int, default=64, metavar="N",
                         help="longest prompt sent (default 64, at most the server's limit)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
@@ -38,26 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def server_limits(url: str) -> dict[str, int]:
     """The generate model's declared limits, vocabulary and capacity, read from its config."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
-
-    from runtime.serving.clients import split_url
+    from runtime.serving.clients import get_json
     from runtime.serving.repository import GENERATE
 
-    host, port = split_url(url, 8000)
     try:
-        client = httpclient.InferenceServerClient(f"{host}:{port}", connection_timeout=10, network_timeout=10)
-        if not client.is_model_ready(GENERATE):
-            raise ToolkitError(f"the server at {url} has no ready {GENERATE} model; start it with serve")
-        config = client.get_model_config(GENERATE)
-    except (InferenceServerException, OSError) as error:
-        raise ToolkitError(f"no Triton server answers at {url} ({error}); start one with serve") from None
+        config = get_json(url, f"/v2/models/{GENERATE}/config")
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        raise ToolkitError(f"no Triton server with a loaded {GENERATE} model answers at {url} ({error}); "
+                           "start one with serve") from None
     values = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
     return {key: int(value) for key, value in values.items() if value.isdigit()}
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from runtime.serving.clients import GrpcStreamer, split_url
+    from runtime.serving.clients import GrpcStreamer, read_step_counters, split_url
     from runtime.serving.loadtest import HttpClient, Workload, plot_levels, run_level
 
     if args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0:
@@ -73,14 +71,17 @@ def _loadtest(args: argparse.Namespace) -> int:
     host, port = split_url(args.url, 8000)
     grpc_url = args.grpc_url or f"{host}:{port + 1}"
     client = (lambda: GrpcStreamer(grpc_url)) if args.protocol == "grpc" else (lambda: HttpClient(args.url))
+    metrics_url = args.metrics_url or f"{host}:{port + 2}"
     levels = []
     for concurrency in args.concurrency:
+        before = read_step_counters(metrics_url)
         level = run_level(requests, concurrency, client, args.timeout)
+        level["server_steps"] = step_summary(before, read_step_counters(metrics_url))
         levels.append(level)
         log(f"loadtest: {concurrency:4d} clients  {level['requests_per_second']:7.2f} req/s  "
             f"{level['tokens_per_second']:8.1f} tokens/s  TTFT p50 {_ms(level['ttft_ms']['p50'])} p99 "
             f"{_ms(level['ttft_ms']['p99'])}  ITL p50 {_ms(level['itl_ms']['p50'])} p99 {_ms(level['itl_ms']['p99'])}"
-            f"  errors {level['errors']}")
+            f"  errors {level['errors']}{_steps(level['server_steps'])}")
     errors = sum(level["errors"] for level in levels)
     if args.json:
         write_json(args.json, {"url": args.url, "protocol": args.protocol, "prompt_tokens_max": prompt,
@@ -88,6 +89,23 @@ def _loadtest(args: argparse.Namespace) -> int:
     if args.plot:
         plot_levels(levels, args.plot)
     return 1 if errors else 0
+
+
+def step_summary(before: dict | None, after: dict | None) -> dict | None:
+    """The server's decode steps during one level: how many, mean rows per step, mean step time."""
+    if before is None or after is None:
+        return None
+    steps = after["rotary_generate_steps_total"] - before["rotary_generate_steps_total"]
+    if steps <= 0:
+        return None
+    rows = after["rotary_generate_step_rows_total"] - before["rotary_generate_step_rows_total"]
+    seconds = after["rotary_generate_step_seconds_total"] - before["rotary_generate_step_seconds_total"]
+    return {"steps": int(steps), "mean_rows": rows / steps, "mean_step_ms": seconds / steps * 1e3}
+
+
+def _steps(summary: dict | None) -> str:
+    return "" if summary is None else (f"  server: {summary['steps']} steps of {summary['mean_rows']:.1f} rows, "
+                                       f"{summary['mean_step_ms']:.2f} ms")
 
 
 def _ms(value: float | None) -> str:

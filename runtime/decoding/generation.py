@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..resources import forward_bytes, require
 from .base import Decoder, DecodingError
-from .sampling import next_tokens, top2_margin
+from .sampling import next_tokens, next_tokens_per_row, row_noise, top2_margin
 
 GenerationError = DecodingError  # the name earlier releases raised
 
@@ -63,16 +63,28 @@ class RowSampler:
 
     def choose(self, logits: Tensor) -> int:
         """`logits`: this row's next-token logits (vocab,) or (1, vocab); returns and records the token."""
-        s = self.settings
-        token = int(next_tokens(logits.reshape(1, -1), s.temperature, s.filter_thres, self.generator)[0])
-        self.tokens.append(token)
-        return token
+        return choose_tokens([self], logits.reshape(1, -1))[0]
 
     @property
     def done(self) -> bool:
         """After max_new_tokens, or right after the end token (which is kept, as `generate` keeps it)."""
         eos = self.settings.eos_id
         return len(self.tokens) >= self.settings.max_new_tokens or (eos is not None and self.tokens[-1:] == [eos])
+
+
+def draw_noise(samplers: list[RowSampler], vocab_size: int) -> list[Tensor | None]:
+    """Each row's noise for its next token (None when greedy), drawn from its own generator."""
+    return [row_noise(s.settings.temperature, s.settings.filter_thres, vocab_size, s.generator) for s in samplers]
+
+
+def choose_tokens(samplers: list[RowSampler], logits: Tensor, noise: list[Tensor | None] | None = None) -> list[int]:
+    """Each row of (rows, vocab) `logits` sampled by its own RowSampler, in one batched choice
+    (`noise`: from draw_noise, when drawn ahead); the tokens are recorded and returned."""
+    noise = draw_noise(samplers, logits.shape[-1]) if noise is None else noise
+    tokens = next_tokens_per_row(logits, [s.settings.temperature for s in samplers], noise)
+    for sampler, token in zip(samplers, tokens):
+        sampler.tokens.append(token)
+    return tokens
 
 
 def check_request(decoder: Decoder, prompts: list[list[int]], settings: GenerationSettings) -> None:

@@ -121,6 +121,44 @@ def http_generate(url: str, request: dict, timeout: float, stop_after: int | Non
     return result
 
 
+def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
+    """GET `path` from Triton's HTTP endpoint as JSON (the standard library only)."""
+    host, port = split_url(url, 8000)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise OSError(f"HTTP {response.status} for {path}: {_error_text(body)}")
+        return json.loads(body)
+    finally:
+        connection.close()
+
+
+STEP_COUNTERS = ("rotary_generate_steps_total", "rotary_generate_step_rows_total", "rotary_generate_step_seconds_total")
+
+
+def read_step_counters(metrics_url: str, timeout: float = 10.0) -> dict[str, float] | None:
+    """The generate model's decode-step counters from Triton's Prometheus /metrics, or None when the
+    server does not publish them."""
+    host, port = split_url(metrics_url, 8002)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in STEP_COUNTERS:
+            values[name] = values.get(name, 0.0) + float(rest.rsplit(" ", 1)[-1])
+    return values if len(values) == len(STEP_COUNTERS) else None
+
+
 def _error_text(body: bytes) -> str:
     try:
         return str(json.loads(body).get("error", body.decode("utf-8", "replace")))

@@ -19,6 +19,7 @@ class ServingMetrics:
     def __init__(self, sink: MetricsSink | None = None, window_s: float = 5.0):
         self.sink, self.window_s = sink, window_s
         self.tokens_total, self.active, self.queued = 0, 0, 0
+        self.steps, self.step_rows, self.step_seconds = 0, 0, 0.0  # decode steps: count, rows summed, time
         self.requests = dict.fromkeys(OUTCOMES, 0)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
@@ -39,6 +40,16 @@ class ServingMetrics:
                 self._recent.popleft()
             return sum(count for _, count in self._recent) / self.window_s
 
+    def step(self, rows: int, seconds: float) -> None:
+        """One decode step of `rows` rows took `seconds` (decoder, sampling and queuing the tokens)."""
+        with self._lock:
+            self.steps += 1
+            self.step_rows += rows
+            self.step_seconds += seconds
+        self._publish("steps", 1)
+        self._publish("step_rows", rows)
+        self._publish("step_seconds", seconds)
+
     def rows(self, active: int, queued: int) -> None:
         self.active, self.queued = active, queued
         self._publish("active_rows", active)
@@ -52,6 +63,7 @@ class ServingMetrics:
 
     def snapshot(self) -> dict:
         return {"tokens_total": self.tokens_total, "tokens_per_second": self.tokens_per_second(),
+                "steps": self.steps, "step_rows": self.step_rows, "step_seconds": self.step_seconds,
                 "active_rows": self.active, "queue_length": self.queued, "requests": dict(self.requests)}
 
     def _publish(self, name: str, value: float, outcome: str | None = None) -> None:

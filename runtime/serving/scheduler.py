@@ -2,38 +2,29 @@
 
 One thread owns the decoder. Between decode steps it admits waiting requests into free rows
 (`decoder.start`), drops rows whose client went away, steps every active row at its own position,
-samples each row with its own settings and generator, streams each token to its request, and
-releases finished rows, so requests join and leave the running batch at any step.
+samples every row with its own settings and generator (one batched choice per step), hands the
+tokens to the Responder's thread and releases finished rows, so requests join and leave the
+running batch at any step.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from ..decoding.base import Decoder
-from ..decoding.generation import RowSampler
+from ..decoding.generation import RowSampler, choose_tokens, draw_noise
 from .limits import Limits
 from .metrics import ServingMetrics
 from .requests import GenerateRequest
+from .responder import Responder, Stream
 
 WAIT_S = 0.5  # an idle scheduler re-checks for shutdown this often
-
-
-class Stream(Protocol):
-    """Where one request's responses go (Triton's response sender in the server)."""
-
-    def send(self, token: int, final: bool) -> None: ...
-
-    def fail(self, message: str) -> None: ...  # a final error response
-
-    def end(self) -> None: ...  # a final response with no token (the client has gone)
-
-    def cancelled(self) -> bool: ...
 
 
 @dataclass
@@ -54,6 +45,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing, self._deadline = False, float("inf")
         self._thread = threading.Thread(target=self._run, name="generate-scheduler", daemon=True)
+        self._responder = Responder(self.metrics)
+        self._noise = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate-noise")
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -104,8 +97,9 @@ class Scheduler:
         message = "the server shut down before this request finished; retry it"
         self._fail(list(self._rows), message)
         while self._waiting:
-            _quietly(self._waiting.popleft()[1].fail, message)
-            self.metrics.finished("failed")
+            self._responder.fail(self._waiting.popleft()[1], message)
+        self._responder.close()
+        self._noise.shutdown(wait=False)
         self.metrics.rows(0, 0)
 
     def _guarded(self, work, *args, only_new: bool = False) -> None:
@@ -122,9 +116,8 @@ class Scheduler:
     def _admit(self, admitted: list[tuple[GenerateRequest, Stream]]) -> None:
         starting: dict[int, _Row] = {}
         for request, stream in admitted:
-            if stream.cancelled():
-                _quietly(stream.end)
-                self.metrics.finished("cancelled")
+            if self._responder.gone(stream):
+                self._responder.end(stream)
             else:
                 starting[self._free.pop(0)] = _Row(request, stream, RowSampler(request.settings))
         if not starting:
@@ -136,41 +129,43 @@ class Scheduler:
     def _step(self) -> None:
         active = self.decoder.active
         tokens = torch.tensor([self._rows[row].sampler.tokens[-1] for row in active], dtype=torch.int64)
-        self._emit(active, self.decoder.step(tokens))
+        started = time.perf_counter()
+        # the sampled rows' noise is drawn on the CPU while the decoder runs (both release the GIL)
+        noise = self._noise.submit(draw_noise, [self._rows[row].sampler for row in active], self.decoder.vocab_size)
+        logits = self.decoder.step(tokens)
+        self._emit(active, logits, noise.result())
+        self.metrics.step(len(active), time.perf_counter() - started)
 
-    def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
-        """Sample each row's next token with its own settings, send it, release finished rows."""
-        logits = logits.float().cpu()  # one copy per step; the noise is drawn on the CPU anyway
-        for index, row in enumerate(rows):
-            entry = self._rows[row]
-            token = entry.sampler.choose(logits[index])
+    def _emit(self, rows: list[int], logits: torch.Tensor, noise: list | None = None) -> None:
+        """Choose every row's next token with its own settings, queue the tokens for sending,
+        release finished rows."""
+        entries = [self._rows[row] for row in rows]
+        tokens = choose_tokens([entry.sampler for entry in entries], logits, noise)
+        batch = []
+        for row, entry, token in zip(rows, entries, tokens):
             done = entry.sampler.done
-            try:
-                entry.stream.send(token, done)
-            except Exception:  # the client is gone: Triton refuses responses to a cancelled request
-                self._finish(row, "cancelled")
-                continue
+            batch.append((entry.stream, token, "completed" if done else None))
             if done:
-                self._finish(row, "completed")
+                self._finish(row)
+        self._responder.tokens(batch)
         self.metrics.tokens(len(rows))
 
     def _drop_cancelled(self) -> None:
         for row, entry in list(self._rows.items()):
-            if entry.stream.cancelled():
-                _quietly(entry.stream.end)
-                self._finish(row, "cancelled")
+            if self._responder.gone(entry.stream):
+                self._responder.end(entry.stream)
+                self._finish(row)
 
     def _fail(self, rows: list[int], message: str) -> None:
         for row in rows:
-            _quietly(self._rows[row].stream.fail, message)
-            self._finish(row, "failed")
+            self._responder.fail(self._rows[row].stream, message)
+            self._finish(row)
 
-    def _finish(self, row: int, outcome: str) -> None:
+    def _finish(self, row: int) -> None:
         del self._rows[row]
         self.decoder.release([row])
         self._free.append(row)
         self._free.sort()
-        self.metrics.finished(outcome)
 
 
 def _quietly(call, *args) -> None:

@@ -26,6 +26,10 @@ DRAIN_S = 30.0  # at unload, how long active requests may still run (Triton drai
 METRICS = {
     "tokens": ("rotary_generate_tokens_total", "COUNTER", "tokens generated"),
     "tokens_per_second": ("rotary_generate_tokens_per_second", "GAUGE", "tokens generated per second, last 5 s"),
+    "steps": ("rotary_generate_steps_total", "COUNTER", "decode steps"),
+    "step_rows": ("rotary_generate_step_rows_total", "COUNTER", "rows decoded, summed over steps (/ steps: mean batch)"),
+    "step_seconds": ("rotary_generate_step_seconds_total", "COUNTER",
+                     "time in decode steps incl. sampling (/ steps: mean step time)"),
     "active_rows": ("rotary_generate_active_rows", "GAUGE", "requests being decoded"),
     "queue_length": ("rotary_generate_queue_length", "GAUGE", "requests waiting for a free row"),
     "requests": ("rotary_generate_requests_total", "COUNTER", "finished requests by outcome"),

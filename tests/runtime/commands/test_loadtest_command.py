@@ -11,7 +11,7 @@ from runtime.commands.loadtest import main
 def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp_path, capsys):
     report, chart = tmp_path / "load.json", tmp_path / "latency.png"
     code = main(["--url", triton_server.url, "--grpc-url", triton_server.grpc_url, "--concurrency", "1,4",
-                 "--requests", "8", "--max-new-tokens", "16", "--json", str(report), "--plot", str(chart)])
+                 "--metrics-url", f"127.0.0.1:{triton_server.metrics}", "--requests", "8", "--max-new-tokens", "16", "--json", str(report), "--plot", str(chart)])
     assert code == 0, capsys.readouterr().err
     data = json.loads(report.read_text())
     assert data["errors"] == 0 and isinstance(data["errors"], int)
@@ -19,6 +19,9 @@ def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp
     for level in data["levels"]:
         assert level["requests"] == 8 and level["tokens"] > 0 and level["tokens_per_second"] > 0
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+        steps = level["server_steps"]  # the server's own decode-step counters over the level
+        assert steps["steps"] > 0 and steps["mean_step_ms"] > 0
+        assert 1.0 <= steps["mean_rows"] <= level["concurrency"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tokens/s" in capsys.readouterr().out
 
@@ -33,4 +36,4 @@ def test_http_streams_too(triton_server, tmp_path):
 def test_no_server_is_one_error_line(capsys):
     (port,) = free_ports(1)
     assert main(["--url", f"http://127.0.0.1:{port}", "--requests", "1"]) == 2
-    assert_one_line_error(capsys, "loadtest", f"no Triton server answers at http://127.0.0.1:{port}")
+    assert_one_line_error(capsys, "loadtest", f"no Triton server with a loaded generate model answers at http://127.0.0.1:{port}")

@@ -137,3 +137,29 @@ def test_a_drain_that_times_out_fails_what_is_left(tiny_static_onnx):
     message = "the server shut down before this request finished; retry it"
     assert active.error == message and len(active.tokens) < 90 and waiting.error == message
     assert scheduler.metrics.requests["failed"] == 2
+
+
+class RefusingStream(FakeStream):
+    """Triton refuses responses once the client has gone: send raises after `after` tokens."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def send(self, token: int, final: bool) -> None:
+        if len(self.tokens) >= self.after:
+            raise RuntimeError("the request has been cancelled")
+        super().send(token, final)
+
+
+def test_a_refused_response_frees_the_row_and_counts_as_cancelled(tiny_static_onnx):
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=1)).start()
+        refused, after = RefusingStream(after=2), FakeStream()
+        scheduler.submit(typed([5], GenerationSettings(200)), refused)
+        scheduler.submit(typed([6], GenerationSettings(4)), after)
+        wait_all([refused, after])  # `refused` ends with an (also refused) final response
+        assert scheduler.close(5) and decoder.active == []
+    assert len(refused.tokens) == 2 and len(after.tokens) == 4
+    assert scheduler.metrics.requests == {"completed": 1, "cancelled": 1, "rejected": 0, "failed": 0}
+    assert scheduler.metrics.steps > 0 and scheduler.metrics.step_rows >= scheduler.metrics.steps
