@@ -44,6 +44,15 @@ def right_pad(prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
     return ids, torch.tensor([len(p) for p in prompts], dtype=torch.int64)
 
 
+def warm_up_lengths(max_cache: int) -> list[int]:
+    """The full window, then powers of 4 below it down to 1 (prefill kernels change with length)."""
+    lengths, length = [max_cache], 1
+    while length < max_cache:
+        lengths.append(length)
+        length *= 4
+    return [lengths[0], *sorted(lengths[1:], reverse=True)]
+
+
 def contiguous_runs(rows: list[int]) -> list[list[int]]:
     """[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]]: rows whose cache buffers form one slice."""
     runs: list[list[int]] = []
@@ -224,13 +233,14 @@ class StaticCacheDecoder(Decoder):
         self.runner.prepare_step(feeds, self.caches, self.step_logits)
 
     def _warm_up(self) -> None:
-        """Run a full-window prompt, a short one and a step now, so kernels are loaded, the memory
-        arena holds the largest prompt and the step's CUDA graph is captured when the decoder opens,
-        not during the first request."""
+        """Run prompts of a ladder of lengths (the full window first) and a step now, so the memory
+        arena holds the largest prompt, the kernels each prompt length selects are loaded (CUDA loads
+        modules lazily, tens of ms each the first time) and the step's CUDA graph is captured when
+        the decoder opens, not during the first request."""
         if self.device.type != "cuda":
             return
-        self._start({0: [0] * self.max_cache}, False)
-        self._start({0: [0]}, False)
+        for length in warm_up_lengths(self.max_cache):
+            self._start({0: [0] * length}, False)
         self.lengths[0] = 1
         self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
         self.lengths.clear()

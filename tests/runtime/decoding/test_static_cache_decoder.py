@@ -12,7 +12,7 @@ from models.transformer import build_model
 from runtime.backends import BackendError
 from runtime.decoding.base import DecodingError
 from runtime.decoding.generation import GenerationSettings, generate
-from runtime.decoding.static_cache import StaticCacheDecoder, contiguous_runs
+from runtime.decoding.static_cache import StaticCacheDecoder, contiguous_runs, warm_up_lengths
 from runtime.verify.decoding import check_decoder
 
 
@@ -57,3 +57,8 @@ def test_a_portable_graph_is_not_a_static_cache_graph(tiny_onnx):
 
 def test_started_rows_are_prefilled_in_contiguous_runs():
     assert contiguous_runs([5, 0, 1, 2, 6, 9]) == [[0, 1, 2], [5, 6], [9]]
+
+
+def test_warm_up_covers_the_full_window_then_a_ladder_of_prompt_lengths_ending_at_one():
+    assert warm_up_lengths(2048) == [2048, 1024, 256, 64, 16, 4, 1]
+    assert warm_up_lengths(100) == [100, 64, 16, 4, 1] and warm_up_lengths(1) == [1]
