@@ -49,7 +49,10 @@ def run_level(requests: list[dict], concurrency: int, client: Callable[[], "Clie
                     index = next(cursor, None)
                 if index is None:
                     return
-                results[index] = session.generate(requests[index], timeout)
+                try:
+                    results[index] = session.generate(requests[index], timeout)
+                except Exception as error:  # a malformed response fails this request, not the worker
+                    results[index] = StreamResult(error=f"{type(error).__name__}: {error}")
         finally:
             session.close()
 
@@ -108,7 +111,8 @@ def plot_levels(levels: list[dict], path: str) -> None:
             values = [level[key][quantile] for level in levels]
             axis.plot(x, [float("nan") if v is None else v for v in values], style, label=f"{label} {quantile}")
     axis.set_xscale("log", base=2)
-    axis.set_yscale("log")
+    if any(level[key][q] for level in levels for key in ("ttft_ms", "itl_ms") for q in ("p50", "p99")):
+        axis.set_yscale("log")  # not when no request succeeded: nothing positive to scale
     axis.set_xlabel("concurrent streaming clients")
     axis.set_ylabel("ms")
     axis.set_title("generate latency vs concurrency")

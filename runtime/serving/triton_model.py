@@ -7,6 +7,7 @@ passed in rather than imported.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,16 @@ class TritonMetricsSink:
             metric.set(value)
 
 
+def _versions() -> str:
+    """What the stub imported: a numpy 2 here, or a CPU-only onnxruntime, is the usual surprise."""
+    import onnxruntime
+    import torch
+
+    return (f"python {sys.version.split()[0]}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__} "
+            f"{onnxruntime.get_available_providers()}, torch {torch.__version__} (CUDA "
+            f"{'available' if torch.cuda.is_available() else 'not available'})")
+
+
 class GenerateModel:
     def __init__(self, pb_utils, args: dict):
         self.pb = pb_utils
@@ -100,7 +111,7 @@ class GenerateModel:
         self.metrics = ServingMetrics(sink)
         self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn).start()
         pb_utils.Logger.log_info(f"generate: {self.decoder.name} ({self.decoder.mode}) over {model.name}, "
-                                 f"{self.limits.max_rows} rows")
+                                 f"{self.limits.max_rows} rows; {_versions()}")
 
     def submit(self, request) -> None:
         """Check the request and queue it; a bad request gets one error response, nothing else."""
