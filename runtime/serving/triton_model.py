@@ -88,7 +88,8 @@ def _versions() -> str:
     import onnxruntime
     import torch
 
-    return (f"python {sys.version.split()[0]}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__} "
+    return (f"python {sys.version.split()[0]}, numpy {np.__version__} ({Path(np.__file__).parent}), onnxruntime "
+            f"{onnxruntime.__version__} "
             f"{onnxruntime.get_available_providers()}, torch {torch.__version__} (CUDA "
             f"{'available' if torch.cuda.is_available() else 'not available'})")
 

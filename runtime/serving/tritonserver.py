@@ -22,6 +22,7 @@ from pathlib import Path
 
 from models.errors import ToolkitError
 
+SYS_PATH_VARIABLE = "ROTARY_SERVE_SYS_PATH"  # the stub ignores PYTHONPATH; model_entry reads this instead
 TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding models/, export/, runtime/
 RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answers only requests carrying it
 POLL_S = 0.1
@@ -85,6 +86,7 @@ def server_environment(root: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = ":".join(part for part in libs if part)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(part for part in (str(TOOLKIT_ROOT), env.get("PYTHONPATH", "")) if part)
+    env[SYS_PATH_VARIABLE] = json.dumps([str(TOOLKIT_ROOT), *(part for part in sys.path if part)])  # see model_entry
     return env
 
 
