@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import time
 
 from models.errors import ToolkitError
 
@@ -57,6 +58,7 @@ def server_limits(url: str) -> dict[str, int]:
 def _loadtest(args: argparse.Namespace) -> int:
     from runtime.serving.clients import GrpcStreamer, read_step_counters, split_url
     from runtime.serving.loadtest import HttpClient, Workload, plot_levels, run_level
+    from runtime.serving.metrics import PUBLISH_S
 
     if args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0:
         raise ToolkitError("--requests, --max-prompt-tokens, --max-new-tokens and --timeout must be positive")
@@ -73,10 +75,12 @@ def _loadtest(args: argparse.Namespace) -> int:
     client = (lambda: GrpcStreamer(grpc_url)) if args.protocol == "grpc" else (lambda: HttpClient(args.url))
     metrics_url = args.metrics_url or f"{host}:{port + 2}"
     levels = []
+    before = read_step_counters(metrics_url)
     for concurrency in args.concurrency:
-        before = read_step_counters(metrics_url)
         level = run_level(requests, concurrency, client, args.timeout)
-        level["server_steps"] = step_summary(before, read_step_counters(metrics_url))
+        time.sleep(2 * PUBLISH_S)  # the server publishes its counters every PUBLISH_S
+        after = read_step_counters(metrics_url)
+        level["server_steps"], before = step_summary(before, after), after
         levels.append(level)
         log(f"loadtest: {concurrency:4d} clients  {level['requests_per_second']:7.2f} req/s  "
             f"{level['tokens_per_second']:8.1f} tokens/s  TTFT p50 {_ms(level['ttft_ms']['p50'])} p99 "

@@ -1,6 +1,8 @@
-"""The scheduler's counters: tokens generated, tokens/s over a sliding window, active rows, queue
-length and finished requests by outcome. A sink (Triton's MetricFamily objects in the server)
-receives every change; `snapshot()` serves tests and logs."""
+"""The scheduler's counters: tokens generated, tokens/s over a sliding window, decode steps (rows
+and time), active rows, queue length, time spent sending responses and finished requests by
+outcome. Updating them costs no I/O: a sink (Triton's MetricFamily objects in the server, where
+each update is a message to the server process) receives what changed every `publish_s` seconds
+from a thread of its own. `snapshot()` serves tests and logs."""
 from __future__ import annotations
 
 import collections
@@ -9,6 +11,9 @@ import time
 from typing import Protocol
 
 OUTCOMES = ("completed", "cancelled", "rejected", "failed")
+PUBLISH_S = 0.25
+COUNTERS = ("tokens", "steps", "step_rows", "step_seconds", "send_seconds")  # published as increments
+GAUGES = ("tokens_per_second", "active_rows", "queue_length")  # published as values
 
 
 class MetricsSink(Protocol):
@@ -16,21 +21,26 @@ class MetricsSink(Protocol):
 
 
 class ServingMetrics:
-    def __init__(self, sink: MetricsSink | None = None, window_s: float = 5.0):
+    def __init__(self, sink: MetricsSink | None = None, window_s: float = 5.0, publish_s: float = PUBLISH_S):
         self.sink, self.window_s = sink, window_s
         self.tokens_total, self.active, self.queued = 0, 0, 0
         self.steps, self.step_rows, self.step_seconds = 0, 0, 0.0  # decode steps: count, rows summed, time
+        self.send_seconds = 0.0  # time the responder spent handing responses to the server
         self.requests = dict.fromkeys(OUTCOMES, 0)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
+        self._published: dict = {}
+        self._stop = threading.Event()
+        self._thread = None
+        if sink is not None:
+            self._thread = threading.Thread(target=self._publish_every, args=(publish_s,), daemon=True,
+                                            name="generate-metrics")
+            self._thread.start()
 
     def tokens(self, count: int) -> None:
-        now = time.monotonic()
         with self._lock:
             self.tokens_total += count
-            self._recent.append((now, count))
-        self._publish("tokens", count)
-        self._publish("tokens_per_second", self.tokens_per_second(now))
+            self._recent.append((time.monotonic(), count))
 
     def tokens_per_second(self, now: float | None = None) -> float:
         """Tokens generated in the last window_s seconds, per second."""
@@ -46,26 +56,54 @@ class ServingMetrics:
             self.steps += 1
             self.step_rows += rows
             self.step_seconds += seconds
-        self._publish("steps", 1)
-        self._publish("step_rows", rows)
-        self._publish("step_seconds", seconds)
+
+    def sent(self, seconds: float) -> None:
+        with self._lock:
+            self.send_seconds += seconds
 
     def rows(self, active: int, queued: int) -> None:
         self.active, self.queued = active, queued
-        self._publish("active_rows", active)
-        self._publish("queue_length", queued)
-        self._publish("tokens_per_second", self.tokens_per_second())  # decays to 0 while idle
 
     def finished(self, outcome: str) -> None:
         with self._lock:
             self.requests[outcome] += 1
-        self._publish("requests", 1, outcome)
 
     def snapshot(self) -> dict:
         return {"tokens_total": self.tokens_total, "tokens_per_second": self.tokens_per_second(),
                 "steps": self.steps, "step_rows": self.step_rows, "step_seconds": self.step_seconds,
-                "active_rows": self.active, "queue_length": self.queued, "requests": dict(self.requests)}
+                "send_seconds": self.send_seconds, "active_rows": self.active, "queue_length": self.queued,
+                "requests": dict(self.requests)}
 
-    def _publish(self, name: str, value: float, outcome: str | None = None) -> None:
-        if self.sink is not None:
-            self.sink.publish(name, value, outcome)
+    def publish(self) -> None:
+        """Hand the sink what changed since the last call: counters as increments, gauges as values."""
+        if self.sink is None:
+            return
+        with self._lock:
+            totals = {"tokens": self.tokens_total, "steps": self.steps, "step_rows": self.step_rows,
+                      "step_seconds": self.step_seconds, "send_seconds": self.send_seconds,
+                      **{("requests", outcome): count for outcome, count in self.requests.items()}}
+        for key, total in totals.items():
+            name, outcome = key if isinstance(key, tuple) else (key, None)
+            if total != self._published.get(key, 0):
+                self.sink.publish(name, total - self._published.get(key, 0), outcome)
+                self._published[key] = total
+        gauges = {"tokens_per_second": self.tokens_per_second(), "active_rows": self.active,
+                  "queue_length": self.queued}
+        for name, value in gauges.items():
+            if value != self._published.get(name):
+                self.sink.publish(name, value)
+                self._published[name] = value
+
+    def close(self) -> None:
+        """Stop the publishing thread after a last publish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.publish()
+
+    def _publish_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            try:
+                self.publish()
+            except Exception:  # a metrics failure must never stop serving
+                pass

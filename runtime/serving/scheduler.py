@@ -22,9 +22,10 @@ from ..decoding.generation import RowSampler, choose_tokens, draw_noise
 from .limits import Limits
 from .metrics import ServingMetrics
 from .requests import GenerateRequest
-from .responder import Responder, Stream
+from .responder import SENDERS, Responder, Stream
 
 WAIT_S = 0.5  # an idle scheduler re-checks for shutdown this often
+CANCEL_CHECK_S = 0.05  # asking Triton whether a client has gone is a round trip: each row this often
 
 
 @dataclass
@@ -32,11 +33,13 @@ class _Row:
     request: GenerateRequest
     stream: Stream
     sampler: RowSampler
+    checked: float = 0.0  # when the client was last asked about (time.monotonic)
 
 
 class Scheduler:
     def __init__(self, decoder: Decoder, limits: Limits, metrics: ServingMetrics | None = None,
-                 log: Callable[[str], None] = lambda message: None):
+                 log: Callable[[str], None] = lambda message: None, senders: int = SENDERS,
+                 cancel_check_s: float = CANCEL_CHECK_S):
         self.decoder, self.limits, self.log = decoder, limits, log
         self.metrics = metrics or ServingMetrics()
         self._waiting: collections.deque[tuple[GenerateRequest, Stream]] = collections.deque()
@@ -45,7 +48,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing, self._deadline = False, float("inf")
         self._thread = threading.Thread(target=self._run, name="generate-scheduler", daemon=True)
-        self._responder = Responder(self.metrics)
+        self._responder = Responder(self.metrics, senders)
+        self.cancel_check_s = cancel_check_s
         self._noise = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate-noise")
 
     def start(self) -> "Scheduler":
@@ -151,7 +155,11 @@ class Scheduler:
         self.metrics.tokens(len(rows))
 
     def _drop_cancelled(self) -> None:
+        now = time.monotonic()
         for row, entry in list(self._rows.items()):
+            if now - entry.checked < self.cancel_check_s:
+                continue
+            entry.checked = now
             if self._responder.gone(entry.stream):
                 self._responder.end(entry.stream)
                 self._finish(row)

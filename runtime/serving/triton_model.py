@@ -7,6 +7,7 @@ passed in rather than imported.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..registry import backend_on
 from .limits import Limits
 from .metrics import OUTCOMES, ServingMetrics
 from .requests import RequestError, parse_request
+from .responder import SENDERS
 from .scheduler import Scheduler
 
 DRAIN_S = 30.0  # at unload, how long active requests may still run (Triton drains before unloading)
@@ -31,6 +33,8 @@ METRICS = {
     "step_rows": ("rotary_generate_step_rows_total", "COUNTER", "rows decoded, summed over steps (/ steps: mean batch)"),
     "step_seconds": ("rotary_generate_step_seconds_total", "COUNTER",
                      "time in decode steps incl. sampling (/ steps: mean step time)"),
+    "send_seconds": ("rotary_generate_send_seconds_total", "COUNTER",
+                     "time spent handing responses to the server (the responder thread)"),
     "active_rows": ("rotary_generate_active_rows", "GAUGE", "requests being decoded"),
     "queue_length": ("rotary_generate_queue_length", "GAUGE", "requests waiting for a free row"),
     "requests": ("rotary_generate_requests_total", "COUNTER", "finished requests by outcome"),
@@ -45,10 +49,11 @@ class TritonStream:
         self.pieces = TextPieces() if text else None
 
     def send(self, token: int, final: bool) -> None:
-        piece = self.pieces.piece(token) if self.pieces else ""
-        response = self.pb.InferenceResponse(output_tensors=[
-            self.pb.Tensor("token_id", np.array([token], dtype=np.int64)),
-            self.pb.Tensor("text", np.array([piece.encode("utf-8")], dtype=np.object_))])
+        outputs = [self.pb.Tensor("token_id", np.array([token], dtype=np.int64))]
+        if self.pieces:  # a text prompt: its text piece too (a string tensor costs more to send)
+            outputs.append(self.pb.Tensor("text", np.array([self.pieces.piece(token).encode("utf-8")],
+                                                            dtype=np.object_)))
+        response = self.pb.InferenceResponse(output_tensors=outputs)
         self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
     def fail(self, message: str) -> None:
@@ -110,7 +115,9 @@ class GenerateModel:
             raise
         sink = TritonMetricsSink(pb_utils, {"model": config.get("name", "generate")})
         self.metrics = ServingMetrics(sink)
-        self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn).start()
+        senders = int(os.environ.get("ROTARY_SERVE_SENDERS", SENDERS))  # tuning: threads sending responses
+        self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn,
+                                   senders=max(1, senders)).start()
         pb_utils.Logger.log_info(f"generate: {self.decoder.name} ({self.decoder.mode}) over {model.name}, "
                                  f"{self.limits.max_rows} rows; {_versions()}")
 
@@ -128,4 +135,5 @@ class GenerateModel:
 
     def close(self) -> None:
         self.scheduler.close(DRAIN_S)
+        self.metrics.close()
         self.decoder.close()

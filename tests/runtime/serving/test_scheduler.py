@@ -65,7 +65,7 @@ def test_a_full_queue_refuses_at_once_and_the_rest_are_served(tiny_static_onnx):
 
 def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx):
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=1)).start()
+        scheduler = Scheduler(decoder, Limits(max_rows=1), cancel_check_s=0.0).start()  # ask every step
         gone, after = FakeStream(cancel_after=3), FakeStream()
         scheduler.submit(typed([5], GenerationSettings(80)), gone)
         scheduler.submit(typed([6], GenerationSettings(5)), after)
@@ -154,9 +154,9 @@ class RefusingStream(FakeStream):
 
 def test_a_refused_response_frees_the_row_and_counts_as_cancelled(tiny_static_onnx):
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=1)).start()
+        scheduler = Scheduler(decoder, Limits(max_rows=1), cancel_check_s=0.0).start()
         refused, after = RefusingStream(after=2), FakeStream()
-        scheduler.submit(typed([5], GenerationSettings(200)), refused)
+        scheduler.submit(typed([5], GenerationSettings(40)), refused)
         scheduler.submit(typed([6], GenerationSettings(4)), after)
         wait_all([refused, after])  # `refused` ends with an (also refused) final response
         assert scheduler.close(5) and decoder.active == []

@@ -13,6 +13,7 @@ import pytest
 
 from serving_helpers import mixed_requests
 from runtime.decoding.text import encode_text
+from runtime.serving.metrics import PUBLISH_S
 from runtime.serving.clients import GrpcStreamer, grpc_inputs, http_generate
 
 TIMEOUT_S = 60  # per request; every wait below is bounded
@@ -120,6 +121,7 @@ def wait_for(condition, what: str, seconds: float = 20) -> None:
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, protocol):
+    time.sleep(2 * PUBLISH_S)  # the server publishes its metrics every PUBLISH_S: let earlier tests' settle
     cancelled = triton_server.metric("rotary_generate_requests_total", outcome="cancelled")
     completed = triton_server.metric("rotary_generate_requests_total", outcome="completed")
     long_stream = {"prompt_ids": [9, 8, 7], "max_new_tokens": 400}
