@@ -78,20 +78,20 @@ trt)
   ;;
 serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients
   PYTHONPATH="$np1:$PYTHONPATH" py -m runtime.commands.serve --preset small --dtype fp16 --device ${DEVICE:-cuda} --max-rows ${ROWS:-32} \
-    --max-prompt-tokens 512 --max-new-tokens-limit 512 --queue 256 --json "$results/serve-ready.json" \
-    --log "$results/tritonserver.log" --port ${PORT:-8000} --grpc-port $((${PORT:-8000} + 1)) \
-    --metrics-port $((${PORT:-8000} + 2)) > "$results/serve.log" 2>&1 &
+    --max-prompt-tokens 512 --max-new-tokens-limit 512 --queue 256 --json "$results/serve-ready${TAG:-}.json" \
+    --log "$results/tritonserver${TAG:-}.log" --port ${PORT:-8000} --grpc-port $((${PORT:-8000} + 1)) \
+    --metrics-port $((${PORT:-8000} + 2)) > "$results/serve${TAG:-}.log" 2>&1 &
   server=$!
-  for _ in $(seq 300); do [ -f "$results/serve-ready.json" ] || ! kill -0 $server 2>/dev/null && break; sleep 1; done
-  cat "$results/serve.log"; grep -a "generate:" "$results/tritonserver.log" | cut -c1-400
-  if [ -f "$results/serve-ready.json" ]; then
+  for _ in $(seq 300); do [ -f "$results/serve-ready${TAG:-}.json" ] || ! kill -0 $server 2>/dev/null && break; sleep 1; done
+  cat "$results/serve${TAG:-}.log"; grep -a "generate:" "$results/tritonserver${TAG:-}.log" | cut -c1-400
+  if [ -f "$results/serve-ready${TAG:-}.json" ]; then
     run py -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --concurrency ${LEVELS:-1,8,32,64} \
       --requests ${REQUESTS:-192} --max-prompt-tokens 128 --max-new-tokens 256 --json "$results/loadtest${TAG:-}.json" \
       --plot "$results/loadtest${TAG:-}.png" 2>&1 | tail -8
   else
-    tail -30 "$results/tritonserver.log"
+    tail -30 "$results/tritonserver${TAG:-}.log"
   fi
-  kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"; tail -3 "$results/serve.log"
+  kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"; tail -3 "$results/serve${TAG:-}.log"
   ;;
 esac
 tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null
