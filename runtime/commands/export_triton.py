@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where Triton runs the model entry (default gpu; engines need gpu)")
     parser.add_argument("--instances", type=int, default=1, metavar="N",
                         help="model entry instances per GPU, or per profile for engines (default 1)")
+    parser.add_argument("--generate-instances", type=int, default=1, metavar="N",
+                        help="generate processes, each with its own decoder of --max-rows rows (default 1)")
     parser.add_argument("--max-batch-size", type=int, metavar="N",
                         help="the model entry's max_batch_size (default: the graph's batch axis maximum, or the "
                              "largest batch every engine profile takes; 0 disables batching)")
@@ -48,7 +50,8 @@ def _export(args: argparse.Namespace) -> int:
     from runtime.serving.repository import RepositoryError, RepositoryOptions, export_repository
 
     log = log_to(args.json == "-")
-    for flag, value, low in (("--instances", args.instances, 1), ("--max-batch-size", args.max_batch_size, 0),
+    for flag, value, low in (("--instances", args.instances, 1), ("--generate-instances", args.generate_instances, 1),
+                             ("--max-batch-size", args.max_batch_size, 0),
                              ("--queue-delay-us", args.queue_delay_us, 0)):
         if value is not None and value < low:
             raise RepositoryError(f"{flag} must be at least {low}, got {value}")
@@ -57,7 +60,7 @@ def _export(args: argparse.Namespace) -> int:
     options = RepositoryOptions(args.name, args.kind, args.instances, args.max_batch_size, args.queue_delay_us,
                                 Limits().replace(**limit_changes(args)), args.device,
                                 Path(args.decoder) if args.decoder else None,
-                                Path(args.python_env) if args.python_env else None)
+                                Path(args.python_env) if args.python_env else None, args.generate_instances)
     for flag, path in (("--decoder", options.decoder), ("--python-env", options.python_env)):
         if path is not None and not path.is_file():
             raise RepositoryError(f"{flag} {path} not found")

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="where generate decodes: auto (CUDA when present; default), cpu or cuda")
     add_limit_arguments(parser)
+    parser.add_argument("--generate-instances", type=int, metavar="N",
+                        help="generate processes, each decoding --max-rows rows with its own decoder: their "
+                             "per-token Python work (sampling, one response per token) then runs in parallel "
+                             "(default 1, or the repository's)")
     add_model_arguments(parser, "without MODEL")
     parser.add_argument("--max-cache", type=int, metavar="N",
                         help="without MODEL: static cache per row (default max prompt + max new tokens)")
@@ -54,6 +58,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ServerError("--port, --grpc-port and --metrics-port must differ")
     if args.exit_timeout < 1 or args.start_timeout <= 0:
         raise ServerError("--exit-timeout and --start-timeout must be positive")
+    if args.generate_instances is not None and args.generate_instances < 1:
+        raise ServerError(f"--generate-instances must be at least 1, got {args.generate_instances}")
     if args.max_cache is not None and args.max_cache < 2:
         raise ServerError(f"--max-cache must be at least 2, got {args.max_cache}")
 
@@ -71,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
         precision = args.dtype or ("fp16" if _cuda() else "fp32")
         repository, override = repository_for(args.model, Path(work), limit_changes(args), args.device,
                                               lambda: model_request(args).resolve(), args.max_cache, precision,
-                                              _say)
+                                              _say, args.generate_instances)
 
         def ready() -> None:
             where = endpoints.describe()

@@ -49,6 +49,7 @@ class RepositoryOptions:
     device: str = "auto"  # generate's decoder
     decoder: Path | None = None  # a different graph for generate (e.g. a static-cache graph beside an engine)
     python_env: Path | None = None  # conda-pack archive for the python backend (EXECUTION_ENV_PATH)
+    generate_instances: int = 1  # generate processes, each with its own decoder of limits.max_rows rows
 
 
 def export_repository(model: str | Path, output: str | Path, options: RepositoryOptions) -> dict:
@@ -212,5 +213,5 @@ def generate_config(options: RepositoryOptions, decoder_path: str, metadata: Gra
                       for name, (dtype, dims, _) in INPUTS.items()],
             "output": [{"name": name, "data_type": Enum(dtype), "dims": dims}
                        for name, (dtype, dims, _) in OUTPUTS.items()],
-            "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+            "instance_group": [{"count": options.generate_instances, "kind": Enum("KIND_CPU")}],
             "parameters": parameters(values)}

@@ -15,14 +15,16 @@ from .tritonserver import Endpoints, ServerError, TritonServer
 
 
 def repository_for(model: str | None, workdir: Path, limits: dict, device: str | None, weights: Callable,
-                   max_cache: int | None, precision: str, log: Callable[[str], None]) -> tuple[Path, dict | None]:
-    """(repository, generate config override or None). `model`: an exported repository (whose limits and
-    device the given ones override), a graph or an engine; None: `weights()` (a ModelSource) written as
-    a static-cache graph of `max_cache` tokens. `device` None: auto, or the repository's."""
+                   max_cache: int | None, precision: str, log: Callable[[str], None],
+                   instances: int | None = None) -> tuple[Path, dict | None]:
+    """(repository, generate config override or None). `model`: an exported repository (whose limits,
+    device and generate instances the given ones override), a graph or an engine; None: `weights()` (a
+    ModelSource) written as a static-cache graph of `max_cache` tokens. `device` None: auto, or the
+    repository's."""
     if model is not None and Path(model).is_dir():
         if not (Path(model) / GENERATE / "config.pbtxt").is_file():
             raise ServerError(f"{model} is not a repository written by export-triton (no {GENERATE}/config.pbtxt)")
-        return Path(model), generate_override(Path(model), limits, device)
+        return Path(model), generate_override(Path(model), limits, device, instances)
     base = Limits().replace(**limits)
     if model is None:
         from export.static_cache_graph import export_static_cache
@@ -35,14 +37,14 @@ def repository_for(model: str | None, workdir: Path, limits: dict, device: str |
     elif not Path(model).is_file():
         raise ServerError(f"model not found: {model}; pass a repository, an .onnx graph or an engine")
     kind = "gpu" if Path(model).suffix in ENGINE_SUFFIXES else "cpu"
-    options = RepositoryOptions(kind=kind, limits=base, device=device or "auto")
+    options = RepositoryOptions(kind=kind, limits=base, device=device or "auto", generate_instances=instances or 1)
     return Path(export_repository(model, workdir / "repository", options)["repository"]), None
 
 
-def generate_override(repository: Path, limits: dict, device: str | None) -> dict | None:
-    """An exported repository's `generate` config with the given limits (and device) in its parameters,
-    as the JSON Triton's load API takes; None when nothing changes."""
-    if not limits and device is None:
+def generate_override(repository: Path, limits: dict, device: str | None, instances: int | None = None) -> dict | None:
+    """An exported repository's `generate` config with the given limits (and device) in its parameters
+    and `instances` processes, as the JSON Triton's load API takes; None when nothing changes."""
+    if not limits and device is None and instances is None:
         return None
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
@@ -54,6 +56,8 @@ def generate_override(repository: Path, limits: dict, device: str | None) -> dic
         merged["device"] = device
     for key, value in merged.items():
         config.parameters[key].string_value = value
+    if instances is not None:
+        config.instance_group[0].count = instances
     return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 

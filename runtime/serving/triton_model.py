@@ -113,7 +113,8 @@ class GenerateModel:
         except ToolkitError:
             self.decoder.close()
             raise
-        sink = TritonMetricsSink(pb_utils, {"model": config.get("name", "generate")})
+        sink = TritonMetricsSink(pb_utils, {"model": config.get("name", "generate"),
+                                            "instance": args.get("model_instance_name", "")})
         self.metrics = ServingMetrics(sink)
         senders = int(os.environ.get("ROTARY_SERVE_SENDERS", SENDERS))  # tuning: threads sending responses
         self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn,

@@ -43,10 +43,11 @@ def serving_graph(tmp_path_factory, tiny_model, tiny_source) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory, serving_graph):
-    """One real server for the session: `serve` on the 512-token static-cache graph (ONNX Runtime CPU)."""
+    """One real server for the session: `serve` on the 512-token static-cache graph (ONNX Runtime CPU),
+    with two generate instances, so every server test also covers requests spread over processes."""
     from triton_process import ServeProcess
 
-    server = ServeProcess(serving_graph, tmp_path_factory.mktemp("triton"))
+    server = ServeProcess(serving_graph, tmp_path_factory.mktemp("triton"), ["--generate-instances", "2"])
     yield server
     if server.process.poll() is None:
         assert server.terminate() == 0, server.log.read_text()[-2000:]

@@ -98,11 +98,11 @@ class ServeProcess:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as response:
             text = response.read().decode()
-        wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-        for line in text.splitlines():
-            if line.startswith(name + "{") and wanted in line:
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"metric {name} {labels} not found")
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(name + "{") and all(label in line for label in wanted)]
+        assert values, f"metric {name} {labels} not found"
+        return sum(values)  # summed over generate's instances
 
     def terminate(self, timeout: float = 60) -> int:
         import signal
