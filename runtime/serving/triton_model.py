@@ -24,7 +24,6 @@ from .requests import RequestError, parse_request
 from .responder import SENDERS
 from .scheduler import Scheduler
 
-SWITCH_S = 0.0005  # the stub's GIL switch interval (see GenerateModel)
 DRAIN_S = 30.0  # at unload, how long active requests may still run (Triton drains before unloading)
 # toolkit metric -> (Prometheus name, kind, help)
 METRICS = {
@@ -118,9 +117,6 @@ class GenerateModel:
                                             "instance": args.get("model_instance_name", "")})
         self.metrics = ServingMetrics(sink)
         senders = int(os.environ.get("ROTARY_SERVE_SENDERS", SENDERS))  # tuning: threads sending responses
-        # The scheduler thread drops the GIL many times per step (decoder run, device copies); when it
-        # wants it back while a sender runs Python, it waits up to the switch interval (5 ms by default).
-        sys.setswitchinterval(float(os.environ.get("ROTARY_SERVE_SWITCH_S", SWITCH_S)))
         self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn,
                                    senders=max(1, senders)).start()
         pb_utils.Logger.log_info(f"generate: {self.decoder.name} ({self.decoder.mode}) over {model.name}, "
