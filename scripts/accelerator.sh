@@ -77,7 +77,8 @@ trt)
     --seq 1:128:1024 --past 0:128:1024 --no-cache --json "$results/build-past.json" 2>&1 | tail -3
   ;;
 serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients
-  PYTHONPATH="$np1:$PYTHONPATH" py -m runtime.commands.serve --preset small --dtype fp16 --device ${DEVICE:-cuda} --max-rows ${ROWS:-32} --generate-instances ${INSTANCES:-1} \
+  rm -f "$results/serve-ready${TAG:-}.json"  # python3 itself in the background, so $! is serve and SIGTERM reaches it
+  PYTHONPATH="$np1:$PYTHONPATH" python3 -m runtime.commands.serve --preset small --dtype fp16 --device ${DEVICE:-cuda} --max-rows ${ROWS:-32} --generate-instances ${INSTANCES:-1} \
     --max-prompt-tokens 512 --max-new-tokens-limit 512 --queue 256 --json "$results/serve-ready${TAG:-}.json" \
     --log "$results/tritonserver${TAG:-}.log" --port ${PORT:-8000} --grpc-port $((${PORT:-8000} + 1)) \
     --metrics-port $((${PORT:-8000} + 2)) > "$results/serve${TAG:-}.log" 2>&1 &
