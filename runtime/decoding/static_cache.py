@@ -44,13 +44,16 @@ def right_pad(prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
     return ids, torch.tensor([len(p) for p in prompts], dtype=torch.int64)
 
 
+def prefill_width(width: int, max_cache: int) -> int:
+    """The width a CUDA prefill runs at: the next power of two (at most the window). Each new prompt
+    shape costs ONNX Runtime CUDA tens of ms the first time; these few are all run at open."""
+    return min(max_cache, 1 << max(width - 1, 0).bit_length())
+
+
 def warm_up_lengths(max_cache: int) -> list[int]:
-    """The full window, then powers of 4 below it down to 1 (prefill kernels change with length)."""
-    lengths, length = [max_cache], 1
-    while length < max_cache:
-        lengths.append(length)
-        length *= 4
-    return [lengths[0], *sorted(lengths[1:], reverse=True)]
+    """Every prefill width: the full window, then the powers of two below it down to 1."""
+    return [max_cache, *sorted({prefill_width(1 << i, max_cache) for i in range(max_cache.bit_length())} - {max_cache},
+                               reverse=True)]
 
 
 def contiguous_runs(rows: list[int]) -> list[list[int]]:
@@ -206,6 +209,7 @@ class StaticCacheDecoder(Decoder):
         super().__init__(name, device, self.graph.config, rows, self.max_cache,
                          f"the graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
         self.mode, self.open_seconds = "static cache", 0.0
+        self.pad_prefill = self.device.type == "cuda"  # CUDA: prompts run at the widths warmed at open
         started = time.perf_counter()
         self._allocate()
         self._warm_up()
@@ -233,10 +237,10 @@ class StaticCacheDecoder(Decoder):
         self.runner.prepare_step(feeds, self.caches, self.step_logits)
 
     def _warm_up(self) -> None:
-        """Run prompts of a ladder of lengths (the full window first) and a step now, so the memory
-        arena holds the largest prompt, the kernels each prompt length selects are loaded (CUDA loads
-        modules lazily, tens of ms each the first time) and the step's CUDA graph is captured when
-        the decoder opens, not during the first request."""
+        """Run a prompt of every prefill width (the full window first) and a step now, so the memory
+        arena holds the largest prompt, each width's kernels are loaded and chosen (the first run of a
+        shape costs tens of ms) and the step's CUDA graph is captured when the decoder opens, not
+        during the first request."""
         if self.device.type != "cuda":
             return
         for length in warm_up_lengths(self.max_cache):
@@ -252,6 +256,8 @@ class StaticCacheDecoder(Decoder):
         ids, lengths = right_pad([prompts[row] for row in run])
         if ids.shape[1] > self.max_cache:
             raise DecodingError(f"a {ids.shape[1]}-token prompt does not fit {self.capacity_hint}")
+        if self.pad_prefill:  # a width warmed at open (the padding is never attended to)
+            ids = torch.nn.functional.pad(ids, (0, prefill_width(ids.shape[1], self.max_cache) - ids.shape[1]))
         rows, width = slice(run[0], run[-1] + 1), ids.shape[1]
         lengths = lengths.to(self.device)
         index = (torch.arange(width, device=self.device).expand(len(run), width) if all_logits

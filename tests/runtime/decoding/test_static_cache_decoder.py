@@ -12,7 +12,7 @@ from models.transformer import build_model
 from runtime.backends import BackendError
 from runtime.decoding.base import DecodingError
 from runtime.decoding.generation import GenerationSettings, generate
-from runtime.decoding.static_cache import StaticCacheDecoder, contiguous_runs, warm_up_lengths
+from runtime.decoding.static_cache import StaticCacheDecoder, contiguous_runs, prefill_width, warm_up_lengths
 from runtime.verify.decoding import check_decoder
 
 
@@ -59,6 +59,29 @@ def test_started_rows_are_prefilled_in_contiguous_runs():
     assert contiguous_runs([5, 0, 1, 2, 6, 9]) == [[0, 1, 2], [5, 6], [9]]
 
 
-def test_warm_up_covers_the_full_window_then_a_ladder_of_prompt_lengths_ending_at_one():
-    assert warm_up_lengths(2048) == [2048, 1024, 256, 64, 16, 4, 1]
-    assert warm_up_lengths(100) == [100, 64, 16, 4, 1] and warm_up_lengths(1) == [1]
+def test_cuda_prefills_run_at_a_few_widths_and_warm_up_runs_each_of_them():
+    assert [prefill_width(w, 2048) for w in (1, 2, 3, 17, 513, 1024, 1500, 2048)] == [1, 2, 4, 32, 1024, 1024, 2048, 2048]
+    assert prefill_width(90, 100) == 100
+    assert warm_up_lengths(2048) == [2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert warm_up_lengths(100) == [100, 64, 32, 16, 8, 4, 2, 1] and warm_up_lengths(1) == [1]
+    assert {prefill_width(w, 100) for w in range(1, 101)} <= set(warm_up_lengths(100))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_prompts_padded_to_a_warmed_width_give_the_same_logits(tiny_model, portable):
+    """What CUDA does (pad_prefill), checked on the CPU: the padding is written past each row's
+    length and never attended to, so prompt and decode-step logits do not change."""
+    from export.onnx_export import build_portable_static_graph
+
+    build = build_portable_static_graph if portable else build_static_cache_graph
+    data = build(tiny_model, 64, "fp32").SerializeToString()
+    prompts = {0: [3, 1, 4, 1, 5], 1: [9, 2, 6, 5, 3, 5, 8, 9, 7]}  # widths 9 -> 16
+    outputs = []
+    for pad in (False, True):
+        with StaticCacheDecoder(data, 2, "cpu") as decoder:
+            decoder.pad_prefill = pad
+            logits = [decoder.start(prompts)]
+            for token in (7, 11, 13):
+                logits.append(decoder.step(torch.tensor([token, token + 1])))
+        outputs.append(torch.stack(logits))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
