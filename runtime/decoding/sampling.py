@@ -4,8 +4,8 @@ the argmax; temperature <= 0 is greedy.
 
 The noise comes from a CPU generator, so a seed gives the same tokens on every device, and it is
 drawn only for the kept logits, ordered by token id: Gumbel-max over the kept set is the same
-distribution as over the whole vocabulary with -inf elsewhere, at a tenth of the host work (a
-server samples every row at every step)."""
+distribution as over the whole vocabulary with -inf elsewhere, at a tenth of the host work with
+the default filter (a server samples every row at every step)."""
 from __future__ import annotations
 
 import math
@@ -68,9 +68,9 @@ def next_tokens_per_row(logits: Tensor, temperatures: Sequence[float], noise: Se
     logits = logits.float()
     chosen = logits.argmax(-1)
     groups: dict[int, list[int]] = {}
-    for row, row_noise_ in enumerate(noise):
-        if row_noise_ is not None:
-            groups.setdefault(row_noise_.shape[-1], []).append(row)
+    for row, drawn in enumerate(noise):
+        if drawn is not None:
+            groups.setdefault(drawn.shape[-1], []).append(row)
     for rows in groups.values():
         index = torch.tensor(rows, device=logits.device)
         scale = torch.tensor([[max(temperatures[row], 1e-10)] for row in rows], device=logits.device)

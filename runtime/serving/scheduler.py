@@ -3,8 +3,8 @@
 One thread owns the decoder. Between decode steps it admits waiting requests into free rows
 (`decoder.start`), drops rows whose client went away, steps every active row at its own position,
 samples every row with its own settings and generator (one batched choice per step), hands the
-tokens to the Responder's thread and releases finished rows, so requests join and leave the
-running batch at any step.
+tokens to the Responder's sender threads and releases finished rows, so requests join and leave
+the running batch at any step.
 """
 from __future__ import annotations
 
