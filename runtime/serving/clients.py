@@ -13,6 +13,7 @@ import numpy as np
 
 from .repository import GENERATE
 from .requests import INPUTS
+from .tritonserver import error_text
 
 NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32}
 
@@ -101,7 +102,7 @@ def http_generate(url: str, request: dict, timeout: float, stop_after: int | Non
                            {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200 and "event-stream" not in (response.getheader("Content-Type") or ""):
-            result.error = f"HTTP {response.status}: {_error_text(response.read())}"
+            result.error = f"HTTP {response.status}: {error_text(response.read())}"
             return result
         for line in response:
             if not line.startswith(b"data: "):
@@ -130,7 +131,7 @@ def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
         response = connection.getresponse()
         body = response.read()
         if response.status != 200:
-            raise OSError(f"HTTP {response.status} for {path}: {_error_text(body)}")
+            raise OSError(f"HTTP {response.status} for {path}: {error_text(body)}")
         return json.loads(body)
     finally:
         connection.close()
@@ -157,10 +158,3 @@ def read_step_counters(metrics_url: str, timeout: float = 10.0) -> dict[str, flo
         if name in STEP_COUNTERS:
             values[name] = values.get(name, 0.0) + float(rest.rsplit(" ", 1)[-1])
     return values if len(values) == len(STEP_COUNTERS) else None
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        return str(json.loads(body).get("error", body.decode("utf-8", "replace")))
-    except (ValueError, AttributeError):
-        return body.decode("utf-8", "replace")[:300]

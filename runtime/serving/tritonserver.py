@@ -133,7 +133,7 @@ class TritonServer:
             with urllib.request.urlopen(request, timeout=timeout):
                 pass
         except urllib.error.HTTPError as error:
-            detail = _error_text(error.read())
+            detail = error_text(error.read())
             raise ServerError(f"the {model} model did not load ({detail}); see {self.log_path}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             self.check_running()
@@ -181,7 +181,8 @@ def _get(url: str) -> int | None:
         return None
 
 
-def _error_text(body: bytes) -> str:
+def error_text(body: bytes) -> str:
+    """Triton's error body ({"error": ...} or plain text) as one line of at most 400 characters."""
     try:
         text = json.loads(body).get("error", "")
     except (ValueError, AttributeError):
