@@ -120,13 +120,22 @@ def upstream_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, object]:
 
 
 @pytest.fixture(scope="session")
-def tiny_static_onnx(tmp_path_factory, tiny_model, tiny_source) -> Path:
-    """The tiny preset as an fp32 static-cache graph with a 96-token cache."""
+def tiny_static_graph(tmp_path_factory, tiny_model, tiny_source):
+    """write(cache) -> the tiny preset written as an fp32 static-cache graph of `cache` tokens."""
     from export.static_cache_graph import export_static_cache
 
-    path = tmp_path_factory.mktemp("tiny_static") / "model-static.onnx"
-    export_static_cache(tiny_model, path, 96, "fp32", tiny_source.record, log=lambda _: None)
-    return path
+    def write(cache: int) -> Path:
+        path = tmp_path_factory.mktemp(f"tiny_static_{cache}") / f"model-static-{cache}.onnx"
+        export_static_cache(tiny_model, path, cache, "fp32", tiny_source.record, log=_quiet)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def tiny_static_onnx(tiny_static_graph) -> Path:
+    """The tiny preset as an fp32 static-cache graph with a 96-token cache."""
+    return tiny_static_graph(96)
 
 
 @pytest.fixture(scope="session")

@@ -32,13 +32,9 @@ def upstream_past_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, obj
 
 
 @pytest.fixture(scope="session")
-def serving_graph(tmp_path_factory, tiny_model, tiny_source) -> Path:
+def serving_graph(tiny_static_graph) -> Path:
     """The tiny preset as an fp32 static-cache graph deep enough for long streams (cancellation tests)."""
-    from export.static_cache_graph import export_static_cache
-
-    path = tmp_path_factory.mktemp("serving") / "model-static-512.onnx"
-    export_static_cache(tiny_model, path, 512, "fp32", tiny_source.record, log=lambda _: None)
-    return path
+    return tiny_static_graph(512)
 
 
 @pytest.fixture(scope="session")
