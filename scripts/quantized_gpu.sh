@@ -7,12 +7,15 @@
 #   bench    benchmark decode on onnxruntime-cuda-static, batch 1 and 32, context 1024
 #   build    build-engine with TensorRT-RTX for the int8 and int4 portable graphs (builds; does not run on cc 9.0)
 #   summary  one table (weight bytes, top-1 against float, decode ms/token, engine builds) -> summary.json
-# `all` runs them in order (about 8 minutes on an H100). The reference is the float32 PyTorch model that
-# check-parity rebuilds from the preset recorded in each graph. Needs the GPU wheels staged (see README).
-# PRESET, SCHEMES, BACKEND and BENCH_BACKEND change what runs (e.g. a CPU dry run: PRESET=tiny
-# BACKEND=onnxruntime BENCH_BACKEND=onnxruntime-static).
+#   train    train PRESET on byte-level text (scripts/train_reference.py) into $CHECKPOINT, with held-out
+#            prompts in $OUT/prompts.json; later parts then export and judge that checkpoint
+# `all` runs export to summary in order (about 8 minutes on an H100). The reference is the float32 PyTorch
+# model that check-parity rebuilds from the preset recorded in each graph, or $CHECKPOINT when set.
+# Needs the GPU wheels staged (see README). PRESET, SCHEMES, BACKEND, BENCH_BACKEND, CHECKPOINT, GENERATE
+# and TRAIN_ARGS change what runs (e.g. a CPU dry run: PRESET=tiny BACKEND=onnxruntime
+# BENCH_BACKEND=onnxruntime-static). With prompts.json present, --generate uses those texts as prompts.
 set -uo pipefail
-part=${1:?usage: scripts/quantized_gpu.sh export|parity|bench|build|summary|all}
+part=${1:?usage: scripts/quantized_gpu.sh train|export|parity|bench|build|summary|all}
 out=${OUT:-build/quantized}
 work=${WORK:-/tmp/rotary-q}
 mkdir -p "$out" "$work"
@@ -22,6 +25,15 @@ PRESET=${PRESET:-small}
 SCHEMES=${SCHEMES:-"fp16 int8 int4"}
 BACKEND=${BACKEND:-onnxruntime-cuda}
 BENCH_BACKEND=${BENCH_BACKEND:-onnxruntime-cuda-static}
+CHECKPOINT=${CHECKPOINT:-}
+GENERATE=${GENERATE:-64}
+name=$PRESET${CHECKPOINT:+-trained}  # graph file names
+weights() { if [ -n "$CHECKPOINT" ]; then echo "--checkpoint $CHECKPOINT"; else echo "--preset $PRESET"; fi; }
+prompts=()  # --prompt TEXT pairs from prompts.json (train part), else check-parity's random prompts
+if [ -f "$out/prompts.json" ] && [ -n "$CHECKPOINT" ]; then
+  while IFS= read -r -d '' text; do prompts+=(--prompt "$text"); done < <(python3 -c \
+    'import json, sys; [print(t, end="\0") for t in json.load(open(sys.argv[1]))]' "$out/prompts.json")
+fi
 quantize() { [ "$1" = fp16 ] || echo "--quantize $1"; }  # int4: the default --block-size 32
 run() {  # run LIMIT_SECONDS LOG COMMAND ARGS...: a toolkit command, bounded and logged; never stops the script
   local limit=$1 log=$2 command=$3; shift 3
@@ -32,22 +44,22 @@ run() {  # run LIMIT_SECONDS LOG COMMAND ARGS...: a toolkit command, bounded and
 
 do_export() {
   for q in $SCHEMES; do
-    run 150 "$work/export-$q.log" export_model --preset "$PRESET" --with-past --dtype fp16 $(quantize "$q") \
-      --no-verify --output "$work/$PRESET-$q-past.onnx" --json "$out/export-$q-past.json"
-    run 90 "$work/export-$q-static.log" export_model --preset "$PRESET" --static-cache 1100 --dtype fp16 $(quantize "$q") \
-      --no-verify --output "$work/$PRESET-$q-static.onnx" --json "$out/export-$q-static.json"
+    run 150 "$work/export-$q.log" export_model $(weights) --with-past --dtype fp16 $(quantize "$q") \
+      --no-verify --output "$work/$name-$q-past.onnx" --json "$out/export-$q-past.json"
+    run 90 "$work/export-$q-static.log" export_model $(weights) --static-cache 1100 --dtype fp16 $(quantize "$q") \
+      --no-verify --output "$work/$name-$q-static.onnx" --json "$out/export-$q-static.json"
   done
 }
 
 do_parity() {
   for q in $SCHEMES; do
     for kind in past static; do
-      graph="$work/$PRESET-$q-$kind.onnx"
+      graph="$work/$name-$q-$kind.onnx"
       [ -f "$graph" ] || { echo "missing $graph: run the export part"; continue; }
-      run 120 "$work/parity-$q-$kind-float.log" check_parity "$graph" --backend "$BACKEND" --against float \
-        --batch 1,3 --seq 1,17,128 --generate 64 --json "$out/parity-$q-$kind-float.json"
+      run 120 "$work/parity-$q-$kind-float.log" check_parity "$graph" $(weights) --backend "$BACKEND" --against float \
+        --batch 1,3 --seq 1,17,128 --generate "$GENERATE" "${prompts[@]}" --json "$out/parity-$q-$kind-float.json"
       # against the same fake-quantized weights (tight); the CPU suite checks the static graphs' formula
-      [ "$q" = fp16 ] || [ "$kind" = static ] || run 90 "$work/parity-$q-$kind-tight.log" check_parity "$graph" \
+      [ "$q" = fp16 ] || [ "$kind" = static ] || run 90 "$work/parity-$q-$kind-tight.log" check_parity "$graph" $(weights) \
         --backend "$BACKEND" --batch 1,3 --seq 1,17,128 --json "$out/parity-$q-$kind-tight.json"
     done
   done
@@ -55,7 +67,7 @@ do_parity() {
 
 do_bench() {
   for q in $SCHEMES; do
-    graph="$work/$PRESET-$q-static.onnx"  # its metadata names the weights and the quantization to write in memory
+    graph="$work/$name-$q-static.onnx"  # its metadata names the weights and the quantization to write in memory
     [ -f "$graph" ] || { echo "missing $graph: run the export part"; continue; }
     run 150 "$work/bench-$q.log" benchmark "$graph" --backend "$BENCH_BACKEND" --batch 1,32 \
       --context 1024 --new-tokens 32 --warmup 3 --iters 3 --json "$out/bench-$q.json"
@@ -64,18 +76,18 @@ do_bench() {
 
 do_build() {
   for q in int8 int4; do
-    graph="$work/$PRESET-$q-past.onnx"
+    graph="$work/$name-$q-past.onnx"
     [ -f "$graph" ] || { echo "missing $graph: run the export part"; continue; }
-    run 240 "$work/build-$q.log" build_engine "$graph" --flavor tensorrt-rtx --output "$work/$PRESET-$q-past.engine" \
+    run 240 "$work/build-$q.log" build_engine "$graph" --flavor tensorrt-rtx --output "$work/$name-$q-past.engine" \
       --batch 1:1:8 --seq 1:128:1024 --past 0:128:1024 --timing-cache "$work/timing-rtx.cache" --no-cache \
       --json "$out/build-$q.json"
   done
 }
 
 do_summary() {
-  python3 - "$out" "$work" "$PRESET" <<'PY'
+  python3 - "$out" "$work" "$name" <<'PY'
 import json, os, sys
-out, work, preset = sys.argv[1:4]
+out, work, name = sys.argv[1:4]
 def load(name):
     path = os.path.join(out, name)
     return json.load(open(path)) if os.path.exists(path) else None
@@ -94,7 +106,7 @@ for q in ("fp16", "int8", "int4"):
     row["decode_ms_p50"] = {f"batch {r['batch']}": r.get("decode_p50_ms") for r in (bench or {}).get("results", [])}
     row["decode_floor_ms"] = {f"batch {r['batch']}": r.get("decode_floor_ms") for r in (bench or {}).get("results", [])}
     build = load(f"build-{q}.json")
-    engine = os.path.join(work, f"{preset}-{q}-past.engine")
+    engine = os.path.join(work, f"{name}-{q}-past.engine")
     row["tensorrt_rtx_build"] = build and {"built": True, "seconds": build["build_seconds"],
                                            "engine_bytes": os.path.getsize(engine) if os.path.exists(engine) else None}
     rows[q] = row
@@ -107,12 +119,20 @@ for q, row in rows.items():
 PY
 }
 
+do_train() {
+  [ -n "$CHECKPOINT" ] || { echo "the train part needs CHECKPOINT=PATH (where to write the weights)"; return 2; }
+  echo "+ train_reference.py --preset $PRESET ${TRAIN_ARGS:-}"
+  timeout 560 python3 scripts/train_reference.py --preset "$PRESET" --output "$CHECKPOINT" \
+    --prompts "$out/prompts.json" --json "$out/train.json" ${TRAIN_ARGS:-} 2>&1 | tee "$work/train.log" | tail -15
+}
+
 case "$part" in
+train) do_train ;;
 export) do_export ;;
 parity) do_parity ;;
 bench) do_bench ;;
 build) do_build ;;
 summary) do_summary ;;
 all) do_export; do_parity; do_bench; do_build; do_summary ;;
-*) echo "unknown part $part: export|parity|bench|build|summary|all"; exit 2 ;;
+*) echo "unknown part $part: train|export|parity|bench|build|summary|all"; exit 2 ;;
 esac

@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which tolerance row to apply (default auto: the row of the reference --against picks)")
     parser.add_argument("--atol", type=non_negative_float, help="override the absolute tolerance (a finite number >= 0)")
     parser.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
-                        help="also compare N greedy tokens (2 prompts) token by token and report the first "
+                        help="also compare N greedy tokens (of each --prompt, or 2 random prompts) token by token and report the first "
                              "divergence with the reference's top-2 logit margin there; fp32 must match "
                              "exactly, fp16/bf16 must reach the top-1 bar with teacher forcing")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a text prompt (byte-level) for --generate; repeat for more rows (default: 2 prompts "
+                             "of random token ids, which suit random weights; a trained model wants its own text)")
     parser.add_argument("--input-seed", type=non_negative_int, default=0, help="seed of the random token ids (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
     return parser
@@ -65,6 +68,7 @@ def _check(args: argparse.Namespace) -> int:
     metadata = read_model_metadata(args.model)
     spec = decoder_spec(args.model, args.backend)
     source = reference_source(metadata, args.model, model_request(args))
+    _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
     reference = parity_reference(source.model, metadata, args.against)
     source = replace(source, model=reference.model, description=f"{source.description}, {reference.label}")
     row = reference.row if args.precision == "auto" else precision(args.precision)
@@ -77,6 +81,21 @@ def _check(args: argparse.Namespace) -> int:
     log(report.summary())
     generation = _generation(args, spec, source, row, tolerance, device, log) if args.generate else None
     return _verdict(args, report, generation)
+
+
+def _prompts(args, vocab: int) -> list[list[int]]:
+    """The --generate prompts as token ids: the --prompt texts, or random ids."""
+    from runtime.decoding.base import DecodingError
+    from runtime.decoding.text import encode_text
+    from runtime.verify.decoding import random_prompts
+
+    if not args.prompt:
+        return random_prompts(vocab, seed=args.input_seed)
+    if not args.generate:
+        raise DecodingError("--prompt sets the prompts of --generate; add --generate N")
+    if not all(args.prompt):
+        raise DecodingError("--prompt is empty; give at least one byte of text")
+    return [encode_text(text, vocab) for text in args.prompt]
 
 
 def _check_sizes(args, metadata, row, device: str) -> None:
@@ -121,9 +140,9 @@ def _decoder_sweep(args, spec, source, metadata, row, tolerance, device, log):
 def _generation(args, spec, source, row, tolerance, device, log):
     """Greedy tokens of PyTorch and MODEL, token by token; half precision also teacher-forced."""
     from runtime.decoding.open import open_decoder
-    from runtime.verify.decoding import compare_generation, random_prompts
+    from runtime.verify.decoding import compare_generation
 
-    prompts = random_prompts(source.model.config.num_tokens, seed=args.input_seed)
+    prompts = _prompts(args, source.model.config.num_tokens)
     with open_decoder(source, "torch", rows=len(prompts), device=device) as reference, \
             open_decoder(args.model, spec.name, rows=len(prompts)) as candidate:
         generation = compare_generation(reference, candidate, prompts, args.generate,

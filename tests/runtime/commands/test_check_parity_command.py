@@ -89,6 +89,23 @@ def test_generate_flag_compares_greedy_tokens_with_pytorch(tiny_past_onnx, tmp_p
     assert any(c["case"]["past"] > 0 for c in data["cases"])
 
 
+def test_text_prompts_set_the_rows_of_generate(tiny_past_onnx, tmp_path):
+    report = tmp_path / "parity.json"
+    code = parity_cli.main([str(tiny_past_onnx), "--seq", "1", "--batch", "1", "--generate", "8",
+                            "--prompt", "def main():", "--prompt", "import os", "--prompt", "é",
+                            "--json", str(report)])
+    assert code == 0
+    generation = json.loads(report.read_text())["generation"]
+    assert generation["tokens_compared"] == 3 * 8 and generation["tokens_matched"] == 24
+
+
+def test_bad_text_prompts_fail_before_any_parity_work(capsys, tiny_past_onnx):
+    assert parity_cli.main([str(tiny_past_onnx), "--prompt", "x"]) == 2
+    assert_one_line_error(capsys, "check-parity", "--prompt sets the prompts of --generate; add --generate N")
+    assert parity_cli.main([str(tiny_past_onnx), "--generate", "4", "--prompt", ""]) == 2
+    assert_one_line_error(capsys, "check-parity", "--prompt is empty")
+
+
 def test_a_static_cache_graph_is_checked_through_its_decoder(tiny_static_onnx, tmp_path, capsys):
     report = tmp_path / "parity.json"
     assert parity_cli.main([str(tiny_static_onnx), "--seq", "1,9,33", "--generate", "16", "--json", str(report)]) == 0
