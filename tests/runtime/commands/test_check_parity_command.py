@@ -135,7 +135,7 @@ def test_against_float_applies_the_scheme_row_and_reports_the_first_divergence(c
                             "--generate", "32", "--json", str(report_path)])
     report = json.loads(report_path.read_text())
     tolerance, generation = report["tolerance"], report["generation"]
-    assert tolerance["min_cosine"] == 0.99 and tolerance["min_forced_top1"] == 0.97
+    assert tolerance["min_cosine"] == 0.95 and tolerance["min_forced_top1"] == 0.97
     assert generation["min_top1"] == 0.97 and generation["teacher_forced_top1"] is not None
     assert code == 0 and report["passed"] and min(c["cosine"] for c in report["cases"]) >= 0.99
     assert report["top1"] >= 0.75 and generation["teacher_forced_top1"] >= 0.97  # measured: 94 % and 98.4 %

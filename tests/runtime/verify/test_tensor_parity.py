@@ -93,9 +93,21 @@ def test_shape_mismatch_and_non_finite():
 
 def test_tolerance_table():
     fp32, fp16, bf16 = (PRECISIONS[name].tolerance for name in ("fp32", "fp16", "bf16"))
-    assert fp32.atol == 1e-4 and fp32.rtol == 0.0
-    assert fp16.atol > fp32.atol
-    assert bf16.atol >= fp16.atol
+    assert fp32.atol == 1e-4 and fp32.rtol == 2e-5
+    assert fp16.atol > fp32.atol and fp16.rtol > fp32.rtol
+    assert bf16.atol >= fp16.atol and bf16.rtol >= fp16.rtol
+
+
+def test_the_max_abs_bar_scales_with_the_logits():
+    """A trained model's logits reach about 20: float32 rounding there is above the bare 1e-4
+    (1.25e-4 measured, ONNX Runtime CUDA on the trained `small`), a real error is not."""
+    fp32 = PRECISIONS["fp32"].tolerance
+    logits = np.linspace(-19.9, 19.9, 64).reshape(1, 2, 32)
+    rounded, wrong = logits.copy(), logits.copy()
+    rounded[0, 0, 0] += 1.25e-4
+    wrong[0, 0, 0] += 1e-2
+    assert compare_outputs(logits, rounded, fp32, CASE, "logits").passed
+    assert "max abs" in compare_outputs(logits, wrong, fp32, CASE, "logits").problem
 
 
 def _report():
