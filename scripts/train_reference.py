@@ -27,12 +27,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_reference.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="small", help="the model preset to train")
-    parser.add_argument("--output", required=True, metavar="PATH", help="the .safetensors checkpoint to write")
+    parser.add_argument("--output", required=True, metavar="PATH", help="the .safetensors checkpoint to write (required)")
     parser.add_argument("--corpus", default=sysconfig.get_paths()["stdlib"], metavar="DIR",
-                        help="folder of text files (default: this Python's standard library)")
+                        help="folder of text files; the default is this Python's standard library")
     parser.add_argument("--pattern", default="*.py", help="which files of the corpus to read (recursive glob)")
     parser.add_argument("--held-out-every", type=int, default=20, metavar="N", help="hold one file in N out")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps (3.5 minutes for small on an H100)")
     parser.add_argument("--batch", type=int, default=32, help="windows per step")
     parser.add_argument("--seq", type=int, default=512, help="bytes per window")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine to a tenth)")
