@@ -7,6 +7,7 @@ import json
 import queue
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -92,8 +93,10 @@ class GrpcStreamer:
         self.client.close()
 
 
-def http_generate(url: str, request: dict, timeout: float, stop_after: int | None = None) -> StreamResult:
-    """POST /v2/models/generate/generate_stream and read its events; `stop_after` tokens: hang up then."""
+def http_generate(url: str, request: dict, timeout: float, stop_after: int | None = None,
+                  on_token: Callable[[int], None] | None = None) -> StreamResult:
+    """POST /v2/models/generate/generate_stream and read its events; `stop_after` tokens: hang up then;
+    `on_token(count)` is called as each token arrives."""
     host, port = split_url(url, 8000)
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     result = StreamResult(started=time.perf_counter())
@@ -113,6 +116,8 @@ def http_generate(url: str, request: dict, timeout: float, stop_after: int | Non
                 break
             result.tokens.append(int(event["token_id"]))
             result.times.append(time.perf_counter())
+            if on_token:
+                on_token(len(result.tokens))
             if stop_after is not None and len(result.tokens) >= stop_after:
                 break
     except (OSError, http.client.HTTPException, ValueError) as error:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -17,21 +16,26 @@ from runtime.serving.clients import http_generate
 
 def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_graph, tmp_path):
     server = ServeProcess(serving_graph, tmp_path)
-    result = {}
+    result, received, first_token = {}, [0], threading.Event()
+
+    def on_token(count: int) -> None:
+        received[0] = count
+        first_token.set()
+
     try:
-        thread = threading.Thread(target=lambda: result.update(
-            stream=http_generate(server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": 400}, 60)))
+        thread = threading.Thread(target=lambda: result.update(stream=http_generate(
+            server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": 400}, 60, on_token=on_token)))
         thread.start()
-        deadline = time.monotonic() + 30
-        while server.metric("rotary_generate_active_rows") == 0:  # the stream is being decoded
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.005)
-        code = server.terminate()
+        # the client's first token, not the metrics (published every 0.25 s, which a fast stream can outrun)
+        assert first_token.wait(30), "no token within 30 s"
+        at_sigterm = received[0]
+        code = server.terminate()  # waits for the exit
         thread.join(60)
     finally:
         if server.process.poll() is None:
             server.process.kill()
     assert code == 0, server.log.read_text()[-2000:]
+    assert at_sigterm < 400, "the stream had finished before SIGTERM; nothing was in flight"
     assert result["stream"].error is None and len(result["stream"].tokens) == 400  # drained, not cut
     triton_log = (tmp_path / "tritonserver.log").read_text()
     # Triton closes its listeners at once and unloads generate, whose scheduler finishes active rows first
