@@ -112,8 +112,9 @@ def train(model: Transformer, data: torch.Tensor, settings: TrainingSettings,
     """AdamW on next-byte prediction; bf16 autocast on CUDA. The model is left in eval mode."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(settings.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "token_emb" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "token_emb" not in n)]
+    decay, rest = [], []  # weight decay on matrices, not on the embedding, norms and biases
+    for name, parameter in model.named_parameters():
+        (decay if parameter.dim() >= 2 and "token_emb" not in name else rest).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
@@ -146,18 +147,22 @@ def train(model: Transformer, data: torch.Tensor, settings: TrainingSettings,
     return result
 
 
+def held_out_windows(data: torch.Tensor, seq: int, windows: int) -> torch.Tensor:
+    """Up to `windows` evenly spaced windows of seq + 1 bytes as int64 (windows, seq + 1); only
+    whole windows, so none when the text is shorter than one."""
+    stride = max(1, (data.numel() - seq - 1) // windows)
+    starts = [index * stride for index in range(windows) if index * stride + seq + 1 <= data.numel()]
+    return torch.stack([data[s: s + seq + 1] for s in starts]).long() if starts else torch.empty(0, seq + 1).long()
+
+
 @torch.inference_mode()
 def held_out_loss(model: Transformer, data: torch.Tensor, seq: int = 512, windows: int = 64) -> float:
     """Mean next-byte loss in bits per byte over `windows` evenly spaced windows of held-out text."""
     device = next(model.parameters()).device
-    stride = max(1, (data.numel() - seq - 1) // windows)
     total, count = 0.0, 0
-    for index in range(windows):
-        window = data[index * stride: index * stride + seq + 1].long().to(device)[None]
-        if window.shape[1] < seq + 1:
-            break
+    for window in held_out_windows(data, seq, windows).to(device):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(window[:, :-1])
-        total += float(F.cross_entropy(logits.float()[0], window[0, 1:], reduction="sum"))
+            logits = model(window[None, :-1])
+        total += float(F.cross_entropy(logits.float()[0], window[1:], reduction="sum"))
         count += seq
     return total / count / math.log(2)

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from models.checkpoints import load_checkpoint
     from models.graph_metadata import QuantizationRecord
     from models.precision import precision
-    from models.training import read_corpus
+    from models.training import held_out_windows, read_corpus
     from train_reference import SKIP
 
     args = parse_args(argv)
@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is float32
     model = load_checkpoint(args.checkpoint).model.float().to(device).eval()
     data = read_corpus(args.corpus, args.pattern, args.held_out_every, skip=SKIP).held_out
-    stride = max(1, (data.numel() - args.seq - 1) // args.windows)
-    windows = torch.stack([data[i * stride: i * stride + args.seq + 1] for i in range(args.windows)]).long().to(device)
+    windows = held_out_windows(data, args.seq, args.windows).to(device)
 
     @torch.inference_mode()
     def predictions(net) -> tuple[torch.Tensor, torch.Tensor]:

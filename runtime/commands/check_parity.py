@@ -68,7 +68,7 @@ def _check(args: argparse.Namespace) -> int:
     metadata = read_model_metadata(args.model)
     spec = decoder_spec(args.model, args.backend)
     source = reference_source(metadata, args.model, model_request(args))
-    _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
+    prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
     reference = parity_reference(source.model, metadata, args.against)
     source = replace(source, model=reference.model, description=f"{source.description}, {reference.label}")
     row = reference.row if args.precision == "auto" else precision(args.precision)
@@ -79,7 +79,7 @@ def _check(args: argparse.Namespace) -> int:
     report = sweep(args, spec, source, metadata, row, tolerance, device, log)
     log(report.table())
     log(report.summary())
-    generation = _generation(args, spec, source, row, tolerance, device, log) if args.generate else None
+    generation = _generation(args, spec, source, prompts, row, tolerance, device, log) if args.generate else None
     return _verdict(args, report, generation)
 
 
@@ -137,12 +137,11 @@ def _decoder_sweep(args, spec, source, metadata, row, tolerance, device, log):
                          progress=lambda case: log(f"  running {case.label} ..."))
 
 
-def _generation(args, spec, source, row, tolerance, device, log):
+def _generation(args, spec, source, prompts, row, tolerance, device, log):
     """Greedy tokens of PyTorch and MODEL, token by token; half precision also teacher-forced."""
     from runtime.decoding.open import open_decoder
     from runtime.verify.decoding import compare_generation
 
-    prompts = _prompts(args, source.model.config.num_tokens)
     with open_decoder(source, "torch", rows=len(prompts), device=device) as reference, \
             open_decoder(args.model, spec.name, rows=len(prompts)) as candidate:
         generation = compare_generation(reference, candidate, prompts, args.generate,
