@@ -106,10 +106,10 @@ class Backend(abc.ABC):
     def run_torch(self, feeds: dict) -> dict:
         """Run with torch tensors in and out. GPU backends override this to keep tensors on the
         device; the default goes through numpy on the host."""
-        import torch
+        from .arrays import to_numpy, to_torch
 
-        outputs = self.run({name: tensor.detach().cpu().numpy() for name, tensor in feeds.items()})
-        return {name: torch.from_numpy(value) for name, value in outputs.items()}
+        outputs = self.run({name: to_numpy(tensor) for name, tensor in feeds.items()})
+        return {name: to_torch(value) for name, value in outputs.items()}
 
     @property
     def input_names(self) -> list[str]:

@@ -72,11 +72,13 @@ def session_metadata(session, where: str) -> GraphMetadata:
         raise BackendError(str(error)) from None
 
 
-def _numpy_dtype(torch_dtype):
+def binding_type(torch_dtype):
+    """The element type IO binding takes for a torch dtype: numpy's, or ONNX's number for
+    bfloat16, which numpy lacks (ONNX Runtime reads the raw buffer either way)."""
     import torch
 
-    if torch_dtype == torch.bfloat16:  # numpy has no bfloat16; ORT reads the raw buffer
-        raise BackendError("bfloat16 IO binding is not supported; export logits as float32 (the default)")
+    if torch_dtype == torch.bfloat16:
+        return PRECISIONS["bf16"].onnx_type
     return torch.empty((), dtype=torch_dtype).numpy().dtype.type
 
 
@@ -106,9 +108,9 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.provider == "cuda":
-            import torch
+            from .arrays import to_torch
 
-            tensors = {name: torch.from_numpy(np.ascontiguousarray(v)).cuda() for name, v in feeds.items()}
+            tensors = {name: to_torch(v).cuda() for name, v in feeds.items()}
             return {name: t.float().cpu().numpy() for name, t in self.run_torch(tensors).items()}
         values = self.session.run(None, feeds)
         return {meta.name: value for meta, value in zip(self._outputs, values)}
@@ -142,14 +144,14 @@ class OnnxRuntimeBackend(Backend):
             for dim, size in zip(meta.shape, tensor.shape):
                 if isinstance(dim, str):
                     symbols[dim] = size
-            binding.bind_input(meta.name, "cuda", 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_input(meta.name, "cuda", 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
         results = dict(outputs or {})
         for meta in self._outputs:
             if meta.name not in results:
                 results[meta.name] = torch.empty(self.output_shape(meta, symbols), dtype=getattr(torch, meta.dtype),
                                                  device="cuda")
             tensor = results[meta.name]
-            binding.bind_output(meta.name, "cuda", 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_output(meta.name, "cuda", 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
         torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         return results

@@ -152,9 +152,9 @@ class TensorRTBackend(Backend):
         return outputs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        from .arrays import to_torch
 
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(v)).cuda() for name, v in feeds.items()}
+        tensors = {name: to_torch(v).cuda() for name, v in feeds.items()}
         return {name: t.float().cpu().numpy() for name, t in self.run_torch(tensors).items()}
 
     def close(self) -> None:

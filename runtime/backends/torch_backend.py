@@ -11,6 +11,7 @@ from models.precision import precision as lookup_precision, precision_of_torch
 from models.signature import graph_signature, past_names, present_names
 from models.transformer import Transformer
 
+from .arrays import to_numpy, to_torch
 from .base import Backend, BackendError, TensorMeta
 
 
@@ -43,8 +44,8 @@ class TorchBackend(Backend):
         return self._outputs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.run_torch({name: torch.from_numpy(value) for name, value in feeds.items()})
-        return {name: value.cpu().numpy() for name, value in outputs.items()}
+        outputs = self.run_torch({name: to_torch(value) for name, value in feeds.items()})
+        return {name: to_numpy(value) for name, value in outputs.items()}
 
     def attention_kernels(self):
         """SDPA kernels allowed: not cuDNN's, which builds a new plan for every new sequence

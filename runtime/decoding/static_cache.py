@@ -29,7 +29,7 @@ from models.signature import present_name
 
 from ..backends import Backend, BackendError
 from ..backends.base import check_io
-from ..backends.onnxruntime_backend import (_import_onnxruntime, _numpy_dtype, open_session, session_io,
+from ..backends.onnxruntime_backend import (_import_onnxruntime, binding_type, open_session, session_io,
                                             session_metadata)
 from ..resources import cache_bytes, logits_bytes, require
 from .base import Decoder, DecodingError
@@ -131,7 +131,7 @@ class BoundRunner:
     @staticmethod
     def _bind(binding, name: str, tensor: Tensor, output: bool = False) -> None:
         method = binding.bind_output if output else binding.bind_input
-        method(name, tensor.device.type, 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+        method(name, tensor.device.type, 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
 
     def _run(self, binding, kind: str) -> None:
         if self.on_cuda and not self.torch_stream:  # ONNX Runtime's own stream: wait for ours first

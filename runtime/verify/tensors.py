@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from models.precision import Tolerance, precision as lookup_precision
+from models.precision import PRECISIONS, Tolerance, numpy_dtype, precision as lookup_precision
 from models.signature import GraphSignature, resolve_sizes
 
 from ..backends import Backend, TensorMeta
@@ -120,10 +120,13 @@ def make_feeds(case: Case, inputs: list[TensorMeta], vocab_size: int, seed: int 
     return feeds
 
 
+FLOAT_DTYPES = {row.dtype for row in PRECISIONS.values()}
+
+
 def cast_feeds(feeds: dict[str, np.ndarray], inputs: list[TensorMeta]) -> dict[str, np.ndarray]:
     """Cast float feeds to each input's declared dtype (a float16 graph takes a float16 cache)."""
     dtypes = {meta.name: meta.dtype for meta in inputs}
-    return {name: value.astype(dtypes[name]) if value.dtype.kind == "f" and dtypes.get(name, "").startswith("float")
+    return {name: value.astype(numpy_dtype(dtypes[name])) if value.dtype.kind == "f" and dtypes.get(name) in FLOAT_DTYPES
             else value for name, value in feeds.items()}
 
 
