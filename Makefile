@@ -30,8 +30,9 @@ test: setup
 	$(PY) -m pytest -q
 
 # On the accelerator, after staging the GPU wheels (see README).
+# The GPU tests live in tests/gpu: collecting only them needs none of the serving wheels.
 test-gpu:
-	python3 -m pytest -q -m gpu
+	python3 -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf build $(VENV)
