@@ -68,10 +68,12 @@ def main(argv=None) -> int:
     from models.presets import preset
     from models.transformer import build_model
     from models.training import TrainingSettings, held_out_loss, read_corpus, train
+    from runtime.commands.common import Files, check_files
 
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
+    try:  # every output writable before minutes of training, not after
+        check_files(Files(outputs={"--output": args.output, "--prompts": args.prompts, "--json": args.json}))
         corpus = read_corpus(args.corpus, args.pattern, args.held_out_every, skip=SKIP)
         config = preset(args.preset)
     except ToolkitError as error:

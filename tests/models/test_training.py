@@ -93,3 +93,32 @@ def test_the_script_refuses_a_missing_corpus_in_one_line(tmp_path, capsys):
     assert train_reference.main(["--corpus", str(tmp_path / "none"), "--output", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().err.strip() == f"error: corpus folder not found: {tmp_path / 'none'}"
     assert not (tmp_path / "w").exists()
+
+
+def test_the_script_refuses_an_output_it_cannot_write_before_training(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    missing = tmp_path / "no-such-folder" / "w.safetensors"
+    assert train_reference.main(["--corpus", str(corpus), "--output", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: cannot write --output {missing}: directory {missing.parent} "
+                                               "does not exist; create it or choose another --output")
+    weights = tmp_path / "w.safetensors"
+    assert train_reference.main(["--corpus", str(corpus), "--output", str(weights), "--json", str(weights)]) == 2
+    assert "--json and --output both name" in capsys.readouterr().err
+    assert not weights.exists()
+
+
+def test_the_half_precision_probe_reports_every_case_with_bfloat16_coarser_than_float16(tmp_path, capsys):
+    import half_precision_probe
+    from models.checkpoints import save_checkpoint
+
+    save_checkpoint(build_model(preset("tiny"), 0), tmp_path / "t.safetensors")
+    assert half_precision_probe.main([str(tmp_path / "t.safetensors"), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" {")[0] for line in lines] == ["embedding_norm", "1x513 random bytes", "3x128 random bytes",
+                                                       "3x513 random bytes", "1x513 ascii", "3x128 ascii"]
+    for line in lines[1:]:
+        row = json.loads("{" + line.split(" {", 1)[1])
+        half, brain = row["float16"][0][0], row["bfloat16"][0][0]
+        assert 0 < half < brain < 0.05  # 10 against 7 mantissa bits, on a random tiny model
+        assert 0 <= row["worst_position"]["token"] < 256
