@@ -10,7 +10,7 @@ import pytest
 from models.config import ModelConfig
 from models.signature import graph_signature
 from runtime.backends import Backend, TensorMeta
-from models.precision import PRECISIONS, Tolerance
+from models.precision import PRECISIONS, WEIGHT_SCHEMES, Tolerance
 from runtime.backends.torch_backend import TorchBackend
 from runtime.verify.tensors import Case, ParityReport, check_parity, compare_outputs, default_cases
 
@@ -92,10 +92,31 @@ def test_shape_mismatch_and_non_finite():
 
 
 def test_tolerance_table():
+    """Each row's bars, pinned: loosening one (fp16 to bf16's, say) must be a visible change here."""
+    bars = {name: row.tolerance for name, row in PRECISIONS.items()}
+    assert bars == {"fp32": Tolerance(1e-4, 2e-5, 0.99999, 0.99), "fp16": Tolerance(5e-2, 5e-2, 0.999, 0.99),
+                    "bf16": Tolerance(2e-1, 5e-2, 0.995, 0.97)}
+    assert {name: scheme.tolerance for name, scheme in WEIGHT_SCHEMES.items()} == {
+        "int8": Tolerance(0.0, 1.5e-1, 0.999, 0.95, min_forced_top1=0.99),
+        "int4": Tolerance(0.0, 1.0, 0.95, 0.75, min_forced_top1=0.97)}
+    assert [(t.forced_top1) for t in bars.values()] == [0.99, 0.99, 0.97]
+
+
+def test_an_error_fp16_must_reject_bf16_accepts():
+    """fp16's 10-bit mantissa earns it tighter bars than bf16's 7 bits: an error in max abs, or in
+    cosine alone, that bf16 passes fails fp16 (and fp32)."""
     fp32, fp16, bf16 = (PRECISIONS[name].tolerance for name in ("fp32", "fp16", "bf16"))
-    assert fp32.atol == 1e-4 and fp32.rtol == 2e-5
-    assert fp16.atol > fp32.atol and fp16.rtol > fp32.rtol
-    assert bf16.atol >= fp16.atol and bf16.rtol >= fp16.rtol
+    logits = np.linspace(-1.0, 1.0, 64).reshape(1, 2, 32)  # max |reference| 1: fp16 bar 0.1, bf16 0.25
+    one_off = logits.copy()
+    one_off[0, 0, 5] += 0.15
+    assert compare_outputs(logits, one_off, bf16, CASE, "logits").passed
+    for tolerance in (fp16, fp32):
+        assert "max abs 1.500e-01 > " in compare_outputs(logits, one_off, tolerance, CASE, "logits").problem
+    noisy = logits + 0.045 * np.where(np.arange(64).reshape(1, 2, 32) % 2, 1.0, -1.0)  # under every max abs bar of fp16
+    cosine = expected_cosine(logits, noisy)
+    assert 0.995 < cosine < 0.999
+    assert compare_outputs(logits, noisy, bf16, CASE, "logits").passed
+    assert compare_outputs(logits, noisy, fp16, CASE, "logits").problem == f"cosine {cosine:.7f} < 0.999"
 
 
 def test_the_max_abs_bar_scales_with_the_logits():
