@@ -66,6 +66,25 @@ def test_io_dims_are_symbolic(tiny_proto, tiny_config):
     assert outputs["logits"].type.tensor_type.elem_type == TensorProto.FLOAT
 
 
+@pytest.mark.parametrize("max_seq_len, opt", [(200, 128), (64, 64)])
+def test_declared_axes_stop_at_max_seq_len(tiny_config, max_seq_len, opt):
+    """A model trained on max_seq_len tokens declares no sequence (nor cache) range past it, so
+    build-engine builds no profile it cannot use; the batch axis is untouched."""
+    from export.onnx_export import graph_metadata
+    from models.transformer import build_model
+
+    config = tiny_config.replace(max_seq_len=max_seq_len)
+    for with_past in (False, True):
+        axes = graph_metadata(build_model(config), graph_signature(config, with_past), 17, "fp32", None).axes
+        sequences = ["sequence", "past_sequence"] if with_past else ["sequence"]
+        assert sorted(axes) == sorted(["batch", *sequences])
+        assert {name: axes[name]["max"] for name in sequences} == dict.fromkeys(sequences, max_seq_len)
+        assert {name: axes[name]["opt"] for name in sequences} == dict.fromkeys(sequences, opt)
+        assert axes["batch"] == {"min": 1, "opt": 1, "max": 8}
+    unbounded = graph_metadata(build_model(tiny_config), graph_signature(tiny_config, True), 17, "fp32", None).axes
+    assert unbounded["sequence"]["max"] == unbounded["past_sequence"]["max"] == 1024
+
+
 def test_metadata_props(tiny_proto, tiny_model, tiny_source):
     props = {p.key: p.value for p in tiny_proto.metadata_props}
     assert ModelConfig.from_json(props["model_config"]) == tiny_model.config
