@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoints import load_checkpoint  # noqa: E402
 from runtime.backends.torch_backend import TorchBackend  # noqa: E402
+from runtime.provenance import script_command, write_result  # noqa: E402
 from runtime.verify.tensors import Case, make_feeds  # noqa: E402
 
 CASES = ((Case(1, 513), False), (Case(3, 128), False), (Case(3, 513), False), (Case(1, 513), True), (Case(3, 128), True))
@@ -40,11 +41,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .safetensors checkpoint (e.g. from scripts/train_reference.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures, with their provenance, as JSON")
     args = parser.parse_args(argv)
+    report = {"checkpoint": args.checkpoint, "cases": {}}
     model = load_checkpoint(args.checkpoint).model
     norms = model.token_emb.weight.detach().float().norm(dim=1)
-    print("embedding_norm", json.dumps({"median": float(norms.median()), "min": float(norms.min()),
-                                        "max": float(norms.max())}))
+    report["embedding_norm"] = {"median": float(norms.median()), "min": float(norms.min()), "max": float(norms.max())}
+    print("embedding_norm", json.dumps(report["embedding_norm"]))
     reference = TorchBackend(model, device=args.device, with_past=True)
     halves = {name: TorchBackend(model, device=args.device, dtype=getattr(torch, name), with_past=True)
               for name in ("float16", "bfloat16")}
@@ -63,7 +66,11 @@ def main(argv=None) -> int:
         token = int(feeds["input_ids"][batch_row, position])
         row["worst_position"] = {"row": batch_row, "position": position, "token": token,
                                  "token_emb_norm": float(norms[token])}
-        print(f"{case.label} {'ascii' if ascii_only else 'random bytes'}", json.dumps(row))
+        label = f"{case.label} {'ascii' if ascii_only else 'random bytes'}"
+        report["cases"][label] = row
+        print(label, json.dumps(row))
+    if args.json:
+        write_result(args.json, report, script_command(argv), vars(args))
     return 0
 
 

@@ -8,7 +8,6 @@ MODEL is a graph exported --with-past or --static-cache; the torch backend runs 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ def main() -> int:
     from models.graph_metadata import read_graph_metadata
     from models.source import reference_source
     from runtime.decoding.open import open_decoder
+    from runtime.provenance import script_command, write_result
     from runtime.registry import WEIGHTS, backend_spec
 
     metadata = read_graph_metadata(args.model)
@@ -73,7 +73,7 @@ def main() -> int:
               f"({r['gpu_busy_fraction']:.0%}); top: " + ", ".join(f"{k[:40]} {v:.0f}us" for k, v in
                                                                list(r['top_kernels_us_per_step'].items())[:3]))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_result(args.json, {"results": results}, script_command(None), vars(args))
     return 0
 
 

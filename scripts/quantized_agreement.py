@@ -9,7 +9,6 @@ The held-out files are those scripts/train_reference.py held out (same corpus, p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ def main(argv=None) -> int:
     from models.graph_metadata import QuantizationRecord
     from models.precision import precision
     from models.training import held_out_windows, read_corpus
+    from runtime.provenance import script_command, write_result
     from train_reference import SKIP
 
     args = parse_args(argv)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         print(f"  {name:10} top-1 agreement with float32 {agreement:.2%}; next-byte accuracy "
               f"{report['schemes'][name]['next_byte_accuracy']:.2%}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_result(args.json, report, script_command(argv), vars(args))
     return 0
 
 

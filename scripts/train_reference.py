@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     from models.transformer import build_model
     from models.training import TrainingSettings, held_out_loss, read_corpus, train
     from runtime.commands.common import Files, check_files
+    from runtime.provenance import script_command, write_result
 
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
         with atomic_path(Path(args.prompts)) as temporary:
             temporary.write_text(json.dumps(held_out_prompts(corpus.held_out, args.prompt_count, args.prompt_bytes)))
     if args.json:
-        with atomic_path(Path(args.json)) as temporary:
-            temporary.write_text(json.dumps(report, indent=2))
+        write_result(args.json, report, script_command(argv), vars(args))
     print(f"wrote {args.output}")
     return 0
 

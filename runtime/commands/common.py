@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
@@ -16,6 +15,7 @@ from typing import Any, Callable
 
 from models.errors import ToolkitError
 from models.files import atomic_path, probe_writable
+from runtime.provenance import dumps
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,6 +35,8 @@ class Terminated(KeyboardInterrupt):
 
 
 _RECEIVED: list[int] = []  # signals seen: C extensions may turn the exception into another (pybind11: ImportError)
+# The command running now (its command line and parsed flags), recorded in every JSON it writes.
+_RUNNING: dict[str, Any] = {"argv": None, "settings": None}
 
 
 @contextlib.contextmanager
@@ -73,6 +75,7 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a bad argument already reported in one line
         return exit_.code if isinstance(exit_.code, int) else 2
+    _RUNNING.update(argv=[parser.prog, *(sys.argv[1:] if argv is None else argv)], settings=vars(args))
     try:
         with _signals_interrupt():
             check_files(files(args) if files else Files(outputs={"--json": getattr(args, "json", None),
@@ -197,8 +200,9 @@ def token_ids(text: str) -> list[int]:
 
 
 def write_json(target: str, data: Any) -> None:
-    """Write `data` as JSON to a file (atomically) or to stdout for "-"."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    """Write `data` as JSON to a file (atomically) or to stdout for "-", with the provenance block
+    of the command running (runtime.provenance): commit, command line, device, versions, date, flags."""
+    text = dumps(data, _RUNNING["argv"], _RUNNING["settings"])
     if target == "-":
         sys.stdout.write(text)
         return

@@ -74,15 +74,16 @@ def test_the_script_writes_a_loadable_checkpoint_prompts_and_a_report(tmp_path):
     root = write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     out.mkdir()
-    code = train_reference.main(["--preset", "tiny", "--corpus", str(root), "--held-out-every", "4",
-                                 "--steps", "5", "--batch", "2", "--seq", "32", "--device", "cpu",
-                                 "--output", str(out / "w.safetensors"), "--prompts", str(out / "p.json"),
-                                 "--prompt-count", "3", "--prompt-bytes", "16", "--json", str(out / "r.json")])
-    assert code == 0
+    argv = ["--preset", "tiny", "--corpus", str(root), "--held-out-every", "4",
+            "--steps", "5", "--batch", "2", "--seq", "32", "--device", "cpu",
+            "--output", str(out / "w.safetensors"), "--prompts", str(out / "p.json"),
+            "--prompt-count", "3", "--prompt-bytes", "16", "--json", str(out / "r.json")]
+    assert train_reference.main(argv) == 0
     loaded = load_checkpoint(out / "w.safetensors")
     assert loaded.model.config == preset("tiny")
     report = json.loads((out / "r.json").read_text())
     assert report["steps_done"] == 5 and report["checkpoint_sha256"] == loaded.sha256
+    assert report["provenance"]["argv"][2:] == argv and report["provenance"]["settings"]["steps"] == 5
     assert math.isfinite(report["held_out_bits_per_byte"]["after"])
     prompts = json.loads((out / "p.json").read_text())
     assert len(prompts) == 3 and all(0 < len(p.encode()) <= 16 for p in prompts)
@@ -113,8 +114,11 @@ def test_the_half_precision_probe_reports_every_case_with_bfloat16_coarser_than_
     from models.checkpoints import save_checkpoint
 
     save_checkpoint(build_model(preset("tiny"), 0), tmp_path / "t.safetensors")
-    assert half_precision_probe.main([str(tmp_path / "t.safetensors"), "--device", "cpu"]) == 0
+    argv = [str(tmp_path / "t.safetensors"), "--device", "cpu", "--json", str(tmp_path / "probe.json")]
+    assert half_precision_probe.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    written = json.loads((tmp_path / "probe.json").read_text())
+    assert written["provenance"]["argv"][2:] == argv and len(written["cases"]) == 5
     assert [line.split(" {")[0] for line in lines] == ["embedding_norm", "1x513 random bytes", "3x128 random bytes",
                                                        "3x513 random bytes", "1x513 ascii", "3x128 ascii"]
     for line in lines[1:]:

@@ -14,6 +14,7 @@ def test_package_edge_writes_the_bundle_and_prints_the_manifest(capsys, tmp_path
     captured = capsys.readouterr()
     assert code == 0, captured.err
     manifest = json.loads(captured.out)  # --json without a path: the manifest on stdout, progress on stderr
+    assert manifest.pop("provenance")["argv"][0] == "package-edge"  # the report says which command made it
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["budget"]["largest_profile"] == "batch 2, sequence 128, past 256"
     assert manifest["workspace_mib"] == 512 and manifest["budget"]["adjusted_to_fit"] == []

@@ -1,0 +1,161 @@
+"""Where a result came from: the one block every result file carries.
+
+`provenance(command, settings)` records the toolkit's commit (and whether the tree had
+uncommitted changes), the exact command line, the date, the machine (GPUs with their driver
+and compute capability, the CPU), the library versions and the settings that define the
+result's columns. Nothing heavy is imported for it: versions come from the installed
+packages' metadata, and the GPUs from `nvidia-smi` (or from torch when a command already
+imported it), so a CPU-only client such as `loadtest` stays light.
+
+On a machine where the source is a copy without `.git` (the accelerator gets the working tree
+only), the commit is taken from the environment: ROTARY_DEPLOY_COMMIT (and ROTARY_DEPLOY_DIRTY=1
+when the copy had uncommitted changes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+COMMIT_VARIABLE, DIRTY_VARIABLE = "ROTARY_DEPLOY_COMMIT", "ROTARY_DEPLOY_DIRTY"
+# Distributions whose versions define a result; absent ones are left out.
+# (Distribution names, one string: some equal backend names, which only the registry lists.)
+LIBRARIES = ("torch numpy onnx onnxscript onnxruntime onnxruntime-gpu ml_dtypes safetensors tensorrt "
+             "tensorrt-rtx-cu13 tensorrt_rtx polygraphy nvidia-pytriton tritonclient").split()
+SCHEMA = 1
+
+
+def _run(command: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_revision() -> dict:
+    """{"commit", "dirty", "from"}: the checkout's HEAD, or the environment's, or nothing known."""
+    if (SOURCE_ROOT / ".git").exists() and shutil.which("git"):
+        commit = _run(["git", "rev-parse", "HEAD"], SOURCE_ROOT)
+        status = _run(["git", "status", "--porcelain", "--untracked-files=no"], SOURCE_ROOT)
+        if commit:
+            return {"commit": commit, "dirty": bool(status), "from": "git"}
+    if os.environ.get(COMMIT_VARIABLE):
+        return {"commit": os.environ[COMMIT_VARIABLE], "dirty": os.environ.get(DIRTY_VARIABLE, "0") == "1",
+                "from": COMMIT_VARIABLE}
+    return {"commit": None, "dirty": None, "from": "unknown (no .git and no ROTARY_DEPLOY_COMMIT)"}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpus() -> list[dict]:
+    """Every NVIDIA GPU of the machine, as nvidia-smi reports it; [] without one."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    text = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total",
+                 "--format=csv,noheader,nounits"])
+    found = []
+    for line in (text or "").splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 4:
+            found.append({"name": parts[0], "driver": parts[1], "compute_capability": parts[2],
+                          "memory_mib": int(parts[3]) if parts[3].isdigit() else parts[3]})
+    return found
+
+
+def device() -> dict:
+    """The machine a result was measured on: its GPUs (with driver), CPU and cores."""
+    found = gpus()
+    torch = sys.modules.get("torch")
+    if not found and torch is not None and torch.cuda.is_available():  # no nvidia-smi, but CUDA works
+        found = [{"name": torch.cuda.get_device_name(i), "driver": None,
+                  "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(i))), "memory_mib": None}
+                 for i in range(torch.cuda.device_count())]
+    return {"gpus": found, "gpu": found[0]["name"] if found else None,
+            "driver": found[0]["driver"] if found else None,
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "host": platform.node()}
+
+
+def versions() -> dict:
+    """Python and the installed versions of the libraries in LIBRARIES (and CUDA, when torch is loaded)."""
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found["torch_cuda"] = torch.version.cuda
+    onnxruntime = sys.modules.get("onnxruntime")
+    if onnxruntime is not None and hasattr(onnxruntime, "get_available_providers"):
+        found["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    return found
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe settings: paths and other objects as text."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def provenance(command: Sequence[str] | None, settings: dict | None = None) -> dict:
+    """The block a result file carries (see the module docstring). `command`: the program and its
+    arguments as run; `settings`: what defines the result's columns (a command's parsed flags)."""
+    argv = list(command) if command is not None else None
+    return {"schema": SCHEMA,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **source_revision(),
+            "command": shlex.join(argv) if argv is not None else None,
+            "argv": argv,
+            "cwd": os.getcwd(),
+            "device": device(),
+            "versions": versions(),
+            "settings": _plain(settings or {})}
+
+
+def with_provenance(data: Any, command: Sequence[str] | None, settings: dict | None = None) -> Any:
+    """`data` with its "provenance" block added (a dict result); other values are returned as they are."""
+    if not isinstance(data, dict):
+        return data
+    return {**data, "provenance": provenance(command, settings)}
+
+
+def dumps(data: Any, command: Sequence[str] | None, settings: dict | None = None) -> str:
+    """The JSON text of a result with its provenance, as every result file is written."""
+    return json.dumps(with_provenance(data, command, settings), indent=2, default=str) + "\n"
+
+
+def script_command(argv: Sequence[str] | None) -> list[str]:
+    """A script's command line: how it was started (`python3 scripts/x.py`) and its arguments."""
+    return [Path(sys.executable).name, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+
+
+def write_result(path: str | Path, data: dict, command: Sequence[str] | None, settings: dict | None = None) -> None:
+    """Write a result file with its provenance, atomically (a reader never sees half a file)."""
+    from models.files import atomic_path
+
+    with atomic_path(Path(path)) as temporary:
+        temporary.write_text(dumps(data, command, settings))
