@@ -36,8 +36,10 @@ A second check finds measured figures in docs/benchmarks.md that cite nothing: a
 followed by a unit (ms, µs, s, tokens/s, requests/s, MB, MiB, GB, GiB, TB/s, GB/s, %,
 bits/byte) in prose or tables, and in table rows a cell that is only a number. Settings are
 not measurements: write them inside backticks (`` `97 %` ``, `` `--iters 3` ``); table
-columns named in SETTING_COLUMNS (batch, clients, bar, ...) hold settings too. Fenced code
-blocks, inline code and link targets are skipped.
+columns named in SETTING_COLUMNS (batch, clients, bar, ...) hold settings too, and the few
+phrases in ALLOWED_PHRASES are names whose digits are no figure ("H100 80GB HBM3"). Fenced
+code blocks, inline code and link targets are skipped. Ratios such as ``0.83×`` carry no unit
+and are not checked: write them next to the two cited figures they come from.
 """
 
 from __future__ import annotations
