@@ -27,7 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is so that staging files are removed on the way out."""
+    """SIGTERM, SIGHUP or SIGINT, raised where the program is so that staging files are removed on the way out."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -41,7 +41,9 @@ _RUNNING: dict[str, Any] = {"argv": None, "settings": None}
 
 @contextlib.contextmanager
 def _signals_interrupt():
-    """SIGTERM and SIGHUP unwind like Ctrl-C (finally blocks and context managers run)."""
+    """SIGTERM and SIGHUP unwind like Ctrl-C (finally blocks and context managers run); all three are
+    recorded in _RECEIVED, so an interrupt that a C extension turned into another exception still
+    exits 128 + the signal."""
     _RECEIVED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -51,7 +53,10 @@ def _signals_interrupt():
         _RECEIVED.append(signum)
         raise Terminated(signum)
 
-    previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    handled = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
+        handled.append(signal.SIGINT)  # recorded too: a Ctrl-C inside an import must not read as a missing module
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in handled}
     try:
         yield
     finally:
