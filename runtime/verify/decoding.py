@@ -1,5 +1,6 @@
 """Decoder parity with PyTorch, for every Decoder alike: prompt logits of ragged rows,
-teacher-forced decode steps, and greedy continuations compared token by token."""
+teacher-forced decode steps, and greedy continuations compared token by token and then
+teacher-forced through the decoder's own steps."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -12,7 +13,7 @@ from models.transformer import Transformer
 
 from ..decoding.base import Decoder
 from ..decoding.generation import GenerationResult, GenerationSettings, generate
-from .tensors import Case, ParityReport, compare_outputs
+from .tensors import Case, CaseResult, ParityReport, compare_outputs
 
 
 def ragged_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -78,19 +79,23 @@ class GenerationParity:
     tokens_compared: int
     tokens_matched: int
     first_divergence: dict | None  # {"row", "step", "reference", "candidate", "reference_margin"}
-    # Half precision only: the candidate's argmax fed the reference's tokens, and the bar it must reach.
-    teacher_forced_top1: float | None = None
-    min_top1: float | None = None
+    # Teacher forcing through the candidate's own decode steps: prefill the prompt, then step() the
+    # reference's tokens one by one (cache writes and positions included); each step's logits against
+    # PyTorch's full forward pass over the same tokens.
+    teacher_forced_top1: float  # the fraction of steps whose argmax is the reference's token
+    min_top1: float  # the bar it must reach
+    steps: CaseResult  # the steps' logits against the reference (max abs, cosine: the precision's bars)
+    exact_tokens: bool = True  # greedy tokens must be identical (fp32); half precision may flip near-ties
 
     def __bool__(self) -> bool:
-        if self.first_divergence is None:
-            return True
-        return self.min_top1 is not None and (self.teacher_forced_top1 or 0.0) >= self.min_top1
+        tokens_ok = self.first_divergence is None or not self.exact_tokens
+        return tokens_ok and self.teacher_forced_top1 >= self.min_top1 and self.steps.passed
 
     def summary(self) -> str:
         verdict = "passed" if self else "FAILED"
-        forced = ("" if self.teacher_forced_top1 is None else
-                  f"; teacher-forced top-1 agreement {self.teacher_forced_top1:.2%} (needs >= {self.min_top1:.0%})")
+        forced = (f"; teacher-forced through {self.steps.positions} decode steps: top-1 "
+                  f"{self.teacher_forced_top1:.2%} (needs >= {self.min_top1:.0%}), max abs {self.steps.max_abs:.3g}, "
+                  f"cosine {self.steps.cosine:.6f}" + ("" if self.steps.passed else f" ({self.steps.problem})"))
         if self.first_divergence is None:
             return (f"generation parity {verdict}: {self.candidate} vs {self.reference}, "
                     f"{self.tokens_compared} greedy tokens identical{forced}")
@@ -98,45 +103,56 @@ class GenerationParity:
         return (f"generation parity {verdict}: {self.candidate} vs {self.reference} diverge at row {d['row']} step "
                 f"{d['step']} (reference {d['reference']}, candidate {d['candidate']}; reference top-2 logit margin "
                 f"there {d['reference_margin']:.3g}); {self.tokens_matched}/{self.tokens_compared} tokens matched"
-                f"{forced}")
+                + (" (greedy tokens must be identical at this precision)" if self.exact_tokens else "") + forced)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": bool(self)}
 
 
-def teacher_forced_top1(candidate: Decoder, prompts: list[list[int]], continuations: list[list[int]]) -> float:
-    """The fraction of `continuations` tokens that are the candidate's argmax when it is fed the
-    prompt and the continuation so far (one prefill, no sampling)."""
+def teacher_forced_steps(reference: Decoder, candidate: Decoder, prompts: list[list[int]],
+                         continuations: list[list[int]], tolerance: Tolerance) -> tuple[float, CaseResult]:
+    """Feed `continuations` through the candidate's decode path (prefill, then one step() per token)
+    and compare the logits before each token with the reference's full forward pass over the
+    prompt and the continuation. Returns (top-1 agreement with the continuation, the logits'
+    comparison)."""
+    length = min(len(tokens) for tokens in continuations)
     rows = list(range(len(prompts)))
-    logits = candidate.start({r: p + t[:-1] for r, p, t in zip(rows, prompts, continuations)}, all_logits=True)
-    candidate.release(rows)
-    # position len(prompt) - 1 predicts the first new token
-    predicted = [row.argmax(-1).cpu()[len(p) - 1: len(p) - 1 + len(t)] for row, p, t in zip(logits, prompts, continuations)]
-    return agreement(predicted, continuations)
+    forced = np.array([tokens[:length] for tokens in continuations], dtype=np.int64)  # (rows, length)
+    full = reference.start({r: p + forced[r, :-1].tolist() for r, p in zip(rows, prompts)}, all_logits=True)
+    reference.release(rows)
+    # position len(prompt) - 1 + j predicts continuation token j
+    expected = np.stack([row[len(p) - 1:len(p) - 1 + length].float().cpu().numpy() for row, p in zip(full, prompts)])
+    got = [candidate.start(dict(zip(rows, prompts))).float().cpu().numpy()]
+    try:
+        for j in range(length - 1):  # copied: step() may return a buffer the next step overwrites
+            got.append(candidate.step(torch.as_tensor(forced[:, j], device=candidate.device)).float().cpu().numpy().copy())
+    finally:
+        candidate.release(rows)
+    actual = np.stack(got, axis=1)  # (rows, length, vocab)
+    top1 = float((actual.argmax(-1) == forced).mean()) if forced.size else 1.0
+    case = Case(len(prompts), 1, padded=len(prompts) > 1, past=max(len(p) for p in prompts))
+    return top1, compare_outputs(expected, actual, tolerance, case, f"logits ({length} teacher-forced steps)")
 
 
-def agreement(predicted: list, continuations: list[list[int]]) -> float:
-    """The fraction of continuation tokens equal to the prediction at their position (one
-    tensor of predicted ids per row, aligned with that row's continuation)."""
-    total = sum(len(tokens) for tokens in continuations)
-    agree = sum(int((row == torch.tensor(tokens)).sum()) for row, tokens in zip(predicted, continuations) if tokens)
-    return agree / total if total else 1.0
+def compare_generation(reference: Decoder, candidate: Decoder, prompts: list[list[int]], new_tokens: int,
+                       precision: str = "fp32", tolerance: Tolerance | None = None) -> GenerationParity:
+    """Greedy-decode both and report the first token where they part, with the reference's top-2
+    margin there (a tiny margin means a near-tie, not a bug); then teacher-force the reference's
+    tokens through the candidate's decode steps (teacher_forced_steps).
 
-
-def compare_generation(reference: Decoder, candidate: Decoder, prompts: list[list[int]],
-                       new_tokens: int, min_top1: float | None = None) -> GenerationParity:
-    """Greedy-decode both; report the first token where they part and the reference's top-2 margin
-    there (a tiny margin means a near-tie, not a bug).
-
-    Exact identity is the bar unless `min_top1` is given (half precision, where rounding may flip
-    a near-tie): then the candidate is also teacher-forced with the reference's continuation and
-    passes when its argmax agrees on at least that fraction of the tokens."""
+    It passes when every step's logits are within the precision's bars, the steps' top-1 reaches
+    the teacher-forced bar, and, where the precision requires exact tokens (fp32), the greedy
+    tokens are identical. Half precision (or quantized weights against the float model) may flip
+    a near-tie and continue differently, so it is judged on the forced steps alone."""
+    row = lookup_precision(precision)
+    tolerance = tolerance or row.tolerance
     settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0)
     expected = generate(reference, prompts, settings, record_margins=True)
     actual = generate(candidate, prompts, settings)
     compared, matched, divergence = token_agreement(expected, actual)
-    forced = None if min_top1 is None else teacher_forced_top1(candidate, prompts, expected.tokens)
-    return GenerationParity(reference.name, candidate.name, compared, matched, divergence, forced, min_top1)
+    top1, steps = teacher_forced_steps(reference, candidate, prompts, expected.tokens, tolerance)
+    return GenerationParity(reference.name, candidate.name, compared, matched, divergence, top1,
+                            tolerance.forced_top1, steps, row.exact_tokens)
 
 
 def token_agreement(expected: GenerationResult, actual: GenerationResult) -> tuple[int, int, dict | None]:
