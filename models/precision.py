@@ -68,6 +68,12 @@ class Precision:
     scheme: WeightScheme | None = None  # quantized rows: how the matrix weights are stored
     block_size: int | None = None  # quantized rows: input rows per scale; None: one scale per output channel
     base: str | None = None  # quantized rows: the float row of the activations
+    mantissa_bits: int = 23  # of the activations: one unit in the last place is 2**-mantissa_bits of a value
+
+    def ulp(self, value: float) -> float:
+        """One unit in the last place of the activations' format at `value` (a rounding step): two
+        logits closer than this at the largest logit are a tie the precision cannot order."""
+        return abs(value) * 2.0 ** -self.mantissa_bits
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -119,11 +125,11 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "float32", torch.float32, 1, 4, 4, Tolerance(1e-4, 2e-5, 0.99999, 0.99), "FLOAT",
               tensor_cores=False, static_cache=True),
     Precision("fp16", "float16", torch.float16, 10, 2, 2, Tolerance(5e-2, 5e-2, 0.999, 0.99), "HALF",
-              tensor_cores=True, static_cache=True),
+              tensor_cores=True, static_cache=True, mantissa_bits=10),
     Precision("bf16", "bfloat16", torch.bfloat16, 16, 2, 2, Tolerance(2e-1, 5e-2, 0.995, 0.97), "BF16",
               tensor_cores=True, static_cache=False,
               cpu_note="ONNX Runtime's CPU provider cannot run bfloat16 MatMul; verify on a GPU with "
-                       "check-parity --backend onnxruntime-cuda"),
+                       "check-parity --backend onnxruntime-cuda", mantissa_bits=7),
 )}
 DEFAULT_PRECISION = "fp32"
 

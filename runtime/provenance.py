@@ -7,9 +7,9 @@ result's columns. Nothing heavy is imported for it: versions come from the insta
 packages' metadata, and the GPUs from `nvidia-smi` (or from torch when a command already
 imported it), so a CPU-only client such as `loadtest` stays light.
 
-On a machine where the source is a copy without `.git` (the accelerator gets the working tree
-only), the commit is taken from the environment: ROTARY_DEPLOY_COMMIT (and ROTARY_DEPLOY_DIRTY=1
-when the copy had uncommitted changes).
+Where the source is a copy (the accelerator gets the working tree, with a .git of an older
+commit), the commit is set in the environment and takes precedence: ROTARY_DEPLOY_COMMIT (and
+ROTARY_DEPLOY_DIRTY=1 when the copy had uncommitted changes).
 """
 from __future__ import annotations
 
@@ -43,15 +43,16 @@ def _run(command: list[str], cwd: Path | None = None) -> str | None:
 
 
 def source_revision() -> dict:
-    """{"commit", "dirty", "from"}: the checkout's HEAD, or the environment's, or nothing known."""
+    """{"commit", "dirty", "from"}: the environment's (set where the source is a copy, whose own
+    .git, if any, may be older than the code), else the checkout's HEAD, else nothing known."""
+    if os.environ.get(COMMIT_VARIABLE):
+        return {"commit": os.environ[COMMIT_VARIABLE], "dirty": os.environ.get(DIRTY_VARIABLE, "0") == "1",
+                "from": COMMIT_VARIABLE}
     if (SOURCE_ROOT / ".git").exists() and shutil.which("git"):
         commit = _run(["git", "rev-parse", "HEAD"], SOURCE_ROOT)
         status = _run(["git", "status", "--porcelain", "--untracked-files=no"], SOURCE_ROOT)
         if commit:
             return {"commit": commit, "dirty": bool(status), "from": "git"}
-    if os.environ.get(COMMIT_VARIABLE):
-        return {"commit": os.environ[COMMIT_VARIABLE], "dirty": os.environ.get(DIRTY_VARIABLE, "0") == "1",
-                "from": COMMIT_VARIABLE}
     return {"commit": None, "dirty": None, "from": "unknown (no .git and no ROTARY_DEPLOY_COMMIT)"}
 
 

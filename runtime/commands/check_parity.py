@@ -156,8 +156,8 @@ def _verdict(args: argparse.Namespace, report, generation) -> int:
     """Write the JSON report; exit 0 only if the tensors and (when compared) the tokens pass."""
     passed = bool(report) and (generation is None or bool(generation))
     if args.json:
-        write_json(args.json, {**report.to_dict(), "passed": passed,
-                               "generation": generation.to_dict() if generation else None})
+        write_json(args.json, {**report.to_dict(), "passed": passed,  # a failed comparison is written too
+                               "generation": generation.to_dict() if generation is not None else None})
     if not passed:
         print(f"check-parity: error: {report.summary() if not report else generation.summary()}", file=sys.stderr)
     return 0 if passed else 1

@@ -3,12 +3,12 @@ teacher-forced decode steps, and greedy continuations compared token by token an
 teacher-forced through the decoder's own steps."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from models.precision import Tolerance, precision as lookup_precision
+from models.precision import Precision, Tolerance, precision as lookup_precision
 from models.transformer import Transformer
 
 from ..decoding.base import Decoder
@@ -82,10 +82,14 @@ class GenerationParity:
     # Teacher forcing through the candidate's own decode steps: prefill the prompt, then step() the
     # reference's tokens one by one (cache writes and positions included); each step's logits against
     # PyTorch's full forward pass over the same tokens.
-    teacher_forced_top1: float  # the fraction of steps whose argmax is the reference's token
+    teacher_forced_top1: float  # the fraction of steps whose argmax is the reference's token (or ties with it)
     min_top1: float  # the bar it must reach
     steps: CaseResult  # the steps' logits against the reference (max abs, cosine: the precision's bars)
     exact_tokens: bool = True  # greedy tokens must be identical (fp32); half precision may flip near-ties
+    # Forced steps whose argmax is not the reference's token: {"row", "step", "reference", "candidate",
+    # "reference_gap" (reference logit of its token minus that of the candidate's), "tie" (one ulp of
+    # the precision at the largest logit: a gap within it is a tie and counts as agreement)}
+    flips: list[dict] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         tokens_ok = self.first_divergence is None or not self.exact_tokens
@@ -93,8 +97,11 @@ class GenerationParity:
 
     def summary(self) -> str:
         verdict = "passed" if self else "FAILED"
+        ties = sum(flip["reference_gap"] <= flip["tie"] for flip in self.flips)
+        flipped = f", {len(self.flips)} flipped, {ties} of them ties within one ulp" if self.flips else ""
         forced = (f"; teacher-forced through {self.steps.positions} decode steps: top-1 "
-                  f"{self.teacher_forced_top1:.2%} (needs >= {self.min_top1:.0%}), max abs {self.steps.max_abs:.3g}, "
+                  f"{self.teacher_forced_top1:.2%} (needs >= {self.min_top1:.0%}{flipped}), "
+                  f"max abs {self.steps.max_abs:.3g}, "
                   f"cosine {self.steps.cosine:.6f}" + ("" if self.steps.passed else f" ({self.steps.problem})"))
         if self.first_divergence is None:
             return (f"generation parity {verdict}: {self.candidate} vs {self.reference}, "
@@ -110,11 +117,14 @@ class GenerationParity:
 
 
 def teacher_forced_steps(reference: Decoder, candidate: Decoder, prompts: list[list[int]],
-                         continuations: list[list[int]], tolerance: Tolerance) -> tuple[float, CaseResult]:
+                         continuations: list[list[int]], row: Precision, tolerance: Tolerance
+                         ) -> tuple[float, CaseResult, list[dict]]:
     """Feed `continuations` through the candidate's decode path (prefill, then one step() per token)
     and compare the logits before each token with the reference's full forward pass over the
     prompt and the continuation. Returns (top-1 agreement with the continuation, the logits'
-    comparison)."""
+    comparison, the flips). A flip to a token whose reference logit is within one ulp of `row`'s
+    format (at the position's largest logit) of the continuation's is a tie and counts as agreement:
+    the precision cannot order the two."""
     length = min(len(tokens) for tokens in continuations)
     rows = list(range(len(prompts)))
     forced = np.array([tokens[:length] for tokens in continuations], dtype=np.int64)  # (rows, length)
@@ -129,9 +139,23 @@ def teacher_forced_steps(reference: Decoder, candidate: Decoder, prompts: list[l
     finally:
         candidate.release(rows)
     actual = np.stack(got, axis=1)  # (rows, length, vocab)
-    top1 = float((actual.argmax(-1) == forced).mean()) if forced.size else 1.0
+    top1, flips = forced_agreement(expected, actual.argmax(-1), forced, row)
     case = Case(len(prompts), 1, padded=len(prompts) > 1, past=max(len(p) for p in prompts))
-    return top1, compare_outputs(expected, actual, tolerance, case, f"logits ({length} teacher-forced steps)")
+    return top1, compare_outputs(expected, actual, tolerance, case, f"logits ({length} teacher-forced steps)"), flips
+
+
+def forced_agreement(expected: np.ndarray, chosen: np.ndarray, forced: np.ndarray, row: Precision
+                     ) -> tuple[float, list[dict]]:
+    """(The fraction of positions where `chosen` is the `forced` token or ties with it in the
+    reference's `expected` logits (rows, length, vocab), the flips): see teacher_forced_steps."""
+    flips, agree = [], int((chosen == forced).sum())
+    for r, j in zip(*np.nonzero(chosen != forced)):
+        logits = expected[r, j]
+        gap, tie = float(logits[forced[r, j]] - logits[chosen[r, j]]), row.ulp(float(np.abs(logits).max()))
+        agree += gap <= tie
+        flips.append({"row": int(r), "step": int(j), "reference": int(forced[r, j]), "candidate": int(chosen[r, j]),
+                      "reference_gap": gap, "tie": tie})
+    return (agree / forced.size if forced.size else 1.0), flips
 
 
 def compare_generation(reference: Decoder, candidate: Decoder, prompts: list[list[int]], new_tokens: int,
@@ -150,9 +174,9 @@ def compare_generation(reference: Decoder, candidate: Decoder, prompts: list[lis
     expected = generate(reference, prompts, settings, record_margins=True)
     actual = generate(candidate, prompts, settings)
     compared, matched, divergence = token_agreement(expected, actual)
-    top1, steps = teacher_forced_steps(reference, candidate, prompts, expected.tokens, tolerance)
+    top1, steps, flips = teacher_forced_steps(reference, candidate, prompts, expected.tokens, row, tolerance)
     return GenerationParity(reference.name, candidate.name, compared, matched, divergence, top1,
-                            tolerance.forced_top1, steps, row.exact_tokens)
+                            tolerance.forced_top1, steps, row.exact_tokens, flips)
 
 
 def token_agreement(expected: GenerationResult, actual: GenerationResult) -> tuple[int, int, dict | None]:

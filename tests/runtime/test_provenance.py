@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ def _git(*args: str) -> str:
 
 def _check_block(block: dict, command: list[str]) -> None:
     assert block["schema"] == prov.SCHEMA
-    if (ROOT / ".git").exists():
+    if (ROOT / ".git").exists() and prov.COMMIT_VARIABLE not in os.environ:
         assert block["commit"] == _git("rev-parse", "HEAD") and block["from"] == "git"
         assert block["dirty"] == bool(_git("status", "--porcelain", "--untracked-files=no"))
     assert block["argv"] == command
@@ -56,12 +57,14 @@ def test_generate_json_carries_provenance(tiny_past_onnx, tmp_path):
     assert "torch" in data["provenance"]["versions"]
 
 
-def test_without_git_the_commit_comes_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setattr(prov, "SOURCE_ROOT", tmp_path)  # a copy without .git, as on the accelerator
+def test_the_environment_names_the_commit_of_a_copied_tree(tmp_path, monkeypatch):
+    """The accelerator gets a copy of the working tree whose .git may hold an older commit: the
+    commit set in the environment wins over the checkout's."""
     monkeypatch.setenv(prov.COMMIT_VARIABLE, "abc123")
     monkeypatch.setenv(prov.DIRTY_VARIABLE, "1")
     assert prov.source_revision() == {"commit": "abc123", "dirty": True, "from": prov.COMMIT_VARIABLE}
     monkeypatch.delenv(prov.COMMIT_VARIABLE)
+    monkeypatch.setattr(prov, "SOURCE_ROOT", tmp_path)  # a copy without .git and no commit named
     unknown = prov.source_revision()
     assert unknown["commit"] is None and unknown["from"].startswith("unknown")
 

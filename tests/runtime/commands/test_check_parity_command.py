@@ -140,3 +140,16 @@ def test_against_float_applies_the_scheme_row_and_reports_the_first_divergence(c
     assert code == 0 and report["passed"] and min(c["cosine"] for c in report["cases"]) >= 0.99
     assert report["top1"] >= 0.75 and generation["teacher_forced_top1"] >= 0.97  # measured: 94 % and 98.4 %
     assert generation["first_divergence"]["step"] < 32  # int4 flips a near-tie of the random tiny model
+def test_a_failed_generation_comparison_is_written_to_the_report(capsys, tiny_past_onnx, tmp_path):
+    """The JSON keeps a failed --generate's figures (it once wrote `generation: null` for them)."""
+    proto = onnx.load(str(tiny_past_onnx))
+    assert perturb_embedding(proto) == 1
+    tampered = tmp_path / "tampered-past.onnx"
+    onnx.save(proto, str(tampered))
+    report_path = tmp_path / "parity.json"
+    code = parity_cli.main([str(tampered), "--batch", "1", "--seq", "1", "--past", "1", "--generate", "8",
+                            "--json", str(report_path)])
+    assert code == 1
+    generation = json.loads(report_path.read_text())["generation"]
+    assert generation["passed"] is False and generation["steps"]["positions"] == 16
+    assert generation["steps"]["max_abs"] > 1e-3 and not generation["steps"]["passed"]

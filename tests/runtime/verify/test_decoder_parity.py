@@ -2,6 +2,7 @@
 decoder sweep's verdicts."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,21 @@ def test_decoder_sweep_passes_the_right_weights_and_fails_the_wrong_ones(tiny_mo
     other = build_model(tiny_model.config, seed=1)
     bad = check_decoder(other, lambda rows: open_decoder(tiny_past_onnx, "onnxruntime", rows), [2], [5])
     assert not bad and "FAILED" in bad.summary()
+
+
+def test_a_flip_within_one_ulp_of_the_precision_is_a_tie_and_a_wider_one_is_not():
+    from models.precision import precision
+    from runtime.verify.decoding import forced_agreement
+
+    expected = np.zeros((1, 4, 3))  # one row, four forced steps, three tokens; the largest logit is 8
+    expected[0, :, 0] = 8.0
+    expected[0, 1, 1] = 8.0 - 0.006  # within fp16's ulp at 8 (8 / 1024 = 0.0078), not within fp32's
+    expected[0, 2, 2] = 8.0 - 0.5  # a real disagreement at every precision but far coarser ones
+    forced = np.zeros((1, 4), dtype=np.int64)
+    chosen = np.array([[0, 1, 2, 0]])
+    half, ties = forced_agreement(expected, chosen, forced, precision("fp16"))
+    assert half == 0.75 and [f["step"] for f in ties] == [1, 2] and ties[0]["tie"] == 8 / 1024
+    assert abs(ties[0]["reference_gap"] - 0.006) < 1e-12 and abs(ties[1]["reference_gap"] - 0.5) < 1e-12
+    assert forced_agreement(expected, chosen, forced, precision("fp32"))[0] == 0.5
+    assert forced_agreement(expected, chosen, forced, precision("bf16"))[0] == 0.75  # 8 / 128 = 0.0625 < 0.5
+    assert forced_agreement(expected, chosen, forced, precision("fp16-int4-b32"))[0] == 0.75  # the float row's ulp
