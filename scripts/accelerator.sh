@@ -4,8 +4,19 @@
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see README).
+# Results record the commit they ran (runtime/provenance.py). The GPU machine gets a copy of the
+# working tree whose .git may hold an older commit, so make an archive of the commit to run first,
+#     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
+# and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
 part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve}
+if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
+  commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
+  src=/tmp/rotary-src/$commit
+  [ -d "$src" ] || { mkdir -p "$src" && tar xf .whl/src.tar -C "$src"; }
+  cd "$src" && ROTARY_FROM_ARCHIVE=1 ROTARY_DEPLOY_COMMIT=$commit ROTARY_DEPLOY_DIRTY=0 exec bash scripts/accelerator.sh "$@"
+fi
+[ -n "${ROTARY_DEPLOY_COMMIT:-}" ] || echo "accelerator.sh: note: no .whl/src.tar, so results name the copy's .git commit (dirty)"
 out=${OUT:-build/accelerator}
 work=${WORK:-/tmp/rotary-work}
 results="$work/results-$part"
