@@ -110,7 +110,9 @@ for q in ("fp16", "int8", "int4"):
     row["tensorrt_rtx_build"] = build and {"built": True, "seconds": build["build_seconds"],
                                            "engine_bytes": os.path.getsize(engine) if os.path.exists(engine) else None}
     rows[q] = row
-json.dump(rows, open(os.path.join(out, "summary.json"), "w"), indent=2)
+from runtime.provenance import write_result
+write_result(os.path.join(out, "summary.json"), rows, ["scripts/quantized_gpu.sh", "summary"],
+             {"out": out, "work": work, "name": name})
 for q, row in rows.items():
     p = row["past"]
     print(f"{q:5} weights {p['weight_bytes']} B (static {row['static']['weight_bytes']} B); "
