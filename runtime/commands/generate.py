@@ -59,12 +59,8 @@ def _open(args: argparse.Namespace, max_length: int):
     return open_decoder(args.model, spec.name, rows=1)
 
 
-def _printer(stream, text_mode: bool):
-    """Writes each new token as it comes: bytes decoded incrementally, or ids."""
-    from runtime.decoding.text import TextPieces
-
-    pieces = TextPieces()
-
+def _printer(stream, text_mode: bool, pieces):
+    """Writes each new token as it comes: bytes decoded incrementally (`pieces`, a TextPieces), or ids."""
     def show(step: int, tokens: list[int]) -> None:
         token = tokens[0]
         stream.write(pieces.piece(token) if text_mode else f"{token} ")
@@ -75,7 +71,7 @@ def _printer(stream, text_mode: bool):
 
 def _generate(args: argparse.Namespace) -> int:
     from runtime.decoding.generation import GenerationSettings, generate
-    from runtime.decoding.text import decode_bytes, encode_text
+    from runtime.decoding.text import TextPieces, decode_bytes, encode_text
 
     log = log_to(args.json == "-")
     stream = sys.stderr if args.json == "-" else sys.stdout
@@ -88,9 +84,10 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = args.prompt_ids if args.prompt_ids else encode_text(args.prompt, decoder.vocab_size)
         log(f"generate: {decoder.name} ({decoder.mode}), prompt of {len(prompt)} tokens, up to "
             f"{args.max_new_tokens} new")
-        result = generate(decoder, [prompt], settings, on_tokens=_printer(stream, text_mode))
+        pieces = TextPieces()
+        result = generate(decoder, [prompt], settings, on_tokens=_printer(stream, text_mode, pieces))
         name = decoder.name
-    stream.write("\n")
+    stream.write((pieces.flush() if text_mode else "") + "\n")  # a character the last token left unfinished
     tokens = result.tokens[0]
     log(f"{len(tokens)} tokens; prefill {result.prefill_seconds * 1e3:.1f} ms, "
         f"decode {result.decode_tokens_per_second:.1f} tokens/s on {name}")

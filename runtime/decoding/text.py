@@ -29,10 +29,18 @@ def decode_bytes(tokens: list[int]) -> str:
 
 class TextPieces:
     """Turns one row's tokens into text as they come: bytes decoded incrementally (a piece is empty
-    while a multi-byte character is incomplete), ids of 256 and over as <id>."""
+    while a multi-byte character is incomplete), ids of 256 and over as <id>. The pieces join to
+    exactly decode_bytes(tokens): an id of 256 or over, or the end (`final`, or flush()), turns the
+    bytes of an unfinished character into U+FFFD as decode_bytes does."""
 
     def __init__(self):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def piece(self, token: int) -> str:
-        return self._decoder.decode(bytes([token])) if token < 256 else f"<{token}>"
+    def piece(self, token: int, final: bool = False) -> str:
+        if token < 256:
+            return self._decoder.decode(bytes([token]), final=final)
+        return self.flush() + f"<{token}>"
+
+    def flush(self) -> str:
+        """What is left of an unfinished character (U+FFFD, or nothing); the next byte starts afresh."""
+        return self._decoder.decode(b"", final=True)

@@ -51,7 +51,7 @@ class TritonStream:
     def send(self, token: int, final: bool) -> None:
         outputs = [self.pb.Tensor("token_id", np.array([token], dtype=np.int64))]
         if self.pieces:  # a text prompt: its text piece too (a string tensor costs more to send)
-            outputs.append(self.pb.Tensor("text", np.array([self.pieces.piece(token).encode("utf-8")],
+            outputs.append(self.pb.Tensor("text", np.array([self.pieces.piece(token, final).encode("utf-8")],
                                                             dtype=np.object_)))
         response = self.pb.InferenceResponse(output_tensors=outputs)
         self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)

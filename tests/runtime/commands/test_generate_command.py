@@ -40,3 +40,21 @@ def test_token_outside_the_vocabulary_is_one_error_line(tiny_past_onnx, capsys):
 def test_a_file_backend_without_a_model_is_one_error_line(capsys):
     assert main(["--backend", "onnxruntime", "--prompt-ids", "1"]) == 2
     assert_one_line_error(capsys, "generate", "--model is required for the onnxruntime backend")
+
+
+def test_printed_text_is_the_reports_text_and_tokens_per_second_is_tokens_over_time(tmp_path, capsys):
+    """A text prompt, sampled: seed 8 makes the tiny model write three multi-byte characters among
+    broken bytes and stop inside a fourth. What is printed token by token is the report's text, and
+    the rate is the decoded tokens over the decode time."""
+    from runtime.decoding.text import decode_bytes
+
+    report = tmp_path / "gen.json"
+    assert main(["--backend", "torch", "--prompt", "héllo ✓", "--max-new-tokens", "48", "--temperature", "2",
+                 "--filter-thres", "0", "--seed", "8", "--json", str(report)]) == 0
+    data, out = json.loads(report.read_text()), capsys.readouterr().out
+    text = data["text"]
+    assert len(data["tokens"]) == 48 and text == decode_bytes(data["tokens"])
+    assert len([c for c in text if ord(c) > 127 and c != "\ufffd"]) >= 3 and text.endswith("\ufffd"), "pick another seed"
+    assert f"up to 48 new\n{text}\n48 tokens;" in out
+    assert data["decode_seconds"] > 0 and data["decode_tokens_per_second"] == pytest.approx(47 / data["decode_seconds"])
+    assert f"decode {data['decode_tokens_per_second']:.1f} tokens/s" in out

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from command_helpers import assert_one_line_error
 from triton_process import free_ports
 from runtime.commands.loadtest import main
@@ -17,7 +19,9 @@ def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp
     assert data["errors"] == 0 and isinstance(data["errors"], int)
     assert [level["concurrency"] for level in data["levels"]] == [1, 4]
     for level in data["levels"]:
-        assert level["requests"] == 8 and level["tokens"] > 0 and level["tokens_per_second"] > 0
+        assert level["requests"] == 8 and 8 <= level["tokens"] <= 8 * 16 and level["seconds"] > 0
+        assert level["tokens_per_second"] == pytest.approx(level["tokens"] / level["seconds"])
+        assert level["requests_per_second"] == pytest.approx(8 / level["seconds"])
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
         steps = level["server_steps"]  # the server's own decode-step counters over the level
         assert steps["steps"] > 0 and steps["mean_step_ms"] > 0

@@ -13,7 +13,7 @@ from runtime.decoding.base import DecodingError
 from runtime.decoding.cache_feed import CacheFeedDecoder, left_pad
 from runtime.decoding.generation import GenerationSettings, generate
 from runtime.decoding.sampling import next_tokens, top_k_filter
-from runtime.decoding.text import decode_bytes, encode_text
+from runtime.decoding.text import TextPieces, decode_bytes, encode_text
 
 
 def test_with_past_graph_has_the_declared_names_and_symbolic_axes(tiny_past_onnx, tiny_config):
@@ -78,6 +78,28 @@ def test_backends_refuse_caches_of_inconsistent_shapes(tiny_past_onnx, tiny_mode
     feeds["past_key_values.0.key"] = np.zeros((1, 3, 3, 16), np.float32)
     with pytest.raises(BackendError, match="dimension 1 must be 2"):
         backend.run(feeds)
+
+
+def streamed(tokens: list[int]) -> list[str]:
+    pieces = TextPieces()
+    return [pieces.piece(token, final=index == len(tokens) - 1) for index, token in enumerate(tokens)]
+
+
+def test_streamed_text_pieces_join_to_the_offline_text():
+    """What a server streams (one piece per token) joins, character for character, to what offline
+    generate writes (decode_bytes); a multi-byte character comes whole, in the piece of its last byte."""
+    text = "héllo wörld ✓ 日本 🙂"
+    tokens = encode_text(text, 256)
+    pieces = streamed(tokens)
+    assert "".join(pieces) == decode_bytes(tokens) == text
+    assert pieces[:3] == ["h", "", "é"] and pieces[-4:] == ["", "", "", "🙂"]
+    # unfinished characters: cut by an id of 256 or over, by a new lead byte, by the end of the stream
+    for tokens in ([0xE6, 0x97, 300, 0x41], [0xC3, 0xE6, 0x97, 0xA5], [0x41, 0xF0, 0x9F], [0xFF, 0x80, 0xC3]):
+        assert "".join(streamed(tokens)) == decode_bytes(tokens), tokens
+    rng = np.random.default_rng(0)  # random bytes (valid characters appear among them) and a few large ids
+    for _ in range(200):
+        tokens = [int(t) for t in rng.choice([*range(0x80, 0x100), *range(0x80, 0x100), 65, 300, 0xE6], size=12)]
+        assert "".join(streamed(tokens)) == decode_bytes(tokens), tokens
 
 
 def test_byte_level_text_and_left_padding():

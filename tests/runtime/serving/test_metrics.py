@@ -1,0 +1,48 @@
+"""The scheduler's counters without a server: tokens/s over the sliding window, and what reaches a sink."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from runtime.serving.metrics import ServingMetrics
+
+
+class RecordingSink:
+    def __init__(self):
+        self.published: list[tuple[str, float, str | None]] = []
+
+    def publish(self, name: str, value: float, outcome: str | None = None) -> None:
+        self.published.append((name, value, outcome))
+
+
+def test_tokens_per_second_is_the_tokens_of_the_last_window_over_its_length():
+    metrics = ServingMetrics(window_s=5.0)
+    assert metrics.tokens_per_second() == 0.0
+    metrics.tokens(30)
+    metrics.tokens(20)
+    now = time.monotonic()
+    assert metrics.tokens_per_second(now) == pytest.approx(50 / 5.0)
+    assert metrics.snapshot()["tokens_per_second"] == pytest.approx(10.0)
+    assert metrics.tokens_per_second(now + 4.0) == pytest.approx(10.0)  # still inside the window
+    assert metrics.tokens_per_second(now + 6.0) == 0.0  # both fell out of it
+    assert metrics.tokens_total == 50
+
+
+def test_publish_hands_the_sink_counter_increments_and_the_tokens_per_second_gauge():
+    sink = RecordingSink()
+    metrics = ServingMetrics(sink, window_s=2.0, publish_s=3600)  # publish by hand only
+    try:
+        metrics.tokens(8)
+        metrics.finished("completed")
+        metrics.publish()
+        first = {name if outcome is None else (name, outcome): value for name, value, outcome in sink.published}
+        assert first["tokens"] == 8 and first[("requests", "completed")] == 1
+        assert first["tokens_per_second"] == pytest.approx(8 / 2.0)
+        sink.published.clear()
+        metrics.tokens(4)
+        metrics.publish()
+        second = {name: value for name, value, _ in sink.published}
+        assert second["tokens"] == 4 and second["tokens_per_second"] == pytest.approx(12 / 2.0)
+    finally:
+        metrics.close()
