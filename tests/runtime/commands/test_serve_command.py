@@ -13,8 +13,12 @@ from triton_process import ROOT, ServeProcess, free_ports
 from runtime.commands.serve import main
 from runtime.serving.clients import http_generate
 
+STREAM = 2000  # tokens: still in flight when SIGTERM arrives
+
 
 def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_graph, tmp_path):
+    """SIGTERM is sent at the stream's first token; 2000 tokens take over a second to decode (400 took
+    0.15 s, which could end before the signal arrived and leave nothing to drain)."""
     server = ServeProcess(serving_graph, tmp_path)
     result, received, first_token = {}, [0], threading.Event()
 
@@ -24,7 +28,7 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
 
     try:
         thread = threading.Thread(target=lambda: result.update(stream=http_generate(
-            server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": 400}, 60, on_token=on_token)))
+            server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": STREAM}, 60, on_token=on_token)))
         thread.start()
         # the client's first token, not the metrics (published every 0.25 s, which a fast stream can outrun)
         assert first_token.wait(30), "no token within 30 s"
@@ -35,8 +39,8 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
         if server.process.poll() is None:
             server.process.kill()
     assert code == 0, server.log.read_text()[-2000:]
-    assert at_sigterm < 400, "the stream had finished before SIGTERM; nothing was in flight"
-    assert result["stream"].error is None and len(result["stream"].tokens) == 400  # drained, not cut
+    assert at_sigterm < STREAM, "the stream had finished before SIGTERM; nothing was in flight"
+    assert result["stream"].error is None and len(result["stream"].tokens) == STREAM  # drained, not cut
     triton_log = (tmp_path / "tritonserver.log").read_text()
     # Triton closes its listeners at once and unloads generate, whose scheduler finishes active rows first
     assert "successfully unloaded 'generate'" in triton_log
