@@ -121,3 +121,19 @@ def test_backend_lists_and_device_guesses_live_only_in_the_registry():
                     and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in BACKENDS):
                 found.append(f"{name}:{node.lineno} guesses from a name starting {node.args[0].value!r}")
     assert found == []
+
+
+def test_result_files_are_written_only_through_the_provenance_helper():
+    """Every command's and script's result carries its provenance (runtime/provenance.py): no
+    `json.dump` of a result beside it. (The held-out prompts and the edge bundle's manifest are
+    inputs and artifacts, not results.)"""
+    allowed = {"runtime/provenance.py", "runtime/edge/bundle.py", "scripts/train_reference.py:prompts"}
+    writers = re.compile(r"json\.dump\(|write_text\(json\.dumps\(")
+    found = []
+    for path in [*modules().values(), *(ROOT / "scripts").glob("*.py")]:
+        relative = str(path.relative_to(ROOT))
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if writers.search(line) and relative not in allowed and not (
+                    f"{relative}:prompts" in allowed and "held_out_prompts" in line):
+                found.append(f"{relative}:{number}")
+    assert found == []
