@@ -31,7 +31,7 @@ def upstream_past_onnx(tmp_path_factory, upstream_checkpoint) -> tuple[Path, obj
 # --- serving: one real Triton server for the session ------------------------------------------
 
 
-SERVING_CACHE = 8192  # tokens per row: room for SERVER_LIMITS' 8000-token streams (several seconds of decoding)
+SERVING_CACHE = 16384  # tokens per row: room for SERVER_LIMITS' 16000-token streams (over ten seconds of decoding)
 SHARPEN_QK, SHARPEN_LOGITS = 3.0, 4.0
 
 
