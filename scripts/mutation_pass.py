@@ -7,8 +7,8 @@ folder, the snippet is replaced there, and a chosen selection of CPU tests runs 
 (`python -m pytest -x -q`, cwd and PYTHONPATH = the copy, so the copy's code is what is imported,
 not the editable install). A mutation is *caught* when the selection fails. Before any mutation
 runs, every snippet is checked to occur exactly once in its file at HEAD (the table cannot rot
-silently), the copy is checked to import its own packages, and the union of the selections is
-run unmutated (a red baseline would make every mutation look caught).
+silently), the copy is checked to import its own packages, and every selection is run
+unmutated (a red baseline would make its mutations look caught).
 
     .venv/bin/python scripts/mutation_pass.py                      # the whole pass
     .venv/bin/python scripts/mutation_pass.py --list               # the table
@@ -645,16 +645,30 @@ def prepare(base: Path, overlay: list[str], commit: str) -> bool:
     return not problems
 
 
-def baseline(base: Path, work: Path, mutations: list[Mutation], timeout: float) -> float | None:
-    """Run every selected test unmutated; its seconds, or None (reported) when it fails."""
-    selection = list(dict.fromkeys(test for m in mutations for test in m.tests))
-    run = run_pytest(base, selection, work / "baseline.basetemp", max(timeout, 900.0), stop_first=False)
-    if run["rc"] != 0:
-        print(f"mutation_pass: the unmutated selection fails (rc {run['rc']}); fix that first:\n"
-              + "\n".join(run["output"].strip().splitlines()[-30:]), file=sys.stderr)
+def baseline(base: Path, work: Path, mutations: list[Mutation], timeout: float, jobs: int) -> float | None:
+    """Run each distinct selection unmutated, as the mutations run it (one pytest per selection: a
+    test that fails only after another file's tests would not make a mutation look caught either).
+    Its wall seconds, or None (reported) when a selection fails."""
+    selections = list(dict.fromkeys(m.tests for m in mutations))
+    started, failed = time.perf_counter(), []
+
+    def run(index_tests):
+        index, tests = index_tests
+        return tests, run_pytest(base, list(tests), work / f"baseline-{index}.basetemp", timeout)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        for tests, result in pool.map(run, enumerate(selections)):
+            if result["rc"] != 0:
+                failed.append((tests, result))
+    for tests, result in failed:
+        print(f"mutation_pass: unmutated, this selection fails (rc {result['rc']}): {' '.join(tests)}\n"
+              + "\n".join(result["output"].strip().splitlines()[-20:]), file=sys.stderr)
+    if failed:
+        print("mutation_pass: fix the failing tests (or the selections) first", file=sys.stderr)
         return None
-    print(f"baseline: {len(selection)} selection(s) pass unmutated ({run['seconds']:.0f} s)", flush=True)
-    return run["seconds"]
+    seconds = time.perf_counter() - started
+    print(f"baseline: {len(selections)} selection(s) pass unmutated ({seconds:.0f} s)", flush=True)
+    return seconds
 
 
 def run_all(mutations: list[Mutation], base: Path, work: Path, jobs: int, timeout: float) -> list[dict]:
@@ -705,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         check_imports_from(base)
         print(f"mutation_pass: {len(mutations)} mutation(s) at {commit[:12]}"
               f"{' (working tree dirty; running the committed tree)' if dirty else ''}", flush=True)
-        baseline_seconds = 0.0 if args.no_baseline else baseline(base, work, mutations, args.timeout)
+        baseline_seconds = 0.0 if args.no_baseline else baseline(base, work, mutations, args.timeout, args.jobs)
         if baseline_seconds is None:
             return 2
         results = run_all(mutations, base, work, args.jobs, args.timeout)

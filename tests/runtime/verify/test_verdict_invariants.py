@@ -32,9 +32,10 @@ def test_sweep_top1_weighs_positions_not_cases():
 
 def test_a_failed_generation_fails_check_parity_even_when_every_tensor_passes(tmp_path, capsys):
     tensors = ParityReport("torch", "candidate", "float32", BARS, [case(1.0, 4)])
+    steps = case(1.0, 10)  # the teacher-forced decode steps: all within the bars
     diverged = GenerationParity("torch", "candidate", 10, 3, {"row": 0, "step": 3, "reference": 5, "candidate": 6,
-                                                              "reference_margin": 2.0})
-    agreed = GenerationParity("torch", "candidate", 10, 10, None)
+                                                              "reference_margin": 2.0}, 1.0, 0.99, steps)
+    agreed = GenerationParity("torch", "candidate", 10, 10, None, 1.0, 0.99, steps)
     report = tmp_path / "parity.json"
     args = argparse.Namespace(json=str(report))
     assert tensors and not diverged and agreed
