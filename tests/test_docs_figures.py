@@ -278,7 +278,7 @@ def check_citation(cite: Citation) -> tuple[str, str] | None:
     except PathError as error:
         return "resolve", f"{cite.where()}: {cite.target} \"{path}\" does not resolve: {error}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "resolve", f"{cite.where()}: {cite.target} \"{path}\" is {value!r}, not a number"
+        return "resolve", f"{cite.where()}: {cite.target} \"{path}\" is {repr(value)[:120]}, not a number"
     shown = parse_shown(cite.text)
     if shown is None:
         return "resolve", f"{cite.where()}: the link text holds no number"
