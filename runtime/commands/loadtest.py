@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run N concurrent streaming clients (tritonclient gRPC streams, or HTTP generate_stream) "
                     "against a server's `generate` with a seeded mix of prompt lengths, output lengths and "
                     "settings (within the limits the server's model config declares). Reports requests/s, "
-                    "tokens/s, time to first token and inter-token latency (p50, p99) and errors per "
+                    "tokens/s, time to first token, inter-token latency per token as a client sees it (tokens "
+                    "that arrive in one response are 0 apart), time between responses and tokens per "
+                    "response (p50, p99), the server's rows per step and step time, and errors per "
                     "concurrency level. Exit 1 when any request failed.",
     )
     parser.add_argument("--url", required=True, help="the server's HTTP address, e.g. http://127.0.0.1:8000")
@@ -85,6 +87,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         log(f"loadtest: {concurrency:4d} clients  {level['requests_per_second']:7.2f} req/s  "
             f"{level['tokens_per_second']:8.1f} tokens/s  TTFT p50 {_ms(level['ttft_ms']['p50'])} p99 "
             f"{_ms(level['ttft_ms']['p99'])}  ITL p50 {_ms(level['itl_ms']['p50'])} p99 {_ms(level['itl_ms']['p99'])}"
+            f"  between responses p99 {_ms(level['response_gap_ms']['p99'])}  "
+            f"{_per_response(level['tokens_per_response']['mean'])} tokens/response"
             f"  errors {level['errors']}{_steps(level['server_steps'])}")
     errors = sum(level["errors"] for level in levels)
     if args.json:
@@ -110,6 +114,10 @@ def step_summary(before: dict | None, after: dict | None) -> dict | None:
 def _steps(summary: dict | None) -> str:
     return "" if summary is None else (f"  server: {summary['steps']} steps of {summary['mean_rows']:.1f} rows, "
                                        f"{summary['mean_step_ms']:.2f} ms")
+
+
+def _per_response(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _ms(value: float | None) -> str:

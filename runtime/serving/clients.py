@@ -21,10 +21,23 @@ NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64, "TYPE_INT32": 
 
 @dataclass
 class StreamResult:
+    """One request's stream as the client saw it. A response may carry several tokens (a server
+    that is behind sends a stream's pending tokens together): they share its arrival time."""
+
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # arrival of each token (perf_counter)
     started: float = 0.0
     error: str | None = None
+    response_times: list[float] = field(default_factory=list)  # arrival of each response with tokens
+    response_sizes: list[int] = field(default_factory=list)  # tokens it carried
+
+    def add(self, tokens: list[int], arrived: float) -> None:
+        """Record one response's tokens."""
+        if tokens:
+            self.tokens.extend(tokens)
+            self.times.extend([arrived] * len(tokens))
+            self.response_times.append(arrived)
+            self.response_sizes.append(len(tokens))
 
     @property
     def ttft(self) -> float | None:
@@ -32,7 +45,18 @@ class StreamResult:
 
     @property
     def itl(self) -> list[float]:
+        """Per token, the time since the token before it (0 within one response)."""
         return [b - a for a, b in zip(self.times, self.times[1:])]
+
+    @property
+    def response_gaps(self) -> list[float]:
+        """Time between consecutive responses."""
+        return [b - a for a, b in zip(self.response_times, self.response_times[1:])]
+
+
+def token_ids_of(value) -> list[int]:
+    """The token ids of one response's `token_id` output: a scalar, a list or an array of any length."""
+    return [int(token) for token in np.asarray(value).reshape(-1)]
 
 
 def split_url(url: str, default_port: int) -> tuple[str, int]:
@@ -83,8 +107,7 @@ class GrpcStreamer:
                 return result
             token = response.as_numpy("token_id")
             if token is not None:
-                result.tokens.append(int(token[0]))
-                result.times.append(arrived)
+                result.add(token_ids_of(token), arrived)
             if response.get_response().parameters["triton_final_response"].bool_param:
                 return result
 
@@ -95,8 +118,8 @@ class GrpcStreamer:
 
 def http_generate(url: str, request: dict, timeout: float, stop_after: int | None = None,
                   on_token: Callable[[int], None] | None = None) -> StreamResult:
-    """POST /v2/models/generate/generate_stream and read its events; `stop_after` tokens: hang up then;
-    `on_token(count)` is called as each token arrives."""
+    """POST /v2/models/generate/generate_stream and read its events (each with one or more tokens);
+    `stop_after` tokens: hang up then; `on_token(count)` is called as each response arrives."""
     host, port = split_url(url, 8000)
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     result = StreamResult(started=time.perf_counter())
@@ -114,8 +137,7 @@ def http_generate(url: str, request: dict, timeout: float, stop_after: int | Non
             if "error" in event:
                 result.error = event["error"]
                 break
-            result.tokens.append(int(event["token_id"]))
-            result.times.append(time.perf_counter())
+            result.add(token_ids_of(event["token_id"]), time.perf_counter())
             if on_token:
                 on_token(len(result.tokens))
             if stop_after is not None and len(result.tokens) >= stop_after:

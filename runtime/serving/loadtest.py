@@ -1,5 +1,7 @@
 """Load against a running `generate`: N concurrent streaming clients over a seeded mix of prompt and
-output lengths and settings; requests/s, tokens/s, time to first token and inter-token latency."""
+output lengths and settings; requests/s, tokens/s, time to first token, inter-token latency per
+token as the client sees it (0 between tokens of one response), time between responses and tokens
+per response."""
 from __future__ import annotations
 
 import random
@@ -70,11 +72,17 @@ def summarize(results: list[StreamResult | None], concurrency: int, seconds: flo
     errors = [r.error if r is not None else "no result (client timed out)" for r in results
               if r is None or r.error is not None]
     tokens = sum(len(r.tokens) for r in done)
+    responses = sum(len(r.response_sizes) for r in done)
     ttft = [r.ttft for r in done if r.ttft is not None]
     itl = [gap for r in done for gap in r.itl]
+    gaps = [gap for r in done for gap in r.response_gaps]
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors), "seconds": seconds,
             "requests_per_second": len(done) / seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
-            "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl), "error_messages": sorted(set(errors))[:5]}
+            "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl), "response_gap_ms": _percentiles(gaps),
+            "responses": responses, "tokens_per_response": {
+                "mean": tokens / responses if responses else None,
+                "max": max((size for r in done for size in r.response_sizes), default=None)},
+            "error_messages": sorted(set(errors))[:5]}
 
 
 def _percentiles(values: list[float]) -> dict:

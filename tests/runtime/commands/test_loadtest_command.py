@@ -23,6 +23,9 @@ def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp
         assert level["tokens_per_second"] == pytest.approx(level["tokens"] / level["seconds"])
         assert level["requests_per_second"] == pytest.approx(8 / level["seconds"])
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+        assert 8 <= level["responses"] <= level["tokens"]  # responses with tokens: one or more each
+        assert level["tokens_per_response"]["mean"] == pytest.approx(level["tokens"] / level["responses"])
+        assert 0 <= level["response_gap_ms"]["p50"] <= level["response_gap_ms"]["p99"]
         steps = level["server_steps"]  # the server's own decode-step counters over the level
         assert steps["steps"] > 0 and steps["mean_step_ms"] > 0
         assert 1.0 <= steps["mean_rows"] <= level["concurrency"]
