@@ -24,6 +24,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import json
 import os
 import re
 import shlex
@@ -577,8 +578,11 @@ def run_mutation(m: Mutation, base: Path, work: Path, timeout: float) -> dict:
             "seconds": run["seconds"], "output_tail": tail if status != "caught" else ""}
 
 
-def markdown(meta: dict, results: list[dict]) -> str:
+def markdown(meta: dict, results: list[dict], json_link: str | None = None) -> str:
+    """The report; `json_link` (the JSON's path relative to the Markdown) makes its figures citations."""
     caught = sum(r["caught"] for r in results)
+    cite = (lambda text, path: f'[{text}]({json_link} "{path}")') if json_link else (lambda text, path: str(text))
+    seconds = f"{meta['seconds']:.0f} s"
     lines = [
         "# Mutation pass",
         "",
@@ -598,7 +602,7 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"- date: {meta['date']}",
         *([f"- overlaid from the working tree: {', '.join(meta['overlay'])}"] if meta["overlay"] else []),
         f"- command: `{meta['command']}`",
-        f"- result: {caught} of {len(results)} caught; {meta['seconds']:.0f} s in all "
+        f"- result: {cite(caught, 'caught')} of {len(results)} caught; {cite(seconds, 'seconds')} in all "
         f"(baseline {meta['baseline_seconds']:.0f} s, {meta['jobs']} job(s), python {meta['python']})",
         "",
         "| id | category | description | file | caught? | first failing test |",
@@ -631,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per mutation (default 240)")
     parser.add_argument("--jobs", type=int, default=1, help="mutations run at once (default 1)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selections")
+    parser.add_argument("--render", metavar="JSON",
+                        help="write --markdown from a finished pass's JSON (runs nothing)")
     parser.add_argument("--overlay", metavar="PATH,...",
                         help="working-tree files copied over HEAD (new tests not committed yet); recorded in the report")
     return parser
@@ -706,7 +712,8 @@ def write_reports(args: argparse.Namespace, argv: list[str] | None, meta: dict, 
         write_result(args.json, {**meta, "caught": sum(r["caught"] for r in results), "total": len(results),
                                  "results": results}, script_command(argv), vars(args))
     if args.markdown:
-        Path(args.markdown).write_text(markdown(meta, results))
+        link = os.path.relpath(Path(args.json).resolve(), Path(args.markdown).resolve().parent) if args.json else None
+        Path(args.markdown).write_text(markdown(meta, results, link))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -718,6 +725,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mutations = select(parser, args.only)
+    if args.render:
+        if not args.markdown:
+            parser.error("--render writes --markdown; give it")
+        saved = json.loads(Path(args.render).read_text())
+        link = os.path.relpath(Path(args.render).resolve(), Path(args.markdown).resolve().parent)
+        Path(args.markdown).write_text(markdown(saved, saved["results"], link))
+        return 0
     if args.list:
         for m in mutations:
             print(f"{m.id:<40} {m.category:<20} {m.file:<36} {m.description}")
