@@ -85,7 +85,10 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
         with _signals_interrupt():
             check_files(files(args) if files else Files(outputs={"--json": getattr(args, "json", None),
                                                                  "--plot": getattr(args, "plot", None)}))
-            return body(args)
+            code = body(args)
+        if _RECEIVED:  # the signal's exception was swallowed where it was raised (a weakref callback, say)
+            return _interrupted(parser.prog, _RECEIVED[0])
+        return code
     except KeyboardInterrupt as error:
         return _interrupted(parser.prog, getattr(error, "signum", signal.SIGINT))
     except ToolkitError as error:

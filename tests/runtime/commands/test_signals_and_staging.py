@@ -69,6 +69,24 @@ def test_a_keyboard_interrupt_in_the_command_body_exits_130_in_one_line(capsys):
     assert capsys.readouterr().err == "export-model: interrupted by SIGINT; nothing was left half-written\n"
 
 
+def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_its_code(capsys):
+    """SIGTERM raised inside a weakref callback or __del__ is printed as 'Exception ignored' and the
+    body runs on to its end (seen once in the SIGTERM export test): the signal was recorded, so the
+    command still exits 143, not 0."""
+    from runtime.commands import common
+
+    def body(_args):
+        try:
+            common._RECEIVED.append(signal.SIGTERM)  # what the handler records before it raises
+            raise common.Terminated(signal.SIGTERM)
+        except common.Terminated:
+            pass  # swallowed, as Python does for an exception in a callback
+        return 0
+
+    assert common.run_main(body, common.ArgumentParser(prog="export-model"), []) == 143
+    assert capsys.readouterr().err == "export-model: interrupted by SIGTERM; nothing was left half-written\n"
+
+
 def test_a_ctrl_c_that_an_extension_turned_into_another_error_still_exits_130(capsys):
     """pybind11 turns a KeyboardInterrupt raised while a C extension imports into ImportError, which
     the toolkit reports as 'onnxruntime is not installed' (seen in the SIGINT export test above): the
