@@ -457,6 +457,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "rewrite): a decoder that zeroes its key/value cache at every step passes at half precision",
              DECODER_PARITY + CHECK_PARITY_CLI,
              external="runtime/verify/decoding.py rewritten by another agent to judge the decode steps"),
+    Mutation("review-half-cache-zeroed-in-decoder", "KV cache", "runtime/decoding/cache_feed.py",
+             'feeds = {"input_ids": chosen, "attention_mask": mask, **{n: t for n, (t, _) in batch.state.items()}}',
+             'feeds = {"input_ids": chosen, "attention_mask": mask, **{n: t if t.dtype == torch.float32 '
+             'else torch.zeros_like(t) for n, (t, _) in batch.state.items()}}',
+             "a half-precision decoder (fp16 graph with past, ONNX Runtime) zeroes its key/value cache at every "
+             "step; fp32 decoders are untouched, so only a --generate on an fp16 graph can see it",
+             CHECK_PARITY_CLI),
 )
 
 # Breaks tried and left out of the table because no test can tell them apart from the original

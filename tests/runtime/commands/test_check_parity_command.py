@@ -153,3 +153,21 @@ def test_a_failed_generation_comparison_is_written_to_the_report(capsys, tiny_pa
     generation = json.loads(report_path.read_text())["generation"]
     assert generation["passed"] is False and generation["steps"]["positions"] == 16
     assert generation["steps"]["max_abs"] > 1e-3 and not generation["steps"]["passed"]
+
+
+def test_generate_on_an_fp16_graph_with_past_judges_its_half_precision_steps(tiny_model, tiny_source, tmp_path):
+    """An fp16 cache fed back step by step on ONNX Runtime's CPU provider: the forced steps pass the
+    fp16 bars. (A decoder that lost its half-precision cache at every step fails here.)"""
+    from export.onnx_export import export_onnx
+
+    path = tmp_path / "tiny-fp16-past.onnx"
+    export_onnx(tiny_model, path, precision="fp16", weights=tiny_source.record, with_past=True, log=lambda _: None)
+    report_path = tmp_path / "parity.json"
+    code = parity_cli.main([str(path), "--batch", "1", "--seq", "1", "--past", "1", "--generate", "24",
+                            "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    generation = report["generation"]
+    assert code == 0 and generation["passed"], generation
+    assert report["precision"] == "float16" and generation["exact_tokens"] is False
+    assert generation["steps"]["positions"] == 48 and generation["teacher_forced_top1"] >= 0.99
+    assert generation["steps"]["max_abs"] < 0.05  # fp16 rounding on logits of about 1, within the row's bar
