@@ -12,6 +12,7 @@ class FakeStream:
 
     def __init__(self, cancel_after: int | None = None):
         self.tokens: list[int] = []
+        self.finals: list[bool] = []  # each response's final flag
         self.error: str | None = None
         self.ended = False
         self.cancel_after = cancel_after
@@ -19,6 +20,7 @@ class FakeStream:
 
     def send(self, token: int, final: bool) -> None:
         self.tokens.append(token)
+        self.finals.append(final)
         if final:
             self.done.set()
 

@@ -4,7 +4,6 @@ wrong row, dropped, repeated or sampled with another row's settings changes what
 Found missing by the mutation pass (scripts/mutation_pass.py)."""
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
@@ -16,6 +15,7 @@ from runtime.serving.limits import Limits
 from runtime.serving.requests import GenerateRequest
 from runtime.serving.scheduler import Scheduler
 from models.presets import preset
+from serving_helpers import FakeStream
 
 VOCAB = 64
 CONFIG = preset("tiny").replace(num_tokens=VOCAB)
@@ -50,28 +50,6 @@ class HistoryDecoder(Decoder):
             self.history.pop(row, None)
 
 
-class RecordingStream:
-    def __init__(self):
-        self.sent: list[tuple[int, bool]] = []
-        self.error = None
-        self.done = threading.Event()
-
-    def send(self, token: int, final: bool) -> None:
-        self.sent.append((token, final))
-        if final:
-            self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
-
-    def end(self) -> None:
-        self.done.set()
-
-    def cancelled(self) -> bool:
-        return False
-
-
 def offline(prompt: list[int], settings: GenerationSettings) -> list[int]:
     with HistoryDecoder(1) as decoder:
         return generate(decoder, [prompt], settings).tokens[0]
@@ -87,10 +65,10 @@ REQUESTS = [  # admitted together: greedy and sampled rows with different temper
 ]
 
 
-def serve(requests, rows: int) -> tuple[Scheduler, list[RecordingStream]]:
+def serve(requests, rows: int) -> tuple[Scheduler, list[FakeStream]]:
     with HistoryDecoder(rows) as decoder:
         scheduler = Scheduler(decoder, Limits(max_rows=rows, max_queue=64), senders=3)
-        streams = [RecordingStream() for _ in requests]
+        streams = [FakeStream() for _ in requests]
         for (prompt, settings), stream in zip(requests, streams):  # queued before start: admitted together
             scheduler.submit(GenerateRequest(prompt, settings, False), stream)
         scheduler.start()
@@ -107,10 +85,10 @@ def test_rows_admitted_together_stream_exactly_their_offline_tokens():
     scheduler, streams = serve(REQUESTS, rows=4)  # 6 requests, 4 rows: two join as others leave
     for (prompt, settings), stream, want in zip(REQUESTS, streams, expected):
         assert stream.error is None
-        assert [token for token, _ in stream.sent] == want, f"prompt {prompt}"
-        assert [final for _, final in stream.sent] == [False] * (len(want) - 1) + [True]  # one final, the last
+        assert stream.tokens == want, f"prompt {prompt}"
+        assert stream.finals == [False] * (len(want) - 1) + [True]  # one final, the last
         assert len(want) == settings.max_new_tokens
-    assert scheduler.metrics.tokens_total == sum(len(s.sent) for s in streams)
+    assert scheduler.metrics.tokens_total == sum(len(s.tokens) for s in streams)
     assert scheduler.metrics.requests["completed"] == len(REQUESTS)
 
 
