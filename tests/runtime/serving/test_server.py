@@ -151,7 +151,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, proto
     assert outcomes() == (cancelled + 1, completed), "the stream ran to completion: the hang-up never reached it"
     wait_for(lambda: triton_server.metric("rotary_generate_active_rows") == 0, "no active rows")
     generated = triton_server.metric("rotary_generate_tokens_total") - tokens_before
-    assert 2 <= generated < MAX_NEW, f"{generated} tokens generated for a client gone after 2"
+    seen = 2 if protocol == "http" else 1  # the gRPC client hangs up after its first token
+    assert seen <= generated < MAX_NEW, f"{generated} tokens generated for a client gone after {seen}"
 
 
 def test_health_readiness_and_metrics_answer(triton_server):
