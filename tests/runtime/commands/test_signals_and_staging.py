@@ -102,5 +102,10 @@ def test_a_ctrl_c_that_an_extension_turned_into_another_error_still_exits_130(ca
             raise ToolkitError("onnxruntime is not installed") from None
         return 0
 
-    assert run_main(body, ArgumentParser(prog="export-model"), []) == 130
+    # Ctrl-C as a terminal delivers it (a shell starting the suite in the background ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert run_main(body, ArgumentParser(prog="export-model"), []) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err == "export-model: interrupted by SIGINT; nothing was left half-written\n"
