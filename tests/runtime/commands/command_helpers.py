@@ -1,6 +1,9 @@
 """What the command tests share: the one-line error check and a graph whose weights were changed."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import onnx
 from onnx import numpy_helper
 
 
@@ -23,3 +26,11 @@ def perturb_embedding(proto, delta: float = 0.05) -> int:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + delta, init.name))
             changed += 1
     return changed
+
+
+def tampered_copy(graph: Path, target: Path) -> Path:
+    """`graph` saved to `target` with its token embedding shifted (same recorded weights sha)."""
+    proto = onnx.load(str(graph))
+    assert perturb_embedding(proto) == 1
+    onnx.save(proto, str(target))
+    return target

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 
-import onnx
-
-from command_helpers import assert_one_line_error, perturb_embedding
+from command_helpers import assert_one_line_error, tampered_copy
 from runtime.commands import check_parity as parity_cli
 
 
@@ -49,10 +47,7 @@ def test_check_parity_refuses_other_seed(capsys, tiny_onnx, tmp_path):
 
 def test_check_parity_fails_on_a_tampered_graph(capsys, tiny_onnx, tmp_path):
     """Same recorded weights sha, but the graph's weights were changed after export: exit 1."""
-    proto = onnx.load(str(tiny_onnx))
-    assert perturb_embedding(proto) == 1
-    tampered = tmp_path / "tampered.onnx"
-    onnx.save(proto, str(tampered))
+    tampered = tampered_copy(tiny_onnx, tmp_path / "tampered.onnx")
     report_path = tmp_path / "parity.json"
     code = parity_cli.main([str(tampered), "--batch", "1,2", "--seq", "1,9", "--json", str(report_path)])
     assert code == 1
@@ -140,12 +135,11 @@ def test_against_float_applies_the_scheme_row_and_reports_the_first_divergence(c
     assert code == 0 and report["passed"] and min(c["cosine"] for c in report["cases"]) >= 0.99
     assert report["top1"] >= 0.75 and generation["teacher_forced_top1"] >= 0.97  # measured: 94 % and 98.4 %
     assert generation["first_divergence"]["step"] < 32  # int4 flips a near-tie of the random tiny model
+
+
 def test_a_failed_generation_comparison_is_written_to_the_report(capsys, tiny_past_onnx, tmp_path):
     """The JSON keeps a failed --generate's figures (it once wrote `generation: null` for them)."""
-    proto = onnx.load(str(tiny_past_onnx))
-    assert perturb_embedding(proto) == 1
-    tampered = tmp_path / "tampered-past.onnx"
-    onnx.save(proto, str(tampered))
+    tampered = tampered_copy(tiny_past_onnx, tmp_path / "tampered-past.onnx")
     report_path = tmp_path / "parity.json"
     code = parity_cli.main([str(tampered), "--batch", "1", "--seq", "1", "--past", "1", "--generate", "8",
                             "--json", str(report_path)])
