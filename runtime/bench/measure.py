@@ -12,6 +12,8 @@ from models.config import ModelConfig
 from models.precision import Precision
 
 from ..decoding.base import Decoder
+from ..decoding.engine import Engine
+from ..decoding.settings import GenerationSettings
 from .floors import GpuPeaks, decode_floor_seconds, prefill_flops, prefill_floor_seconds
 
 
@@ -87,14 +89,27 @@ def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters:
         first_tokens(decoder, prompts)
     ttft = [timer(lambda: first_tokens(decoder, prompts))[0] for _ in range(iters)]
     times = [timer(lambda: decoder.start(prompts, all_logits=True))[0] for _ in range(iters)]
-    decoder.start(prompts)
-    token = torch.ones(decoder.rows, dtype=torch.int64, device=decoder.device)
-    steps = [timer(lambda: decoder.step(token))[0] for _ in range(warmup + new_tokens)][warmup:] if new_tokens else []
+    steps = decode_steps(decoder, prompts, warmup, new_tokens, timer) if new_tokens else []
     result = result_of(decoder.name, decoder.config, decoder.rows, context, times, steps, memory.peak_mib(),
                        precision, peaks)
     result.cold_ttft_ms, result.ttft_ms = cold * 1e3, statistics.median(ttft) * 1e3
     result.open_ms = None if open_seconds is None else open_seconds * 1e3
     return result
+
+
+def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, new_tokens: int,
+                 timer: "StepTimer") -> list[float]:
+    """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
+    after `warmup` untimed steps: the decode loop `generate` and the server run."""
+    engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()))
+    settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)
+    handles = [engine.submit(prompts[row], settings) for row in sorted(prompts)]
+    try:
+        engine.step()  # admission: every row prefilled, its first token picked
+        return [timer(engine.step)[0] for _ in range(warmup + new_tokens)][warmup:]
+    finally:
+        for handle in handles:
+            engine.cancel(handle)
 
 
 class MemoryProbe:

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="top-k filter as upstream: keep the top (1 - F) fraction of logits, F in [0, 1) "
                              "(default 0.9)")
     parser.add_argument("--seed", dest="sample_seed", type=non_negative_int, default=0, metavar="S",
-                        help="sampling seed (default 0); the same seed gives the same tokens on every backend")
+                        help="sampling seed (default 0); a request gives the same tokens for the same seed whether it runs "
+                             "alone, batched or served")
     parser.add_argument("--eos-id", type=non_negative_int, metavar="ID", help="stop a row at this token")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write tokens, text and timings as JSON to PATH, or stdout if no PATH is given")
@@ -61,8 +62,7 @@ def _open(args: argparse.Namespace, max_length: int):
 
 def _printer(stream, text_mode: bool, pieces):
     """Writes each new token as it comes: bytes decoded incrementally (`pieces`, a TextPieces), or ids."""
-    def show(step: int, tokens: list[int]) -> None:
-        token = tokens[0]
+    def show(row: int, token: int) -> None:
         stream.write(pieces.piece(token) if text_mode else f"{token} ")
         stream.flush()
 
@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
         log(f"generate: {decoder.name} ({decoder.mode}), prompt of {len(prompt)} tokens, up to "
             f"{args.max_new_tokens} new")
         pieces = TextPieces()
-        result = generate(decoder, [prompt], settings, on_tokens=_printer(stream, text_mode, pieces))
+        result = generate(decoder, [prompt], settings, on_token=_printer(stream, text_mode, pieces))
         name = decoder.name
     stream.write((pieces.flush() if text_mode else "") + "\n")  # a character the last token left unfinished
     tokens = result.tokens[0]

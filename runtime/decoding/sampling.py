@@ -1,18 +1,28 @@
-"""Next-token choice with the upstream semantics (native-sparse-attention-pytorch `sample`): keep
-the top ceil((1 - filter_thres) * vocab) logits, divide by the temperature, add Gumbel noise, take
-the argmax; temperature <= 0 is greedy.
+"""Next-token choice on the logits' device, for a whole batch at once, each row with its own settings.
 
-The noise comes from a CPU generator, so a seed gives the same tokens on every device, and it is
-drawn only for the kept logits, ordered by token id: Gumbel-max over the kept set is the same
-distribution as over the whole vocabulary with -inf elsewhere, at a tenth of the host work with
-the default filter (a server samples every row at every step)."""
+Semantics as upstream's `sample` (native-sparse-attention-pytorch): keep the top
+ceil((1 - filter_thres) * vocab) logits, divide by the temperature, add Gumbel noise, take the
+argmax; temperature <= 0 is greedy. Logits tied with the k-th largest are all kept, so the kept
+set depends on values only, never on how a top-k kernel breaks ties.
+
+The noise is counter-based: the Gumbel variate of token v for a row's n-th new token is a hash of
+(seed, n, v), computed on the device. A row's draws depend on its own seed and position alone, not
+on which rows share the batch, on the device's random state, or on whether the noise was drawn
+ahead, so a request gives the same tokens alone, in a busy server batch and offline.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .settings import GenerationSettings
+
+_MASK = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
 
 
 def kept_count(filter_thres: float, vocab_size: int) -> int:
@@ -20,62 +30,77 @@ def kept_count(filter_thres: float, vocab_size: int) -> int:
     return max(1, math.ceil((1.0 - filter_thres) * vocab_size))
 
 
-def top_k_filter(logits: Tensor, filter_thres: float) -> Tensor:
-    """Keep the top kept_count logits; the rest become -inf."""
-    values, indices = torch.topk(logits, kept_count(filter_thres, logits.shape[-1]), dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer finaliser on int64 tensors holding values < 2**32. Both multipliers are
+    below 2**31, so no product overflows int64 (the same bits on every device)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK
+    return x ^ (x >> 16)
 
 
-def gumbel_noise(shape, generator: torch.Generator) -> Tensor:
-    """-log(-log(u)) on the CPU generator."""
-    uniform = torch.rand(shape, generator=generator)
-    neg_log = -torch.log(uniform.clamp(min=1e-20))  # in (0, 46]
-    return -torch.log(neg_log.clamp(min=1e-20))
+def uniform_noise(seeds: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
+    """(rows,) int64 seeds and counters -> (rows, vocab) float32 uniforms in (0, 1), each a
+    function of (seed, counter, token id) only."""
+    seeds = seeds.to(torch.int64)
+    key = _mix((seeds & _MASK) ^ _GOLDEN)
+    key = _mix(key ^ ((seeds >> 32) & _MASK))
+    key = _mix((key + counters.to(torch.int64) * _GOLDEN) & _MASK)
+    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _mix(_mix((key[:, None] + ids[None, :] * 0x85EBCA6B) & _MASK) ^ key[:, None])
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32
 
 
-def sample_kept(logits: Tensor, temperatures: Tensor, noise: Tensor) -> Tensor:
-    """(rows, vocab) float logits, (rows, 1) temperatures on their device, (rows, k) CPU noise ->
-    (rows,) token ids. The kept logits are put in token-id order before the noise is added, so ties
-    in value cannot make two batchings of the same row draw differently."""
-    _, indices = torch.topk(logits, noise.shape[-1], dim=-1)
-    indices = indices.sort(dim=-1).values
-    scaled = logits.gather(-1, indices) / temperatures  # a tensor divisor: true division on every device
-    pick = (scaled + noise.to(logits.device, non_blocking=True)).argmax(-1, keepdim=True)
-    return indices.gather(-1, pick).squeeze(-1)
+def gumbel_noise(seeds: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
+    """-log(-log(u)) of uniform_noise."""
+    return -torch.log(-torch.log(uniform_noise(seeds, counters, vocab_size)))
 
 
-def next_tokens(logits: Tensor, temperature: float, filter_thres: float, generator: torch.Generator) -> Tensor:
-    """(batch, vocab) logits -> (batch,) token ids, one generator for the batch."""
+@dataclass
+class RowSettings:
+    """The sampling settings of a batch's rows as device tensors, built once per batch layout."""
+
+    temperature: Tensor  # (rows,) float32; <= 0 greedy
+    kept: Tensor  # (rows,) int64, logits kept per row
+    seeds: Tensor  # (rows,) int64
+    counters: Tensor  # (rows,) int64: which new token of its request each row picks next
+    widest: int  # the largest kept count among sampled rows; 0 when every row is greedy
+
+    @classmethod
+    def of(cls, settings: Sequence[GenerationSettings], counters: Sequence[int], vocab_size: int,
+           device: torch.device) -> "RowSettings":
+        kept = [kept_count(s.filter_thres, vocab_size) for s in settings]
+        sampled = [k for k, s in zip(kept, settings) if s.temperature > 0]
+        return cls(torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
+                   torch.tensor(kept, dtype=torch.int64, device=device),
+                   torch.tensor([s.seed for s in settings], dtype=torch.int64, device=device),
+                   torch.tensor(list(counters), dtype=torch.int64, device=device),
+                   max(sampled, default=0))
+
+    def advance(self) -> None:
+        """Every row moves on to its next token."""
+        self.counters.add_(1)
+
+
+def choose(logits: Tensor, rows: RowSettings) -> Tensor:
+    """(rows, vocab) logits -> (rows,) int64 token ids on the logits' device, each row by its own
+    settings; no host synchronisation."""
     logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    rows, vocab = logits.shape
-    noise = gumbel_noise((rows, kept_count(filter_thres, vocab)), generator)
-    temperatures = torch.full((rows, 1), max(temperature, 1e-10), device=logits.device)
-    return sample_kept(logits, temperatures, noise)
+    greedy = logits.argmax(-1)
+    if rows.widest == 0:
+        return greedy
+    threshold = torch.topk(logits, rows.widest, dim=-1).values.gather(-1, (rows.kept.clamp(max=rows.widest) - 1)[:, None])
+    scaled = logits / rows.temperature.clamp(min=1e-10)[:, None]  # a tensor divisor: true division everywhere
+    scaled = scaled.masked_fill(logits < threshold, float("-inf"))
+    sampled = (scaled + gumbel_noise(rows.seeds, rows.counters, logits.shape[-1])).argmax(-1)
+    return torch.where(rows.temperature > 0, sampled, greedy)
 
 
-def row_noise(temperature: float, filter_thres: float, vocab_size: int, generator: torch.Generator) -> Tensor | None:
-    """One row's noise for its next token, (1, kept) or None when greedy. It does not depend on the
-    logits, so a server draws it while the decode step runs."""
-    return gumbel_noise((1, kept_count(filter_thres, vocab_size)), generator) if temperature > 0 else None
-
-
-def next_tokens_per_row(logits: Tensor, temperatures: Sequence[float], noise: Sequence[Tensor | None]) -> list[int]:
-    """(rows, vocab) logits, each row with its own temperature and row_noise -> one token per row;
-    row i gets exactly what next_tokens(logits[i:i+1], ...) gives with that row's generator. Greedy
-    rows take one argmax, sampled rows one top-k per kept count, one host copy in all."""
-    logits = logits.float()
-    chosen = logits.argmax(-1)
-    groups: dict[int, list[int]] = {}
-    for row, drawn in enumerate(noise):
-        if drawn is not None:
-            groups.setdefault(drawn.shape[-1], []).append(row)
-    for rows in groups.values():
-        index = torch.tensor(rows, device=logits.device)
-        scale = torch.tensor([[max(temperatures[row], 1e-10)] for row in rows], device=logits.device)
-        chosen[index] = sample_kept(logits[index], scale, torch.cat([noise[row] for row in rows]))
-    return chosen.tolist()
+def next_tokens(logits: Tensor, settings: GenerationSettings, counter: int = 0) -> Tensor:
+    """Every row of (batch, vocab) logits with the same settings, at new-token index `counter`."""
+    rows = RowSettings.of([settings] * logits.shape[0], [counter] * logits.shape[0], logits.shape[-1], logits.device)
+    return choose(logits, rows)
 
 
 def top2_margin(logits: Tensor) -> Tensor:

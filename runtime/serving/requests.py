@@ -10,7 +10,7 @@ import numpy as np
 
 from models.errors import ToolkitError
 
-from ..decoding.generation import GenerationSettings
+from ..decoding.settings import GenerationSettings
 from ..decoding.text import encode_text
 from .limits import Limits
 
@@ -25,8 +25,9 @@ INPUTS = {
     "eos_id": ("TYPE_INT64", [1], "stop after this token"),
 }
 OUTPUTS = {
-    "token_id": ("TYPE_INT64", [1], "the new token"),
-    "text": ("TYPE_STRING", [1], "its text: UTF-8 decoded incrementally, empty inside a multi-byte character"),
+    "token_id": ("TYPE_INT64", [-1], "the new tokens: one, or all a stream had pending when the server was behind"),
+    "text": ("TYPE_STRING", [1], "their text: UTF-8 decoded incrementally, a multi-byte character completed "
+                                 "by a later response"),
 }
 DEFAULTS = GenerationSettings()
 

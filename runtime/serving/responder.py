@@ -1,12 +1,18 @@
-"""The scheduler's responses, sent from their own thread: while one step's tokens go out (each a
-response through Triton's sender), the scheduler already runs the next decode step. One queue keeps
-every request's responses in order; a final response records the request's outcome."""
+"""Responses, sent from threads of their own so the decode loop never waits on a client.
+
+The decode thread only appends each token to its stream's outbox. A stream whose outbox was empty
+is handed to a sender thread, which sends everything the outbox holds by then in one response:
+when the senders keep up, every token goes out on its own at once; when they fall behind (each
+python-backend send is a round trip to the server process), a stream's pending tokens travel
+together in its next response. No timers. A stream is with at most one sender at a time, so its
+responses stay in order, and its last token travels in its final response.
+"""
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .metrics import ServingMetrics
 
@@ -14,7 +20,7 @@ from .metrics import ServingMetrics
 class Stream(Protocol):
     """Where one request's responses go (Triton's response sender in the server)."""
 
-    def send(self, token: int, final: bool) -> None: ...
+    def send(self, tokens: list[int], final: bool) -> None: ...  # one response with one or more tokens
 
     def fail(self, message: str) -> None: ...  # a final error response
 
@@ -24,32 +30,55 @@ class Stream(Protocol):
 
 
 SENDERS = 8  # threads handing responses to the server: each send waits for the server process's
-# acknowledgement (a round trip of about 0.3 ms) with the GIL released, so sends to different
-# requests overlap
+# acknowledgement with the GIL released, so sends to different requests overlap
+
+
+class _Outbox:
+    __slots__ = ("stream", "tokens", "outcome", "error", "busy")
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.tokens: list[int] = []
+        self.outcome: str | None = None  # set with the request's last news: it ends the stream
+        self.error: str | None = None
+        self.busy = False  # queued for, or being sent by, a sender
 
 
 class Responder:
-    def __init__(self, metrics: ServingMetrics, senders: int = SENDERS):
-        self.metrics = metrics
-        self._queues = [queue.SimpleQueue() for _ in range(senders)]
-        self._sender_of: dict[int, int] = {}  # id(stream) -> its thread, so its responses stay in order
-        self._next = 0
+    def __init__(self, metrics: ServingMetrics, senders: int = SENDERS,
+                 on_gone: Callable[[Stream], None] = lambda stream: None):
+        """`on_gone(stream)` is called (from a sender) when a response could not be delivered."""
+        self.metrics, self.on_gone = metrics, on_gone
+        self._lock = threading.Lock()
+        self._outboxes: dict[int, _Outbox] = {}  # id(stream) -> its outbox, until its final response
+        self._ready: queue.SimpleQueue[_Outbox | None] = queue.SimpleQueue()
         self._gone: set[int] = set()  # id() of streams a send to failed: their client has gone
-        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"generate-responder-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
+        self._threads = [threading.Thread(target=self._run, name=f"generate-responder-{i}", daemon=True)
+                         for i in range(senders)]
         for thread in self._threads:
             thread.start()
 
     def tokens(self, batch: list[tuple[Stream, int, str | None]]) -> None:
         """One step's tokens: (stream, token, outcome); an outcome marks the request's last token."""
-        for index, part in self._split(batch).items():
-            self._queues[index].put(("tokens", part))
+        ready = []
+        with self._lock:
+            for stream, token, outcome in batch:
+                box = self._box(stream)
+                box.tokens.append(token)
+                if outcome is not None:
+                    box.outcome = outcome
+                if not box.busy:
+                    box.busy = True
+                    ready.append(box)
+        for box in ready:
+            self._ready.put(box)
 
     def fail(self, stream: Stream, message: str) -> None:
-        self._queues[self._sender(stream, True)].put(("fail", [(stream, message, "failed")]))
+        self._last(stream, "failed", message)
 
     def end(self, stream: Stream) -> None:
-        self._queues[self._sender(stream, True)].put(("end", [(stream, None, "cancelled")]))
+        """End a stream whose client has gone (its pending tokens are dropped)."""
+        self._last(stream, "cancelled", None)
 
     def gone(self, stream: Stream) -> bool:
         """True once a response to `stream` could not be delivered, or its client cancelled."""
@@ -62,46 +91,56 @@ class Responder:
 
     def close(self, timeout: float = 30.0) -> None:
         """Send what is queued, then stop."""
-        for q in self._queues:
-            q.put(None)
+        for _ in self._threads:
+            self._ready.put(None)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
 
-    def _sender(self, stream: Stream, last: bool) -> int:
-        """The thread that sends `stream`'s responses (assigned in turn; forgotten after its last)."""
-        key = id(stream)
-        index = self._sender_of.get(key)
-        if index is None:
-            index = self._sender_of[key] = self._next
-            self._next = (self._next + 1) % len(self._queues)
-        if last:
-            del self._sender_of[key]
-        return index
+    def _box(self, stream: Stream) -> _Outbox:
+        box = self._outboxes.get(id(stream))
+        if box is None:
+            box = self._outboxes[id(stream)] = _Outbox(stream)
+        return box
 
-    def _split(self, batch: list) -> dict[int, list]:
-        parts: dict[int, list] = {}
-        for entry in batch:
-            parts.setdefault(self._sender(entry[0], entry[2] is not None), []).append(entry)
-        return parts
+    def _last(self, stream: Stream, outcome: str, error: str | None) -> None:
+        with self._lock:
+            box = self._box(stream)
+            box.outcome, box.error = outcome, error
+            if box.busy:
+                return
+            box.busy = True
+        self._ready.put(box)
 
-    def _run(self, jobs: queue.SimpleQueue) -> None:
-        while (item := jobs.get()) is not None:
-            kind, batch = item
+    def _run(self) -> None:
+        while (box := self._ready.get()) is not None:
+            with self._lock:
+                tokens, box.tokens = box.tokens, []
+                outcome, error = box.outcome, box.error
             started = time.perf_counter()
-            for stream, value, outcome in batch:
-                if kind == "tokens":
-                    delivered = _quietly(stream.send, value, outcome is not None)
-                elif kind == "fail":
-                    delivered = _quietly(stream.fail, value)
-                else:
-                    delivered = _quietly(stream.end)
-                if delivered is False:  # Triton refuses responses to a cancelled request
-                    self._gone.add(id(stream))
-                if outcome is not None:
-                    self._gone.discard(id(stream))  # the request is over; its id may be reused
-                    self.metrics.finished("cancelled" if delivered is False and kind == "tokens" else outcome)
+            if outcome == "failed":
+                delivered = _quietly(box.stream.fail, error)
+            elif outcome == "cancelled":
+                delivered = _quietly(box.stream.end)
+            else:
+                delivered = _quietly(box.stream.send, tokens, outcome is not None)
             self.metrics.sent(time.perf_counter() - started)
+            if delivered is False:  # Triton refuses responses to a cancelled request
+                self._gone.add(id(box.stream))
+                if outcome is None:
+                    self.on_gone(box.stream)
+            with self._lock:
+                if outcome is not None:  # the request is over; its id may be reused
+                    del self._outboxes[id(box.stream)]
+                    self._gone.discard(id(box.stream))
+                    requeue = False
+                else:
+                    requeue = bool(box.tokens or box.outcome)
+                    box.busy = requeue
+            if outcome is not None:
+                self.metrics.finished("cancelled" if delivered is False and outcome == "completed" else outcome)
+            elif requeue:
+                self._ready.put(box)
 
 
 def _quietly(call, *args):

@@ -1,59 +1,49 @@
-"""In-flight batching over one Decoder.
+"""The server's driver around the engine core (runtime.decoding.engine).
 
-One thread owns the decoder. Between decode steps it admits waiting requests into free rows
-(`decoder.start`), drops rows whose client went away, steps every active row at its own position,
-samples every row with its own settings and generator (one batched choice per step), hands the
-tokens to the Responder's sender threads and releases finished rows, so requests join and leave
-the running batch at any step.
+One thread owns the engine and the decoder: it takes new requests and cancellations from an inbox,
+runs `engine.step()` and hands the step's tokens to the Responder, whose sender threads send them.
+A watcher thread asks Triton every `cancel_check_s` whether a client has gone (a round trip that
+must not sit on the decode thread) and posts a cancellation. So the decode thread does no I/O.
 """
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from ..decoding.base import Decoder
-from ..decoding.generation import RowSampler, choose_tokens, draw_noise
+from ..decoding.engine import FAILED, PREFILL_TOKENS, Engine, TokenEvent
 from .limits import Limits
 from .metrics import ServingMetrics
 from .requests import GenerateRequest
 from .responder import SENDERS, Responder, Stream
 
-WAIT_S = 0.5  # an idle scheduler re-checks for shutdown this often
-CANCEL_CHECK_S = 0.05  # asking Triton whether a client has gone is a round trip: each row this often
-
-
-@dataclass
-class _Row:
-    request: GenerateRequest
-    stream: Stream
-    sampler: RowSampler
-    checked: float = 0.0  # when the client was last asked about (time.monotonic)
+WAIT_S = 0.5  # an idle decode thread re-checks for shutdown this often
+CANCEL_CHECK_S = 0.05  # how often the watcher asks about each running request's client
 
 
 class Scheduler:
     def __init__(self, decoder: Decoder, limits: Limits, metrics: ServingMetrics | None = None,
                  log: Callable[[str], None] = lambda message: None, senders: int = SENDERS,
-                 cancel_check_s: float = CANCEL_CHECK_S):
-        self.decoder, self.limits, self.log = decoder, limits, log
+                 cancel_check_s: float = CANCEL_CHECK_S, prefill_tokens: int = PREFILL_TOKENS):
+        self.limits, self.log, self.cancel_check_s = limits, log, cancel_check_s
         self.metrics = metrics or ServingMetrics()
-        self._waiting: collections.deque[tuple[GenerateRequest, Stream]] = collections.deque()
-        self._rows: dict[int, _Row] = {}
-        self._free = list(range(min(limits.max_rows, decoder.rows)))
+        self.engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens)
+        self._inbox: collections.deque[tuple[GenerateRequest, Stream]] = collections.deque()
+        self._cancels: collections.deque[int] = collections.deque()
+        self._streams: dict[int, Stream] = {}  # engine handle -> its stream, while the engine holds it
+        self._queued = 0  # requests in the inbox or waiting in the engine
         self._wake = threading.Condition()
         self._closing, self._deadline = False, float("inf")
-        self._thread = threading.Thread(target=self._run, name="generate-scheduler", daemon=True)
-        self._responder = Responder(self.metrics, senders)
-        self.cancel_check_s = cancel_check_s
-        self._noise = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate-noise")
+        self._stopped = threading.Event()
+        self._responder = Responder(self.metrics, senders, on_gone=self._gone)
+        self._thread = threading.Thread(target=self._run, name="generate-decode", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="generate-cancel-watch", daemon=True)
 
     def start(self) -> "Scheduler":
         self._thread.start()
+        self._watcher.start()
         return self
 
     def submit(self, request: GenerateRequest, stream: Stream) -> None:
@@ -61,11 +51,12 @@ class Scheduler:
         with self._wake:
             if self._closing:
                 reason = "the server is shutting down; retry on another server"
-            elif len(self._waiting) >= self.limits.max_queue:
-                reason = (f"the server is busy: {len(self._waiting)} requests already wait for a row "
+            elif self._queued >= self.limits.max_queue:
+                reason = (f"the server is busy: {self._queued} requests already wait for a row "
                           f"(max_queue {self.limits.max_queue}); retry later")
             else:
-                self._waiting.append((request, stream))
+                self._inbox.append((request, stream))
+                self._queued += 1
                 self._wake.notify()
                 return
         self.metrics.finished("rejected")
@@ -79,101 +70,89 @@ class Scheduler:
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout + 10.0)
+        self._stopped.set()
         return not self._thread.is_alive() and self.abandoned == 0
 
     abandoned = 0  # requests failed at shutdown because the drain timed out
 
     def _run(self) -> None:
+        engine = self.engine
         while True:
             with self._wake:
-                if not (self._waiting or self._rows or self._closing):
+                if not (self._inbox or self._cancels or not engine.idle or self._closing):
                     self._wake.wait(WAIT_S)
-                idle = not (self._waiting or self._rows)
-                if self._closing and (idle or time.monotonic() > self._deadline):
+                incoming, self._inbox = list(self._inbox), collections.deque()
+                cancels, self._cancels = list(self._cancels), collections.deque()
+                if self._closing and ((engine.idle and not incoming) or time.monotonic() > self._deadline):
+                    self._inbox.extend(incoming)
                     break
-                admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
-            self._guarded(self._admit, admitted, only_new=True)
-            self._drop_cancelled()
-            if self._rows:
-                self._guarded(self._step)
-            self.metrics.rows(len(self._rows), len(self._waiting))
-        self.abandoned = len(self._rows) + len(self._waiting)
+            for handle in cancels:
+                if engine.cancel(handle):
+                    self._responder.end(self._streams.pop(handle))
+            for request, stream in incoming:
+                self._accept(request, stream)
+            if not engine.idle:
+                started = time.perf_counter()
+                events = engine.step()
+                self._deliver(events)
+                if engine.stats.rows:  # a decode step (an admission alone is not counted as one)
+                    self.metrics.step(engine.stats.rows, time.perf_counter() - started)
+            with self._wake:
+                self._queued = len(self._inbox) + engine.waiting
+            self.metrics.rows(engine.running, self._queued)
+        self._drain()
+
+    def _accept(self, request: GenerateRequest, stream: Stream) -> None:
+        try:
+            handle = self.engine.submit(request.prompt, request.settings)
+        except Exception as error:  # parse_request checked it; a decoder may still refuse
+            self._responder.fail(stream, f"the request cannot be decoded: {error}")
+            return
+        self._streams[handle] = stream
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        batch, streams = [], self._streams
+        for event in events:
+            stream = streams[event.request] if event.finish is None else streams.pop(event.request)
+            if event.finish == FAILED:
+                self.log(f"generate: {event.error}")
+                self._responder.fail(stream, f"decoding failed on the server ({event.cause}); retry the request")
+            else:
+                batch.append((stream, event.token, None if event.finish is None else "completed"))
+        self._responder.tokens(batch)
+        self.metrics.tokens(len(batch))
+
+    def _drain(self) -> None:
+        """Shutting down: fail what is still here, then let the senders finish."""
         message = "the server shut down before this request finished; retry it"
-        self._fail(list(self._rows), message)
-        while self._waiting:
-            self._responder.fail(self._waiting.popleft()[1], message)
+        self.abandoned = len(self._streams) + len(self._inbox)
+        for handle, stream in list(self._streams.items()):
+            self.engine.cancel(handle)
+            self._responder.fail(stream, message)
+        self._streams.clear()
+        while self._inbox:
+            self._responder.fail(self._inbox.popleft()[1], message)
+        self._stopped.set()
         self._responder.close()
-        self._noise.shutdown(wait=False)
         self.metrics.rows(0, 0)
 
-    def _guarded(self, work, *args, only_new: bool = False) -> None:
-        """Run one admission or step; a decoder failure fails the rows involved (`only_new`: the rows
-        this admission started), never the server."""
-        before = set(self._rows)
-        try:
-            work(*args)
-        except Exception as error:
-            self.log(f"generate: decoding failed ({type(error).__name__}: {error})")
-            involved = [row for row in self._rows if not (only_new and row in before)]
-            self._fail(involved, f"decoding failed on the server ({type(error).__name__}); retry the request")
+    def _gone(self, stream: Stream) -> None:
+        """A sender could not deliver to `stream`: cancel its request."""
+        for handle, known in list(self._streams.items()):
+            if known is stream:
+                self._post_cancel(handle)
 
-    def _admit(self, admitted: list[tuple[GenerateRequest, Stream]]) -> None:
-        starting: dict[int, _Row] = {}
-        for request, stream in admitted:
-            if self._responder.gone(stream):
-                self._responder.end(stream)
-            else:
-                starting[self._free.pop(0)] = _Row(request, stream, RowSampler(request.settings))
-        if not starting:
-            return
-        self._rows.update(starting)  # before start(): a failure then fails and frees these rows too
-        logits = self.decoder.start({row: entry.request.prompt for row, entry in starting.items()})
-        self._emit(list(starting), logits)
+    def _post_cancel(self, handle: int) -> None:
+        with self._wake:
+            self._cancels.append(handle)
+            self._wake.notify()
 
-    def _step(self) -> None:
-        active = self.decoder.active
-        tokens = torch.tensor([self._rows[row].sampler.tokens[-1] for row in active], dtype=torch.int64)
-        started = time.perf_counter()
-        # the sampled rows' noise is drawn on the CPU while the decoder runs (both release the GIL)
-        noise = self._noise.submit(draw_noise, [self._rows[row].sampler for row in active], self.decoder.vocab_size)
-        logits = self.decoder.step(tokens)
-        self._emit(active, logits, noise.result())
-        self.metrics.step(len(active), time.perf_counter() - started)
-
-    def _emit(self, rows: list[int], logits: torch.Tensor, noise: list | None = None) -> None:
-        """Choose every row's next token with its own settings, queue the tokens for sending,
-        release finished rows."""
-        entries = [self._rows[row] for row in rows]
-        tokens = choose_tokens([entry.sampler for entry in entries], logits, noise)
-        batch = []
-        for row, entry, token in zip(rows, entries, tokens):
-            done = entry.sampler.done
-            batch.append((entry.stream, token, "completed" if done else None))
-            if done:
-                self._finish(row)
-        self._responder.tokens(batch)
-        self.metrics.tokens(len(rows))
-
-    def _drop_cancelled(self) -> None:
-        now = time.monotonic()
-        for row, entry in list(self._rows.items()):
-            if now - entry.checked < self.cancel_check_s:
-                continue
-            entry.checked = now
-            if self._responder.gone(entry.stream):
-                self._responder.end(entry.stream)
-                self._finish(row)
-
-    def _fail(self, rows: list[int], message: str) -> None:
-        for row in rows:
-            self._responder.fail(self._rows[row].stream, message)
-            self._finish(row)
-
-    def _finish(self, row: int) -> None:
-        del self._rows[row]
-        self.decoder.release([row])
-        self._free.append(row)
-        self._free.sort()
+    def _watch(self) -> None:
+        """Off the decode thread: ask about each running request's client, cancel the gone ones."""
+        while not self._stopped.wait(max(self.cancel_check_s, 0.001)):
+            for handle, stream in list(self._streams.items()):
+                if self._responder.gone(stream):
+                    self._post_cancel(handle)
 
 
 def _quietly(call, *args) -> None:
@@ -182,3 +161,4 @@ def _quietly(call, *args) -> None:
         call(*args)
     except Exception:
         pass
+

@@ -48,11 +48,13 @@ class TritonStream:
         self.pb, self.sender = pb_utils, sender
         self.pieces = TextPieces() if text else None
 
-    def send(self, token: int, final: bool) -> None:
-        outputs = [self.pb.Tensor("token_id", np.array([token], dtype=np.int64))]
-        if self.pieces:  # a text prompt: its text piece too (a string tensor costs more to send)
-            outputs.append(self.pb.Tensor("text", np.array([self.pieces.piece(token, final).encode("utf-8")],
-                                                            dtype=np.object_)))
+    def send(self, tokens: list[int], final: bool) -> None:
+        """One response with the stream's pending tokens (and their text, for a text prompt)."""
+        outputs = [self.pb.Tensor("token_id", np.array(tokens, dtype=np.int64))]
+        if self.pieces:  # a string tensor costs more to send: only for text prompts
+            last = len(tokens) - 1
+            text = "".join(self.pieces.piece(token, final and i == last) for i, token in enumerate(tokens))
+            outputs.append(self.pb.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_)))
         response = self.pb.InferenceResponse(output_tensors=outputs)
         self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 

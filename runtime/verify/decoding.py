@@ -11,7 +11,8 @@ import torch
 from models.precision import Precision, Tolerance, precision as lookup_precision
 from models.transformer import Transformer
 
-from ..decoding.base import Decoder
+from ..decoding.base import Decoder, DecodingError
+from ..decoding.engine import Engine
 from ..decoding.generation import GenerationResult, GenerationSettings, generate
 from .tensors import Case, CaseResult, ParityReport, compare_outputs
 
@@ -119,7 +120,7 @@ class GenerationParity:
 def teacher_forced_steps(reference: Decoder, candidate: Decoder, prompts: list[list[int]],
                          continuations: list[list[int]], row: Precision, tolerance: Tolerance
                          ) -> tuple[float, CaseResult, list[dict]]:
-    """Feed `continuations` through the candidate's decode path (prefill, then one step() per token)
+    """Feed `continuations` through the candidate's decode path (the engine core, teacher forcing)
     and compare the logits before each token with the reference's full forward pass over the
     prompt and the continuation. Returns (top-1 agreement with the continuation, the logits'
     comparison, the flips). A flip to a token whose reference logit is within one ulp of `row`'s
@@ -132,13 +133,25 @@ def teacher_forced_steps(reference: Decoder, candidate: Decoder, prompts: list[l
     reference.release(rows)
     # position len(prompt) - 1 + j predicts continuation token j
     expected = np.stack([row[len(p) - 1:len(p) - 1 + length].float().cpu().numpy() for row, p in zip(full, prompts)])
-    got = [candidate.start(dict(zip(rows, prompts))).float().cpu().numpy()]
+    seen: dict[int, list[np.ndarray]] = {}
+
+    def record(handles: list[int], logits: torch.Tensor) -> None:  # copied: a step's buffer is reused
+        for handle, values in zip(handles, logits.float().cpu().numpy()):
+            seen.setdefault(handle, []).append(values.copy())
+
+    engine = Engine(candidate, rows=len(prompts), prefill_tokens=sum(len(p) for p in prompts), on_logits=record)
+    settings = GenerationSettings(max_new_tokens=length, temperature=0.0)
+    handles = [engine.submit(prompt, settings, forced=forced[r, :-1].tolist()) for r, prompt in zip(rows, prompts)]
     try:
-        for j in range(length - 1):  # copied: step() may return a buffer the next step overwrites
-            got.append(candidate.step(torch.as_tensor(forced[:, j], device=candidate.device)).float().cpu().numpy().copy())
+        while not engine.idle:
+            for event in engine.step():
+                if event.token is None:
+                    raise DecodingError(event.error)
     finally:
-        candidate.release(rows)
-    actual = np.stack(got, axis=1)  # (rows, length, vocab)
+        for handle in handles:
+            engine.cancel(handle)
+    got = [np.stack(seen[handle]) for handle in handles]
+    actual = np.stack(got)  # (rows, length, vocab)
     top1, flips = forced_agreement(expected, actual.argmax(-1), forced, row)
     case = Case(len(prompts), 1, padded=len(prompts) > 1, past=max(len(p) for p in prompts))
     return top1, compare_outputs(expected, actual, tolerance, case, f"logits ({length} teacher-forced steps)"), flips
@@ -189,7 +202,7 @@ def token_agreement(expected: GenerationResult, actual: GenerationResult) -> tup
             compared += 1
             if a != b:
                 divergence = divergence or {"row": row, "step": step, "reference": a, "candidate": b,
-                                            "reference_margin": expected.margins[step][row]}
+                                            "reference_margin": expected.margins[row][step]}
                 compared += min(len(want), len(got)) - step - 1
                 break
             matched += 1

@@ -43,14 +43,14 @@ def test_a_file_backend_without_a_model_is_one_error_line(capsys):
 
 
 def test_printed_text_is_the_reports_text_and_tokens_per_second_is_tokens_over_time(tmp_path, capsys):
-    """A text prompt, sampled: seed 8 makes the tiny model write three multi-byte characters among
+    """A text prompt, sampled: seed 5 makes the tiny model write three multi-byte characters among
     broken bytes and stop inside a fourth. What is printed token by token is the report's text, and
     the rate is the decoded tokens over the decode time."""
     from runtime.decoding.text import decode_bytes
 
     report = tmp_path / "gen.json"
     assert main(["--backend", "torch", "--prompt", "héllo ✓", "--max-new-tokens", "48", "--temperature", "2",
-                 "--filter-thres", "0", "--seed", "8", "--json", str(report)]) == 0
+                 "--filter-thres", "0", "--seed", "5", "--json", str(report)]) == 0
     data, out = json.loads(report.read_text()), capsys.readouterr().out
     text = data["text"]
     assert len(data["tokens"]) == 48 and text == decode_bytes(data["tokens"])

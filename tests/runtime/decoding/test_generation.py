@@ -12,7 +12,6 @@ from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from runtime.decoding.base import DecodingError
 from runtime.decoding.cache_feed import CacheFeedDecoder, left_pad
 from runtime.decoding.generation import GenerationSettings, generate
-from runtime.decoding.sampling import next_tokens, top_k_filter
 from runtime.decoding.text import TextPieces, decode_bytes, encode_text
 
 
@@ -29,18 +28,6 @@ def test_with_past_graph_has_the_declared_names_and_symbolic_axes(tiny_past_onnx
             present = dims[f"present.{i}.{kind}"]
             assert present[2] in ("past_sequence + sequence", "sequence + past_sequence")
     assert [o.name for o in graph.output][0] == "logits"
-
-
-def test_upstream_sampling_semantics():
-    # k = ceil((1 - thres) * vocab) exactly as upstream, float rounding included (0.7 keeps 4 of 10)
-    assert torch.isfinite(top_k_filter(torch.zeros(1, 10), 0.7)).sum() == 4
-    logits = torch.tensor([[0.0, 5.0, 1.0, 3.0, 2.0, -1.0, 4.0, 0.5, 0.2, 0.1]])
-    kept = top_k_filter(logits, 0.75)  # ceil(0.25 * 10) = 3 logits survive
-    assert torch.isfinite(kept).sum() == 3 and set(torch.nonzero(torch.isfinite(kept[0])).flatten().tolist()) == {1, 3, 6}
-    generator = torch.Generator().manual_seed(0)
-    assert next_tokens(logits, 0.0, 0.9, generator).tolist() == [1]  # temperature <= 0: greedy
-    picks = {next_tokens(logits, 1.0, 0.75, generator).item() for _ in range(200)}
-    assert picks <= {1, 3, 6} and len(picks) > 1
 
 
 def test_end_token_stops_a_row(torch_decoder):

@@ -1,37 +1,54 @@
-"""Batched per-row sampling equals each row sampled alone."""
+"""Token choice on the device: upstream's semantics, counter-based noise, and every row of a batch
+choosing exactly what it chooses alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from runtime.decoding.sampling import kept_count, next_tokens, next_tokens_per_row, row_noise, sample_kept
+from runtime.decoding.sampling import RowSettings, choose, kept_count, next_tokens, uniform_noise
+from runtime.decoding.settings import GenerationSettings
 
 
-def test_each_row_of_a_batched_choice_equals_that_row_sampled_alone():
+def settings(temperature: float, filter_thres: float = 0.9, seed: int = 0) -> GenerationSettings:
+    return GenerationSettings(8, temperature, filter_thres, seed)
+
+
+def test_each_row_of_a_batched_choice_equals_that_row_chosen_alone():
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3)).half()
-    settings = [(0.0, 0.9), (0.8, 0.9), (1.2, 0.5), (0.0, 0.5), (0.7, 0.9), (1.0, 0.0)]
-    alone = [int(next_tokens(logits[i:i + 1], t, f, torch.Generator().manual_seed(i))[0])
-             for i, (t, f) in enumerate(settings)]
-    noise = [row_noise(t, f, 300, torch.Generator().manual_seed(i)) for i, (t, f) in enumerate(settings)]
-    assert next_tokens_per_row(logits, [t for t, _ in settings], noise) == alone
-    assert [n is None for n in noise] == [True, False, False, True, False, False]
-    assert [n.shape[-1] for n in noise if n is not None] == [30, 150, 30, 300]
+    rows = [settings(0.0, 0.9, 1), settings(0.8, 0.9, 2), settings(1.2, 0.5, 3), settings(0.0, 0.5, 4),
+            settings(0.7, 0.9, 5), settings(1.0, 0.0, 6)]
+    counters = [0, 5, 9, 2, 0, 130]
+    alone = [int(choose(logits[i:i + 1], RowSettings.of([s], [c], 300, logits.device))[0])
+             for i, (s, c) in enumerate(zip(rows, counters))]
+    assert choose(logits, RowSettings.of(rows, counters, 300, logits.device)).tolist() == alone
+    order = [5, 2, 0, 4, 1, 3]  # another batch layout: the same tokens, row by row
+    shuffled = choose(logits[order], RowSettings.of([rows[i] for i in order], [counters[i] for i in order], 300,
+                                                    logits.device))
+    assert shuffled.tolist() == [alone[i] for i in order]
+    assert alone[0] == int(logits[0].float().argmax()) and alone[3] == int(logits[3].float().argmax())
 
 
-def test_tied_logits_draw_by_token_id_whatever_the_topk_order():
-    """fp16 logits tie often: the kept set is put in token-id order before the noise is added."""
-    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
-    noise = torch.tensor([[0.0, 5.0, 0.0]])  # the second-lowest kept id wins
-    assert sample_kept(logits, torch.ones(1, 1), noise).tolist() == [2]
-    assert kept_count(0.4, 5) == 3 and kept_count(0.999, 5) == 1
+def test_noise_is_a_function_of_seed_counter_and_token_id_only():
+    seeds, counters = torch.tensor([7, 7, 8, -5, 2**62]), torch.tensor([0, 1, 0, 0, 3])
+    noise = uniform_noise(seeds, counters, 50)
+    assert torch.equal(noise[1:2], uniform_noise(seeds[1:2], counters[1:2], 50))  # alone == batched
+    assert torch.equal(noise[:, :20], uniform_noise(seeds, counters, 20))  # token v's draw ignores the vocabulary size
+    assert len({tuple(row.tolist()) for row in noise}) == 5  # seeds and counters all draw differently
+    assert 0.0 < float(noise.min()) and float(noise.max()) < 1.0
+    many = uniform_noise(torch.zeros(2000, dtype=torch.int64), torch.arange(2000), 64)
+    assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.var()) - 1 / 12) < 0.002
 
 
-def test_sampling_stays_inside_the_kept_set_and_follows_temperature():
+def test_upstream_filter_keeps_the_top_k_and_ties_with_the_kth_value():
+    # k = ceil((1 - thres) * vocab) exactly as upstream, float rounding included (0.7 keeps 4 of 10)
+    assert kept_count(0.7, 10) == 4 and kept_count(0.4, 5) == 3 and kept_count(0.999, 5) == 1
     logits = torch.tensor([[0.0, 5.0, 1.0, 3.0, 2.0, -1.0, 4.0, 0.5, 0.2, 0.1]])
-    generator = torch.Generator().manual_seed(0)
-    hot = [int(next_tokens(logits, 5.0, 0.75, generator)[0]) for _ in range(300)]
-    cold = [int(next_tokens(logits, 0.05, 0.75, generator)[0]) for _ in range(300)]
-    assert set(hot) == {1, 3, 6} and set(cold) == {1}
+    picks = {int(next_tokens(logits, settings(5.0, 0.75, seed), 0)[0]) for seed in range(300)}
+    assert picks == {1, 3, 6}  # ceil(0.25 * 10) = 3 logits survive; a hot temperature draws all three
+    assert {int(next_tokens(logits, settings(0.05, 0.75, seed), 0)[0]) for seed in range(300)} == {1}
+    assert next_tokens(logits, settings(0.0), 0).tolist() == [1]  # temperature <= 0: greedy
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])  # k = 2, but three logits tie at the k-th value
+    assert {int(next_tokens(tied, settings(1.0, 0.6, seed), 0)[0]) for seed in range(200)} == {1, 2, 4}
 
 
 def softmax_over_kept(logits: torch.Tensor, temperature: float, kept: int) -> torch.Tensor:
@@ -46,16 +63,11 @@ def softmax_over_kept(logits: torch.Tensor, temperature: float, kept: int) -> to
 def test_sampled_frequencies_follow_softmax_of_logits_over_temperature(temperature, filter_thres):
     """Gumbel-max draws exactly softmax(logits / T) over the kept set; other noise (uniform, normal)
     draws a different distribution (uniform noise: the top token 0.56 -> 1.0 at T = 1; normal:
-    off by 0.1), which 40,000 seeded draws tell apart with a bar of 0.015 (4 standard errors)."""
+    off by 0.1), which 40,000 draws tell apart with a bar of 0.015 (4 standard errors). The draws
+    are one seed's successive tokens (counters), as a long generation makes them."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     draws = 40_000
     expected = softmax_over_kept(logits, temperature, kept_count(filter_thres, 6))
-    tokens = next_tokens(logits.expand(draws, -1), temperature, filter_thres, torch.Generator().manual_seed(0))
-    frequencies = torch.bincount(tokens, minlength=6).double() / draws
+    rows = RowSettings.of([settings(temperature, filter_thres, 11)] * draws, range(draws), 6, logits.device)
+    frequencies = torch.bincount(choose(logits.expand(draws, -1), rows), minlength=6).double() / draws
     assert (frequencies - expected).abs().max() < 0.015, (frequencies.tolist(), expected.tolist())
-    # the server's path: one row at a time, noise drawn ahead of the logits
-    generator, rows = torch.Generator().manual_seed(1), 4_000
-    noise = [row_noise(temperature, filter_thres, 6, generator) for _ in range(rows)]
-    served = next_tokens_per_row(logits.expand(rows, -1), [temperature] * rows, noise)
-    frequencies = torch.bincount(torch.tensor(served), minlength=6).double() / rows
-    assert (frequencies - expected).abs().max() < 0.035, (frequencies.tolist(), expected.tolist())  # 4 s.e.

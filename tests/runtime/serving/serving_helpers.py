@@ -12,14 +12,16 @@ class FakeStream:
 
     def __init__(self, cancel_after: int | None = None):
         self.tokens: list[int] = []
+        self.responses: list[list[int]] = []  # each response's tokens
         self.finals: list[bool] = []  # each response's final flag
         self.error: str | None = None
         self.ended = False
         self.cancel_after = cancel_after
         self.done = threading.Event()
 
-    def send(self, token: int, final: bool) -> None:
-        self.tokens.append(token)
+    def send(self, tokens: list[int], final: bool) -> None:
+        self.tokens.extend(tokens)
+        self.responses.append(list(tokens))
         self.finals.append(final)
         if final:
             self.done.set()

@@ -10,7 +10,7 @@ import torch
 
 from runtime.decoding.base import Decoder
 from runtime.decoding.generation import GenerationSettings, generate
-from runtime.decoding.sampling import next_tokens, next_tokens_per_row, row_noise
+from runtime.decoding.sampling import RowSettings, choose
 from runtime.serving.limits import Limits
 from runtime.serving.requests import GenerateRequest
 from runtime.serving.scheduler import Scheduler
@@ -86,7 +86,8 @@ def test_rows_admitted_together_stream_exactly_their_offline_tokens():
     for (prompt, settings), stream, want in zip(REQUESTS, streams, expected):
         assert stream.error is None
         assert stream.tokens == want, f"prompt {prompt}"
-        assert stream.finals == [False] * (len(want) - 1) + [True]  # one final, the last
+        assert stream.finals[-1] and not any(stream.finals[:-1])  # one final response, the last
+        assert all(stream.responses)  # every response carries at least one token
         assert len(want) == settings.max_new_tokens
     assert scheduler.metrics.tokens_total == sum(len(s.tokens) for s in streams)
     assert scheduler.metrics.requests["completed"] == len(REQUESTS)
@@ -96,9 +97,8 @@ def test_each_row_of_a_batched_choice_keeps_its_own_temperature():
     """Rows of one kept count in one batched choice: a cold and a hot row over the same logits draw
     what each draws alone (a temperature shared across the group turns the hot rows cold)."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5]]).expand(40, -1)
-    temperatures = [0.05 if row % 2 else 4.0 for row in range(40)]
-    noise = [row_noise(t, 0.0, 8, torch.Generator().manual_seed(row)) for row, t in enumerate(temperatures)]
-    alone = [int(next_tokens(logits[row:row + 1], t, 0.0, torch.Generator().manual_seed(row))[0])
-             for row, t in enumerate(temperatures)]
-    assert next_tokens_per_row(logits, temperatures, noise) == alone
+    settings = [GenerationSettings(4, 0.05 if row % 2 else 4.0, 0.0, seed=row) for row in range(40)]
+    alone = [int(choose(logits[row:row + 1], RowSettings.of([s], [0], 8, logits.device))[0])
+             for row, s in enumerate(settings)]
+    assert choose(logits, RowSettings.of(settings, [0] * 40, 8, logits.device)).tolist() == alone
     assert len(set(alone[0::2])) > 3 and set(alone[1::2]) == {0}  # hot rows spread, cold rows greedy

@@ -17,7 +17,7 @@ from serving_helpers import mixed_requests
 from triton_process import SERVER_LIMITS
 from runtime.decoding.text import decode_bytes, encode_text
 from runtime.serving.metrics import PUBLISH_S
-from runtime.serving.clients import GrpcStreamer, grpc_inputs, http_generate
+from runtime.serving.clients import GrpcStreamer, grpc_inputs, http_generate, token_ids_of
 
 TIMEOUT_S = 60  # per request; every wait below is bounded
 MAX_NEW, MAX_PROMPT = SERVER_LIMITS["max_new_tokens"], SERVER_LIMITS["max_prompt_tokens"]
@@ -68,6 +68,9 @@ def test_sixteen_streaming_clients_get_offline_generate_tokens(triton_server, wo
     for index, ((prompt, settings, _), result) in enumerate(zip(workload, results)):
         assert result.tokens == offline_tokens(serving_graph, prompt, settings), f"request {index}"
     assert triton_server.metric("rotary_generate_requests_total", outcome="failed") == 0
+    # 16 streams outpace the senders (each send is a round trip to the server process), so pending
+    # tokens travel together: the equality above covers multi-token responses, over both protocols
+    assert max(size for r in results for size in r.response_sizes) > 1
 
 
 MALFORMED = [
@@ -141,7 +144,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, proto
     long_stream = {"prompt_ids": [9, 8, 7], "max_new_tokens": MAX_NEW}
     if protocol == "http":
         partial = http_generate(triton_server.url, long_stream, TIMEOUT_S, stop_after=2)  # then hangs up
-        assert partial.error is None and len(partial.tokens) == 2
+        assert partial.error is None and len(partial.tokens) >= 2  # a response may carry several tokens
     else:
         streamer = GrpcStreamer(triton_server.grpc_url)
         streamer.client.async_stream_infer("generate", grpc_inputs(long_stream), request_id="gone")
@@ -151,7 +154,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, proto
     assert outcomes() == (cancelled + 1, completed), "the stream ran to completion: the hang-up never reached it"
     wait_for(lambda: triton_server.metric("rotary_generate_active_rows") == 0, "no active rows")
     generated = triton_server.metric("rotary_generate_tokens_total") - tokens_before
-    seen = 2 if protocol == "http" else 1  # the gRPC client hangs up after its first token
+    seen = len(partial.tokens) if protocol == "http" else 1  # the gRPC client hangs up after its first response
     assert seen <= generated < MAX_NEW, f"{generated} tokens generated for a client gone after {seen}"
 
 
@@ -223,9 +226,9 @@ def test_served_greedy_tokens_equal_the_pytorch_models_own_argmax(triton_server,
 
 
 TEXT_PROMPT = "héllo wörld ✓ 日本 "
-# seed 45 at temperature 1 makes serving_model write five valid multi-byte characters among broken
+# seed 13 at temperature 1 makes serving_model write three valid multi-byte characters among broken
 # ones, and stop inside a character (its last token a lead byte); found by search, checked below
-TEXT_REQUEST = {"prompt": TEXT_PROMPT, "max_new_tokens": 48, "temperature": 1.0, "filter_thres": 0.0, "seed": 45}
+TEXT_REQUEST = {"prompt": TEXT_PROMPT, "max_new_tokens": 48, "temperature": 1.0, "filter_thres": 0.0, "seed": 13}
 
 
 def http_text_stream(url: str, request: dict) -> tuple[list[int], list[str]]:
@@ -240,7 +243,7 @@ def http_text_stream(url: str, request: dict) -> tuple[list[int], list[str]]:
     finally:
         connection.close()
     assert all("error" not in event for event in events), events
-    return [int(event["token_id"]) for event in events], [event["text"] for event in events]
+    return [token for event in events for token in token_ids_of(event["token_id"])], [event["text"] for event in events]
 
 
 def grpc_text_stream(address: str, request: dict) -> tuple[list[int], list[str]]:
@@ -254,7 +257,7 @@ def grpc_text_stream(address: str, request: dict) -> tuple[list[int], list[str]]
             _, response, error = streamer.responses.get(timeout=TIMEOUT_S)
             assert error is None, error
             if response.as_numpy("token_id") is not None:
-                tokens.append(int(response.as_numpy("token_id")[0]))
+                tokens.extend(token_ids_of(response.as_numpy("token_id")))
                 pieces.append(response.as_numpy("text")[0].decode("utf-8"))
             if response.get_response().parameters["triton_final_response"].bool_param:
                 return tokens, pieces
@@ -265,11 +268,11 @@ def grpc_text_stream(address: str, request: dict) -> tuple[list[int], list[str]]
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_streamed_text_joins_to_the_offline_text_character_for_character(triton_server, offline_tokens,
                                                                           serving_graph, protocol):
-    """A text prompt streams a text piece with each token (empty inside a multi-byte character, the
-    whole character with its last byte): joined, the pieces are offline generate's text exactly."""
+    """A text prompt streams a text piece with each response (empty inside a multi-byte character,
+    the whole character with its last byte): joined, the pieces are offline generate's text exactly."""
     from runtime.decoding.generation import GenerationSettings
 
-    settings = GenerationSettings(48, 1.0, 0.0, seed=45)
+    settings = GenerationSettings(48, 1.0, 0.0, seed=13)
     expected_tokens = offline_tokens(serving_graph, encode_text(TEXT_PROMPT, 256), settings)
     expected = decode_bytes(expected_tokens)
     whole = [c for c in expected if ord(c) > 127 and c != "\ufffd"]
@@ -279,7 +282,7 @@ def test_streamed_text_joins_to_the_offline_text_character_for_character(triton_
     tokens, pieces = stream(triton_server.url if protocol == "http" else triton_server.grpc_url, TEXT_REQUEST)
     assert tokens == expected_tokens
     assert list("".join(pieces)) == list(expected)
-    assert len(pieces) == len(tokens) and "" in pieces  # one piece per token, some empty mid-character
+    assert len(pieces) <= len(tokens)  # one piece per response, which carries one token or more
 
 
 def test_the_repository_api_is_closed_to_clients(triton_server):

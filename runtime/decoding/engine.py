@@ -1,0 +1,239 @@
+"""The engine core: the one token loop that `generate`, the benchmark's decode, parity's generation
+and the server all run.
+
+It holds the waiting requests, the row table and the admission policy, and `step()` does one round:
+admit waiting requests into free rows (prompt tokens up to a per-step budget, so a burst of long
+prompts cannot stall running streams for a whole admission), prefill each one and pick its first
+token, decode one token for every running row, and report the tokens as events. Tokens are picked
+on the device (`sampling.choose`) and fed back to the decoder there; the step's one device-to-host
+copy is the ids it reports. No threads, no I/O, no clocks: a caller drives it (the server from its
+decode thread) and decides what to do with the events.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Decoder, DecodingError
+from .sampling import RowSettings, choose
+from .settings import GenerationSettings
+
+PREFILL_TOKENS = 512  # default per-step budget of prompt tokens admitted (one prompt always fits)
+
+LENGTH, STOP, CANCELLED, FAILED = "length", "stop", "cancelled", "failed"  # how a request finishes
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One request's news from a step: a token (`index`: its place among the request's new tokens),
+    or with `token` None a failure. `finish` is set on the request's last event."""
+
+    request: int  # the handle submit() returned
+    token: int | None
+    index: int
+    finish: str | None = None
+    error: str | None = None  # for a failure: what went wrong
+    cause: str | None = None  # and the exception's type
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Request:
+    handle: int
+    prompt: list[int]
+    settings: GenerationSettings
+    forced: list[int] | None  # teacher forcing: fed instead of the picked tokens (parity)
+    produced: int = 0  # tokens reported so far
+    row: int = -1
+
+
+@dataclass
+class StepStats:
+    """What the last step did, for metrics: rows decoded, requests admitted, prompt tokens prefilled."""
+
+    rows: int = 0
+    admitted: int = 0
+    prompt_tokens: int = 0
+    tokens: int = 0
+
+
+class Engine:
+    """In-flight batching over one Decoder: requests join free rows and leave at any step."""
+
+    def __init__(self, decoder: Decoder, rows: int | None = None, prefill_tokens: int = PREFILL_TOKENS,
+                 on_logits: Callable[[list[int], Tensor], None] | None = None):
+        """`rows`: how many of the decoder's rows to use (default all); `on_logits(handles, logits)`
+        sees every (rows, vocab) batch of logits before tokens are picked (parity records them)."""
+        if prefill_tokens < 1:
+            raise DecodingError(f"the prefill budget must be at least 1 token, got {prefill_tokens}")
+        self.decoder, self.prefill_tokens, self.on_logits = decoder, prefill_tokens, on_logits
+        self.rows = min(rows or decoder.rows, decoder.rows)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: dict[int, _Request] = {}  # row -> request
+        self._by_handle: dict[int, _Request] = {}
+        self._free = list(range(self.rows))
+        self._next_handle = 0
+        self._inputs = torch.zeros(decoder.rows, dtype=torch.int64, device=decoder.device)  # each row's next token
+        self._batch: tuple[tuple[int, ...], RowSettings, Tensor] | None = None  # settings of the running rows
+        self.stats = StepStats()
+
+    # ---- requests in and out ----
+    def check(self, prompt: Sequence[int], settings: GenerationSettings) -> None:
+        """Refuse, before any work, a request this decoder cannot serve."""
+        settings.check(self.decoder.vocab_size)
+        self.decoder.check_prompts({0: list(prompt)})
+        capacity = self.decoder.max_length
+        if capacity is not None and len(prompt) + settings.max_new_tokens > capacity:
+            raise DecodingError(f"prompt plus {settings.max_new_tokens} new tokens is "
+                                f"{len(prompt) + settings.max_new_tokens} tokens, past {self.decoder.capacity_hint}")
+
+    def submit(self, prompt: Sequence[int], settings: GenerationSettings, forced: Sequence[int] | None = None) -> int:
+        """Queue a request (checked first); returns its handle. `forced`: tokens to feed in place of
+        the picked ones (teacher forcing), at least max_new_tokens - 1 of them."""
+        self.check(prompt, settings)
+        if forced is not None and len(forced) < settings.max_new_tokens - 1:
+            raise DecodingError(f"teacher forcing needs {settings.max_new_tokens - 1} tokens, got {len(forced)}")
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        request = _Request(handle, list(prompt), settings, None if forced is None else list(forced))
+        self._waiting.append(request)
+        self._by_handle[handle] = request
+        return handle
+
+    def cancel(self, handle: int) -> bool:
+        """Drop a waiting or running request (its row is freed at once). False if it is not here."""
+        request = self._by_handle.pop(handle, None)
+        if request is None:
+            return False
+        if request.row < 0:
+            self._waiting.remove(request)
+        else:
+            self._release([request])
+        return True
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def idle(self) -> bool:
+        return not (self._waiting or self._running)
+
+    # ---- one step ----
+    def step(self) -> list[TokenEvent]:
+        """Decode one token for every running row, then admit and prefill waiting requests (each
+        gets its first token); return the step's events, running rows first."""
+        self.stats = StepStats()
+        picked: list[Tensor] = []  # device ids: the decode step's, then the new rows' first tokens
+        reported: list[_Request] = []  # whose token each id is
+        failed: list[TokenEvent] = []
+        stepping = [request for _, request in sorted(self._running.items())]
+        if stepping:
+            try:
+                picked.append(self._decode(stepping))
+                reported += stepping
+            except Exception as error:
+                failed = self._fail(stepping, error)
+        self.stats.rows = len(reported)
+        admitted = self._admit()
+        if admitted:
+            try:
+                logits = self.decoder.start({r.row: r.prompt for r in admitted})
+                ids = self._pick([r.handle for r in admitted], logits,
+                                 RowSettings.of([r.settings for r in admitted], [0] * len(admitted),
+                                                self.decoder.vocab_size, self.decoder.device))
+                self._feed(admitted, ids)
+                picked.append(ids)
+                reported += admitted
+            except Exception as error:
+                failed += self._fail(admitted, error)
+        if not picked:
+            return failed
+        tokens = (torch.cat(picked) if len(picked) > 1 else picked[0]).tolist()  # the step's one copy to the host
+        events, done = [], []
+        for request, token in zip(reported, tokens):
+            index = request.produced
+            request.produced += 1
+            finish = None
+            if request.settings.eos_id is not None and token == request.settings.eos_id:
+                finish = STOP
+            elif request.produced >= request.settings.max_new_tokens:
+                finish = LENGTH
+            events.append(TokenEvent(request.handle, token, index, finish))
+            if finish:
+                done.append(request)
+        self._release(done)
+        self.stats.tokens = len(events)
+        return events + failed
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests for the free rows, first come first served, within the prompt budget."""
+        admitted, budget = [], self.prefill_tokens
+        while self._waiting and self._free:
+            request = self._waiting[0]
+            if admitted and len(request.prompt) > budget:
+                break
+            self._waiting.popleft()
+            request.row = self._free.pop(0)
+            self._running[request.row] = request
+            budget -= len(request.prompt)
+            admitted.append(request)
+        self.stats.admitted, self.stats.prompt_tokens = len(admitted), self.prefill_tokens - budget
+        return admitted
+
+    def _decode(self, stepping: list[_Request]) -> Tensor:
+        """One decoder step over the running rows (in row order)."""
+        order = tuple(r.handle for r in stepping)
+        if self._batch is None or self._batch[0] != order:
+            rows = torch.tensor([r.row for r in stepping], device=self.decoder.device)
+            self._batch = (order, RowSettings.of([r.settings for r in stepping], [r.produced for r in stepping],
+                                                 self.decoder.vocab_size, self.decoder.device), rows)
+        else:
+            self._batch[1].advance()
+        _, settings, rows = self._batch
+        whole = len(stepping) == self.decoder.rows  # every row, in row order
+        logits = self.decoder.step(self._inputs if whole else self._inputs.index_select(0, rows))
+        ids = self._pick(list(order), logits, settings)
+        self._feed(stepping, ids, None if whole else rows)
+        return ids
+
+    def _pick(self, handles: list[int], logits: Tensor, settings: RowSettings) -> Tensor:
+        if self.on_logits is not None:
+            self.on_logits(handles, logits)
+        return choose(logits, settings)
+
+    def _feed(self, requests: list[_Request], ids: Tensor, rows: Tensor | None = None) -> None:
+        """Store each row's next input (`rows`: their row numbers on the device; None: every row, in
+        order): the picked id, or when teacher forcing the forced one (fed after new token i: forced[i])."""
+        if rows is None and len(requests) == self.decoder.rows:
+            self._inputs.copy_(ids)
+        else:
+            if rows is None:
+                rows = torch.tensor([r.row for r in requests], device=self.decoder.device)
+            self._inputs.index_copy_(0, rows, ids)
+        for request in requests:
+            if request.forced is not None and request.produced < len(request.forced):
+                self._inputs[request.row] = request.forced[request.produced]
+
+    def _release(self, requests: list[_Request]) -> None:
+        rows = [r.row for r in requests if self._running.get(r.row) is r]
+        for request in requests:
+            if self._running.get(request.row) is request:
+                del self._running[request.row]
+            self._by_handle.pop(request.handle, None)
+        if rows:
+            self.decoder.release(rows)
+            self._free = sorted(self._free + rows)
+            self._batch = None
+
+    def _fail(self, requests: list[_Request], error: Exception) -> list[TokenEvent]:
+        """A decoder failure ends the requests involved, never the engine."""
+        message = f"decoding failed ({type(error).__name__}: {error})"
+        self._release(requests)
+        return [TokenEvent(r.handle, None, r.produced, FAILED, message, type(error).__name__) for r in requests]

@@ -1,0 +1,29 @@
+"""One request's generation settings, checked with errors that name their flag."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .base import DecodingError
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # <= 0: greedy
+    filter_thres: float = 0.9  # keep the top (1 - filter_thres) fraction of logits
+    seed: int = 0
+    eos_id: int | None = None
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Sane values, each error naming its flag."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise DecodingError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature):
+            raise DecodingError(f"--temperature must be a finite number, got {self.temperature}")
+        if not (math.isfinite(self.filter_thres) and 0.0 <= self.filter_thres < 1.0):
+            raise DecodingError(f"--filter-thres must be in [0, 1), got {self.filter_thres}")
+        if not -2**63 <= self.seed < 2**63:
+            raise DecodingError(f"--seed must fit in 64 bits, got {self.seed}")
+        if self.eos_id is not None and vocab_size is not None and not 0 <= self.eos_id < vocab_size:
+            raise DecodingError(f"--eos-id {self.eos_id} is outside the vocabulary 0..{vocab_size - 1}")

@@ -1,0 +1,200 @@
+"""The engine core with a fake decoder: admission, the prefill budget, release, cancellation,
+failures and teacher forcing, deterministically (no threads, no clocks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import ModelConfig
+from runtime.decoding.base import Decoder, DecodingError
+from runtime.decoding.engine import CANCELLED, FAILED, LENGTH, STOP, Engine
+from runtime.decoding.settings import GenerationSettings
+
+VOCAB = 16
+
+
+def fake_logits(tokens: list[int]) -> torch.Tensor:
+    """The next-token logits of a row holding `tokens`: a clear favourite that depends on the last
+    token and the length, and a spread the sampler can draw from."""
+    logits = torch.linspace(0.0, 1.0, VOCAB)
+    logits[(tokens[-1] * 3 + len(tokens)) % VOCAB] = 4.0
+    return logits
+
+
+class FakeDecoder(Decoder):
+    """Rows hold their tokens on the host; every call is recorded."""
+
+    def __init__(self, rows: int, max_length: int = 64, fail_step: int | None = None):
+        super().__init__("fake", "cpu", ModelConfig(num_tokens=VOCAB, dim=8, depth=1, heads=1, dim_head=8), rows,
+                         max_length, f"the fake's {max_length}-token rows")
+        self.held: dict[int, list[int]] = {}
+        self.calls: list[tuple] = []
+        self.fail_step = fail_step
+
+    def _start(self, prompts, all_logits):
+        self.calls.append(("start", sorted(prompts)))
+        self.held.update({row: list(prompt) for row, prompt in prompts.items()})
+        return torch.stack([fake_logits(self.held[row]) for row in prompts])
+
+    def _step(self, tokens):
+        self.calls.append(("step", self.active, tokens.tolist()))
+        if self.fail_step is not None and sum(call[0] == "step" for call in self.calls) == self.fail_step:
+            raise RuntimeError("the device fell over")
+        for row, token in zip(self.active, tokens.tolist()):
+            self.held[row].append(token)
+        return torch.stack([fake_logits(self.held[row]) for row in self.active])
+
+    def _release(self, rows):
+        self.calls.append(("release", sorted(rows)))
+        for row in rows:
+            del self.held[row]
+
+
+def expected_greedy(prompt: list[int], new_tokens: int, eos_id: int | None = None) -> list[int]:
+    tokens, held = [], list(prompt)
+    for _ in range(new_tokens):
+        token = int(fake_logits(held).argmax())
+        tokens.append(token)
+        held.append(token)
+        if token == eos_id:
+            break
+    return tokens
+
+
+def run(engine: Engine, limit: int = 200) -> tuple[dict[int, list[int]], dict[int, str], list[list]]:
+    """Step until idle: tokens and finish per handle, and each step's events."""
+    tokens, finish, steps = {}, {}, []
+    for _ in range(limit):
+        if engine.idle:
+            return tokens, finish, steps
+        events = engine.step()
+        steps.append(events)
+        for event in events:
+            if event.token is not None:
+                assert event.index == len(tokens.setdefault(event.request, []))
+                tokens[event.request].append(event.token)
+            if event.finish:
+                finish[event.request] = event.finish
+    raise AssertionError("the engine never went idle")
+
+
+def test_more_requests_than_rows_queue_and_each_gets_its_own_tokens():
+    decoder = FakeDecoder(rows=2)
+    engine = Engine(decoder)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11]]
+    handles = [engine.submit(p, GenerationSettings(max_new_tokens=3 + i)) for i, p in enumerate(prompts)]
+    assert engine.waiting == 5 and engine.running == 0
+    tokens, finish, steps = run(engine)
+    assert [tokens[h] for h in handles] == [expected_greedy(p, 3 + i) for i, p in enumerate(prompts)]
+    assert set(finish.values()) == {LENGTH}
+    assert max(len(events) for events in steps) == 2  # never more rows than the decoder has
+    assert decoder.lengths == {} and decoder.held == {} and engine.idle
+
+
+def test_admission_keeps_to_the_prompt_budget_and_running_rows_keep_decoding():
+    decoder = FakeDecoder(rows=4)
+    engine = Engine(decoder, prefill_tokens=10)
+    first = engine.submit([1] * 3, GenerationSettings(max_new_tokens=20))
+    engine.step()  # the first request runs
+    late = [engine.submit([2] * 8, GenerationSettings(max_new_tokens=4)) for _ in range(3)]
+    per_step = []
+    for _ in range(3):
+        events = engine.step()
+        per_step.append(sorted(e.request for e in events if e.index == 0))
+        assert first in [e.request for e in events]  # the running stream gets a token every step
+        assert engine.stats.prompt_tokens <= 10
+    assert per_step == [[late[0]], [late[1]], [late[2]]]  # 8 + 8 > 10: one long prompt per step
+    assert [call[1] for call in decoder.calls if call[0] == "start"] == [[0], [1], [2], [3]]
+
+
+def test_a_prompt_longer_than_the_budget_is_still_admitted_alone():
+    engine = Engine(FakeDecoder(rows=2), prefill_tokens=4)
+    handle = engine.submit(list(range(12)), GenerationSettings(max_new_tokens=2))
+    tokens, _, _ = run(engine)
+    assert tokens[handle] == expected_greedy(list(range(12)), 2)
+
+
+def test_finished_rows_are_released_in_the_step_that_ends_them_and_reused():
+    decoder = FakeDecoder(rows=1)
+    engine = Engine(decoder)
+    free = expected_greedy([3, 1], 10)
+    eos = free[2]
+    stopped = engine.submit([3, 1], GenerationSettings(max_new_tokens=10, eos_id=eos))
+    single = engine.submit([5], GenerationSettings(max_new_tokens=1))
+    tokens, finish, steps = run(engine)
+    assert tokens[stopped] == free[:3] and finish[stopped] == STOP
+    assert tokens[single] == expected_greedy([5], 1) and finish[single] == LENGTH
+    assert ("release", [0]) in decoder.calls and decoder.lengths == {}
+    assert len(steps) == 4  # three tokens for the first request, then one admission step for the second
+    assert sum(call[0] == "step" for call in decoder.calls) == 2  # a one-token request is never stepped
+
+
+def test_cancelling_a_waiting_and_a_running_request_frees_them_at_once():
+    decoder = FakeDecoder(rows=1)
+    engine = Engine(decoder)
+    running = engine.submit([1, 2], GenerationSettings(max_new_tokens=50))
+    waiting = engine.submit([3], GenerationSettings(max_new_tokens=2))
+    engine.step()
+    assert engine.cancel(waiting) and engine.waiting == 0
+    assert engine.cancel(running) and engine.running == 0 and decoder.lengths == {}
+    assert not engine.cancel(running) and not engine.cancel(999)
+    assert engine.idle and engine.step() == []
+    again = engine.submit([4], GenerationSettings(max_new_tokens=2))
+    tokens, _, _ = run(engine)
+    assert tokens[again] == expected_greedy([4], 2)
+    assert CANCELLED == "cancelled"
+
+
+def test_a_decoder_failure_fails_the_rows_involved_and_the_engine_goes_on():
+    decoder = FakeDecoder(rows=2, fail_step=2)
+    engine = Engine(decoder)
+    a = engine.submit([1], GenerationSettings(max_new_tokens=5))
+    b = engine.submit([2], GenerationSettings(max_new_tokens=5))
+    engine.step()
+    engine.step()
+    events = engine.step()  # the decoder's second step raises
+    assert {(e.request, e.finish) for e in events} == {(a, FAILED), (b, FAILED)}
+    assert all(e.token is None and "the device fell over" in e.error for e in events)
+    assert engine.idle and decoder.lengths == {}
+    after = engine.submit([3], GenerationSettings(max_new_tokens=3))
+    tokens, _, _ = run(engine)
+    assert tokens[after] == expected_greedy([3], 3)
+
+
+def test_sampled_requests_draw_the_same_tokens_alone_and_next_to_others():
+    settings = [GenerationSettings(12, 1.5, 0.0, seed=s) for s in (1, 2, 3)]
+    alone = []
+    for setting in settings:
+        engine = Engine(FakeDecoder(rows=1))
+        handle = engine.submit([9, 4], setting)
+        alone.append(run(engine)[0][handle])
+    engine = Engine(FakeDecoder(rows=3), prefill_tokens=2)  # joined one per step: other rows, other steps
+    handles = [engine.submit([9, 4], setting) for setting in settings]
+    together = run(engine)[0]
+    assert [together[h] for h in handles] == alone
+    assert len({tuple(tokens) for tokens in alone}) == 3  # the seeds matter
+
+
+def test_teacher_forcing_feeds_the_forced_tokens_and_reports_the_picked_ones():
+    decoder = FakeDecoder(rows=1)
+    seen = []
+    engine = Engine(decoder, on_logits=lambda handles, logits: seen.append(logits.clone()))
+    forced = [7, 7, 7]
+    handle = engine.submit([1], GenerationSettings(max_new_tokens=4), forced=forced)
+    tokens, _, _ = run(engine)
+    assert [call[2] for call in decoder.calls if call[0] == "step"] == [[7], [7], [7]]
+    assert tokens[handle] == [int(fake_logits([1] + forced[:i]).argmax()) for i in range(4)]
+    assert len(seen) == 4 and torch.equal(seen[2][0], fake_logits([1, 7, 7]))
+
+
+@pytest.mark.parametrize("prompt, settings, forced, message", [
+    ([VOCAB], GenerationSettings(2), None, f"prompt token id {VOCAB} is out of range"),
+    ([1] * 60, GenerationSettings(8), None, "prompt plus 8 new tokens is 68 tokens, past the fake's 64-token rows"),
+    ([1], GenerationSettings(2, eos_id=VOCAB), None, f"--eos-id {VOCAB} is outside the vocabulary"),
+    ([1], GenerationSettings(4), [1], "teacher forcing needs 3 tokens, got 1"),
+])
+def test_bad_requests_are_refused_at_submit(prompt, settings, forced, message):
+    engine = Engine(FakeDecoder(rows=1))
+    with pytest.raises(DecodingError, match=message):
+        engine.submit(prompt, settings, forced)
+    assert engine.idle
