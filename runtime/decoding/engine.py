@@ -194,9 +194,7 @@ class Engine:
             rows = torch.tensor([r.row for r in stepping], device=self.decoder.device)
             self._batch = (order, RowSettings.of([r.settings for r in stepping], [r.produced for r in stepping],
                                                  self.decoder.vocab_size, self.decoder.device), rows)
-        else:
-            self._batch[1].advance()
-        _, settings, rows = self._batch
+        _, settings, rows = self._batch  # choose() moves the counters on
         whole = len(stepping) == self.decoder.rows  # every row, in row order
         logits = self.decoder.step(self._inputs if whole else self._inputs.index_select(0, rows))
         ids = self._pick(list(order), logits, settings)

@@ -30,9 +30,9 @@ def kept_count(filter_thres: float, vocab_size: int) -> int:
     return max(1, math.ceil((1.0 - filter_thres) * vocab_size))
 
 
-def _mix(x: Tensor) -> Tensor:
-    """A 32-bit integer finaliser on int64 tensors holding values < 2**32. Both multipliers are
-    below 2**31, so no product overflows int64 (the same bits on every device)."""
+def _mix(x):
+    """A 32-bit integer finaliser, on Python ints or int64 tensors holding values < 2**32. Both
+    multipliers are below 2**31, so no product overflows int64 (the same bits on every device)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK
     x = x ^ (x >> 15)
@@ -40,21 +40,24 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
-    """(rows,) int64 seeds and counters -> (rows, vocab) float32 uniforms in (0, 1), each a
-    function of (seed, counter, token id) only."""
-    seeds = seeds.to(torch.int64)
-    key = _mix((seeds & _MASK) ^ _GOLDEN)
-    key = _mix(key ^ ((seeds >> 32) & _MASK))
-    key = _mix((key + counters.to(torch.int64) * _GOLDEN) & _MASK)
-    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix(_mix((key[:, None] + ids[None, :] * 0x85EBCA6B) & _MASK) ^ key[:, None])
+def seed_key(seed: int) -> int:
+    """A request's seed (any 64-bit integer) folded into the 32-bit key its noise starts from."""
+    seed &= (1 << 64) - 1
+    return _mix(_mix((seed & _MASK) ^ _GOLDEN) ^ (seed >> 32))
+
+
+def uniform_noise(keys: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
+    """(rows,) int64 seed keys and counters -> (rows, vocab) float32 uniforms in (0, 1), each a
+    function of (key, counter, token id) only."""
+    key = _mix((keys.to(torch.int64) + counters.to(torch.int64) * _GOLDEN) & _MASK)[:, None]
+    ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    bits = _mix(_mix((key + ids * 0x85EBCA6B) & _MASK) ^ key)
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32
 
 
-def gumbel_noise(seeds: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
+def gumbel_noise(keys: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
     """-log(-log(u)) of uniform_noise."""
-    return -torch.log(-torch.log(uniform_noise(seeds, counters, vocab_size)))
+    return -torch.log(-torch.log(uniform_noise(keys, counters, vocab_size)))
 
 
 @dataclass
@@ -63,8 +66,8 @@ class RowSettings:
 
     temperature: Tensor  # (rows,) float32; <= 0 greedy
     kept: Tensor  # (rows,) int64, logits kept per row
-    seeds: Tensor  # (rows,) int64
-    counters: Tensor  # (rows,) int64: which new token of its request each row picks next
+    keys: Tensor  # (rows,) int64: seed_key of each row's seed
+    counters: Tensor  # (rows,) int64: which new token of its request each row picks next; choose() advances it
     widest: int  # the largest kept count among sampled rows; 0 when every row is greedy
 
     @classmethod
@@ -74,26 +77,31 @@ class RowSettings:
         sampled = [k for k, s in zip(kept, settings) if s.temperature > 0]
         return cls(torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
                    torch.tensor(kept, dtype=torch.int64, device=device),
-                   torch.tensor([s.seed for s in settings], dtype=torch.int64, device=device),
+                   torch.tensor([seed_key(s.seed) for s in settings], dtype=torch.int64, device=device),
                    torch.tensor(list(counters), dtype=torch.int64, device=device),
                    max(sampled, default=0))
-
-    def advance(self) -> None:
-        """Every row moves on to its next token."""
-        self.counters.add_(1)
 
 
 def choose(logits: Tensor, rows: RowSettings) -> Tensor:
     """(rows, vocab) logits -> (rows,) int64 token ids on the logits' device, each row by its own
-    settings; no host synchronisation."""
-    logits = logits.float()
-    greedy = logits.argmax(-1)
+    settings, and every row's counter moves on by one; no host synchronisation. On CUDA with
+    Triton the noise, the filter and both argmaxes are one fused kernel (sampling_kernel)."""
     if rows.widest == 0:
-        return greedy
+        rows.counters.add_(1)
+        return logits.argmax(-1)
     threshold = torch.topk(logits, rows.widest, dim=-1).values.gather(-1, (rows.kept.clamp(max=rows.widest) - 1)[:, None])
+    if logits.is_cuda:
+        from .sampling_kernel import fused_choose
+
+        chosen = fused_choose(logits, threshold, rows)
+        if chosen is not None:
+            return chosen
+    logits, threshold = logits.float(), threshold.float()
+    greedy = logits.argmax(-1)
     scaled = logits / rows.temperature.clamp(min=1e-10)[:, None]  # a tensor divisor: true division everywhere
     scaled = scaled.masked_fill(logits < threshold, float("-inf"))
-    sampled = (scaled + gumbel_noise(rows.seeds, rows.counters, logits.shape[-1])).argmax(-1)
+    sampled = (scaled + gumbel_noise(rows.keys, rows.counters, logits.shape[-1])).argmax(-1)
+    rows.counters.add_(1)
     return torch.where(rows.temperature > 0, sampled, greedy)
 
 

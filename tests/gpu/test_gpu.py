@@ -298,3 +298,51 @@ def test_an_fp32_group_query_attention_graph_is_refused_on_cuda_in_one_sentence(
     export_static_cache(source.model, path, 64, "fp32", source.record, log=lambda _: None)
     with pytest.raises(BackendError, match="cannot replay its steps as a CUDA graph.*--dtype fp16"):
         open_decoder(path, "onnxruntime-cuda")
+
+
+def test_the_fused_sampling_kernel_draws_what_the_pytorch_ops_draw():
+    """Triton's kernel and the PyTorch ops share the integer hash bit for bit; only the logarithms
+    differ, by an ulp at most, which moves a draw only at a near-tie."""
+    from runtime.decoding.sampling import RowSettings, choose
+    from runtime.decoding.sampling_kernel import fused_choose
+    from runtime.decoding.settings import GenerationSettings
+
+    logits = torch.randn(512, 256, generator=torch.Generator().manual_seed(0)).half()
+    settings = [GenerationSettings(8, [0.0, 0.7, 1.0, 1.3][i % 4], [0.9, 0.5, 0.0][i % 3], seed=i) for i in range(512)]
+    counters = [i % 37 for i in range(512)]
+    on_cpu = choose(logits, RowSettings.of(settings, counters, 256, torch.device("cpu")))
+    rows = RowSettings.of(settings, counters, 256, torch.device("cuda"))
+    assert fused_choose(logits.cuda(), torch.zeros(512, 1, device="cuda"), rows) is not None, "Triton is missing"
+    rows = RowSettings.of(settings, counters, 256, torch.device("cuda"))
+    on_cuda = choose(logits.cuda(), rows).cpu()
+    assert rows.counters.cpu().tolist() == [c + 1 for c in counters]
+    assert (on_cuda == on_cpu).float().mean() >= 0.998, int((on_cuda != on_cpu).sum())
+    greedy = torch.tensor([s.temperature <= 0 for s in settings])
+    assert torch.equal(on_cuda[greedy], logits.float().argmax(-1)[greedy])
+
+
+@pytest.mark.parametrize("kind", CUDA_DECODERS)
+def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path, kind):
+    """The engine on each CUDA decoder: greedy and seeded-sampled requests decoded four at a time
+    (joining as rows free up) equal each request decoded alone."""
+    from runtime.decoding.engine import Engine
+    from runtime.decoding.settings import GenerationSettings
+
+    source, paths = tiny
+    requests = [([1 + i, 2 * i + 3, 7], GenerationSettings(20 + 3 * i, [0.0, 0.9][i % 2], 0.5, seed=i))
+                for i in range(6)]
+
+    def run(decoder, work):
+        engine, tokens = Engine(decoder, prefill_tokens=4), {}
+        handles = [engine.submit(prompt, settings) for prompt, settings in work]
+        while not engine.idle:
+            for event in engine.step():
+                assert event.token is not None, event.error
+                tokens.setdefault(event.request, []).append(event.token)
+        return [tokens[h] for h in handles]
+
+    with _cuda_decoder(kind, source, paths, tmp_path, 4) as decoder:
+        together = run(decoder, requests)
+        alone = [run(decoder, [request])[0] for request in requests]
+    assert together == alone
+    assert len({tuple(t) for t in alone}) == len(alone)

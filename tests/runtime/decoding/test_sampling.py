@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.decoding.sampling import RowSettings, choose, kept_count, next_tokens, uniform_noise
+from runtime.decoding.sampling import RowSettings, choose, kept_count, next_tokens, seed_key, uniform_noise
 from runtime.decoding.settings import GenerationSettings
 
 
@@ -29,13 +29,14 @@ def test_each_row_of_a_batched_choice_equals_that_row_chosen_alone():
 
 
 def test_noise_is_a_function_of_seed_counter_and_token_id_only():
-    seeds, counters = torch.tensor([7, 7, 8, -5, 2**62]), torch.tensor([0, 1, 0, 0, 3])
+    seeds, counters = torch.tensor([seed_key(s) for s in (7, 7, 8, -5, 2**62)]), torch.tensor([0, 1, 0, 0, 3])
+    assert len(set(seeds.tolist())) == 4 and all(0 <= int(key) < 2**32 for key in seeds)
     noise = uniform_noise(seeds, counters, 50)
     assert torch.equal(noise[1:2], uniform_noise(seeds[1:2], counters[1:2], 50))  # alone == batched
     assert torch.equal(noise[:, :20], uniform_noise(seeds, counters, 20))  # token v's draw ignores the vocabulary size
     assert len({tuple(row.tolist()) for row in noise}) == 5  # seeds and counters all draw differently
     assert 0.0 < float(noise.min()) and float(noise.max()) < 1.0
-    many = uniform_noise(torch.zeros(2000, dtype=torch.int64), torch.arange(2000), 64)
+    many = uniform_noise(torch.full((2000,), seed_key(0)), torch.arange(2000), 64)
     assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.var()) - 1 / 12) < 0.002
 
 
@@ -71,3 +72,12 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature(temperatu
     rows = RowSettings.of([settings(temperature, filter_thres, 11)] * draws, range(draws), 6, logits.device)
     frequencies = torch.bincount(choose(logits.expand(draws, -1), rows), minlength=6).double() / draws
     assert (frequencies - expected).abs().max() < 0.015, (frequencies.tolist(), expected.tolist())
+
+
+def test_choosing_moves_every_rows_counter_on():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    rows = RowSettings.of([settings(0.0), settings(1.0), settings(0.9, 0.5)], [0, 4, 9], 40, logits.device)
+    first, second = choose(logits, rows), choose(logits, rows)
+    assert rows.counters.tolist() == [2, 6, 11] and first[0] == second[0]  # greedy: the argmax both times
+    fresh = RowSettings.of([settings(1.0)], [5], 40, logits.device)
+    assert int(choose(logits[1:2], fresh)[0]) == int(second[1])  # the second draw is the one at counter 5
