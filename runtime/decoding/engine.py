@@ -78,6 +78,7 @@ class Engine:
         self._next_handle = 0
         self._inputs = torch.zeros(decoder.rows, dtype=torch.int64, device=decoder.device)  # each row's next token
         self._batch: tuple[tuple[int, ...], RowSettings, Tensor] | None = None  # settings of the running rows
+        self._host: Tensor | None = None  # pinned buffer the ids are copied into (CUDA)
         self.stats = StepStats()
 
     # ---- requests in and out ----
@@ -155,7 +156,7 @@ class Engine:
                 failed += self._fail(admitted, error)
         if not picked:
             return failed
-        tokens = (torch.cat(picked) if len(picked) > 1 else picked[0]).tolist()  # the step's one copy to the host
+        tokens = self._to_host(torch.cat(picked) if len(picked) > 1 else picked[0])
         events, done = [], []
         for request, token in zip(reported, tokens):
             index = request.produced
@@ -171,6 +172,20 @@ class Engine:
         self._release(done)
         self.stats.tokens = len(events)
         return events + failed
+
+    def _to_host(self, ids: Tensor) -> list[int]:
+        """The step's one copy to the host. On CUDA: into pinned memory, waited for on an event,
+        which lets other threads (the server's senders) run while the GPU finishes the step."""
+        if ids.device.type != "cuda":
+            return ids.tolist()
+        if self._host is None or self._host.numel() < ids.numel():
+            self._host = torch.empty(2 * self.decoder.rows, dtype=torch.int64, pin_memory=True)
+        host = self._host[: ids.numel()]
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # without the GIL, unlike tolist() on a CUDA tensor
+        return host.tolist()
 
     def _admit(self) -> list[_Request]:
         """Waiting requests for the free rows, first come first served, within the prompt budget."""

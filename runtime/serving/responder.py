@@ -51,7 +51,7 @@ class Responder:
         self.metrics, self.on_gone = metrics, on_gone
         self._lock = threading.Lock()
         self._outboxes: dict[int, _Outbox] = {}  # id(stream) -> its outbox, until its final response
-        self._ready: queue.SimpleQueue[_Outbox | None] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[list[_Outbox] | None] = queue.SimpleQueue()  # work for the senders
         self._gone: set[int] = set()  # id() of streams a send to failed: their client has gone
         self._threads = [threading.Thread(target=self._run, name=f"generate-responder-{i}", daemon=True)
                          for i in range(senders)]
@@ -70,8 +70,9 @@ class Responder:
                 if not box.busy:
                     box.busy = True
                     ready.append(box)
-        for box in ready:
-            self._ready.put(box)
+        senders = len(self._threads)
+        for part in (ready[i::senders] for i in range(min(senders, len(ready)))):  # one hand-off per sender
+            self._ready.put(part)
 
     def fail(self, stream: Stream, message: str) -> None:
         self._last(stream, "failed", message)
@@ -110,37 +111,42 @@ class Responder:
             if box.busy:
                 return
             box.busy = True
-        self._ready.put(box)
+        self._ready.put([box])
 
     def _run(self) -> None:
-        while (box := self._ready.get()) is not None:
-            with self._lock:
-                tokens, box.tokens = box.tokens, []
-                outcome, error = box.outcome, box.error
-            started = time.perf_counter()
-            if outcome == "failed":
-                delivered = _quietly(box.stream.fail, error)
-            elif outcome == "cancelled":
-                delivered = _quietly(box.stream.end)
+        while (boxes := self._ready.get()) is not None:
+            for box in boxes:
+                self._send(box)
+
+    def _send(self, box: _Outbox) -> None:
+        """Everything `box` holds now, as one response; handed back to the queue if more came meanwhile."""
+        with self._lock:
+            tokens, box.tokens = box.tokens, []
+            outcome, error = box.outcome, box.error
+        started = time.perf_counter()
+        if outcome == "failed":
+            delivered = _quietly(box.stream.fail, error)
+        elif outcome == "cancelled":
+            delivered = _quietly(box.stream.end)
+        else:
+            delivered = _quietly(box.stream.send, tokens, outcome is not None)
+        self.metrics.sent(time.perf_counter() - started)
+        if delivered is False:  # Triton refuses responses to a cancelled request
+            self._gone.add(id(box.stream))
+            if outcome is None:
+                self.on_gone(box.stream)
+        with self._lock:
+            if outcome is not None:  # the request is over; its id may be reused
+                del self._outboxes[id(box.stream)]
+                self._gone.discard(id(box.stream))
+                requeue = False
             else:
-                delivered = _quietly(box.stream.send, tokens, outcome is not None)
-            self.metrics.sent(time.perf_counter() - started)
-            if delivered is False:  # Triton refuses responses to a cancelled request
-                self._gone.add(id(box.stream))
-                if outcome is None:
-                    self.on_gone(box.stream)
-            with self._lock:
-                if outcome is not None:  # the request is over; its id may be reused
-                    del self._outboxes[id(box.stream)]
-                    self._gone.discard(id(box.stream))
-                    requeue = False
-                else:
-                    requeue = bool(box.tokens or box.outcome)
-                    box.busy = requeue
-            if outcome is not None:
-                self.metrics.finished("cancelled" if delivered is False and outcome == "completed" else outcome)
-            elif requeue:
-                self._ready.put(box)
+                requeue = bool(box.tokens or box.outcome)
+                box.busy = requeue
+        if outcome is not None:
+            self.metrics.finished("cancelled" if delivered is False and outcome == "completed" else outcome)
+        elif requeue:
+            self._ready.put([box])
 
 
 def _quietly(call, *args):

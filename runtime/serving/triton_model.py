@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,31 +43,46 @@ METRICS = {
 
 
 class TritonStream:
-    """One request's response sender, as the scheduler's Stream."""
+    """One request's response sender, as the scheduler's Stream. Triton frees a request's response
+    factory once its final response is sent, and asking a freed one whether it was cancelled
+    crashes the server: the lock keeps the watcher's question and the senders' last send apart."""
 
     def __init__(self, pb_utils, sender, text: bool):
         self.pb, self.sender = pb_utils, sender
         self.pieces = TextPieces() if text else None
+        self._lock = threading.Lock()
+        self._open = True
 
-    def send(self, tokens: list[int], final: bool) -> None:
+    def send(self, tokens: list[int], final: bool) -> bool:
         """One response with the stream's pending tokens (and their text, for a text prompt)."""
         outputs = [self.pb.Tensor("token_id", np.array(tokens, dtype=np.int64))]
         if self.pieces:  # a string tensor costs more to send: only for text prompts
             last = len(tokens) - 1
             text = "".join(self.pieces.piece(token, final and i == last) for i, token in enumerate(tokens))
             outputs.append(self.pb.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_)))
-        response = self.pb.InferenceResponse(output_tensors=outputs)
-        self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        return self._send(self.pb.InferenceResponse(output_tensors=outputs), final)
 
-    def fail(self, message: str) -> None:
-        self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message)),
-                         flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    def fail(self, message: str) -> bool:
+        return self._send(self.pb.InferenceResponse(error=self.pb.TritonError(message)), True)
 
-    def end(self) -> None:
-        self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    def end(self) -> bool:
+        return self._send(None, True)
 
     def cancelled(self) -> bool:
-        return self.sender.is_cancelled()
+        with self._lock:
+            return not self._open or self.sender.is_cancelled()
+
+    def _send(self, response, final: bool) -> bool:
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        with self._lock:
+            if not self._open:
+                return False
+            self._open = not final
+            if response is None:
+                self.sender.send(flags=flags)
+            else:
+                self.sender.send(response, flags=flags)
+        return True
 
 
 class TritonMetricsSink:

@@ -1,0 +1,183 @@
+"""Where a served decode step's time goes, without Triton: the decoder's step alone, the engine's step
+(sampling and the id copy added), and the server's driver (scheduler, responder threads) over
+streams whose sends cost what a python-backend send costs (a GIL-free wait of --send-ms).
+
+Usage: python3 scripts/profile_engine.py [--backend onnxruntime-cuda-static] [--preset small] [--dtype fp16] [--rows 32] [--cache 1024]
+       [--batches 1,8,32] [--steps 300] [--send-ms 0.2] [--cprofile] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def open_static(backend: str, preset: str, dtype: str, rows: int, cache: int):
+    from runtime.decoding.open import open_decoder
+    from models.source import resolve_model
+
+    return open_decoder(resolve_model(preset_name=preset), backend, rows=rows, precision=dtype, max_cache=cache)
+
+
+def sync(decoder) -> None:
+    import torch
+
+    if decoder.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decoder_alone(decoder, batch: int, steps: int) -> float:
+    """Median ms of decoder.step over `batch` rows, synchronised."""
+    import torch
+
+    decoder.start({row: [1 + row] * 16 for row in range(batch)})
+    token = torch.ones(batch, dtype=torch.int64, device=decoder.device)
+    times = []
+    for _ in range(steps):
+        sync(decoder)
+        started = time.perf_counter()
+        decoder.step(token)
+        sync(decoder)
+        times.append(time.perf_counter() - started)
+    decoder.release(range(batch))
+    return statistics.median(times) * 1e3
+
+
+def engine_steps(decoder, batch: int, steps: int, sampled: bool, profiler: cProfile.Profile | None) -> float:
+    """Median ms of engine.step with `batch` rows decoding (half of them sampled if `sampled`)."""
+    from runtime.decoding.engine import Engine
+    from runtime.decoding.settings import GenerationSettings
+
+    engine = Engine(decoder, prefill_tokens=16 * batch)
+    for row in range(batch):
+        engine.submit([1 + row] * 16, GenerationSettings(steps + 2, 0.8 if sampled and row % 2 else 0.0, 0.9, seed=row))
+    engine.step()
+    times = []
+    if profiler:
+        profiler.enable()
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - started)
+    if profiler:
+        profiler.disable()
+    while not engine.idle:
+        engine.step()
+    return statistics.median(times) * 1e3
+
+
+class TimedStream:
+    """A stream whose send waits `send_s` without the GIL, as a python-backend send does."""
+
+    def __init__(self, send_s: float, done):
+        self.send_s, self.done, self.tokens, self.responses = send_s, done, 0, 0
+
+    def send(self, tokens, final):
+        time.sleep(self.send_s)
+        self.tokens += len(tokens)
+        self.responses += 1
+        if final:
+            self.done(self)
+
+    def fail(self, message):
+        self.done(self)
+
+    def end(self):
+        self.done(self)
+
+    def cancelled(self):
+        return False
+
+
+def served(decoder, clients: int, seconds: float, send_s: float, senders: int) -> dict:
+    """Closed-loop clients against the scheduler: tokens/s, rows per step, step ms, tokens/response."""
+    from runtime.decoding.settings import GenerationSettings
+    from runtime.serving.limits import Limits
+    from runtime.serving.requests import GenerateRequest
+    from runtime.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(decoder, Limits(max_rows=decoder.rows, max_queue=4 * clients), senders=senders).start()
+    finished, lock, stop = [], threading.Lock(), time.monotonic() + seconds + 1.0  # past the measured second
+    counter = iter(range(10**9))
+
+    def submit():
+        index = next(counter)
+        settings = GenerationSettings(128 + index % 128, 0.8 if index % 2 else 0.0, 0.9, seed=index)
+        scheduler.submit(GenerateRequest([1 + index % 200] * (1 + index % 128), settings, False), TimedStream(send_s, done))
+
+    def done(stream):
+        with lock:
+            finished.append(stream)
+        if time.monotonic() < stop:
+            submit()
+
+    for _ in range(clients):
+        submit()
+    time.sleep(seconds)
+    before = scheduler.metrics.snapshot()
+    time.sleep(1.0)
+    after = scheduler.metrics.snapshot()
+    scheduler.close(30)
+    steps = after["steps"] - before["steps"]
+    with lock:
+        tokens, responses = sum(s.tokens for s in finished), sum(s.responses for s in finished)
+    return {"clients": clients, "tokens_per_s": after["tokens_total"] - before["tokens_total"],
+            "rows_per_step": (after["step_rows"] - before["step_rows"]) / max(steps, 1),
+            "step_ms": (after["step_seconds"] - before["step_seconds"]) / max(steps, 1) * 1e3,
+            "tokens_per_response": tokens / max(responses, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="onnxruntime-cuda-static")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--dtype", default="fp16")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--cache", type=int, default=1024)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--send-ms", type=float, default=0.2)
+    parser.add_argument("--serve-seconds", type=float, default=4.0)
+    parser.add_argument("--senders", default="1,2,8", help="the responder's sender threads, comma-separated settings")
+    parser.add_argument("--cprofile", action="store_true", help="print the engine's hottest functions at the largest batch")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    decoder = open_static(args.backend, args.preset, args.dtype, args.rows, args.cache)
+    rows = []
+    for batch in batches:
+        profiler = cProfile.Profile() if args.cprofile and batch == batches[-1] else None
+        row = {"batch": batch, "decoder_ms": decoder_alone(decoder, batch, args.steps),
+               "engine_greedy_ms": engine_steps(decoder, batch, args.steps, False, None),
+               "engine_mixed_ms": engine_steps(decoder, batch, args.steps, True, profiler)}
+        rows.append(row)
+        print(f"batch {batch:3d}: decoder {row['decoder_ms']:.3f} ms, engine greedy {row['engine_greedy_ms']:.3f} ms, "
+              f"engine half sampled {row['engine_mixed_ms']:.3f} ms", flush=True)
+        if profiler:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+            print(text.getvalue()[-4000:])
+    serving = []
+    for senders, clients in ((s, c) for s in (int(n) for n in args.senders.split(",")) for c in batches):
+        result = {"senders": senders, **served(decoder, clients, args.serve_seconds, args.send_ms / 1e3, senders)}
+        serving.append(result)
+        print(f"served, {clients:3d} clients, {senders} senders: {result['tokens_per_s']:.0f} tokens/s, {result['rows_per_step']:.1f} rows "
+              f"per step of {result['step_ms']:.3f} ms, {result['tokens_per_response']:.2f} tokens/response", flush=True)
+    decoder.close()
+    if args.json:
+        from runtime.provenance import script_command, write_result
+
+        write_result(args.json, {"steps": rows, "served": serving}, script_command(sys.argv), vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
