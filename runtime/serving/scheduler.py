@@ -1,158 +1,225 @@
-"""The server's driver around the engine core (runtime.decoding.engine).
+"""The server's driver around the decode loop (runtime.serving.decode_loop, the engine core stepping).
 
-One thread owns the engine and the decoder: it takes new requests and cancellations from an inbox,
-runs `engine.step()` and hands the step's tokens to the Responder, whose sender threads send them.
-A watcher thread asks Triton every `cancel_check_s` whether a client has gone (a round trip that
-must not sit on the decode thread) and posts a cancellation. So the decode thread does no I/O.
+The loop runs in a process of its own in the server (`Scheduler.in_process`), or in a thread
+(`Scheduler(decoder, ...)`, for tests and library use); either way this side only talks to it over
+a Connection. `submit` sends a request on, a receiver thread turns each step's events into work for
+the Responder's sender threads, and a watcher thread asks Triton every `cancel_check_s` whether a
+client has gone (a round trip) and sends a cancellation. Nothing here waits on the decoder.
 """
 from __future__ import annotations
 
-import collections
+import itertools
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from multiprocessing import Pipe
+from multiprocessing.connection import Listener
+from pathlib import Path
 from typing import Callable
 
 from ..decoding.base import Decoder
-from ..decoding.engine import FAILED, PREFILL_TOKENS, Engine, TokenEvent
+from ..decoding.engine import CANCELLED, FAILED, PREFILL_TOKENS, Engine
+from .decode_loop import AUTHKEY_VARIABLE, decoder_facts, serve_engine, settings_fields
 from .limits import Limits
 from .metrics import ServingMetrics
 from .requests import GenerateRequest
 from .responder import SENDERS, Responder, Stream
 
-WAIT_S = 0.5  # an idle decode thread re-checks for shutdown this often
-CANCEL_CHECK_S = 0.05  # how often the watcher asks about each running request's client
+CANCEL_CHECK_S = 0.05  # how often the watcher asks about each request's client
+START_S = 600.0  # how long the decode process may take to open its decoder (CUDA graphs are captured then)
+
+
+class SchedulerError(RuntimeError):
+    """The decode process could not be started."""
 
 
 class Scheduler:
-    def __init__(self, decoder: Decoder, limits: Limits, metrics: ServingMetrics | None = None,
+    def __init__(self, decoder: Decoder | None, limits: Limits, metrics: ServingMetrics | None = None,
                  log: Callable[[str], None] = lambda message: None, senders: int = SENDERS,
-                 cancel_check_s: float = CANCEL_CHECK_S, prefill_tokens: int = PREFILL_TOKENS):
+                 cancel_check_s: float = CANCEL_CHECK_S, prefill_tokens: int = PREFILL_TOKENS, _conn=None,
+                 _facts: dict | None = None, _process: subprocess.Popen | None = None):
+        """With a decoder: the decode loop runs over it in a thread of this process."""
         self.limits, self.log, self.cancel_check_s = limits, log, cancel_check_s
         self.metrics = metrics or ServingMetrics()
-        self.engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens)
-        self._inbox: collections.deque[tuple[GenerateRequest, Stream]] = collections.deque()
-        self._cancels: collections.deque[int] = collections.deque()
-        self._streams: dict[int, Stream] = {}  # engine handle -> its stream, while the engine holds it
-        self._queued = 0  # requests in the inbox or waiting in the engine
-        self._wake = threading.Condition()
-        self._closing, self._deadline = False, float("inf")
+        self._loop_thread = None
+        if decoder is not None:
+            self._conn, far = Pipe()
+            engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens)
+            self._loop_thread = threading.Thread(target=serve_engine, args=(far, engine), name="generate-decode",
+                                                 daemon=True)
+            self.facts = decoder_facts(decoder)
+        else:
+            self._conn, self.facts = _conn, _facts
+        self._process = _process
+        self._send_lock = threading.Lock()  # submit, the watcher and close all write to the loop
+        self._streams: dict[int, Stream] = {}  # request id -> its stream, until its last event
+        self._ids = itertools.count()
+        self._queued = 0  # requests waiting for a row, as the loop last reported plus those sent since
+        self._closing, self._broken = False, None
         self._stopped = threading.Event()
+        self.abandoned = 0  # requests failed at shutdown because the drain timed out
         self._responder = Responder(self.metrics, senders, on_gone=self._gone)
-        self._thread = threading.Thread(target=self._run, name="generate-decode", daemon=True)
+        self._receiver = threading.Thread(target=self._receive, name="generate-receive", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="generate-cancel-watch", daemon=True)
 
+    @classmethod
+    def in_process(cls, model: Path, backend: str, limits: Limits, python: str | None = None, **options) -> "Scheduler":
+        """Start the decode loop in a child process that opens `model` on `backend` itself."""
+        key = secrets.token_bytes(16)
+        folder = tempfile.mkdtemp(prefix="rotary-decode-")
+        address = os.path.join(folder, "loop.sock")
+        with Listener(address, authkey=key) as listener:
+            env = dict(os.environ, **{AUTHKEY_VARIABLE: key.hex()})
+            env["PYTHONPATH"] = os.pathsep.join(part for part in sys.path if part)  # what this interpreter imports
+            process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop", address], env=env)
+            accepted: dict = {}
+            waiter = threading.Thread(target=lambda: accepted.update(conn=listener.accept()), daemon=True)
+            waiter.start()
+            deadline = time.monotonic() + START_S
+            while waiter.is_alive() and process.poll() is None and time.monotonic() < deadline:
+                waiter.join(0.2)
+            if "conn" not in accepted:
+                process.kill()
+                raise SchedulerError(f"the decode process did not start (exit code {process.poll()}); see the log above")
+            conn = accepted["conn"]
+        conn.send({"model": str(model), "backend": backend, "rows": limits.max_rows,
+                   "prefill_tokens": options.pop("prefill_tokens", PREFILL_TOKENS)})
+        if not conn.poll(START_S):
+            process.kill()
+            raise SchedulerError(f"the decode process did not open {model.name} within {START_S:.0f} s")
+        kind, value = conn.recv()
+        if kind != "ready":
+            process.wait(30)
+            raise SchedulerError(f"the decode process could not open {model.name}: {value}")
+        return cls(None, limits, _conn=conn, _facts=value, _process=process, **options)
+
+    @property
+    def pid(self) -> int:
+        """The decode process (this process when the loop runs in a thread)."""
+        return self._process.pid if self._process is not None else os.getpid()
+
     def start(self) -> "Scheduler":
-        self._thread.start()
+        if self._loop_thread is not None:
+            self._loop_thread.start()
+        self._receiver.start()
         self._watcher.start()
         return self
 
     def submit(self, request: GenerateRequest, stream: Stream) -> None:
-        """Queue a request, or refuse it at once (shutting down, or the queue is full)."""
-        with self._wake:
-            if self._closing:
+        """Send a request to the decode loop, or refuse it at once (shutting down, queue full, loop gone)."""
+        with self._send_lock:
+            if self._broken:
+                reason = self._broken
+            elif self._closing:
                 reason = "the server is shutting down; retry on another server"
             elif self._queued >= self.limits.max_queue:
                 reason = (f"the server is busy: {self._queued} requests already wait for a row "
                           f"(max_queue {self.limits.max_queue}); retry later")
             else:
-                self._inbox.append((request, stream))
+                request_id = next(self._ids)
+                self._streams[request_id] = stream
                 self._queued += 1
-                self._wake.notify()
-                return
+                try:
+                    self._conn.send(("submit", request_id, request.prompt, settings_fields(request.settings)))
+                    return
+                except OSError:
+                    del self._streams[request_id]
+                    reason = "the decode loop has stopped; retry on another server"
         self.metrics.finished("rejected")
         _quietly(stream.fail, reason)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Refuse new requests, let waiting and active ones finish for up to `timeout` seconds, then
         fail what is left. True when everything finished in time."""
-        with self._wake:
-            self._closing, self._deadline = True, time.monotonic() + timeout
-            self._wake.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout + 10.0)
+        with self._send_lock:
+            self._closing = True
+            try:
+                self._conn.send(("close", timeout))
+            except OSError:
+                pass
+        if not self._receiver.is_alive() and self._loop_thread is not None and not self._loop_thread.is_alive():
+            self._loop_thread.start()  # never started: let it report what it holds
+            self._receiver.start()
+        self._receiver.join(timeout + 10.0)
         self._stopped.set()
-        return not self._thread.is_alive() and self.abandoned == 0
+        if self._process is not None:
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        return not self._receiver.is_alive() and self.abandoned == 0
 
-    abandoned = 0  # requests failed at shutdown because the drain timed out
-
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            with self._wake:
-                if not (self._inbox or self._cancels or not engine.idle or self._closing):
-                    self._wake.wait(WAIT_S)
-                incoming, self._inbox = list(self._inbox), collections.deque()
-                cancels, self._cancels = list(self._cancels), collections.deque()
-                if self._closing and ((engine.idle and not incoming) or time.monotonic() > self._deadline):
-                    self._inbox.extend(incoming)
-                    break
-            for handle in cancels:
-                if engine.cancel(handle):
-                    self._responder.end(self._streams.pop(handle))
-            for request, stream in incoming:
-                self._accept(request, stream)
-            if not engine.idle:
-                started = time.perf_counter()
-                events = engine.step()
-                self._deliver(events)
-                if engine.stats.rows:  # a decode step (an admission alone is not counted as one)
-                    self.metrics.step(engine.stats.rows, time.perf_counter() - started)
-            with self._wake:
-                self._queued = len(self._inbox) + engine.waiting
-            self.metrics.rows(engine.running, self._queued)
-        self._drain()
-
-    def _accept(self, request: GenerateRequest, stream: Stream) -> None:
+    def _receive(self) -> None:
+        """Each step's events to the responder, until the loop reports it has closed or goes away."""
         try:
-            handle = self.engine.submit(request.prompt, request.settings)
-        except Exception as error:  # parse_request checked it; a decoder may still refuse
-            self._responder.fail(stream, f"the request cannot be decoded: {error}")
-            return
-        self._streams[handle] = stream
+            while True:
+                message = self._conn.recv()
+                if message[0] == "closed":
+                    self._abandon(message[1])
+                    break
+                _, events, rows, seconds, running, waiting = message
+                self._deliver(events)
+                if rows:
+                    self.metrics.step(rows, seconds)
+                with self._send_lock:
+                    self._queued = waiting  # requests sent since the loop counted are counted at its next step
+                self.metrics.rows(running, waiting)
+        except (EOFError, OSError):
+            self._broken = "the decode loop has stopped; retry on another server"
+            if not self._closing:
+                self.log("generate: the decode process stopped; failing its requests")
+            self._abandon(list(self._streams))
+        finally:
+            self._stopped.set()
+            self._responder.close()
+            self.metrics.rows(0, 0)
 
-    def _deliver(self, events: list[TokenEvent]) -> None:
+    def _deliver(self, events: list[tuple]) -> None:
         batch, streams = [], self._streams
-        for event in events:
-            stream = streams[event.request] if event.finish is None else streams.pop(event.request)
-            if event.finish == FAILED:
-                self.log(f"generate: {event.error}")
-                self._responder.fail(stream, f"decoding failed on the server ({event.cause}); retry the request")
+        for request_id, token, finish, error, cause in events:
+            stream = streams[request_id] if finish is None else streams.pop(request_id)
+            if finish == CANCELLED:
+                self._responder.end(stream)
+            elif finish == FAILED:
+                self.log(f"generate: {error}")
+                message = error if cause is None else f"decoding failed on the server ({cause}); retry the request"
+                self._responder.fail(stream, message)
             else:
-                batch.append((stream, event.token, None if event.finish is None else "completed"))
+                batch.append((stream, token, None if finish is None else "completed"))
         self._responder.tokens(batch)
         self.metrics.tokens(len(batch))
 
-    def _drain(self) -> None:
-        """Shutting down: fail what is still here, then let the senders finish."""
+    def _abandon(self, request_ids: list[int]) -> None:
         message = "the server shut down before this request finished; retry it"
-        self.abandoned = len(self._streams) + len(self._inbox)
-        for handle, stream in list(self._streams.items()):
-            self.engine.cancel(handle)
-            self._responder.fail(stream, message)
-        self._streams.clear()
-        while self._inbox:
-            self._responder.fail(self._inbox.popleft()[1], message)
-        self._stopped.set()
-        self._responder.close()
-        self.metrics.rows(0, 0)
+        self.abandoned = len(request_ids)
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._responder.fail(stream, message)
 
     def _gone(self, stream: Stream) -> None:
         """A sender could not deliver to `stream`: cancel its request."""
-        for handle, known in list(self._streams.items()):
+        for request_id, known in list(self._streams.items()):
             if known is stream:
-                self._post_cancel(handle)
+                self._cancel(request_id)
 
-    def _post_cancel(self, handle: int) -> None:
-        with self._wake:
-            self._cancels.append(handle)
-            self._wake.notify()
+    def _cancel(self, request_id: int) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(("cancel", request_id))
+            except OSError:
+                pass
 
     def _watch(self) -> None:
-        """Off the decode thread: ask about each running request's client, cancel the gone ones."""
+        """Ask about each request's client, cancel the gone ones."""
         while not self._stopped.wait(max(self.cancel_check_s, 0.001)):
-            for handle, stream in list(self._streams.items()):
+            for request_id, stream in list(self._streams.items()):
                 if self._responder.gone(stream):
-                    self._post_cancel(handle)
+                    self._cancel(request_id)
 
 
 def _quietly(call, *args) -> None:
@@ -161,4 +228,3 @@ def _quietly(call, *args) -> None:
         call(*args)
     except Exception:
         pass
-

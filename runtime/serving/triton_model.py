@@ -16,7 +16,6 @@ import numpy as np
 
 from models.errors import ToolkitError
 
-from ..decoding.open import open_decoder
 from ..decoding.text import TextPieces
 from ..registry import backend_on
 from .limits import Limits
@@ -125,27 +124,29 @@ class GenerateModel:
         self.limits = Limits.from_parameters(params)
         model = (Path(args["model_repository"]) / params.get("decoder_model", "")).resolve()
         spec = backend_on(params.get("device", "auto"), model)
-        self.decoder = open_decoder(model, spec.name, rows=self.limits.max_rows)
-        try:
-            self.limits.check_capacity(self.decoder.max_length, self.decoder.capacity_hint)
-        except ToolkitError:
-            self.decoder.close()
-            raise
         sink = TritonMetricsSink(pb_utils, {"model": config.get("name", "generate"),
                                             "instance": args.get("model_instance_name", "")})
         self.metrics = ServingMetrics(sink)
         senders = int(os.environ.get("ROTARY_SERVE_SENDERS", SENDERS))  # tuning: threads sending responses
-        self.scheduler = Scheduler(self.decoder, self.limits, self.metrics, log=pb_utils.Logger.log_warn,
-                                   senders=max(1, senders)).start()
-        pb_utils.Logger.log_info(f"generate: {self.decoder.name} ({self.decoder.mode}) over {model.name}, "
-                                 f"{self.limits.max_rows} rows; {_versions()}")
+        self.scheduler = Scheduler.in_process(model, spec.name, self.limits, python=os.environ.get("ROTARY_SERVE_PYTHON"),
+                                              metrics=self.metrics, log=pb_utils.Logger.log_warn, senders=max(1, senders))
+        self.facts = self.scheduler.facts
+        try:
+            self.limits.check_capacity(self.facts["max_length"], self.facts["capacity_hint"])
+        except ToolkitError:
+            self.scheduler.close(0.0)
+            self.metrics.close()
+            raise
+        self.scheduler.start()
+        pb_utils.Logger.log_info(f"generate: {self.facts['name']} ({self.facts['mode']}) over {model.name}, "
+                                 f"{self.limits.max_rows} rows, decoding in process {self.scheduler.pid}; {_versions()}")
 
     def submit(self, request) -> None:
         """Check the request and queue it; a bad request gets one error response, nothing else."""
         sender = request.get_response_sender()
         arrays = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         try:
-            parsed = parse_request(arrays, self.decoder.vocab_size, self.limits, self.decoder.max_length)
+            parsed = parse_request(arrays, self.facts["vocab_size"], self.limits, self.facts["max_length"])
         except RequestError as error:
             self.metrics.finished("rejected")
             TritonStream(self.pb, sender, False).fail(str(error))
@@ -155,4 +156,3 @@ class GenerateModel:
     def close(self) -> None:
         self.scheduler.close(DRAIN_S)
         self.metrics.close()
-        self.decoder.close()

@@ -86,6 +86,7 @@ def server_environment(root: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = ":".join(part for part in libs if part)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(part for part in (str(TOOLKIT_ROOT), env.get("PYTHONPATH", "")) if part)
+    env["ROTARY_SERVE_PYTHON"] = sys.executable  # the decode process runs on it (the stub's own may differ)
     env[SYS_PATH_VARIABLE] = json.dumps([str(TOOLKIT_ROOT), *(part for part in sys.path if part)])  # see model_entry
     return env
 
