@@ -89,14 +89,14 @@ def choose(logits: Tensor, rows: RowSettings) -> Tensor:
     if rows.widest == 0:
         rows.counters.add_(1)
         return logits.argmax(-1)
-    threshold = torch.topk(logits, rows.widest, dim=-1).values.gather(-1, (rows.kept.clamp(max=rows.widest) - 1)[:, None])
     if logits.is_cuda:
         from .sampling_kernel import fused_choose
 
-        chosen = fused_choose(logits, threshold, rows)
+        chosen = fused_choose(logits, rows)
         if chosen is not None:
             return chosen
-    logits, threshold = logits.float(), threshold.float()
+    logits = logits.float()
+    threshold = torch.topk(logits, rows.widest, dim=-1).values.gather(-1, (rows.kept.clamp(max=rows.widest) - 1)[:, None])
     greedy = logits.argmax(-1)
     scaled = logits / rows.temperature.clamp(min=1e-10)[:, None]  # a tensor divisor: true division everywhere
     scaled = scaled.masked_fill(logits < threshold, float("-inf"))

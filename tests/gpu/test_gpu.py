@@ -301,18 +301,20 @@ def test_an_fp32_group_query_attention_graph_is_refused_on_cuda_in_one_sentence(
 
 
 def test_the_fused_sampling_kernel_draws_what_the_pytorch_ops_draw():
-    """Triton's kernel and the PyTorch ops share the integer hash bit for bit; only the logarithms
-    differ, by an ulp at most, which moves a draw only at a near-tie."""
+    """Triton's kernel and the PyTorch ops share the integer hash bit for bit and keep the same
+    logits (the k-th largest and all ties with it); only the logarithms differ, by an ulp at most,
+    which moves a draw only at a near-tie. Tied logits (fp16 rounding to few values) included."""
     from runtime.decoding.sampling import RowSettings, choose
     from runtime.decoding.sampling_kernel import fused_choose
     from runtime.decoding.settings import GenerationSettings
 
     logits = torch.randn(512, 256, generator=torch.Generator().manual_seed(0)).half()
+    logits[::5] = (logits[::5] * 4).round() / 4  # many ties, also at the k-th value
     settings = [GenerationSettings(8, [0.0, 0.7, 1.0, 1.3][i % 4], [0.9, 0.5, 0.0][i % 3], seed=i) for i in range(512)]
     counters = [i % 37 for i in range(512)]
     on_cpu = choose(logits, RowSettings.of(settings, counters, 256, torch.device("cpu")))
     rows = RowSettings.of(settings, counters, 256, torch.device("cuda"))
-    assert fused_choose(logits.cuda(), torch.zeros(512, 1, device="cuda"), rows) is not None, "Triton is missing"
+    assert fused_choose(logits.cuda(), rows) is not None, "Triton is missing"
     rows = RowSettings.of(settings, counters, 256, torch.device("cuda"))
     on_cuda = choose(logits.cuda(), rows).cpu()
     assert rows.counters.cpu().tolist() == [c + 1 for c in counters]
