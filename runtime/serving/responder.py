@@ -29,7 +29,7 @@ class Stream(Protocol):
     def cancelled(self) -> bool: ...
 
 
-SENDERS = 8  # threads handing responses to the server: each send waits for the server process's
+SENDERS = 4  # threads handing responses to the server: each send waits for the server process's
 # acknowledgement with the GIL released, so sends to different requests overlap
 
 
