@@ -98,7 +98,8 @@ serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 
   cat "$results/serve${TAG:-}.log"; grep -a "generate:" "$results/tritonserver${TAG:-}.log" | cut -c1-400
   if [ -f "$results/serve-ready${TAG:-}.json" ]; then
     run py -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --concurrency ${LEVELS:-1,8,32,64} \
-      --requests ${REQUESTS:-192} --max-prompt-tokens 128 --max-new-tokens 256 --json "$results/loadtest${TAG:-}.json" \
+      --requests-per-client ${PER_CLIENT:-16} --workers ${WORKERS:-8} --max-prompt-tokens 128 --max-new-tokens 256 \
+      --json "$results/loadtest${TAG:-}.json" \
       --plot "$results/loadtest${TAG:-}.png" 2>&1 | tail -8
   else
     tail -30 "$results/tritonserver${TAG:-}.log"

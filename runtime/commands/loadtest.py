@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest prompt sent (default 64, at most the server's limit)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                         help="most tokens asked for (default 64, at most the server's limit)")
+    parser.add_argument("--requests-per-client", type=int, metavar="K",
+                        help="K requests per client at each level instead of --requests (steady load at every level)")
+    parser.add_argument("--workers", type=int, default=1, metavar="P",
+                        help="spread the clients over P processes, so one Python process receiving every "
+                             "response does not cap the rate (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per request (default 120)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (`errors`: failed requests)")
@@ -62,8 +67,10 @@ def _loadtest(args: argparse.Namespace) -> int:
     from runtime.serving.loadtest import HttpClient, Workload, plot_levels, run_level
     from runtime.serving.metrics import PUBLISH_S
 
-    if args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0:
-        raise ToolkitError("--requests, --max-prompt-tokens, --max-new-tokens and --timeout must be positive")
+    if (args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0
+            or args.workers < 1 or (args.requests_per_client is not None and args.requests_per_client < 1)):
+        raise ToolkitError("--requests, --requests-per-client, --workers, --max-prompt-tokens, --max-new-tokens "
+                           "and --timeout must be positive")
     log = log_to(False)
     limits = server_limits(args.url)
     prompt = min(args.max_prompt_tokens, limits.get("max_prompt_tokens", args.max_prompt_tokens))
@@ -71,15 +78,17 @@ def _loadtest(args: argparse.Namespace) -> int:
     if "capacity" in limits:  # prompt + new tokens must fit in a row
         prompt = min(prompt, limits["capacity"] // 2)
         new = min(new, limits["capacity"] - prompt)
-    requests = Workload(args.requests, limits.get("vocab_size", 256), prompt, new, args.seed).build()
+    counts = [args.requests_per_client * c if args.requests_per_client else args.requests for c in args.concurrency]
+    requests = Workload(max(counts), limits.get("vocab_size", 256), prompt, new, args.seed).build()
     host, port = split_url(args.url, 8000)
     grpc_url = args.grpc_url or f"{host}:{port + 1}"
+    spec = ("grpc", grpc_url) if args.protocol == "grpc" else ("http", args.url)
     client = (lambda: GrpcStreamer(grpc_url)) if args.protocol == "grpc" else (lambda: HttpClient(args.url))
     metrics_url = args.metrics_url or f"{host}:{port + 2}"
     levels = []
     before = read_step_counters(metrics_url)
-    for concurrency in args.concurrency:
-        level = run_level(requests, concurrency, client, args.timeout)
+    for concurrency, count in zip(args.concurrency, counts):
+        level = run_level(requests[:count], concurrency, client, args.timeout, args.workers, spec)
         time.sleep(2 * PUBLISH_S)  # the server publishes its counters every PUBLISH_S
         after = read_step_counters(metrics_url)
         level["server_steps"], before = step_summary(before, after), after

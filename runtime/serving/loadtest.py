@@ -37,10 +37,24 @@ class Workload:
         return made
 
 
-def run_level(requests: list[dict], concurrency: int, client: Callable[[], "Client"], timeout: float) -> dict:
-    """`concurrency` threads, each with its own client, take requests in turn until none are left."""
+def run_level(requests: list[dict], concurrency: int, client: Callable[[], "Client"], timeout: float,
+              workers: int = 1, client_spec: tuple[str, str] | None = None) -> dict:
+    """`concurrency` threads, each with its own client, take requests in turn until none are left.
+    With `workers` > 1 the threads are spread over that many processes (`client_spec`: ("grpc" or
+    "http", address)), so the load generator's own GIL does not cap what it can receive."""
+    workers = max(1, min(workers, concurrency))
+    if workers > 1 and client_spec is not None:
+        results, seconds = _in_processes(requests, concurrency, client_spec, timeout, workers)
+        return summarize(results, concurrency, seconds)
+    started = time.perf_counter()
+    results = _in_threads(requests, list(range(len(requests))), concurrency, client, timeout)
+    return summarize(results, concurrency, time.perf_counter() - started)
+
+
+def _in_threads(requests: list[dict], indices: list[int], concurrency: int, client: Callable[[], "Client"],
+                timeout: float) -> list[StreamResult | None]:
     results: list[StreamResult | None] = [None] * len(requests)
-    cursor = iter(range(len(requests)))
+    cursor = iter(indices)
     lock = threading.Lock()
 
     def worker() -> None:
@@ -58,13 +72,52 @@ def run_level(requests: list[dict], concurrency: int, client: Callable[[], "Clie
         finally:
             session.close()
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout * len(requests) + 10)
-    return summarize(results, concurrency, time.perf_counter() - started)
+        thread.join(timeout * len(indices) + 10)
+    return results
+
+
+def make_client(spec: tuple[str, str]) -> "Client":
+    kind, address = spec
+    return GrpcStreamer(address) if kind == "grpc" else HttpClient(address)
+
+
+def _share(requests: list[dict], indices: list[int], threads: int, spec: tuple[str, str], timeout: float,
+           ready, go, out) -> None:
+    """One worker process: its threads and its share of the requests, started together on `go`."""
+    ready.put(True)
+    go.wait()
+    results = _in_threads(requests, indices, threads, lambda: make_client(spec), timeout)
+    out.put([(index, results[index]) for index in indices])
+
+
+def _in_processes(requests: list[dict], concurrency: int, spec: tuple[str, str], timeout: float,
+                  workers: int) -> tuple[list[StreamResult | None], float]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready, go, out = context.Queue(), context.Event(), context.Queue()
+    threads = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
+    shares = [list(range(len(requests)))[i::workers] for i in range(workers)]
+    processes = [context.Process(target=_share, args=(requests, share, count, spec, timeout, ready, go, out),
+                                 daemon=True) for share, count in zip(shares, threads)]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        ready.get(timeout=120)
+    started = time.perf_counter()
+    go.set()
+    results: list[StreamResult | None] = [None] * len(requests)
+    for _ in processes:
+        for index, result in out.get(timeout=timeout * len(requests) + 10):
+            results[index] = result
+    seconds = time.perf_counter() - started
+    for process in processes:
+        process.join(10)
+    return results, seconds
 
 
 def summarize(results: list[StreamResult | None], concurrency: int, seconds: float) -> dict:

@@ -29,7 +29,7 @@ from .metrics import ServingMetrics
 from .requests import GenerateRequest
 from .responder import SENDERS, Responder, Stream
 
-CANCEL_CHECK_S = 0.05  # how often the watcher asks about each request's client
+CANCEL_CHECK_S = 0.1  # how often the watcher asks about each request's client (a round trip to the server)
 START_S = 600.0  # how long the decode process may take to open its decoder (CUDA graphs are captured then)
 
 

@@ -40,6 +40,19 @@ def test_http_streams_too(triton_server, tmp_path):
     assert json.loads(report.read_text())["errors"] == 0
 
 
+def test_clients_spread_over_worker_processes_give_the_tokens_of_one_process(triton_server, tmp_path):
+    """--workers 2 runs the clients in two processes; --requests-per-client sizes each level. The
+    workload is seeded and every request is checked the same way, so the token counts agree."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    common = ["--url", triton_server.url, "--grpc-url", triton_server.grpc_url, "--concurrency", "2,4",
+              "--requests-per-client", "2", "--max-new-tokens", "12", "--json"]
+    assert main(common + [str(one)]) == 0 and main(common + [str(two), "--workers", "2"]) == 0
+    single, spread = json.loads(one.read_text())["levels"], json.loads(two.read_text())["levels"]
+    assert [level["requests"] for level in spread] == [4, 8]
+    assert [level["tokens"] for level in spread] == [level["tokens"] for level in single]
+    assert all(level["errors"] == 0 for level in spread)
+
+
 def test_no_server_is_one_error_line(capsys):
     (port,) = free_ports(1)
     assert main(["--url", f"http://127.0.0.1:{port}", "--requests", "1"]) == 2

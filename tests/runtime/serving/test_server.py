@@ -131,7 +131,7 @@ def wait_for(condition, what: str, seconds: float = 20) -> None:
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, protocol):
     """The client asks for the longest stream the server allows (16000 tokens: over ten seconds of
-    decoding, where the cancellation typically arrives in 0.1-0.2 s, the scheduler asking every 50 ms)
+    decoding, where the cancellation typically arrives in 0.1-0.2 s, the watcher asking every 100 ms)
     and hangs up after its first tokens: the request ends cancelled, once, and its row stops before the
     stream's end (a stream that ran to its end but could not deliver its last token would also count
     as cancelled)."""
