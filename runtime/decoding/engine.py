@@ -81,6 +81,13 @@ class Engine:
         self._host: Tensor | None = None  # pinned buffer the ids are copied into (CUDA)
         self.stats = StepStats()
 
+    def warm_up(self) -> None:
+        """Build what the first sampled request would otherwise wait for (on CUDA the fused sampling
+        kernel is compiled on first use: seconds)."""
+        settings = GenerationSettings(max_new_tokens=1, temperature=1.0)
+        logits = torch.zeros(1, self.decoder.vocab_size, device=self.decoder.device)
+        choose(logits, RowSettings.of([settings], [0], self.decoder.vocab_size, self.decoder.device))
+
     # ---- requests in and out ----
     def check(self, prompt: Sequence[int], settings: GenerationSettings) -> None:
         """Refuse, before any work, a request this decoder cannot serve."""

@@ -101,8 +101,8 @@ class BoundRunner:
         if self.cuda_graph:
             self.run_options["prefill"].add_run_config_entry("gpu_graph_id", "-1")  # variable shapes: no graph
             self.run_options["step"].add_run_config_entry("gpu_graph_id", "1")
-        if self.torch_stream:  # a step's logits are read on the same stream: return once it is queued
-            self.run_options["step"].add_run_config_entry("disable_synchronize_execution_providers", "1")
+        # Not "disable_synchronize_execution_providers": without ONNX Runtime's end-of-run
+        # synchronisation the steps of this graph decoded wrong tokens on the H200 (parity failed)
         self.step_binding = None
 
     @staticmethod

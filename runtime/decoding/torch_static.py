@@ -40,6 +40,9 @@ class TorchStaticDecoder(Decoder):
         self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=self.device)
         self.decode, self.prefill = self.module, self.module.prefill
         if compile:
+            # a server admits requests into any rows: each new (first row, run length) may compile
+            # prefill once more, past dynamo's default limit of 8 (FailOnRecompileLimitHit on the H200)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.decode = torch.compile(self.module, mode="reduce-overhead", fullgraph=True)
             self.prefill = torch.compile(self.module.prefill, fullgraph=True, dynamic=True)
         started = time.perf_counter()

@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         conn.send(("error", f"{type(error).__name__}: {error}"))
         return 1
     with decoder:
+        engine = Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS))
+        engine.warm_up()
         conn.send(("ready", decoder_facts(decoder)))
-        serve_engine(conn, Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS)))
+        serve_engine(conn, engine)
     return 0
 
 

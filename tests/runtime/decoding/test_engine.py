@@ -198,3 +198,10 @@ def test_bad_requests_are_refused_at_submit(prompt, settings, forced, message):
     with pytest.raises(DecodingError, match=message):
         engine.submit(prompt, settings, forced)
     assert engine.idle
+
+
+def test_warming_up_leaves_the_engine_as_it_was():
+    engine = Engine(FakeDecoder(rows=1))
+    engine.warm_up()
+    handle = engine.submit([2], GenerationSettings(max_new_tokens=3))
+    assert run(engine)[0][handle] == expected_greedy([2], 3)
