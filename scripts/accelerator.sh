@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
-#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve
+#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see README).
@@ -9,7 +9,7 @@
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
 # and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile}
 if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
   commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
   src=/tmp/rotary-src/$commit
@@ -86,6 +86,10 @@ trt)
     --seq 1:1:1024 --no-cache --json "$results/build-portable.json" 2>&1 | tail -3
   run py -m runtime.commands.build_engine "$small" --output "$work/small-fp16-past.engine" --batch 1:1:8 \
     --seq 1:128:1024 --past 0:128:1024 --no-cache --json "$results/build-past.json" 2>&1 | tail -3
+  ;;
+profile)  # a served step's time split without Triton: decoder alone, engine, driver with timed sends
+  run py scripts/profile_engine.py --batches 1,8,32 --steps 300 --serve-seconds 2 --senders ${SENDERS:-1,4} \
+    --json "$results/profile-engine.json" 2>&1 | grep -E "^batch|^served|error"
   ;;
 serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients
   rm -f "$results/serve-ready${TAG:-}.json"  # python3 itself in the background, so $! is serve and SIGTERM reaches it
