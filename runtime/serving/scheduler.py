@@ -109,6 +109,10 @@ class Scheduler:
         self._watcher.start()
         return self
 
+    @property
+    def started(self) -> bool:
+        return self._receiver.ident is not None
+
     def submit(self, request: GenerateRequest, stream: Stream) -> None:
         """Send a request to the decode loop, or refuse it at once (shutting down, queue full, loop gone)."""
         with self._send_lock:
@@ -141,8 +145,9 @@ class Scheduler:
                 self._conn.send(("close", timeout))
             except OSError:
                 pass
-        if not self._receiver.is_alive() and self._loop_thread is not None and not self._loop_thread.is_alive():
-            self._loop_thread.start()  # never started: let it report what it holds
+        if not self.started:  # never started: let the loop report what it holds, then stop
+            if self._loop_thread is not None:
+                self._loop_thread.start()
             self._receiver.start()
         self._receiver.join(timeout + 10.0)
         self._stopped.set()

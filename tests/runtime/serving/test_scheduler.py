@@ -163,3 +163,13 @@ def test_a_refused_response_frees_the_row_and_counts_as_cancelled(tiny_static_on
     assert len(refused.responses) == 2 and len(refused.tokens) < 40 and len(after.tokens) == 4
     assert scheduler.metrics.requests == {"completed": 1, "cancelled": 1, "rejected": 0, "failed": 0}
     assert scheduler.metrics.steps > 0 and scheduler.metrics.step_rows >= scheduler.metrics.steps
+
+
+def test_closing_a_scheduler_that_never_started_fails_what_it_holds(tiny_static_onnx):
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=1, max_queue=4))
+        waiting = FakeStream()
+        scheduler.submit(typed([2, 3], GenerationSettings(50)), waiting)
+        scheduler.close(0.0)
+        assert decoder.active == []
+    assert waiting.done.is_set() and waiting.error is not None
