@@ -4,6 +4,7 @@ wrong row, dropped, repeated or sampled with another row's settings changes what
 Found missing by the mutation pass (scripts/mutation_pass.py)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -12,7 +13,9 @@ from runtime.decoding.base import Decoder
 from runtime.decoding.generation import GenerationSettings, generate
 from runtime.decoding.sampling import RowSettings, choose
 from runtime.serving.limits import Limits
+from runtime.serving.metrics import ServingMetrics
 from runtime.serving.requests import GenerateRequest
+from runtime.serving.responder import Responder
 from runtime.serving.scheduler import Scheduler
 from models.presets import preset
 from serving_helpers import FakeStream
@@ -102,3 +105,56 @@ def test_each_row_of_a_batched_choice_keeps_its_own_temperature():
              for row, s in enumerate(settings)]
     assert choose(logits, RowSettings.of(settings, [0] * 40, 8, logits.device)).tolist() == alone
     assert len(set(alone[0::2])) > 3 and set(alone[1::2]) == {0}  # hot rows spread, cold rows greedy
+
+
+class GatedStream:
+    """Records each response as its send begins, then holds the sender until the test lets it go:
+    the test decides which tokens are pending when (no clocks)."""
+
+    def __init__(self):
+        self.responses: list[list[int]] = []
+        self.finals: list[bool] = []
+        self.entered = threading.Semaphore(0)
+        self.permits = threading.Semaphore(0)
+
+    def send(self, tokens: list[int], final: bool) -> None:
+        self.responses.append(list(tokens))
+        self.finals.append(final)
+        self.entered.release()
+        assert self.permits.acquire(timeout=30)
+
+    def fail(self, message: str) -> None:
+        raise AssertionError(message)
+
+    def end(self) -> None:
+        raise AssertionError("ended")
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def test_a_behind_senders_pending_tokens_travel_together_in_order_and_only_the_last_is_final():
+    """Tokens that arrive while a stream's send is under way wait in its outbox and go out together,
+    in order, in its next response; the final flag rides on the response with the last token.
+    Found missing by the mutation pass (respond-coalesced-*, emit-final-token-replaced)."""
+    metrics = ServingMetrics()
+    responder = Responder(metrics, senders=1)
+    stream = GatedStream()
+    try:
+        responder.tokens([(stream, 10, None)])
+        assert stream.entered.acquire(timeout=30)  # the first send is under way: [10]
+        responder.tokens([(stream, 11, None)])
+        responder.tokens([(stream, 12, None)])
+        stream.permits.release()
+        assert stream.entered.acquire(timeout=30)  # [11, 12], taken together
+        responder.tokens([(stream, 13, None)])
+        responder.tokens([(stream, 14, "completed")])
+        stream.permits.release()
+        assert stream.entered.acquire(timeout=30)  # [13, 14], the last response
+        stream.permits.release()
+    finally:
+        stream.permits.release(5)
+        responder.close(30)
+    assert stream.responses == [[10], [11, 12], [13, 14]]
+    assert stream.finals == [False, False, True]
+    assert metrics.requests["completed"] == 1
