@@ -148,6 +148,8 @@ class RefusingStream(FakeStream):
 
     def send(self, tokens: list[int], final: bool) -> None:
         if len(self.responses) >= self.after:
+            if final:  # the request ran to its end before its cancellation reached the loop
+                self.done.set()
             raise RuntimeError("the request has been cancelled")
         super().send(tokens, final)
 
