@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter-thres", type=fraction, default=0.9, metavar="F",
                         help="top-k filter as upstream: keep the top (1 - F) fraction of logits, F in [0, 1) "
                              "(default 0.9)")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                        help="keep at most the K likeliest tokens (default 0: no limit beyond --filter-thres)")
+    parser.add_argument("--top-p", type=probability_mass, default=1.0, metavar="P",
+                        help="nucleus sampling: keep the likeliest tokens whose probabilities (after the temperature) "
+                             "add up to P, in (0, 1] (default 1: all)")
     parser.add_argument("--seed", dest="sample_seed", type=non_negative_int, default=0, metavar="S",
                         help="sampling seed (default 0); a request gives the same tokens for the same seed whether it runs "
                              "alone, batched or served")
@@ -60,6 +65,14 @@ def _open(args: argparse.Namespace, max_length: int):
     return open_decoder(args.model, spec.name, rows=1)
 
 
+def probability_mass(text: str) -> float:
+    """(0, 1]: the nucleus (top-p) mass."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
 def _printer(stream, text_mode: bool, pieces):
     """Writes each new token as it comes: bytes decoded incrementally (`pieces`, a TextPieces), or ids."""
     def show(row: int, token: int) -> None:
@@ -76,7 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
     log = log_to(args.json == "-")
     stream = sys.stderr if args.json == "-" else sys.stdout
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.filter_thres, args.sample_seed,
-                                  args.eos_id)
+                                  args.eos_id, args.top_k, args.top_p)
     settings.check()
     text_mode = args.prompt is not None
     prompt_length = len(args.prompt_ids) if args.prompt_ids else len(args.prompt.encode("utf-8"))

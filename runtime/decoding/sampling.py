@@ -3,7 +3,10 @@
 Semantics as upstream's `sample` (native-sparse-attention-pytorch): keep the top
 ceil((1 - filter_thres) * vocab) logits, divide by the temperature, add Gumbel noise, take the
 argmax; temperature <= 0 is greedy. Logits tied with the k-th largest are all kept, so the kept
-set depends on values only, never on how a top-k kernel breaks ties.
+set depends on values only, never on how a top-k kernel breaks ties. `top_k` caps k further, and
+`top_p` (nucleus) then keeps the likeliest kept tokens whose probabilities after the temperature
+add up to top_p (the token that crosses it included, ties with it too), in that order as Hugging
+Face's and vLLM's samplers apply them.
 
 The noise is counter-based: the Gumbel variate of token v for a row's n-th new token is a hash of
 (seed, n, v), computed on the device. A row's draws depend on its own seed and position alone, not
@@ -69,27 +72,31 @@ class RowSettings:
     keys: Tensor  # (rows,) int64: seed_key of each row's seed
     counters: Tensor  # (rows,) int64: which new token of its request each row picks next; choose() advances it
     widest: int  # the largest kept count among sampled rows; 0 when every row is greedy
+    top_p: Tensor | None = None  # (rows,) float64 nucleus mass; None when no sampled row uses one
 
     @classmethod
     def of(cls, settings: Sequence[GenerationSettings], counters: Sequence[int], vocab_size: int,
            device: torch.device) -> "RowSettings":
-        kept = [kept_count(s.filter_thres, vocab_size) for s in settings]
+        kept = [min(kept_count(s.filter_thres, vocab_size), s.top_k or vocab_size) for s in settings]
         sampled = [k for k, s in zip(kept, settings) if s.temperature > 0]
+        nucleus = any(s.top_p < 1.0 for s in settings if s.temperature > 0)
         return cls(torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
                    torch.tensor(kept, dtype=torch.int64, device=device),
                    torch.tensor([seed_key(s.seed) for s in settings], dtype=torch.int64, device=device),
                    torch.tensor(list(counters), dtype=torch.int64, device=device),
-                   max(sampled, default=0))
+                   max(sampled, default=0),
+                   torch.tensor([s.top_p for s in settings], dtype=torch.float64, device=device) if nucleus else None)
 
 
 def choose(logits: Tensor, rows: RowSettings) -> Tensor:
     """(rows, vocab) logits -> (rows,) int64 token ids on the logits' device, each row by its own
     settings, and every row's counter moves on by one; no host synchronisation. On CUDA with
-    Triton the noise, the filter and both argmaxes are one fused kernel (sampling_kernel)."""
+    Triton the noise, the filter and both argmaxes are one fused kernel (sampling_kernel); a batch
+    with a nucleus (top_p) row takes the PyTorch ops, which the kernel does not cover yet."""
     if rows.widest == 0:
         rows.counters.add_(1)
         return logits.argmax(-1)
-    if logits.is_cuda:
+    if logits.is_cuda and rows.top_p is None:
         from .sampling_kernel import fused_choose
 
         chosen = fused_choose(logits, rows)
@@ -100,9 +107,22 @@ def choose(logits: Tensor, rows: RowSettings) -> Tensor:
     greedy = logits.argmax(-1)
     scaled = logits / rows.temperature.clamp(min=1e-10)[:, None]  # a tensor divisor: true division everywhere
     scaled = scaled.masked_fill(logits < threshold, float("-inf"))
+    if rows.top_p is not None:
+        scaled = nucleus(scaled, rows.top_p)
     sampled = (scaled + gumbel_noise(rows.keys, rows.counters, logits.shape[-1])).argmax(-1)
     rows.counters.add_(1)
     return torch.where(rows.temperature > 0, sampled, greedy)
+
+
+def nucleus(scaled: Tensor, top_p: Tensor) -> Tensor:
+    """Temperature-scaled, filtered logits (rows, vocab) with each row's tokens outside its nucleus
+    set to -inf: the likeliest tokens whose probabilities add up to top_p, the one that crosses it
+    included, ties with the least likely kept token included. In float64, per row."""
+    probabilities = torch.softmax(scaled.double(), dim=-1)
+    ordered = probabilities.sort(dim=-1, descending=True, stable=True).values
+    before = ordered.cumsum(dim=-1) - ordered  # the mass of the likelier tokens
+    smallest = torch.where(before < top_p[:, None], ordered, torch.full_like(ordered, float("inf"))).amin(-1)
+    return scaled.masked_fill(probabilities < smallest[:, None], float("-inf"))
 
 
 def next_tokens(logits: Tensor, settings: GenerationSettings, counter: int = 0) -> Tensor:

@@ -14,6 +14,8 @@ class GenerationSettings:
     filter_thres: float = 0.9  # keep the top (1 - filter_thres) fraction of logits
     seed: int = 0
     eos_id: int | None = None
+    top_k: int = 0  # keep at most this many logits; 0: no limit beyond filter_thres
+    top_p: float = 1.0  # nucleus: keep the most likely tokens up to this probability mass; 1: all
 
     def check(self, vocab_size: int | None = None) -> None:
         """Sane values, each error naming its flag."""
@@ -23,6 +25,10 @@ class GenerationSettings:
             raise DecodingError(f"--temperature must be a finite number, got {self.temperature}")
         if not (math.isfinite(self.filter_thres) and 0.0 <= self.filter_thres < 1.0):
             raise DecodingError(f"--filter-thres must be in [0, 1), got {self.filter_thres}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise DecodingError(f"--top-k must be 0 (off) or a positive count, got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise DecodingError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not -2**63 <= self.seed < 2**63:
             raise DecodingError(f"--seed must fit in 64 bits, got {self.seed}")
         if self.eos_id is not None and vocab_size is not None and not 0 <= self.eos_id < vocab_size:

@@ -16,7 +16,8 @@ from .repository import GENERATE
 from .requests import INPUTS
 from .tritonserver import error_text
 
-NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32}
+NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32,
+               "TYPE_BOOL": np.bool_}
 
 
 @dataclass

@@ -14,13 +14,21 @@ from ..decoding.settings import GenerationSettings
 from ..decoding.text import encode_text
 from .limits import Limits
 
-# input name -> (Triton data type, dims, what it means); `prompt` or `prompt_ids` is required
+# input name -> (Triton data type, dims, what it means); one of `prompt`, `prompt_ids`, `text_input`
+# is required. `text_input`, `max_tokens` and `stream` are the names Triton's generate-extension
+# clients send to its vLLM and TensorRT-LLM models: a request that uses `text_input` is answered
+# in `text_output`.
 INPUTS = {
     "prompt": ("TYPE_STRING", [1], "text prompt, byte-level tokens"),
     "prompt_ids": ("TYPE_INT64", [-1], "prompt token ids"),
+    "text_input": ("TYPE_STRING", [1], "text prompt, answered in text_output (Triton's LLM convention)"),
     "max_new_tokens": ("TYPE_INT32", [1], "tokens to generate"),
+    "max_tokens": ("TYPE_INT32", [1], "tokens to generate (Triton's LLM convention)"),
+    "stream": ("TYPE_BOOL", [1], "false: one response with every token (default true)"),
     "temperature": ("TYPE_FP32", [1], "sampling temperature; <= 0 is greedy"),
     "filter_thres": ("TYPE_FP32", [1], "top-k filter: keep the top (1 - filter_thres) fraction of logits"),
+    "top_k": ("TYPE_INT32", [1], "keep at most this many logits (0: no limit)"),
+    "top_p": ("TYPE_FP32", [1], "nucleus sampling: keep the likeliest tokens up to this probability mass"),
     "seed": ("TYPE_INT64", [1], "sampling seed"),
     "eos_id": ("TYPE_INT64", [1], "stop after this token"),
 }
@@ -28,6 +36,7 @@ OUTPUTS = {
     "token_id": ("TYPE_INT64", [-1], "the new tokens: one, or all a stream had pending when the server was behind"),
     "text": ("TYPE_STRING", [1], "their text: UTF-8 decoded incrementally, a multi-byte character completed "
                                  "by a later response"),
+    "text_output": ("TYPE_STRING", [1], "the same text, for requests that sent text_input"),
 }
 DEFAULTS = GenerationSettings()
 
@@ -41,6 +50,8 @@ class GenerateRequest:
     prompt: list[int]
     settings: GenerationSettings
     text: bool  # the prompt came as text
+    text_output: bool = False  # answer in `text_output` (the prompt came as `text_input`)
+    stream: bool = True  # False: every token in one final response
 
 
 def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Limits,
@@ -49,11 +60,13 @@ def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Lim
     unknown = sorted(set(arrays) - set(INPUTS))
     if unknown:
         raise RequestError(f"unknown input {unknown[0]!r}; the inputs are {', '.join(INPUTS)}")
-    prompt, text = _prompt(arrays, vocab_size)
+    prompt, text, text_input = _prompt(arrays, vocab_size)
     if len(prompt) > limits.max_prompt_tokens:
         raise RequestError(f"the prompt has {len(prompt)} tokens, over this server's limit of "
                            f"{limits.max_prompt_tokens} (max_prompt_tokens); shorten it")
-    new_tokens = _integer(arrays, "max_new_tokens", limits.new_tokens_default)
+    if "max_new_tokens" in arrays and "max_tokens" in arrays:
+        raise RequestError("give max_new_tokens or max_tokens, not both")
+    new_tokens = _integer(arrays, "max_tokens" if "max_tokens" in arrays else "max_new_tokens", limits.new_tokens_default)
     if not 1 <= new_tokens <= limits.max_new_tokens:
         raise RequestError(f"max_new_tokens must be between 1 and this server's limit of {limits.max_new_tokens}, "
                            f"got {new_tokens}")
@@ -67,27 +80,37 @@ def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Lim
     eos_id = _integer(arrays, "eos_id", None)
     if eos_id is not None and not 0 <= eos_id < vocab_size:
         raise RequestError(f"eos_id {eos_id} is outside the vocabulary 0..{vocab_size - 1}")
+    top_k = _integer(arrays, "top_k", DEFAULTS.top_k)
+    if top_k < 0:
+        raise RequestError(f"top_k must be 0 (no limit) or a positive count, got {top_k}")
+    top_p = _number(arrays, "top_p", DEFAULTS.top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], got {top_p}")
     settings = GenerationSettings(new_tokens, temperature, filter_thres, _integer(arrays, "seed", DEFAULTS.seed),
-                                  eos_id)
-    return GenerateRequest(prompt, settings, text)
+                                  eos_id, top_k, top_p)
+    return GenerateRequest(prompt, settings, text, text_input, _flag(arrays, "stream", True))
 
 
-def _prompt(arrays: Mapping[str, np.ndarray], vocab_size: int) -> tuple[list[int], bool]:
-    if ("prompt" in arrays) == ("prompt_ids" in arrays):
-        raise RequestError("give exactly one of prompt (text) or prompt_ids (token ids)")
-    if "prompt" in arrays:
-        values = np.asarray(arrays["prompt"]).reshape(-1)
+def _prompt(arrays: Mapping[str, np.ndarray], vocab_size: int) -> tuple[list[int], bool, bool]:
+    """(token ids, came as text, came as text_input)."""
+    given = [name for name in ("prompt", "prompt_ids", "text_input") if name in arrays]
+    if len(given) != 1:
+        raise RequestError("give exactly one of prompt (text) or prompt_ids (token ids)"
+                           + (f"; got {' and '.join(given)}" if given else ""))
+    if given[0] != "prompt_ids":
+        name = given[0]
+        values = np.asarray(arrays[name]).reshape(-1)
         if values.size != 1:
-            raise RequestError(f"prompt must be one string, got {values.size}")
+            raise RequestError(f"{name} must be one string, got {values.size}")
         value = values[0]
         try:
             text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
         except UnicodeDecodeError:
-            raise RequestError("prompt is not valid UTF-8 text; send text or prompt_ids") from None
+            raise RequestError(f"{name} is not valid UTF-8 text; send text or prompt_ids") from None
         if not text:
             raise RequestError("the prompt is empty; send at least one character")
         try:
-            return encode_text(text, vocab_size), True
+            return encode_text(text, vocab_size), True, name == "text_input"
         except ToolkitError:
             raise RequestError(f"text prompts need a vocabulary of at least 256 tokens (this model has {vocab_size}); "
                                "send prompt_ids instead") from None
@@ -99,7 +122,16 @@ def _prompt(arrays: Mapping[str, np.ndarray], vocab_size: int) -> tuple[list[int
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         raise RequestError(f"prompt_ids holds {low if low < 0 else high}, outside the vocabulary 0..{vocab_size - 1}")
-    return [int(i) for i in ids], False
+    return [int(i) for i in ids], False, False
+
+
+def _flag(arrays: Mapping[str, np.ndarray], name: str, default: bool) -> bool:
+    if name not in arrays:
+        return default
+    value = _scalar(arrays, name)
+    if not isinstance(value, (bool, np.bool_)):
+        raise RequestError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _scalar(arrays: Mapping[str, np.ndarray], name: str):

@@ -46,19 +46,28 @@ class TritonStream:
     factory once its final response is sent, and asking a freed one whether it was cancelled
     crashes the server: the lock keeps the watcher's question and the senders' last send apart."""
 
-    def __init__(self, pb_utils, sender, text: bool):
+    def __init__(self, pb_utils, sender, text: bool, text_name: str = "text", stream: bool = True):
+        """`text`: send each response's text as `text_name`; `stream` False: hold every token for
+        one final response (a generate-extension client asking for the whole answer)."""
         self.pb, self.sender = pb_utils, sender
         self.pieces = TextPieces() if text else None
+        self.text_name, self.stream = text_name, stream
+        self.held: list[int] = []
         self._lock = threading.Lock()
         self._open = True
 
     def send(self, tokens: list[int], final: bool) -> bool:
         """One response with the stream's pending tokens (and their text, for a text prompt)."""
+        if not self.stream:
+            self.held.extend(tokens)
+            if not final:
+                return True
+            tokens, self.held = self.held, []
         outputs = [self.pb.Tensor("token_id", np.array(tokens, dtype=np.int64))]
         if self.pieces:  # a string tensor costs more to send: only for text prompts
             last = len(tokens) - 1
             text = "".join(self.pieces.piece(token, final and i == last) for i, token in enumerate(tokens))
-            outputs.append(self.pb.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_)))
+            outputs.append(self.pb.Tensor(self.text_name, np.array([text.encode("utf-8")], dtype=np.object_)))
         return self._send(self.pb.InferenceResponse(output_tensors=outputs), final)
 
     def fail(self, message: str) -> bool:
@@ -151,7 +160,8 @@ class GenerateModel:
             self.metrics.finished("rejected")
             TritonStream(self.pb, sender, False).fail(str(error))
             return
-        self.scheduler.submit(parsed, TritonStream(self.pb, sender, parsed.text))
+        self.scheduler.submit(parsed, TritonStream(self.pb, sender, parsed.text,
+                                                   "text_output" if parsed.text_output else "text", parsed.stream))
 
     def close(self) -> None:
         self.scheduler.close(DRAIN_S)

@@ -59,3 +59,23 @@ def test_printed_text_is_the_reports_text_and_tokens_per_second_is_tokens_over_t
     assert f"up to 48 new\n{text}\n48 tokens;" in out
     assert data["decode_seconds"] > 0 and data["decode_tokens_per_second"] == pytest.approx(47 / data["decode_seconds"])
     assert f"decode {data['decode_tokens_per_second']:.1f} tokens/s" in out
+
+
+def test_top_k_of_one_and_a_tiny_nucleus_are_greedy_at_any_temperature(tmp_path):
+    """--top-k 1 keeps only the likeliest token, and so does a nucleus smaller than its probability:
+    both give the greedy tokens at a hot temperature, where plain sampling does not."""
+    def tokens(*extra):
+        report = tmp_path / "gen.json"
+        assert main(["--backend", "torch", "--prompt-ids", "5,6,7", "--max-new-tokens", "16", "--json", str(report),
+                     *extra]) == 0
+        return json.loads(report.read_text())["tokens"]
+
+    greedy = tokens()
+    hot = ["--temperature", "3", "--filter-thres", "0", "--seed", "4"]
+    assert tokens(*hot) != greedy
+    assert tokens(*hot, "--top-k", "1") == greedy and tokens(*hot, "--top-p", "0.001") == greedy
+
+
+def test_a_nucleus_outside_zero_to_one_is_one_error_line(capsys):
+    assert main(["--backend", "torch", "--prompt-ids", "1", "--top-p", "1.5"]) == 2
+    assert_one_line_error(capsys, "generate", "argument --top-p: expected a number in (0, 1], got 1.5")

@@ -192,6 +192,8 @@ def test_teacher_forcing_feeds_the_forced_tokens_and_reports_the_picked_ones():
     ([1] * 60, GenerationSettings(8), None, "prompt plus 8 new tokens is 68 tokens, past the fake's 64-token rows"),
     ([1], GenerationSettings(2, eos_id=VOCAB), None, f"--eos-id {VOCAB} is outside the vocabulary"),
     ([1], GenerationSettings(4), [1], "teacher forcing needs 3 tokens, got 1"),
+    ([1], GenerationSettings(4, top_k=-2), None, "--top-k must be 0 \\(off\\) or a positive count, got -2"),
+    ([1], GenerationSettings(4, top_p=0.0), None, "--top-p must be in \\(0, 1\\], got 0.0"),
 ])
 def test_bad_requests_are_refused_at_submit(prompt, settings, forced, message):
     engine = Engine(FakeDecoder(rows=1))

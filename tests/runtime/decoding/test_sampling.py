@@ -81,3 +81,37 @@ def test_choosing_moves_every_rows_counter_on():
     assert rows.counters.tolist() == [2, 6, 11] and first[0] == second[0]  # greedy: the argmax both times
     fresh = RowSettings.of([settings(1.0)], [5], 40, logits.device)
     assert int(choose(logits[1:2], fresh)[0]) == int(second[1])  # the second draw is the one at counter 5
+
+
+def test_top_k_caps_the_kept_set_and_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]])
+    picks = lambda **knobs: {int(next_tokens(logits, GenerationSettings(4, 50.0, 0.0, seed, **knobs), 0)[0])
+                             for seed in range(400)}
+    assert picks() == set(range(8)) and picks(top_k=3) == {0, 1, 2} and picks(top_k=3, top_p=1.0) == {0, 1, 2}
+    # at temperature 1 the probabilities are 0.63, 0.23, 0.086, ...: 0.5 keeps one token, 0.7 two, 0.9 three
+    nucleus_of = lambda p: {int(next_tokens(logits, GenerationSettings(4, 1.0, 0.0, seed, top_p=p), 0)[0])
+                            for seed in range(400)}
+    assert nucleus_of(0.5) == {0} and nucleus_of(0.7) == {0, 1} and nucleus_of(0.9) == {0, 1, 2}
+    assert int(next_tokens(logits, GenerationSettings(4, 0.0, 0.0, top_p=0.1), 0)[0]) == 0  # greedy ignores both
+
+
+@pytest.mark.parametrize("top_p", [0.6, 0.95])
+def test_nucleus_frequencies_follow_the_renormalised_softmax(top_p):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probabilities = torch.softmax(logits, -1)
+    ordered, order = probabilities.sort(descending=True)
+    keep = order[(ordered.cumsum(0) - ordered) < top_p]
+    expected = torch.zeros(6)
+    expected[keep] = probabilities[keep] / probabilities[keep].sum()
+    draws = 40_000
+    rows = RowSettings.of([GenerationSettings(8, 1.0, 0.0, 3, top_p=top_p)] * draws, range(draws), 6, logits.device)
+    frequencies = torch.bincount(choose(logits.expand(draws, -1), rows), minlength=6).double() / draws
+    assert (frequencies - expected.double()).abs().max() < 0.015, (frequencies.tolist(), expected.tolist())
+
+
+def test_rows_with_top_k_and_top_p_draw_the_same_alone_and_batched():
+    logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    rows = [GenerationSettings(8, 0.9, 0.0, seed=i, top_k=[0, 5, 0, 12, 3][i], top_p=[1.0, 1.0, 0.8, 0.5, 0.9][i])
+            for i in range(5)]
+    alone = [int(choose(logits[i:i + 1], RowSettings.of([s], [7], 64, logits.device))[0]) for i, s in enumerate(rows)]
+    assert choose(logits, RowSettings.of(rows, [7] * 5, 64, logits.device)).tolist() == alone

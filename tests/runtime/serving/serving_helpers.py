@@ -39,12 +39,14 @@ class FakeStream:
 
 
 def mixed_requests(count: int, seed: int, max_prompt: int, max_new: int) -> list[tuple[list[int], GenerationSettings]]:
-    """Prompts of 1..max_prompt ids and 1..max_new tokens, greedy or sampled, some with an end id."""
+    """Prompts of 1..max_prompt ids and 1..max_new tokens, greedy or sampled (some with top_k or
+    top_p), some with an end id."""
     rng = random.Random(seed)
     made = []
     for index in range(count):
         prompt = [rng.randrange(256) for _ in range(rng.randint(1, max_prompt))]
         settings = GenerationSettings(rng.randint(1, max_new), rng.choice([0.0, 0.8, 1.0]), rng.choice([0.5, 0.9]),
-                                      seed=index * 7 + 1, eos_id=rng.choice([None, None, 32]))
+                                      seed=index * 7 + 1, eos_id=rng.choice([None, None, 32]),
+                                      top_k=rng.choice([0, 0, 5]), top_p=rng.choice([1.0, 1.0, 0.8]))
         made.append((prompt, settings))
     return made

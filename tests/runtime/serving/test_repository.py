@@ -38,8 +38,10 @@ def test_a_graph_with_past_becomes_an_onnxruntime_model_and_a_streaming_generate
     assert model.dynamic_batching.max_queue_delay_microseconds == 100
     assert model.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert generate.backend == "python" and generate.model_transaction_policy.decoupled
-    assert {t.name for t in generate.input} == {"prompt", "prompt_ids", "max_new_tokens", "temperature",
-                                                "filter_thres", "seed", "eos_id"}
+    assert {t.name for t in generate.input} == {"prompt", "prompt_ids", "text_input", "max_new_tokens", "max_tokens",
+                                                "stream", "temperature", "filter_thres", "top_k", "top_p", "seed",
+                                                "eos_id"}
+    assert {t.name for t in generate.output} == {"token_id", "text", "text_output"}
     assert all(t.optional for t in generate.input) and dims(generate, "token_id") == ([-1], "TYPE_INT64")
     params = {key: value.string_value for key, value in generate.parameters.items()}
     assert params["decoder_model"] == "../rotary/1/model.onnx" and params["max_rows"] == "4"

@@ -70,3 +70,32 @@ def test_limits_round_trip_through_parameters_and_refuse_nonsense():
         Limits.from_parameters({"max_queue": "many"})
     with pytest.raises(LimitsError, match="max_prompt_tokens 256 leaves no room for new tokens in the cache"):
         Limits().check_capacity(96, "the cache")
+
+
+def test_the_names_tritons_llm_clients_send():
+    """text_input / max_tokens / stream as Triton's vLLM and TensorRT-LLM models take them, with
+    top_k and top_p: answered in text_output."""
+    request = parse_request({"text_input": np.array([b"Hi"], object), "max_tokens": ids(4, dtype=np.int32),
+                             "stream": np.array([False]), "top_k": ids(7, dtype=np.int32),
+                             "top_p": np.array([0.9], np.float32)}, 256, LIMITS)
+    assert request.prompt == [72, 105] and request.text and request.text_output and not request.stream
+    assert (request.settings.max_new_tokens, request.settings.top_k) == (4, 7)
+    assert request.settings.top_p == pytest.approx(0.9)
+    plain = parse_request({"prompt_ids": ids(1)}, 256, LIMITS)
+    assert plain.stream and not plain.text_output and (plain.settings.top_k, plain.settings.top_p) == (0, 1.0)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"text_input": np.array([b"a"], object), "prompt": np.array([b"a"], object)},
+     "give exactly one of prompt .*; got prompt and text_input"),
+    ({"text_input": np.array([b""], object)}, "the prompt is empty"),
+    ({"prompt_ids": ids(1), "max_tokens": ids(2, dtype=np.int32), "max_new_tokens": ids(2, dtype=np.int32)},
+     "give max_new_tokens or max_tokens, not both"),
+    ({"prompt_ids": ids(1), "top_k": ids(-1, dtype=np.int32)}, "top_k must be 0 \\(no limit\\) or a positive count"),
+    ({"prompt_ids": ids(1), "top_p": np.array([0.0], np.float32)}, "top_p must be in \\(0, 1\\], got 0.0"),
+    ({"prompt_ids": ids(1), "top_p": np.array([1.5], np.float32)}, "top_p must be in \\(0, 1\\]"),
+    ({"prompt_ids": ids(1), "stream": ids(1)}, "stream must be true or false"),
+])
+def test_bad_llm_convention_inputs_are_refused(arrays, message):
+    with pytest.raises(RequestError, match=message):
+        parse_request(arrays, 256, LIMITS)

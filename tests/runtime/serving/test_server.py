@@ -26,7 +26,7 @@ MAX_NEW, MAX_PROMPT = SERVER_LIMITS["max_new_tokens"], SERVER_LIMITS["max_prompt
 def as_request(prompt: list[int], settings, text: str | None = None) -> dict:
     request = {"prompt": text} if text is not None else {"prompt_ids": prompt}
     request.update(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                   filter_thres=settings.filter_thres, seed=settings.seed)
+                   filter_thres=settings.filter_thres, seed=settings.seed, top_k=settings.top_k, top_p=settings.top_p)
     if settings.eos_id is not None:
         request["eos_id"] = settings.eos_id
     return request
@@ -290,3 +290,32 @@ def test_the_repository_api_is_closed_to_clients(triton_server):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 403
+
+
+def test_tritons_llm_clients_send_text_input_and_read_text_output(triton_server, offline_tokens, serving_graph):
+    """Requests as clients of Triton's vLLM / TensorRT-LLM models write them: `text_input` and
+    `max_tokens`, streamed or (`stream: false`) answered once, in `text_output`."""
+    import http.client
+
+    from runtime.decoding.generation import GenerationSettings
+
+    expected = decode_bytes(offline_tokens(serving_graph, encode_text(TEXT_PROMPT, 256), GenerationSettings(12)))
+
+    def post(path: str, body: dict) -> list[dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", int(triton_server.url.rsplit(":", 1)[1]), timeout=TIMEOUT_S)
+        try:
+            connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            raw = response.read()
+        finally:
+            connection.close()
+        if path.endswith("generate_stream"):
+            return [json.loads(line[6:]) for line in raw.splitlines() if line.startswith(b"data: ")]
+        return [json.loads(raw)]
+
+    streamed = post("/v2/models/generate/generate_stream", {"text_input": TEXT_PROMPT, "max_tokens": 12})
+    assert all("error" not in event and "text" not in event for event in streamed), streamed
+    assert "".join(event["text_output"] for event in streamed) == expected
+    whole = post("/v2/models/generate/generate", {"text_input": TEXT_PROMPT, "max_tokens": 12, "stream": False})
+    assert len(whole) == 1 and whole[0]["text_output"] == expected, whole
+    assert len(token_ids_of(whole[0]["token_id"])) == 12
