@@ -2,9 +2,9 @@
 and the server all run.
 
 It holds the waiting requests, the row table and the admission policy, and `step()` does one round:
-admit waiting requests into free rows (prompt tokens up to a per-step budget, so a burst of long
-prompts cannot stall running streams for a whole admission), prefill each one and pick its first
-token, decode one token for every running row, and report the tokens as events. Tokens are picked
+decode one token for every running row, then admit waiting requests into free rows (prompt tokens
+up to a per-step budget, so a burst of long prompts cannot stall running streams for a whole
+admission), prefill them and pick their first tokens, and report the tokens as events. Tokens are picked
 on the device (`sampling.choose`) and fed back to the decoder there; the step's one device-to-host
 copy is the ids it reports. No threads, no I/O, no clocks: a caller drives it (the server from its
 decode thread) and decides what to do with the events.
@@ -12,7 +12,7 @@ decode thread) and decides what to do with the events.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch

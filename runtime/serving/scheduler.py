@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,26 +73,32 @@ class Scheduler:
         key = secrets.token_bytes(16)
         folder = tempfile.mkdtemp(prefix="rotary-decode-")
         address = os.path.join(folder, "loop.sock")
-        with Listener(address, authkey=key) as listener:
-            env = dict(os.environ, **{AUTHKEY_VARIABLE: key.hex()})
-            env["PYTHONPATH"] = os.pathsep.join(part for part in sys.path if part)  # what this interpreter imports
-            process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop", address], env=env)
-            accepted: dict = {}
-            waiter = threading.Thread(target=lambda: accepted.update(conn=listener.accept()), daemon=True)
-            waiter.start()
-            deadline = time.monotonic() + START_S
-            while waiter.is_alive() and process.poll() is None and time.monotonic() < deadline:
-                waiter.join(0.2)
-            if "conn" not in accepted:
-                process.kill()
-                raise SchedulerError(f"the decode process did not start (exit code {process.poll()}); see the log above")
-            conn = accepted["conn"]
+        try:
+            with Listener(address, authkey=key) as listener:
+                env = dict(os.environ, **{AUTHKEY_VARIABLE: key.hex()})
+                env["PYTHONPATH"] = os.pathsep.join(part for part in sys.path if part)  # what this interpreter imports
+                process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop", address], env=env)
+                accepted: dict = {}
+                waiter = threading.Thread(target=lambda: accepted.update(conn=listener.accept()), daemon=True)
+                waiter.start()
+                deadline = time.monotonic() + START_S
+                while waiter.is_alive() and process.poll() is None and time.monotonic() < deadline:
+                    waiter.join(0.2)
+                if "conn" not in accepted:
+                    process.kill()
+                    raise SchedulerError(f"the decode process did not start (exit code {process.poll()}); see the log above")
+                conn = accepted["conn"]
+        finally:  # the socket is only for the connection just made
+            shutil.rmtree(folder, ignore_errors=True)
         conn.send({"model": str(model), "backend": backend, "rows": limits.max_rows,
                    "prefill_tokens": options.pop("prefill_tokens", PREFILL_TOKENS)})
         if not conn.poll(START_S):
             process.kill()
             raise SchedulerError(f"the decode process did not open {model.name} within {START_S:.0f} s")
-        kind, value = conn.recv()
+        try:
+            kind, value = conn.recv()
+        except (EOFError, OSError):
+            kind, value = "error", f"it exited with code {process.wait(30)}; see the log above"
         if kind != "ready":
             process.wait(30)
             raise SchedulerError(f"the decode process could not open {model.name}: {value}")
