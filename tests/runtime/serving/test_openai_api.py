@@ -1,0 +1,98 @@
+"""The OpenAI-compatible front end against the session's real server, through the official
+`openai` client: the same tokens as offline `generate`, stop strings, usage, and every refusal in
+OpenAI's error shape with its status."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from runtime.decoding.settings import GenerationSettings
+from runtime.decoding.text import decode_bytes, encode_text
+
+MODEL = "rotary"
+PROMPT = "The rotary model "
+
+
+@pytest.fixture(scope="module")
+def api(triton_server):
+    from fastapi.testclient import TestClient
+
+    from runtime.serving.openai_api import create_app
+
+    app = create_app(triton_server.grpc_url, MODEL, 256, 4096, api_key="sekrit")
+    with TestClient(app) as http:
+        yield http
+
+
+@pytest.fixture
+def client(api):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="sekrit", http_client=api, max_retries=0)
+
+
+def expected_text(offline_tokens, serving_graph, max_tokens, temperature=0.0, seed=0, top_k=0, top_p=1.0):
+    settings = GenerationSettings(max_tokens, temperature, 0.0, seed, None, top_k, top_p)
+    return decode_bytes(offline_tokens(serving_graph, encode_text(PROMPT, 256), settings))
+
+
+def test_models_lists_the_served_model(client):
+    assert [(m.id, m.context_length) for m in client.models.list().data] == [(MODEL, 4096)]
+
+
+def test_a_greedy_completion_is_offline_generates_text(client, offline_tokens, serving_graph):
+    result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert result.choices[0].text == expected_text(offline_tokens, serving_graph, 12)
+    assert result.choices[0].finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(PROMPT.encode()), 12)
+
+
+def test_a_seeded_stream_with_top_k_and_top_p_joins_to_offline_text(client, offline_tokens, serving_graph):
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0.9, seed=7,
+                                       top_p=0.9, stream=True, stream_options={"include_usage": True},
+                                       extra_body={"top_k": 20})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == expected_text(offline_tokens, serving_graph, 20, 0.9, 7, 20, 0.9)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+
+
+def test_a_stop_string_ends_the_completion_before_it(client, offline_tokens, serving_graph):
+    full = expected_text(offline_tokens, serving_graph, 24)
+    stop = full[9:12]
+    assert stop and full.index(stop) == 9, "pick another stop: the case lost its point"
+    for streamed in (False, True):
+        result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop],
+                                           stream=streamed)
+        chunks = list(result) if streamed else [result]
+        assert "".join(c.choices[0].text for c in chunks) == full[:9]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    ({"prompt": "hi", "n": 2}, 400, "n", "n is not supported"),
+    ({"prompt": "hi", "logprobs": 1}, 400, "logprobs", "logprobs is not supported"),
+    ({"prompt": "hi", "echo": True}, 400, "echo", "echo is not supported"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "presence_penalty is not supported"),
+    ({"prompt": "hi", "suffix": "x"}, 400, "suffix", "suffix is not supported"),
+    ({"prompt": "hi", "model": "gpt-x"}, 404, "model", "the model 'gpt-x' does not exist"),
+    ({"prompt": "", "max_tokens": 2}, 400, "prompt", "the prompt is empty"),
+    ({"prompt": [1, 999]}, 400, "prompt", "prompt token ids must be in 0..255"),
+    ({"prompt": "hi", "temperature": 3}, 400, "temperature", "temperature must be between 0.0 and 2.0"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens must be at least 1"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop must be a string or a list of up to 4"),
+    ({"prompt": "x" * 5000, "max_tokens": 2}, 413, "prompt", "over this server's limit"),
+])
+def test_refusals_come_in_openais_shape_with_their_status(api, body, status, param, words):
+    response = api.post("/v1/completions", json={"model": MODEL, **body}, headers={"Authorization": "Bearer sekrit"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["param"] == param and set(error) == {"message", "type", "param", "code"}
+
+
+def test_chat_says_to_use_completions_and_a_wrong_key_is_401(api):
+    chat = api.post("/v1/chat/completions", json={"model": MODEL, "messages": []},
+                    headers={"Authorization": "Bearer sekrit"})
+    assert chat.status_code == 400 and "use /v1/completions" in chat.json()["error"]["message"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = api.get("/v1/models", headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
