@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import tempfile
 import threading
@@ -26,6 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
+    parser.add_argument("--openai-port", type=int, default=8003, metavar="N",
+                        help="port of the OpenAI-compatible API (/v1/completions, /v1/models); 0 turns it off "
+                             "(default 8003)")
+    parser.add_argument("--openai-host", default="127.0.0.1",
+                        help="address the OpenAI-compatible API binds (default 127.0.0.1); Triton's own ports stay "
+                             "on --host, so this can be the only public surface")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on /v1/* (default: the ROTARY_API_KEY "
+                             "environment variable; none on loopback)")
+    parser.add_argument("--allow-no-key", action="store_true",
+                        help="serve the OpenAI-compatible API on a non-loopback --openai-host without a key")
+    parser.add_argument("--served-model-name", default="rotary", metavar="NAME",
+                        help="the model name /v1/models lists and requests must name (default rotary)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="where generate decodes: auto (CUDA when present; default), cpu or cuda")
     add_limit_arguments(parser)
@@ -50,12 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     from runtime.serving.tritonserver import ServerError
 
+    from runtime.serving.openai_server import is_loopback
+
     ports = {"--port": args.port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    if args.openai_port:
+        ports["--openai-port"] = args.openai_port
     for flag, port in ports.items():
         if not 1 <= port <= 65535:
-            raise ServerError(f"{flag} must be a port number 1-65535, got {port}")
-    if len(set(ports.values())) < 3:
-        raise ServerError("--port, --grpc-port and --metrics-port must differ")
+            raise ServerError(f"{flag} must be a port number 1-65535{' (or 0: off)' if flag == '--openai-port' else ''}, "
+                              f"got {port}")
+    if len(set(ports.values())) < len(ports):
+        raise ServerError(f"{', '.join(ports)} must differ")
+    if args.openai_port and not is_loopback(args.openai_host) and not args.api_key and not args.allow_no_key:
+        raise ServerError(f"--openai-host {args.openai_host} is reachable from other machines: set --api-key KEY "
+                          f"(or ROTARY_API_KEY), or pass --allow-no-key to serve it without one")
     if args.exit_timeout < 1 or args.start_timeout <= 0:
         raise ServerError("--exit-timeout and --start-timeout must be positive")
     if args.generate_instances is not None and args.generate_instances < 1:
@@ -68,8 +90,10 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.serving.service import repository_for, run_server
     from runtime.serving.tritonserver import Endpoints
 
+    args.api_key = args.api_key or os.environ.get("ROTARY_API_KEY") or None
     _check(args)
     endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
+    front: list = []  # the OpenAI-compatible server, once generate is ready
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -81,15 +105,29 @@ def _serve(args: argparse.Namespace) -> int:
 
         def ready() -> None:
             where = endpoints.describe()
-            _say(f"serve: generate ready on {where['http']} (gRPC {where['grpc']}, metrics {where['metrics']}); "
-                 f"health: {where['health']}")
+            if args.openai_port:
+                front.append(_openai(args, where))
+                where["openai"] = front[0].where
+            _say(f"serve: generate ready on {where['http']} (gRPC {where['grpc']}, metrics {where['metrics']}"
+                 f"{', OpenAI API ' + where['openai'] if 'openai' in where else ''}); health: {where['health']}")
             if args.json:
                 write_json(args.json, {"ready": True, **where, "repository": str(repository)})
 
         run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout, args.start_timeout,
-                   Path(args.log) if args.log else None)
+                   Path(args.log) if args.log else None,
+                   before_stop=lambda: [server.stop(args.exit_timeout) for server in front])
     _say("serve: stopped")
     return 0
+
+
+def _openai(args: argparse.Namespace, where: dict):
+    """Start the OpenAI-compatible API in front of the ready `generate`."""
+    from runtime.serving.openai_api import create_app
+    from runtime.serving.openai_server import OpenAIServer, generate_facts
+
+    vocab_size, capacity = generate_facts(where["http"])
+    app = create_app(where["grpc"], args.served_model_name, vocab_size, capacity, args.api_key)
+    return OpenAIServer(app, args.openai_host, args.openai_port, args.exit_timeout).start()
 
 
 def _cuda() -> bool:

@@ -62,8 +62,10 @@ def generate_override(repository: Path, limits: dict, device: str | None, instan
 
 
 def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: dict | None, stop: threading.Event,
-               on_ready: Callable[[], None], exit_timeout: int, start_timeout: float, log_path: Path | None) -> int:
-    """Serve until `stop` is set (or the server dies); returns tritonserver's exit code."""
+               on_ready: Callable[[], None], exit_timeout: int, start_timeout: float, log_path: Path | None,
+               before_stop: Callable[[], None] = lambda: None) -> int:
+    """Serve until `stop` is set (or the server dies); returns tritonserver's exit code. `before_stop`
+    runs first at shutdown (the OpenAI front end finishes its open streams)."""
     server = TritonServer(repository, endpoints, workdir, exit_timeout, log_path)
     try:
         server.wait_live(min(start_timeout, 60.0))
@@ -72,6 +74,7 @@ def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: 
         while not stop.wait(0.2):
             server.check_running()
     finally:
+        before_stop()
         code = server.stop()
     if code != 0:
         raise ToolkitError(f"tritonserver did not stop cleanly (exit code {code}); see {server.log_path}")

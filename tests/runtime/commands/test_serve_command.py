@@ -52,7 +52,7 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     (["missing.onnx"], "model not found: missing.onnx"),
     (["{tmp}"], "is not a repository written by export-triton"),
     (["--port", "0"], "--port must be a port number 1-65535, got 0"),
-    (["--port", "9000", "--grpc-port", "9000"], "--port, --grpc-port and --metrics-port must differ"),
+    (["--port", "9000", "--grpc-port", "9000"], "--port, --grpc-port, --metrics-port, --openai-port must differ"),
     (["{static}", "--port", "{free}"], "max_prompt_tokens 256 leaves no room for new tokens"),
     (["--checkpoint", "x.pt", "--preset", "tiny"], "give either --checkpoint or --preset, not both"),
 ])
@@ -71,3 +71,9 @@ def test_help_imports_no_serving_library():
             "print(sorted(n for n in sys.modules if n.split('.')[0] in ('tritonclient', 'pytriton', 'torch')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_public_openai_address_without_a_key_is_refused_before_any_work(capsys, monkeypatch):
+    monkeypatch.delenv("ROTARY_API_KEY", raising=False)
+    assert main(["--openai-host", "0.0.0.0", "--preset", "tiny"]) == 2
+    assert_one_line_error(capsys, "serve", "--openai-host 0.0.0.0 is reachable from other machines: set --api-key KEY")

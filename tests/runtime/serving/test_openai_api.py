@@ -96,3 +96,11 @@ def test_chat_says_to_use_completions_and_a_wrong_key_is_401(api):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         refused = api.get("/v1/models", headers=headers)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_serve_starts_the_api_on_its_own_port(triton_server, offline_tokens, serving_graph):
+    """`serve` runs the same app with uvicorn on --openai-port (loopback, so no key is needed)."""
+    served = openai.OpenAI(base_url=triton_server.openai_url, api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in served.models.list().data] == ["rotary"]
+    stream = served.completions.create(model="rotary", prompt=PROMPT, max_tokens=10, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected_text(offline_tokens, serving_graph, 10)
