@@ -313,7 +313,8 @@ async def _run(completion: Completion, stream: TritonStream):
                 return
             if out:
                 yield out, None, produced
-        yield scanner.flush(), "length", produced
+        raise ApiError(502, f"the generate stream ended after {produced} of {completion.max_tokens} tokens; "
+                            "retry the request", kind="server_error")
     finally:
         stream.cancel()
 

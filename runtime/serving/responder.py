@@ -117,6 +117,9 @@ class Responder:
         while (boxes := self._ready.get()) is not None:
             for box in boxes:
                 self._send(box)
+            # drop the references before waiting again: Triton unloads `generate` only once every
+            # response sender it handed out has been released
+            del boxes, box
 
     def _send(self, box: _Outbox) -> None:
         """Everything `box` holds now, as one response; handed back to the queue if more came meanwhile."""

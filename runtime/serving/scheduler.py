@@ -229,9 +229,14 @@ class Scheduler:
     def _watch(self) -> None:
         """Ask about each request's client, cancel the gone ones."""
         while not self._stopped.wait(max(self.cancel_check_s, 0.001)):
-            for request_id, stream in list(self._streams.items()):
-                if self._responder.gone(stream):
-                    self._cancel(request_id)
+            self._check_clients()
+
+    def _check_clients(self) -> None:
+        """One round of the watcher (a function, so no stream outlives it in a local: Triton
+        unloads `generate` only once every response sender has been released)."""
+        for request_id, stream in list(self._streams.items()):
+            if self._responder.gone(stream):
+                self._cancel(request_id)
 
 
 def _quietly(call, *args) -> None:

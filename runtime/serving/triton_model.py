@@ -77,7 +77,7 @@ class TritonStream:
         return self._send(None, True)
 
     def cancelled(self) -> bool:
-        with self._lock:
+        with self._lock:  # never ask a sender whose final response has gone: its factory is freed
             return not self._open or self.sender.is_cancelled()
 
     def _send(self, response, final: bool) -> bool:
@@ -85,12 +85,32 @@ class TritonStream:
         with self._lock:
             if not self._open:
                 return False
+            try:
+                if response is None:
+                    self.sender.send(flags=flags)
+                else:
+                    self.sender.send(response, flags=flags)
+            except Exception:
+                if final:  # the request stays live, and `generate` cannot unload, until it is completed
+                    self._complete_anyway(response is not None)
+                raise
             self._open = not final
-            if response is None:
-                self.sender.send(flags=flags)
-            else:
-                self.sender.send(response, flags=flags)
         return True
+
+    def _complete_anyway(self, with_response: bool) -> None:
+        """A final response was refused (its client cancelled): complete the request with the bare
+        final flag, or else by asking about cancellation (which completes a cancelled request)."""
+        self._open = False
+        try:
+            if with_response:
+                self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+        except Exception:
+            pass
+        try:
+            self.sender.is_cancelled()
+        except Exception:
+            pass
 
 
 class TritonMetricsSink:

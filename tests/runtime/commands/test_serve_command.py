@@ -77,3 +77,32 @@ def test_a_public_openai_address_without_a_key_is_refused_before_any_work(capsys
     monkeypatch.delenv("ROTARY_API_KEY", raising=False)
     assert main(["--openai-host", "0.0.0.0", "--preset", "tiny"]) == 2
     assert_one_line_error(capsys, "serve", "--openai-host 0.0.0.0 is reachable from other machines: set --api-key KEY")
+
+
+def test_sigterm_lets_an_open_openai_stream_finish(serving_graph, tmp_path):
+    """The OpenAI front end stops first and waits for its open server-sent-event streams, which
+    Triton is still serving; then Triton drains and serve exits 0."""
+    import openai
+
+    server = ServeProcess(serving_graph, tmp_path)
+    chunks, first = [], threading.Event()
+
+    def read() -> None:
+        client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60)
+        for chunk in client.completions.create(model="rotary", prompt=[1, 2, 3], max_tokens=STREAM, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}):
+            chunks.append(chunk)
+            first.set()
+
+    try:
+        thread = threading.Thread(target=read)
+        thread.start()
+        assert first.wait(30), "no chunk within 30 s"
+        code = server.terminate()
+        thread.join(60)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    assert code == 0, server.log.read_text()[-2000:]
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == STREAM
+    assert "serve: stopped" in server.log.read_text() and server.leftovers() == ([], [])
