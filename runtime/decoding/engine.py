@@ -60,6 +60,14 @@ class StepStats:
     tokens: int = 0
 
 
+def check_room(decoder: Decoder, prompt_length: int, settings: GenerationSettings) -> None:
+    """A prompt of `prompt_length` plus max_new_tokens must fit in one of the decoder's rows."""
+    total = prompt_length + settings.max_new_tokens
+    if decoder.max_length is not None and total > decoder.max_length:
+        raise DecodingError(f"prompt plus {settings.max_new_tokens} new tokens is {total} tokens, past "
+                            f"{decoder.capacity_hint}")
+
+
 class Engine:
     """In-flight batching over one Decoder: requests join free rows and leave at any step."""
 
@@ -79,6 +87,7 @@ class Engine:
         self._inputs = torch.zeros(decoder.rows, dtype=torch.int64, device=decoder.device)  # each row's next token
         self._batch: tuple[tuple[int, ...], RowSettings, Tensor] | None = None  # settings of the running rows
         self._host: Tensor | None = None  # pinned buffer the ids are copied into (CUDA)
+        self._copied = None  # the CUDA event that copy is waited on, made once
         self.stats = StepStats()
 
     def warm_up(self) -> None:
@@ -93,10 +102,7 @@ class Engine:
         """Refuse, before any work, a request this decoder cannot serve."""
         settings.check(self.decoder.vocab_size)
         self.decoder.check_prompts({0: list(prompt)})
-        capacity = self.decoder.max_length
-        if capacity is not None and len(prompt) + settings.max_new_tokens > capacity:
-            raise DecodingError(f"prompt plus {settings.max_new_tokens} new tokens is "
-                                f"{len(prompt) + settings.max_new_tokens} tokens, past {self.decoder.capacity_hint}")
+        check_room(self.decoder, len(prompt), settings)
 
     def submit(self, prompt: Sequence[int], settings: GenerationSettings, forced: Sequence[int] | None = None) -> int:
         """Queue a request (checked first); returns its handle. `forced`: tokens to feed in place of
@@ -189,9 +195,10 @@ class Engine:
             self._host = torch.empty(2 * self.decoder.rows, dtype=torch.int64, pin_memory=True)
         host = self._host[: ids.numel()]
         host.copy_(ids, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()  # without the GIL, unlike tolist() on a CUDA tensor
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
+        self._copied.synchronize()  # without the GIL, unlike tolist() on a CUDA tensor
         return host.tolist()
 
     def _admit(self) -> list[_Request]:

@@ -11,7 +11,7 @@ import torch
 
 from ..resources import forward_bytes, require
 from .base import Decoder, DecodingError
-from .engine import Engine
+from .engine import Engine, check_room
 from .sampling import top2_margin
 from .settings import GenerationSettings
 
@@ -41,10 +41,8 @@ def check_request(decoder: Decoder, prompts: list[list[int]], settings: Generati
     if len(prompts) > decoder.rows:
         raise DecodingError(f"{len(prompts)} prompts but the decoder has {decoder.rows} rows")
     decoder.check_prompts(dict(enumerate(prompts)))
+    check_room(decoder, max(len(p) for p in prompts), settings)
     longest = max(len(p) for p in prompts) + settings.max_new_tokens
-    if decoder.max_length and longest > decoder.max_length:
-        raise DecodingError(f"prompt plus {settings.max_new_tokens} new tokens is {longest} tokens, past "
-                            f"{decoder.capacity_hint}")
     require(forward_bytes(decoder.config, len(prompts), max(len(p) for p in prompts), settings.max_new_tokens, 4),
             f"{len(prompts)} row(s) of {longest} tokens", decoder.device.type,
             "shorten the prompt or ask for fewer new tokens")
