@@ -63,8 +63,8 @@ def server_limits(url: str) -> dict[str, int]:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from runtime.serving.clients import GrpcStreamer, read_step_counters, split_url
-    from runtime.serving.loadtest import HttpClient, Workload, plot_levels, run_level
+    from runtime.serving.clients import read_step_counters, split_url
+    from runtime.serving.loadtest import Workload, plot_levels, run_level
     from runtime.serving.metrics import PUBLISH_S
 
     if (args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0
@@ -82,13 +82,12 @@ def _loadtest(args: argparse.Namespace) -> int:
     requests = Workload(max(counts), limits.get("vocab_size", 256), prompt, new, args.seed).build()
     host, port = split_url(args.url, 8000)
     grpc_url = args.grpc_url or f"{host}:{port + 1}"
-    spec = ("grpc", grpc_url) if args.protocol == "grpc" else ("http", args.url)
-    client = (lambda: GrpcStreamer(grpc_url)) if args.protocol == "grpc" else (lambda: HttpClient(args.url))
+    client = ("grpc", grpc_url) if args.protocol == "grpc" else ("http", args.url)
     metrics_url = args.metrics_url or f"{host}:{port + 2}"
     levels = []
     before = read_step_counters(metrics_url)
     for concurrency, count in zip(args.concurrency, counts):
-        level = run_level(requests[:count], concurrency, client, args.timeout, args.workers, spec)
+        level = run_level(requests[:count], concurrency, client, args.timeout, args.workers)
         time.sleep(2 * PUBLISH_S)  # the server publishes its counters every PUBLISH_S
         after = read_step_counters(metrics_url)
         level["server_steps"], before = step_summary(before, after), after

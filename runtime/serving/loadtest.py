@@ -37,17 +37,17 @@ class Workload:
         return made
 
 
-def run_level(requests: list[dict], concurrency: int, client: Callable[[], "Client"], timeout: float,
-              workers: int = 1, client_spec: tuple[str, str] | None = None) -> dict:
-    """`concurrency` threads, each with its own client, take requests in turn until none are left.
-    With `workers` > 1 the threads are spread over that many processes (`client_spec`: ("grpc" or
-    "http", address)), so the load generator's own GIL does not cap what it can receive."""
+def run_level(requests: list[dict], concurrency: int, client: tuple[str, str], timeout: float,
+              workers: int = 1) -> dict:
+    """`concurrency` threads, each with its own client (`client`: ("grpc" or "http", address)), take
+    requests in turn until none are left. With `workers` > 1 the threads are spread over that many
+    processes, so the load generator's own GIL does not cap what it can receive."""
     workers = max(1, min(workers, concurrency))
-    if workers > 1 and client_spec is not None:
-        results, seconds = _in_processes(requests, concurrency, client_spec, timeout, workers)
+    if workers > 1:
+        results, seconds = _in_processes(requests, concurrency, client, timeout, workers)
         return summarize(results, concurrency, seconds)
     started = time.perf_counter()
-    results = _in_threads(requests, list(range(len(requests))), concurrency, client, timeout)
+    results = _in_threads(requests, list(range(len(requests))), concurrency, lambda: make_client(client), timeout)
     return summarize(results, concurrency, time.perf_counter() - started)
 
 
