@@ -195,6 +195,10 @@ class TritonStream:
         finally:
             self._done.set()
 
+    def finish(self) -> None:
+        """The completion is over: close our side of the stream (generate has sent its last response)."""
+        self._done.set()
+
     def cancel(self) -> None:
         self._done.set()
         if self._responses is not None:
@@ -297,7 +301,7 @@ async def _respond(completion: Completion, stream: "TritonStream", ident: str, m
 
 async def _run(completion: Completion, stream: TritonStream):
     """(text piece, finish reason or None, tokens so far) per response, the last with its reason."""
-    pieces, scanner, produced = TextPieces(), StopScanner(completion.stop), 0
+    pieces, scanner, produced, complete = TextPieces(), StopScanner(completion.stop), 0, False
     try:
         async for tokens in stream.tokens():
             produced += len(tokens)
@@ -309,6 +313,7 @@ async def _run(completion: Completion, stream: TritonStream):
                 yield out, "stop", produced
                 return
             if final:
+                complete = True  # the stream ended as generate ends it: nothing to cancel
                 yield out + scanner.flush(), "length", produced
                 return
             if out:
@@ -316,7 +321,10 @@ async def _run(completion: Completion, stream: TritonStream):
         raise ApiError(502, f"the generate stream ended after {produced} of {completion.max_tokens} tokens; "
                             "retry the request", kind="server_error")
     finally:
-        stream.cancel()
+        if complete:
+            stream.finish()
+        else:  # a stop string, an error or a client gone: end the generate request too
+            stream.cancel()
 
 
 def _usage(completion: Completion, produced: int) -> dict:
