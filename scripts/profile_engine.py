@@ -74,6 +74,63 @@ def engine_steps(decoder, batch: int, steps: int, sampled: bool, profiler: cProf
     return statistics.median(times) * 1e3
 
 
+def prefill_ms(decoder, widths: list[int], repeats: int = 20) -> dict[int, float]:
+    """Median ms to start one row with a prompt of each width, synchronised."""
+    times = {}
+    for width in widths:
+        samples = []
+        for _ in range(repeats):
+            sync(decoder)
+            started = time.perf_counter()
+            decoder.start({0: [7] * width})
+            sync(decoder)
+            samples.append(time.perf_counter() - started)
+            decoder.release([0])
+        times[width] = statistics.median(samples) * 1e3
+    return times
+
+
+def engine_churn(decoder, clients: int, seconds: float, seed: int = 0) -> dict:
+    """The serve workload through the engine alone (no transport): `clients` closed-loop requests with
+    prompts of 1..128 ids and 1..256 new tokens, half sampled, as `loadtest` sends them."""
+    import random
+
+    from runtime.decoding.engine import Engine
+    from runtime.decoding.settings import GenerationSettings
+
+    rng = random.Random(seed)
+    engine = Engine(decoder)
+
+    def submit():
+        sampled = rng.random() < 0.5
+        engine.submit([rng.randrange(decoder.vocab_size) for _ in range(rng.randint(1, 128))],
+                      GenerationSettings(rng.randint(1, 256), 0.8 if sampled else 0.0, 0.9, seed=rng.randrange(1 << 30)))
+
+    for _ in range(clients):
+        submit()
+    tokens = steps = rows = admitted = 0
+    step_times = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        waiting = engine.waiting
+        step_started = time.perf_counter()
+        events = engine.step()
+        step_times.append(time.perf_counter() - step_started)
+        admitted += waiting - engine.waiting
+        steps, rows, tokens = steps + 1, rows + engine.stats.rows, tokens + sum(e.token is not None for e in events)
+        submit_more = time.perf_counter() - started < seconds
+        for event in events:
+            if event.finish and submit_more:
+                submit()
+    elapsed = time.perf_counter() - started
+    while not engine.idle:  # the open requests run out (nothing new is submitted)
+        engine.step()
+    step_times.sort()
+    return {"clients": clients, "tokens_per_s": tokens / elapsed, "rows_per_step": rows / max(steps, 1),
+            "step_ms_mean": elapsed / max(steps, 1) * 1e3, "step_ms_p50": step_times[len(step_times) // 2] * 1e3,
+            "step_ms_p99": step_times[int(len(step_times) * 0.99)] * 1e3, "admissions_per_step": admitted / max(steps, 1)}
+
+
 class TimedStream:
     """A stream whose send waits `send_s` without the GIL, as a python-backend send does."""
 
@@ -165,6 +222,13 @@ def main() -> int:
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
             print(text.getvalue()[-4000:])
+    prefill = prefill_ms(decoder, [w for w in (1, 16, 64, 128, 512) if w <= args.cache])
+    print("prefill, one row: " + ", ".join(f"{w} ids {ms:.3f} ms" for w, ms in prefill.items()), flush=True)
+    churn = [engine_churn(decoder, clients, args.serve_seconds) for clients in batches]
+    for result in churn:
+        print(f"engine churn, {result['clients']:3d} clients: {result['tokens_per_s']:.0f} tokens/s, {result['rows_per_step']:.1f} rows, "
+              f"step mean {result['step_ms_mean']:.3f} p50 {result['step_ms_p50']:.3f} p99 {result['step_ms_p99']:.3f} ms, "
+              f"{result['admissions_per_step']:.3f} admissions/step", flush=True)
     serving = []
     for senders, clients in ((s, c) for s in (int(n) for n in args.senders.split(",")) for c in batches):
         result = {"senders": senders, **served(decoder, clients, args.serve_seconds, args.send_ms / 1e3, senders)}
@@ -175,7 +239,7 @@ def main() -> int:
     if args.json:
         from runtime.provenance import script_command, write_result
 
-        write_result(args.json, {"steps": rows, "served": serving}, script_command(sys.argv), vars(args))
+        write_result(args.json, {"steps": rows, "prefill_ms": prefill, "churn": churn, "served": serving}, script_command(sys.argv), vars(args))
     return 0
 
 
