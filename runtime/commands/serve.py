@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import tempfile
@@ -78,6 +79,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.openai_port and not is_loopback(args.openai_host) and not args.api_key and not args.allow_no_key:
         raise ServerError(f"--openai-host {args.openai_host} is reachable from other machines: set --api-key KEY "
                           f"(or ROTARY_API_KEY), or pass --allow-no-key to serve it without one")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if args.openai_port and missing:
+        raise ServerError(f"the OpenAI-compatible API needs {' and '.join(missing)}, not installed here: install the "
+                          f"serve extra (pip install -e '.[serve]'), or pass --openai-port 0 to serve Triton's protocols only")
     if args.exit_timeout < 1 or args.start_timeout <= 0:
         raise ServerError("--exit-timeout and --start-timeout must be positive")
     if args.generate_instances is not None and args.generate_instances < 1:

@@ -79,6 +79,16 @@ def test_a_public_openai_address_without_a_key_is_refused_before_any_work(capsys
     assert_one_line_error(capsys, "serve", "--openai-host 0.0.0.0 is reachable from other machines: set --api-key KEY")
 
 
+def test_a_missing_openai_dependency_is_named_before_any_work(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["--preset", "tiny"]) == 2
+    assert_one_line_error(capsys, "serve", "the OpenAI-compatible API needs fastapi, not installed here: install the "
+                                           "serve extra (pip install -e '.[serve]'), or pass --openai-port 0")
+
+
 def test_sigterm_lets_an_open_openai_stream_finish(serving_graph, tmp_path):
     """The OpenAI front end stops first and waits for its open server-sent-event streams, which
     Triton is still serving; then Triton drains and serve exits 0."""
