@@ -7,8 +7,8 @@ The filter keeps the logits at or above the row's k-th largest value, as `sampli
 the kernel finds that value by bisecting on the logits' order-preserving 32-bit keys (32 counts
 over the row), which needs no sort.
 
-The integer hash is `sampling._mix` bit for bit (uint64 arithmetic, masked to 32 bits as the
-PyTorch code does), so the uniform noise is identical; only the logarithms come from another math
+The integer hash is `sampling._mix` bit for bit (32-bit arithmetic wrapping as the PyTorch code's
+masked int64 arithmetic does), so the uniform noise is identical; only the logarithms come from another math
 library, which can move a draw that is within an ulp of a tie. Triton ships with PyTorch's CUDA
 wheels; without it (or off CUDA) `fused_choose` returns None and the PyTorch ops run.
 """
@@ -21,51 +21,17 @@ import torch
 from torch import Tensor
 
 
+NUM_WARPS = 16  # 4 (Triton's default) spills a 32k-token row out of registers
+
+
 @functools.cache
 def _kernel():
     try:
         import triton
-        import triton.language as tl
+
+        from .sampling_triton import choose_kernel
     except ImportError:
         return None
-
-    @triton.jit
-    def mix(x):
-        x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
-        x = x ^ (x >> 15)
-        x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-        return x ^ (x >> 16)
-
-    @triton.jit
-    def choose_kernel(logits_ptr, stride, kept_ptr, temperature_ptr, key_ptr, counter_ptr, out_ptr, vocab,
-                      BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        ids = tl.arange(0, BLOCK)
-        inside = ids < vocab
-        logits = tl.load(logits_ptr + row * stride + ids, mask=inside, other=float("-inf")).to(tl.float32)
-        greedy = tl.argmax(logits, 0, tie_break_left=True)
-        temperature = tl.load(temperature_ptr + row)
-        counter = tl.load(counter_ptr + row)
-        key = tl.load(key_ptr + row).to(tl.uint64)
-        key = mix((key + counter.to(tl.uint64) * 0x9E3779B9) & 0xFFFFFFFF)
-        bits = mix(mix((key + ids.to(tl.uint64) * 0x85EBCA6B) & 0xFFFFFFFF) ^ key)
-        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        gumbel = -tl.log(-tl.log(uniform))
-        # the k-th largest logit's order key: the largest t with at least k keys >= t, bit by bit
-        raw = logits.to(tl.uint32, bitcast=True)
-        order = tl.where((raw >> 31) != 0, ~raw, raw | 0x80000000).to(tl.uint64)
-        kept = tl.load(kept_ptr + row)
-        threshold = tl.zeros((), dtype=tl.uint64)
-        for bit in tl.static_range(31, -1, -1):
-            candidate = threshold | (1 << bit)
-            threshold = tl.where(tl.sum((order >= candidate).to(tl.int32), 0) >= kept, candidate, threshold)
-        scaled = logits / tl.maximum(temperature, 1e-10) + gumbel
-        scaled = tl.where(inside & (order >= threshold), scaled, float("-inf"))
-        sampled = tl.argmax(scaled, 0, tie_break_left=True)
-        tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))
-        tl.store(counter_ptr + row, counter + 1)
-
     return triton, choose_kernel
 
 
@@ -79,7 +45,7 @@ def fused_choose(logits: Tensor, rows) -> Tensor | None:
     out = torch.empty(count, dtype=torch.int64, device=logits.device)
     try:
         kernel[(count,)](logits, logits.stride(0), rows.kept, rows.temperature, rows.keys,
-                         rows.counters, out, vocab, BLOCK=triton.next_power_of_2(vocab))
+                         rows.counters, out, vocab, BLOCK=triton.next_power_of_2(vocab), num_warps=NUM_WARPS)
     except Exception as error:  # a Triton that cannot build it: the PyTorch ops give the same tokens
         _kernel.cache_clear()
         globals()["_kernel"] = lambda: None
