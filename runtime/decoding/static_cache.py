@@ -10,7 +10,11 @@ for generation). Two runners feed the graph:
 - `BoundRunner` (ONNX Runtime, CPU or CUDA): the buffers are bound as both past and present (IO
   binding), so the graph writes in place; on CUDA every decode step is one CUDA-graph replay,
   captured when the decoder is opened, and ONNX Runtime runs on PyTorch's current stream, so no
-  host synchronisation is needed before a step.
+  host synchronisation is needed before a step. A server's admissions (one to a few prompts)
+  prefill one row at a time through a staging row with fixed addresses, so each prompt width
+  replays a CUDA graph of its own too; the filled positions are then copied into the request's
+  cache row in one copy. Without graphs a launch-bound prefill cost ~3.4 ms at any width on the
+  H200, three decode steps.
 - `BackendRunner` (any Backend, e.g. a TensorRT engine of the portable graph): the buffers are
   fed and the present.* outputs copied back into them.
 """
@@ -33,6 +37,9 @@ from ..backends.onnxruntime_backend import (_import_onnxruntime, binding_type, o
                                             session_metadata)
 from ..resources import cache_bytes, logits_bytes, require
 from .base import Decoder, DecodingError
+
+
+STAGED_ROWS = 4  # more prompts at once (offline batches) prefill together, without a graph
 
 
 def right_pad(prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -97,13 +104,17 @@ class BoundRunner:
         self.graph = session_metadata(self.session, self.where)
         self.inputs, self.outputs = session_io(self.session)
         ort = _import_onnxruntime()
-        self.run_options = {name: ort.RunOptions() for name in ("prefill", "step")}
-        if self.cuda_graph:
-            self.run_options["prefill"].add_run_config_entry("gpu_graph_id", "-1")  # variable shapes: no graph
-            self.run_options["step"].add_run_config_entry("gpu_graph_id", "1")
+        self.run_options = {"prefill": self._options(-1), "step": self._options(1)}  # prefill: any shape, no graph
         # Not "disable_synchronize_execution_providers": without ONNX Runtime's end-of-run
         # synchronisation the steps of this graph decoded wrong tokens on the H200 (parity failed)
         self.step_binding = None
+        self.staged: dict[int, tuple] = {}  # prefill width -> (binding, run options, feeds kept alive)
+
+    def _options(self, graph_id: int):
+        options = _import_onnxruntime().RunOptions()
+        if self.cuda_graph:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
 
     @staticmethod
     def _open(model, provider: str, options: dict):
@@ -135,13 +146,22 @@ class BoundRunner:
         method = binding.bind_output if output else binding.bind_input
         method(name, tensor.device.type, 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
 
-    def _run(self, binding, kind: str) -> None:
+    def _run(self, binding, options) -> None:
         if self.on_cuda and not self.torch_stream:  # ONNX Runtime's own stream: wait for ours first
             torch.cuda.current_stream().synchronize()
-        self.session.run_with_iobinding(binding, self.run_options[kind])
+        self.session.run_with_iobinding(binding, options)
 
     def prefill(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
-        self._run(self._binding(feeds, caches, logits), "prefill")
+        self._run(self._binding(feeds, caches, logits), self.run_options["prefill"])
+
+    def prepare_staged(self, width: int, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
+        """Bind a one-row prefill of `width` tokens to fixed buffers, with a CUDA graph id of its own
+        (captured on its first runs, as the step's is)."""
+        self.staged[width] = (self._binding(feeds, caches, logits), self._options(2 + len(self.staged)), feeds)
+
+    def prefill_staged(self, width: int) -> None:
+        binding, options, _ = self.staged[width]
+        self._run(binding, options)
 
     def prepare_step(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
         """Bind the step's fixed buffers once: every later step replays with the same addresses (the
@@ -152,10 +172,11 @@ class BoundRunner:
     def step(self, total: np.ndarray | None) -> None:
         if total is not None and not self.cuda_graph:  # without a graph, attend only to the longest row
             self.step_binding.bind_cpu_input("total_sequence_length", total)
-        self._run(self.step_binding, "step")
+        self._run(self.step_binding, self.run_options["step"])
 
     def close(self) -> None:
         self.session = self.step_binding = self.step_feeds = None
+        self.staged = {}
 
 
 class BackendRunner:
@@ -195,7 +216,9 @@ class StaticCacheDecoder(Decoder):
     `provider`), or a Backend that runs one. Not thread-safe: one decoder owns its buffers."""
 
     def __init__(self, model: str | Path | bytes | Backend, rows: int = 1, provider: str = "cuda",
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, staged_prefill: bool | None = None):
+        """`staged_prefill`: start up to STAGED_ROWS prompts one row at a time through fixed buffers
+        (default: when the steps replay CUDA graphs, so the prefills do too)."""
         if isinstance(model, Backend):
             runner, where, device, name = BackendRunner(model), model.name, model.device, model.name
         else:
@@ -212,6 +235,8 @@ class StaticCacheDecoder(Decoder):
                          f"the graph's {self.max_cache}-token static cache; re-export with a larger --static-cache")
         self.mode, self.open_seconds = "static cache", 0.0
         self.pad_prefill = self.device.type == "cuda"  # CUDA: prompts run at the widths warmed at open
+        self.staged_prefill = isinstance(runner, BoundRunner) and (self.cuda_graph if staged_prefill is None
+                                                                   else staged_prefill)
         started = time.perf_counter()
         self._allocate()
         self._warm_up()
@@ -223,8 +248,11 @@ class StaticCacheDecoder(Decoder):
         require(cache_bytes(c, rows, self.max_cache, row.bytes_per_value) + logits_bytes(c, rows, 1),
                 f"the static cache of {rows} row(s) x {self.max_cache} tokens", device.type,
                 "use fewer rows or a graph exported with a smaller --static-cache")
-        self.caches = {name: torch.zeros(rows, c.kv_heads, self.max_cache, c.dim_head, dtype=row.torch_dtype,
-                                         device=device) for name in self.graph.signature().cache_inputs}
+        names = self.graph.signature().cache_inputs
+        # every layer's keys and values in one block, so a staged prefill lands in its row in one copy
+        self.cache_block = torch.zeros(len(names), rows, c.kv_heads, self.max_cache, c.dim_head,
+                                       dtype=row.torch_dtype, device=device)
+        self.caches = {name: self.cache_block[i] for i, name in enumerate(names)}
         self.held = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens each row holds
         self.row_active = torch.zeros(rows, dtype=torch.int64, device=device)
         self.active_index: Tensor | None = None  # None when every row is active
@@ -237,6 +265,29 @@ class StaticCacheDecoder(Decoder):
         else:
             feeds["positions"] = self.held
         self.runner.prepare_step(feeds, self.caches, self.step_logits)
+        if self.staged_prefill:
+            self._allocate_stage(names)
+
+    def _allocate_stage(self, names: list[str]) -> None:
+        """One row of everything a prefill binds, at fixed addresses, bound once per prefill width."""
+        c, device = self.config, self.device
+        self.stage_block = torch.zeros(len(names), 1, *self.cache_block.shape[2:], dtype=self.cache_block.dtype,
+                                       device=device)
+        self.stage_ids = torch.zeros(1, self.max_cache, dtype=torch.int64, device=device)
+        self.stage_last = torch.zeros(1, 1, dtype=torch.int64, device=device)  # logits_index: the last position
+        self.stage_logits = torch.zeros(1, 1, c.num_tokens, dtype=torch.float32, device=device)
+        if self.graph.kind == STATIC_CACHE:
+            self.stage_seqlens = torch.zeros(1, dtype=torch.int32, device=device)  # the prompt's length - 1
+        else:
+            self.stage_start = torch.zeros(1, dtype=torch.int64, device=device)  # every prompt starts at 0
+        for width in warm_up_lengths(self.max_cache):
+            if self.graph.kind == STATIC_CACHE:
+                lengths = {"seqlens_k": self.stage_seqlens, "total_sequence_length": np.array(width, dtype=np.int32)}
+            else:
+                lengths = {"positions": self.stage_start}
+            self.runner.prepare_staged(width, {"input_ids": self.stage_ids[:, :width], "logits_index": self.stage_last,
+                                               **lengths}, {n: self.stage_block[i] for i, n in enumerate(names)},
+                                       self.stage_logits)
 
     def _warm_up(self) -> None:
         """Run a prompt of every prefill width (the full window first) and a step now, so the memory
@@ -246,7 +297,9 @@ class StaticCacheDecoder(Decoder):
         if self.device.type != "cuda":
             return
         for length in warm_up_lengths(self.max_cache):
-            self._start({0: [0] * length}, False)
+            self._start_batched({0: [0] * length}, False)
+            for _ in range(3 if self.staged_prefill else 0):  # ONNX Runtime captures a graph id's third run
+                self._prefill_staged(0, [0] * length)
         self.lengths[0] = 1
         self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
         self.lengths.clear()
@@ -273,7 +326,29 @@ class StaticCacheDecoder(Decoder):
         self.row_active[rows] = 1
         return logits
 
+    def _prefill_staged(self, row: int, prompt: list[int]) -> Tensor:
+        """One row's prompt through the staging row (a CUDA graph replay of its width on CUDA), then
+        into the row's cache; returns its next-token logits (vocab,)."""
+        length = len(prompt)
+        width = prefill_width(length, self.max_cache)  # one of the widths bound at open
+        self.stage_ids[0, :length].copy_(torch.tensor(prompt, dtype=torch.int64), non_blocking=True)
+        self.stage_last.fill_(length - 1)
+        if self.graph.kind == STATIC_CACHE:
+            self.stage_seqlens.fill_(length - 1)
+        self.runner.prefill_staged(width)
+        self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
+        self.held[row] = length
+        self.row_active[row] = 1
+        return self.stage_logits[0, 0].clone()  # the next staged prefill overwrites the buffer
+
     def _start(self, prompts: dict[int, list[int]], all_logits: bool):
+        if self.staged_prefill and not all_logits and len(prompts) <= STAGED_ROWS:
+            logits = torch.stack([self._prefill_staged(row, prompt) for row, prompt in prompts.items()])
+            self._update_active(set(self.lengths) | set(prompts))
+            return logits
+        return self._start_batched(prompts, all_logits)
+
+    def _start_batched(self, prompts: dict[int, list[int]], all_logits: bool):
         per_row = {}
         for run in contiguous_runs(list(prompts)):
             logits = self._prefill_run(run, prompts, all_logits)
@@ -313,7 +388,7 @@ class StaticCacheDecoder(Decoder):
         if self.runner is not None:
             self.runner.close()
         self.runner = None
-        self.caches = {}
+        self.caches, self.cache_block, self.stage_block = {}, None, None
 
 
 def static_graph_bytes(source, kind: str, max_cache: int | None, precision: str | None) -> bytes:

@@ -85,3 +85,30 @@ def test_prompts_padded_to_a_warmed_width_give_the_same_logits(tiny_model, porta
                 logits.append(decoder.step(torch.tensor([token, token + 1])))
         outputs.append(torch.stack(logits))
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_staged_prefills_land_in_their_rows_with_the_logits_of_the_batched_prefill(tiny_model, portable):
+    """What CUDA does for a server's admissions (staged_prefill: one row at a time through fixed
+    buffers, then copied into the row), checked on the CPU against the batched prefill: rows start
+    at different steps, a shorter prompt follows a longer one in the staging row, and a released
+    row is started again."""
+    from export.onnx_export import build_portable_static_graph
+
+    build = build_portable_static_graph if portable else build_static_cache_graph
+    data = build(tiny_model, 64, "fp32").SerializeToString()
+    outputs = []
+    for staged in (False, True):
+        with StaticCacheDecoder(data, 3, "cpu", staged_prefill=staged) as decoder:
+            assert decoder.staged_prefill == staged
+            logits = [decoder.start({0: [9, 2, 6, 5, 3, 5, 8, 9, 7, 1, 2, 3, 4, 5, 6, 7, 8]})]  # width 32
+            logits.append(decoder.step(torch.tensor([7])))
+            logits.append(decoder.start({2: [3, 1, 4], 1: [2, 7, 1, 8, 2]}))
+            for token in (7, 11):
+                logits.append(decoder.step(torch.tensor([token, token + 1, token + 2])))
+            decoder.release([1])
+            logits.append(decoder.start({1: [5]}))
+            logits.append(decoder.step(torch.tensor([1, 2, 3])))
+        outputs.append(torch.cat([x.reshape(-1, x.shape[-1]) for x in logits]))
+    assert outputs[0].shape == (1 + 1 + 2 + 3 + 3 + 1 + 3, tiny_model.config.num_tokens)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
