@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import time
 
 from models.errors import ToolkitError
@@ -13,8 +14,8 @@ from .common import int_list, log_to, run_main, write_json
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadtest",
-        description="Run N concurrent streaming clients (tritonclient gRPC streams, or HTTP generate_stream) "
-                    "against a server's `generate` with a seeded mix of prompt lengths, output lengths and "
+        description="Run N concurrent streaming clients (tritonclient gRPC streams, HTTP generate_stream, or "
+                    "serve's OpenAI-compatible /v1/completions) against a server's `generate` with a seeded mix of prompt lengths, output lengths and "
                     "settings (within the limits the server's model config declares). Reports requests/s, "
                     "tokens/s, time to first token, inter-token latency per token as a client sees it (tokens "
                     "that arrive in one response are 0 apart), time between responses and tokens per "
@@ -25,10 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int_list, default=[8], metavar="N[,N...]",
                         help="concurrent clients; several levels (1,8,32) run one after another (default 8)")
     parser.add_argument("--requests", type=int, default=64, metavar="M", help="requests per level (default 64)")
-    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
-                        help="grpc (tritonclient streams; default) or http (server-sent events)")
+    parser.add_argument("--protocol", choices=["grpc", "http", "openai"], default="grpc",
+                        help="grpc (tritonclient streams; default), http (Triton's generate_stream) or openai "
+                             "(serve's /v1/completions, streamed); the same seeded requests and tokens in each")
     parser.add_argument("--grpc-url", metavar="HOST:PORT",
                         help="the gRPC address (default: the URL's host, port + 1 as Triton lays them out)")
+    parser.add_argument("--openai-url", metavar="URL",
+                        help="the OpenAI-compatible API (default: the URL's host, port + 3, as serve lays them out)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="the OpenAI-compatible API's key (default: the ROTARY_API_KEY environment variable)")
     parser.add_argument("--metrics-url", metavar="HOST:PORT",
                         help="Triton's metrics address, read before and after each level for the server's decode "
                              "steps: mean rows per step and mean step time (default: the URL's host, port + 2)")
@@ -82,7 +88,11 @@ def _loadtest(args: argparse.Namespace) -> int:
     requests = Workload(max(counts), limits.get("vocab_size", 256), prompt, new, args.seed).build()
     host, port = split_url(args.url, 8000)
     grpc_url = args.grpc_url or f"{host}:{port + 1}"
-    client = ("grpc", grpc_url) if args.protocol == "grpc" else ("http", args.url)
+    if args.protocol == "openai":
+        client = ("openai", args.openai_url or f"http://{host}:{port + 3}", limits.get("vocab_size", 256),
+                  args.api_key or os.environ.get("ROTARY_API_KEY") or None)
+    else:
+        client = ("grpc", grpc_url) if args.protocol == "grpc" else ("http", args.url)
     metrics_url = args.metrics_url or f"{host}:{port + 2}"
     levels = []
     before = read_step_counters(metrics_url)

@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
-    parser.add_argument("--openai-port", type=int, default=8003, metavar="N",
+    parser.add_argument("--openai-port", type=int, metavar="N",
                         help="port of the OpenAI-compatible API (/v1/completions, /v1/models); 0 turns it off "
-                             "(default 8003)")
+                             "(default: --port + 3, i.e. 8003)")
     parser.add_argument("--openai-host", default="127.0.0.1",
                         help="address the OpenAI-compatible API binds (default 127.0.0.1); Triton's own ports stay "
                              "on --host, so this can be the only public surface")
@@ -96,6 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.serving.tritonserver import Endpoints
 
     args.api_key = args.api_key or os.environ.get("ROTARY_API_KEY") or None
+    if args.openai_port is None:
+        args.openai_port = args.port + 3
     _check(args)
     endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
     front: list = []  # the OpenAI-compatible server, once generate is ready

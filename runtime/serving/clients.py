@@ -1,5 +1,6 @@
 """Streaming clients of `generate`: gRPC through tritonclient, HTTP through Triton's generate_stream
-(server-sent events). Each returns the tokens with their arrival times, or the server's error."""
+(server-sent events), and `serve`'s OpenAI-compatible /v1/completions (server-sent events). Each
+returns the tokens with their arrival times, or the server's error."""
 from __future__ import annotations
 
 import http.client
@@ -143,6 +144,53 @@ def http_generate(url: str, request: dict, timeout: float, stop_after: int | Non
                 on_token(len(result.tokens))
             if stop_after is not None and len(result.tokens) >= stop_after:
                 break
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        result.error = f"{type(error).__name__}: {error}"
+    finally:
+        connection.close()
+    return result
+
+
+def openai_body(request: dict, vocab_size: int) -> dict:
+    """A generate request (Triton input names) as the /v1/completions body that asks for the same
+    tokens: filter_thres becomes the top_k it keeps, greedy is temperature 0, and each chunk
+    carries its token ids (return_token_ids) so tokens are counted exactly."""
+    from ..decoding.sampling import kept_count
+    from ..decoding.settings import GenerationSettings
+
+    defaults = GenerationSettings()
+    temperature = request.get("temperature", defaults.temperature)
+    body = {"prompt": request["prompt_ids"], "max_tokens": request["max_new_tokens"], "seed": request.get("seed", 0),
+            "temperature": max(temperature, 0.0), "stream": True, "return_token_ids": True}
+    if temperature > 0:
+        body["top_k"] = kept_count(request.get("filter_thres", defaults.filter_thres), vocab_size)
+    return body
+
+
+def openai_generate(url: str, body: dict, timeout: float, api_key: str | None = None) -> StreamResult:
+    """POST /v1/completions (streaming) and read its events until `data: [DONE]`."""
+    host, port = split_url(url, 8003)
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    result = StreamResult(started=time.perf_counter())
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), headers)
+        response = connection.getresponse()
+        if response.status != 200:
+            result.error = f"HTTP {response.status}: {error_text(response.read())}"
+            return result
+        for line in response:
+            if line.startswith(b"data: [DONE]"):
+                return result
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                result.error = event["error"].get("message", str(event["error"]))
+                return result
+            for choice in event.get("choices", []):
+                result.add(choice.get("token_ids", []), time.perf_counter())
+        result.error = "the stream ended without data: [DONE]"
     except (OSError, http.client.HTTPException, ValueError) as error:
         result.error = f"{type(error).__name__}: {error}"
     finally:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .clients import GrpcStreamer, StreamResult, http_generate
+from .clients import GrpcStreamer, StreamResult, http_generate, openai_body, openai_generate
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,9 @@ class Workload:
         return made
 
 
-def run_level(requests: list[dict], concurrency: int, client: tuple[str, str], timeout: float,
+def run_level(requests: list[dict], concurrency: int, client: tuple, timeout: float,
               workers: int = 1) -> dict:
-    """`concurrency` threads, each with its own client (`client`: ("grpc" or "http", address)), take
+    """`concurrency` threads, each with its own client (`client`: what make_client takes), take
     requests in turn until none are left. With `workers` > 1 the threads are spread over that many
     processes, so the load generator's own GIL does not cap what it can receive."""
     workers = max(1, min(workers, concurrency))
@@ -80,8 +80,11 @@ def _in_threads(requests: list[dict], indices: list[int], concurrency: int, clie
     return results
 
 
-def make_client(spec: tuple[str, str]) -> "Client":
-    kind, address = spec
+def make_client(spec: tuple) -> "Client":
+    """("grpc", host:port), ("http", url) or ("openai", url, vocabulary size, API key or None)."""
+    kind, address = spec[:2]
+    if kind == "openai":
+        return OpenAIClient(address, *spec[2:])
     return GrpcStreamer(address) if kind == "grpc" else HttpClient(address)
 
 
@@ -155,7 +158,20 @@ class HttpClient:
         pass
 
 
-Client = GrpcStreamer | HttpClient
+class OpenAIClient:
+    """The same requests through /v1/completions (streamed, with each chunk's token ids)."""
+
+    def __init__(self, url: str, vocab_size: int, api_key: str | None = None):
+        self.url, self.vocab_size, self.api_key = url, vocab_size, api_key
+
+    def generate(self, request: dict, timeout: float) -> StreamResult:
+        return openai_generate(self.url, openai_body(request, self.vocab_size), timeout, self.api_key)
+
+    def close(self) -> None:
+        pass
+
+
+Client = GrpcStreamer | HttpClient | OpenAIClient
 
 
 def plot_levels(levels: list[dict], path: str) -> None:

@@ -6,6 +6,9 @@ request parsing, server-sent events and error handlers are its everyday work, an
 it) forwards each completion to Triton over one gRPC stream and adds no per-token work beyond
 decoding bytes and encoding the event; Triton stays the engine that batches and decodes.
 
+`return_token_ids: true` (vLLM's extension) adds each chunk's token ids to its choice as
+`token_ids`, so a benchmark client counts tokens exactly (loadtest --protocol openai uses it).
+
 Fields it does not support are refused with a 400 naming the field, never ignored; errors always
 come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 """
@@ -77,6 +80,7 @@ class Completion:
     stop: list[str]
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False
     triton: dict = field(default_factory=dict)  # the generate request
 
     @classmethod
@@ -101,15 +105,17 @@ class Completion:
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not (isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", param="stop")
-        stream = body.get("stream", False)
+        stream, token_ids = body.get("stream", False), body.get("return_token_ids", False)
         options = body.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
+        if not isinstance(token_ids, bool):
+            raise ApiError(400, "return_token_ids must be true or false", param="return_token_ids")
         seed = secrets.randbits(62) if seed is None else seed
         triton = {"prompt_ids": prompt, "max_new_tokens": max_tokens, "temperature": temperature,
                   "filter_thres": 0.0, "top_k": max(top_k, 0), "top_p": top_p, "seed": seed}
         return cls(prompt, max_tokens, temperature, top_p, max(top_k, 0), seed, stop, stream,
-                   bool(options.get("include_usage")), triton)
+                   bool(options.get("include_usage")), token_ids, triton)
 
 
 def _prompt(value: Any, vocab_size: int) -> list[int]:
@@ -276,20 +282,22 @@ async def _respond(completion: Completion, stream: "TritonStream", ident: str, m
 
     created = int(time.time())
     chunks = _run(completion, stream)
+    ids = completion.return_token_ids
     if not completion.stream:
-        text, finish, produced = "", "length", 0
-        async for piece, finish_reason, count in chunks:
+        text, finish, produced, tokens = "", "length", 0, []
+        async for piece, finish_reason, count, new in chunks:
             text, produced = text + piece, count
+            tokens += new
             finish = finish_reason or finish
-        return _body(ident, created, model, text, finish, completion, produced)
+        return _body(ident, created, model, text, finish, completion, produced, tokens if ids else None)
     first = await chunks.__anext__()  # a refusal is an error status, not an event
 
     async def events():
-        piece, finish, produced = first
+        piece, finish, produced, tokens = first
         try:
-            yield _event(ident, created, model, piece, finish)
-            async for piece, finish, produced in chunks:
-                yield _event(ident, created, model, piece, finish)
+            yield _event(ident, created, model, piece, finish, tokens if ids else None)
+            async for piece, finish, produced, tokens in chunks:
+                yield _event(ident, created, model, piece, finish, tokens if ids else None)
         except ApiError as error:
             yield f"data: {json.dumps(error.body())}\n\n"
         if completion.include_usage:
@@ -300,7 +308,9 @@ async def _respond(completion: Completion, stream: "TritonStream", ident: str, m
 
 
 async def _run(completion: Completion, stream: TritonStream):
-    """(text piece, finish reason or None, tokens so far) per response, the last with its reason."""
+    """(text piece, finish reason or None, tokens so far, the response's token ids) per response
+    with text or tokens to send, the last with its reason. A stop string's tokens are all reported:
+    the text is cut at the stop string, the ids are what the model produced."""
     pieces, scanner, produced, complete = TextPieces(), StopScanner(completion.stop), 0, False
     try:
         async for tokens in stream.tokens():
@@ -310,14 +320,14 @@ async def _run(completion: Completion, stream: TritonStream):
             out, stopped = scanner.add(text)
             if stopped:
                 stream.cancel()
-                yield out, "stop", produced
+                yield out, "stop", produced, tokens
                 return
             if final:
                 complete = True  # the stream ended as generate ends it: nothing to cancel
-                yield out + scanner.flush(), "length", produced
+                yield out + scanner.flush(), "length", produced, tokens
                 return
-            if out:
-                yield out, None, produced
+            if out or completion.return_token_ids:
+                yield out, None, produced, tokens
         raise ApiError(502, f"the generate stream ended after {produced} of {completion.max_tokens} tokens; "
                             "retry the request", kind="server_error")
     finally:
@@ -332,15 +342,22 @@ def _usage(completion: Completion, produced: int) -> dict:
             "total_tokens": len(completion.prompt) + produced}
 
 
-def _body(ident: str, created: int, model: str, text: str, finish: str, completion: Completion, produced: int) -> dict:
+def _choice(text: str, finish: str | None, token_ids: list[int] | None) -> dict:
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def _body(ident: str, created: int, model: str, text: str, finish: str, completion: Completion, produced: int,
+          token_ids: list[int] | None) -> dict:
     return {"id": ident, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": _usage(completion, produced)}
+            "choices": [_choice(text, finish, token_ids)], "usage": _usage(completion, produced)}
 
 
-def _event(ident: str, created: int, model: str, text: str, finish: str | None) -> str:
+def _event(ident: str, created: int, model: str, text: str, finish: str | None, token_ids: list[int] | None) -> str:
     chunk = {"id": ident, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+             "choices": [_choice(text, finish, token_ids)]}
     return f"data: {json.dumps(chunk)}\n\n"
 
 

@@ -33,11 +33,18 @@ def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp
     assert "tokens/s" in capsys.readouterr().out
 
 
-def test_http_streams_too(triton_server, tmp_path):
-    report = tmp_path / "load.json"
-    assert main(["--url", triton_server.url, "--protocol", "http", "--concurrency", "2", "--requests", "4",
-                 "--json", str(report)]) == 0
-    assert json.loads(report.read_text())["errors"] == 0
+def test_http_and_openai_streams_too(triton_server, tmp_path):
+    """The same seeded requests through each protocol: no errors, the same number of tokens."""
+    tokens = {}
+    for protocol in ("grpc", "http", "openai"):
+        report = tmp_path / f"{protocol}.json"
+        assert main(["--url", triton_server.url, "--grpc-url", triton_server.grpc_url, "--protocol", protocol,
+                     "--openai-url", triton_server.openai_url.removesuffix("/v1"), "--concurrency", "2",
+                     "--requests", "4", "--json", str(report)]) == 0
+        data = json.loads(report.read_text())
+        assert data["errors"] == 0 and data["protocol"] == protocol
+        tokens[protocol] = data["levels"][0]["tokens"]
+    assert len(set(tokens.values())) == 1 and tokens["grpc"] > 4, tokens
 
 
 def test_clients_spread_over_worker_processes_give_the_tokens_of_one_process(triton_server, tmp_path):

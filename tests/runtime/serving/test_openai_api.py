@@ -104,3 +104,35 @@ def test_serve_starts_the_api_on_its_own_port(triton_server, offline_tokens, ser
     assert [m.id for m in served.models.list().data] == ["rotary"]
     stream = served.completions.create(model="rotary", prompt=PROMPT, max_tokens=10, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == expected_text(offline_tokens, serving_graph, 10)
+
+
+def test_loadtests_openai_requests_get_the_grpc_streams_tokens(triton_server):
+    """loadtest --protocol openai sends each seeded request as /v1/completions (filter_thres as the
+    top_k it keeps, greedy as temperature 0) and counts tokens from return_token_ids: the same
+    tokens, request by request, as the gRPC stream gives."""
+    from runtime.serving.clients import GrpcStreamer
+    from runtime.serving.loadtest import OpenAIClient, Workload
+
+    requests = Workload(6, 256, 12, 10, seed=3).build()
+    assert {"temperature" in r for r in requests} == {True, False}, "the workload lost its greedy/sampled mix"
+    grpc, api = GrpcStreamer(triton_server.grpc_url), OpenAIClient(triton_server.openai_url.removesuffix("/v1"), 256)
+    try:
+        for request in requests:
+            expected, got = grpc.generate(request, 60), api.generate(request, 60)
+            assert expected.error is None and got.error is None, (expected.error, got.error)
+            assert got.tokens == expected.tokens and len(got.tokens) == request["max_new_tokens"]
+            assert sum(got.response_sizes) == len(got.tokens)
+    finally:
+        grpc.close()
+
+
+def test_token_ids_are_returned_only_when_asked(api):
+    headers = {"Authorization": "Bearer sekrit"}
+    plain = api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0}, headers=headers)
+    asked = api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0,
+                                              "return_token_ids": True}, headers=headers)
+    assert "token_ids" not in plain.json()["choices"][0]
+    ids = asked.json()["choices"][0]["token_ids"]
+    assert len(ids) == 3 and asked.json()["choices"][0]["text"] == decode_bytes(ids)
+    refused = api.post("/v1/completions", json={"prompt": "hi", "return_token_ids": "yes"}, headers=headers)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_token_ids"
