@@ -89,7 +89,7 @@ trt)
   ;;
 profile)  # a served step's time split without Triton: decoder alone, engine, driver with timed sends
   run py scripts/profile_engine.py --batches 1,8,32 --steps 300 --serve-seconds 2 --senders ${SENDERS:-1,4} \
-    --json "$results/profile-engine.json" 2>&1 | grep -E "^batch|^served|error"
+    --json "$results/profile-engine.json" 2>&1 | grep -E "^batch|^prefill|^engine churn|^served|error"
   ;;
 serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients
   rm -f "$results/serve-ready${TAG:-}.json"  # python3 itself in the background, so $! is serve and SIGTERM reaches it
@@ -101,10 +101,12 @@ serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 
   for _ in $(seq 300); do [ -f "$results/serve-ready${TAG:-}.json" ] || ! kill -0 $server 2>/dev/null && break; sleep 1; done
   cat "$results/serve${TAG:-}.log"; grep -a "generate:" "$results/tritonserver${TAG:-}.log" | cut -c1-400
   if [ -f "$results/serve-ready${TAG:-}.json" ]; then
-    run py -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --concurrency ${LEVELS:-1,8,32,64} \
-      --requests-per-client ${PER_CLIENT:-16} --workers ${WORKERS:-8} --max-prompt-tokens 128 --max-new-tokens 256 \
-      --json "$results/loadtest${TAG:-}.json" \
-      --plot "$results/loadtest${TAG:-}.png" 2>&1 | tail -8
+    for protocol in ${PROTOCOLS:-grpc openai}; do  # one server, the same seeded requests through each protocol
+      name=loadtest${TAG:-}$([ "$protocol" = grpc ] || echo "-$protocol")
+      run py -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --protocol "$protocol" \
+        --concurrency ${LEVELS:-1,8,32,64} --requests-per-client ${PER_CLIENT:-16} --workers ${WORKERS:-8} \
+        --max-prompt-tokens 128 --max-new-tokens 256 --json "$results/$name.json" --plot "$results/$name.png" 2>&1 | tail -8
+    done
   else
     tail -30 "$results/tritonserver${TAG:-}.log"
   fi
