@@ -325,15 +325,15 @@ MUTATIONS: tuple[Mutation, ...] = (
              "every row of a batch draws from its first row's seed", SAMPLING + ENGINE + SCHEDULER),
     # ------------------------------------------------------------------ token emission (engine, decode loop, scheduler)
     Mutation("emit-token-dropped", "scheduler emission", "runtime/serving/decode_loop.py",
-             "                    out.append((request, event.token, event.finish, event.error, event.cause))",
-             "                    if event.index != 1 or event.finish:\n"
-             "                        out.append((request, event.token, event.finish, event.error, event.cause))",
+             "                driver.out.append((request, event.token, event.finish, event.error, event.cause))",
+             "                if event.index != 1 or event.finish:\n"
+             "                    driver.out.append((request, event.token, event.finish, event.error, event.cause))",
              "a row's second token is not sent", SCHEDULER),
     Mutation("emit-token-duplicated", "scheduler emission", "runtime/serving/decode_loop.py",
-             "                    out.append((request, event.token, event.finish, event.error, event.cause))",
-             "                    if event.index == 0 and not event.finish:\n"
-             "                        out.append((request, event.token, None, None, None))\n"
-             "                    out.append((request, event.token, event.finish, event.error, event.cause))",
+             "                driver.out.append((request, event.token, event.finish, event.error, event.cause))",
+             "                if event.index == 0 and not event.finish:\n"
+             "                    driver.out.append((request, event.token, None, None, None))\n"
+             "                driver.out.append((request, event.token, event.finish, event.error, event.cause))",
              "a row's first token is sent twice", SCHEDULER),
     Mutation("emit-last-token-missing", "scheduler emission", "runtime/decoding/engine.py",
              "            elif request.produced >= request.settings.max_new_tokens:",

@@ -1,26 +1,36 @@
-"""The server's decode loop: the engine core stepping as long as it has work, fed and read over one
-multiprocessing Connection.
+"""The server's decode loop: the engine core stepping as long as it has work, fed and read over
+multiprocessing Connections, one per driver (a Scheduler).
 
-The server runs it in a process of its own (`python -m runtime.serving.decode_loop ADDRESS`), so
-no sender thread ever competes with it for a GIL: every PyTorch call releases and re-takes the GIL,
-and with senders in the same interpreter each re-take could wait behind a send's Python. Tests and
-library users run the same loop in a thread over a Pipe (Scheduler.in_thread).
+In the server it runs in a process of its own (`python -m runtime.serving.decode_loop SPEC`), shared
+by every instance of `generate`: it opens the decoder, then listens on the socket the spec names,
+and each python-backend instance that connects feeds the same batch. So no sender thread ever
+competes with the loop for a GIL, and the Python work of sending responses is spread over as many
+processes as there are instances. Tests and library users run the same loop in a thread over a Pipe
+(Scheduler(decoder, ...)).
 
 Messages in: ("submit", id, prompt, settings fields), ("cancel", id), ("close", seconds).
-Messages out: ("ready", decoder facts), then per step ("events", [(id, token, finish, error, cause)],
-rows decoded, step seconds, rows running, requests waiting), and last ("closed", ids abandoned).
+Messages out: ("ready", decoder facts) to a driver that connects to the process; then per step
+("events", [(id, token, finish, error, cause)], rows decoded, step seconds, rows running, requests
+waiting, publishes), and last ("closed", ids abandoned). Request ids are each driver's own. Step
+figures go to one driver at a time (`publishes`), so metrics summed over instances count a step once.
 """
 from __future__ import annotations
 
+import json
 import os
+import queue
+import shutil
 import sys
+import threading
 import time
 from dataclasses import astuple
+from multiprocessing.connection import Pipe, wait
 
 from ..decoding.engine import CANCELLED, FAILED, PREFILL_TOKENS, Engine
 from ..decoding.settings import GenerationSettings
 
 WAIT_S = 0.5  # an idle loop re-checks for messages this often
+FIRST_DRIVER_S = 600.0  # the process ends if no driver connects within this
 AUTHKEY_VARIABLE = "ROTARY_DECODE_AUTHKEY"
 
 
@@ -31,51 +41,130 @@ def settings_fields(settings: GenerationSettings) -> tuple:
 def decoder_facts(decoder) -> dict:
     """What the server needs to know of the decoder it does not hold."""
     return {"name": decoder.name, "mode": decoder.mode, "vocab_size": decoder.vocab_size,
-            "max_length": decoder.max_length, "capacity_hint": decoder.capacity_hint, "rows": decoder.rows}
+            "max_length": decoder.max_length, "capacity_hint": decoder.capacity_hint, "rows": decoder.rows,
+            "pid": os.getpid()}
 
 
-def serve_engine(conn, engine: Engine) -> None:
-    """Step `engine` while it has work, taking requests and cancellations from `conn` between steps
-    and sending each step's events back; returns after ("close", seconds) once it is idle or the
-    seconds are over (what is left is reported abandoned), or when the other end has gone."""
-    ids: dict[int, int] = {}  # engine handle -> request id
-    handles: dict[int, int] = {}  # request id -> engine handle
-    out: list[tuple] = []
-    deadline = None
-    try:
+class _Driver:
+    """One connection: its requests in the engine, the events owed to it, its closing deadline."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.handles: dict[int, int] = {}  # request id -> engine handle
+        self.out: list[tuple] = []
+        self.deadline: float | None = None
+
+
+class Arrivals:
+    """Connections accepted by a listener thread, handed to the loop (which a wake-up pipe interrupts)."""
+
+    def __init__(self, listener, facts: dict):
+        self.listener, self.facts = listener, facts
+        self.queue: queue.Queue = queue.Queue()
+        self.wake, self._poke = Pipe(duplex=False)
+        threading.Thread(target=self._accept, name="decode-accept", daemon=True).start()
+
+    def _accept(self) -> None:
         while True:
-            idle = engine.idle
-            if idle and deadline is not None:
-                break
-            if conn.poll(WAIT_S if idle and not out else 0):
-                while True:
-                    deadline = _take(conn.recv(), engine, ids, handles, out, deadline)
-                    if not conn.poll(0):
-                        break
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            rows, seconds = 0, 0.0
-            if not engine.idle:
-                started = time.perf_counter()
-                events = engine.step()
-                seconds, rows = time.perf_counter() - started, engine.stats.rows
-                for event in events:
-                    request = ids[event.request]
-                    if event.finish:
-                        del ids[event.request], handles[request]
-                    out.append((request, event.token, event.finish, event.error, event.cause))
-            if out or rows:
-                conn.send(("events", out, rows, seconds, engine.running, engine.waiting))
-                out = []
-        for handle in list(ids):
-            engine.cancel(handle)
-        conn.send(("closed", list(ids.values())))
-    except (EOFError, OSError, BrokenPipeError):  # the server has gone: nothing to report to
-        for handle in list(ids):
-            engine.cancel(handle)
+            try:
+                conn = self.listener.accept()
+            except OSError:  # the listener has closed
+                return
+            except Exception:  # a peer that failed the handshake (wrong key, or gone)
+                continue
+            try:
+                conn.send(("ready", self.facts))
+            except OSError:
+                continue
+            self.queue.put(conn)
+            self._poke.send_bytes(b"")
+
+    def take(self) -> list:
+        while self.wake.poll():
+            self.wake.recv_bytes()
+        taken = []
+        while not self.queue.empty():
+            taken.append(self.queue.get_nowait())
+        return taken
 
 
-def _take(message: tuple, engine: Engine, ids: dict, handles: dict, out: list, deadline):
+def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None) -> None:
+    """Step `engine` while it has work, taking requests from the drivers between steps and sending
+    each driver its events. Starts with `conn` (None: wait for the first of `arrivals`) and takes
+    on every connection that arrives; a driver leaves after ("close", seconds) once its requests are
+    done or the seconds are over (what is left is reported abandoned), or when it goes away. Returns
+    once every driver has left."""
+    drivers = [_Driver(conn)] if conn is not None else []
+    owners: dict[int, tuple[_Driver, int]] = {}  # engine handle -> (driver, request id)
+    came, started = bool(drivers), time.monotonic()
+    published = (0, 0)  # the rows running and requests waiting the publisher last heard
+    while True:
+        if arrivals is not None:
+            drivers += [_Driver(c) for c in arrivals.take()]
+            came = came or bool(drivers)
+        if not drivers and (came or arrivals is None or time.monotonic() - started > FIRST_DRIVER_S):
+            break  # everyone has left (or nobody came)
+        owed = any(d.out for d in drivers)
+        sources = [d.conn for d in drivers] + ([arrivals.wake] if arrivals is not None else [])
+        for ready in wait(sources, WAIT_S if engine.idle and not owed else 0):
+            driver = next((d for d in drivers if d.conn is ready), None)
+            if driver is not None:
+                _read(driver, engine, owners)
+        rows, seconds = 0, 0.0
+        if not engine.idle:
+            step_started = time.perf_counter()
+            events = engine.step()
+            seconds, rows = time.perf_counter() - step_started, engine.stats.rows
+            for event in events:
+                driver, request = owners[event.request]
+                if event.finish:
+                    del owners[event.request], driver.handles[request]
+                driver.out.append((request, event.token, event.finish, event.error, event.cause))
+        publisher = drivers[0] if drivers else None
+        state = (engine.running, engine.waiting)
+        for driver in list(drivers):
+            publishes = driver is publisher
+            if driver.out or (publishes and (rows or state != published)):
+                published = state if publishes else published
+                _send(driver, ("events", driver.out, rows if publishes else 0, seconds if publishes else 0.0,
+                               engine.running, engine.waiting, publishes))
+                driver.out = []
+            if driver.conn is None or (driver.deadline is not None and
+                                       (not driver.handles or time.monotonic() > driver.deadline)):
+                _leave(driver, engine, owners)
+                drivers.remove(driver)
+
+
+def _read(driver: _Driver, engine: Engine, owners: dict) -> None:
+    try:
+        while driver.conn.poll(0):
+            _take(driver.conn.recv(), engine, driver, owners)
+    except (EOFError, OSError):  # the driver has gone: nothing to report to
+        driver.conn = None
+
+
+def _send(driver: _Driver, message: tuple) -> None:
+    if driver.conn is None:
+        return
+    try:
+        driver.conn.send(message)
+    except (EOFError, OSError, BrokenPipeError):
+        driver.conn = None
+
+
+def _leave(driver: _Driver, engine: Engine, owners: dict) -> None:
+    """Cancel what the driver still has running and tell it which of its requests were abandoned."""
+    for request, handle in driver.handles.items():
+        engine.cancel(handle)
+        del owners[handle]
+    _send(driver, ("closed", list(driver.handles)))
+    driver.handles = {}
+    if driver.conn is not None:
+        driver.conn.close()
+
+
+def _take(message: tuple, engine: Engine, driver: _Driver, owners: dict) -> None:
+    out, handles = driver.out, driver.handles
     kind = message[0]
     if kind == "submit":
         _, request, prompt, fields = message
@@ -84,38 +173,40 @@ def _take(message: tuple, engine: Engine, ids: dict, handles: dict, out: list, d
         except Exception as error:  # the server checked the request; a decoder may still refuse it
             out.append((request, None, FAILED, f"the request cannot be decoded: {error}", None))
         else:
-            ids[handle], handles[request] = request, handle
+            owners[handle], handles[request] = (driver, request), handle
     elif kind == "cancel":
         handle = handles.pop(message[1], None)
         if handle is not None and engine.cancel(handle):
-            del ids[handle]
+            del owners[handle]
             out.append((message[1], None, CANCELLED, None, None))
     elif kind == "close":
-        deadline = time.monotonic() + message[1]
-    return deadline
+        driver.deadline = time.monotonic() + message[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The decode process: connect back to the server, open the decoder it names, report, loop."""
+    """The decode process: open the decoder the spec names, listen on its socket, serve every driver
+    that connects, end when the last has left. An error opening the decoder goes to the spec's
+    error file (its one sentence is what the first driver reports)."""
     import signal
-    from multiprocessing.connection import Client
+    from multiprocessing.connection import Listener
 
     from ..decoding.open import open_decoder
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server ends it (by closing the connection), not Ctrl-C
-    address = (argv or sys.argv[1:])[0]
-    conn = Client(address, authkey=bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE)))
-    spec = conn.recv()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server ends it (its drivers leave), not Ctrl-C
+    spec = json.loads((argv or sys.argv[1:])[0])
+    key = bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE))
     try:
         decoder = open_decoder(spec["model"], spec["backend"], rows=spec["rows"])
     except Exception as error:
-        conn.send(("error", f"{type(error).__name__}: {error}"))
+        with open(spec["error_file"], "w") as file:
+            file.write(f"{type(error).__name__}: {error}")
         return 1
     with decoder:
         engine = Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS))
         engine.warm_up()
-        conn.send(("ready", decoder_facts(decoder)))
-        serve_engine(conn, engine)
+        with Listener(spec["address"], authkey=key) as listener:  # the socket appears once the decoder is ready
+            serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)))
+    shutil.rmtree(os.path.dirname(spec["address"]), ignore_errors=True)  # the rendezvous folder (its key)
     return 0
 
 

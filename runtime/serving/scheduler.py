@@ -1,6 +1,7 @@
 """The server's driver around the decode loop (runtime.serving.decode_loop, the engine core stepping).
 
-The loop runs in a process of its own in the server (`Scheduler.in_process`), or in a thread
+The loop runs in a process of its own in the server, shared by every instance of `generate`
+(`Scheduler.in_process`: the first instance starts it, the others join it), or in a thread
 (`Scheduler(decoder, ...)`, for tests and library use); either way this side only talks to it over
 a Connection. `submit` sends a request on, a receiver thread turns each step's events into work for
 the Responder's sender threads, and a watcher thread asks Triton every `cancel_check_s` whether a
@@ -8,17 +9,19 @@ client has gone (a round trip) and sends a cancellation. Nothing here waits on t
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import itertools
+import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from multiprocessing import Pipe
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +39,15 @@ START_S = 600.0  # how long the decode process may take to open its decoder (CUD
 
 class SchedulerError(RuntimeError):
     """The decode process could not be started."""
+
+
+def rendezvous(model: Path, backend: str, rows: int) -> Path:
+    """The private folder where this server's instances of `generate` find their decode process:
+    one per server process (the stubs' parent) and decoder."""
+    digest = hashlib.sha256(f"{Path(model).resolve()}|{backend}|{rows}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"rotary-decode-{os.getuid()}-{os.getppid()}-{digest}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 class Scheduler:
@@ -69,45 +81,42 @@ class Scheduler:
 
     @classmethod
     def in_process(cls, model: Path, backend: str, limits: Limits, python: str | None = None, **options) -> "Scheduler":
-        """Start the decode loop in a child process that opens `model` on `backend` itself."""
-        key = secrets.token_bytes(16)
-        folder = tempfile.mkdtemp(prefix="rotary-decode-")
-        address = os.path.join(folder, "loop.sock")
-        try:
-            with Listener(address, authkey=key) as listener:
+        """Connect to the decode process that serves `model` for this server's instances of
+        `generate`, starting it (on `python`) if no instance has yet."""
+        folder = rendezvous(model, backend, limits.max_rows)
+        address, key_file, error_file = folder / "loop.sock", folder / "key", folder / "error"
+        process = None
+        with open(folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one instance starts the process; the others wait and join it
+            conn = _connect(address, key_file)
+            if conn is None:
+                key = secrets.token_bytes(16)
+                key_file.write_bytes(key)
+                error_file.unlink(missing_ok=True)
+                spec = {"model": str(model), "backend": backend, "rows": limits.max_rows, "address": str(address),
+                        "error_file": str(error_file), "prefill_tokens": options.pop("prefill_tokens", PREFILL_TOKENS)}
                 env = dict(os.environ, **{AUTHKEY_VARIABLE: key.hex()})
                 env["PYTHONPATH"] = os.pathsep.join(part for part in sys.path if part)  # what this interpreter imports
-                process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop", address], env=env)
-                accepted: dict = {}
-                waiter = threading.Thread(target=lambda: accepted.update(conn=listener.accept()), daemon=True)
-                waiter.start()
+                process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop",
+                                            json.dumps(spec)], env=env)
                 deadline = time.monotonic() + START_S
-                while waiter.is_alive() and process.poll() is None and time.monotonic() < deadline:
-                    waiter.join(0.2)
-                if "conn" not in accepted:
+                while not address.exists() and process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not address.exists():
                     process.kill()
-                    raise SchedulerError(f"the decode process did not start (exit code {process.poll()}); see the log above")
-                conn = accepted["conn"]
-        finally:  # the socket is only for the connection just made
-            shutil.rmtree(folder, ignore_errors=True)
-        conn.send({"model": str(model), "backend": backend, "rows": limits.max_rows,
-                   "prefill_tokens": options.pop("prefill_tokens", PREFILL_TOKENS)})
-        if not conn.poll(START_S):
-            process.kill()
-            raise SchedulerError(f"the decode process did not open {model.name} within {START_S:.0f} s")
-        try:
-            kind, value = conn.recv()
-        except (EOFError, OSError):
-            kind, value = "error", f"it exited with code {process.wait(30)}; see the log above"
-        if kind != "ready":
-            process.wait(30)
-            raise SchedulerError(f"the decode process could not open {model.name}: {value}")
-        return cls(None, limits, _conn=conn, _facts=value, _process=process, **options)
+                    reason = error_file.read_text() if error_file.exists() else f"exit code {process.wait(30)}; see the log"
+                    raise SchedulerError(f"the decode process could not open {model.name}: {reason}")
+                conn = _connect(address, key_file)
+                if conn is None:
+                    process.kill()
+                    raise SchedulerError(f"the decode process for {model.name} did not accept a connection")
+        kind, facts = conn.recv()
+        return cls(None, limits, _conn=conn, _facts=facts, _process=process, **options)
 
     @property
     def pid(self) -> int:
         """The decode process (this process when the loop runs in a thread)."""
-        return self._process.pid if self._process is not None else os.getpid()
+        return self.facts.get("pid", os.getpid())
 
     def start(self) -> "Scheduler":
         if self._loop_thread is not None:
@@ -158,11 +167,9 @@ class Scheduler:
             self._receiver.start()
         self._receiver.join(timeout + 10.0)
         self._stopped.set()
-        if self._process is not None:
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+        self._conn.close()
+        if self._process is not None:  # started here: reap it once every instance has left (it ends then)
+            threading.Thread(target=self._process.wait, daemon=True).start()
         return not self._receiver.is_alive() and self.abandoned == 0
 
     def _receive(self) -> None:
@@ -173,13 +180,14 @@ class Scheduler:
                 if message[0] == "closed":
                     self._abandon(message[1])
                     break
-                _, events, rows, seconds, running, waiting = message
+                _, events, rows, seconds, running, waiting, publishes = message
                 self._deliver(events)
                 if rows:
                     self.metrics.step(rows, seconds)
                 with self._send_lock:
                     self._queued = waiting  # requests sent since the loop counted are counted at its next step
-                self.metrics.rows(running, waiting)
+                if publishes:  # one driver publishes the shared batch's gauges
+                    self.metrics.rows(running, waiting)
         except (EOFError, OSError):
             self._broken = "the decode loop has stopped; retry on another server"
             if not self._closing:
@@ -237,6 +245,18 @@ class Scheduler:
         for request_id, stream in list(self._streams.items()):
             if self._responder.gone(stream):
                 self._cancel(request_id)
+
+
+def _connect(address: Path, key_file: Path):
+    """A connection to the decode process listening at `address`, or None when none listens (a
+    socket left by one that died is removed)."""
+    if not address.exists():
+        return None
+    try:
+        return Client(str(address), authkey=key_file.read_bytes())
+    except (ConnectionRefusedError, FileNotFoundError):
+        address.unlink(missing_ok=True)
+        return None
 
 
 def _quietly(call, *args) -> None:

@@ -83,12 +83,13 @@ class ServeProcess:
         self.url, self.grpc_url = f"http://127.0.0.1:{self.http}", f"127.0.0.1:{self.grpc}"
         self.openai_url = f"http://127.0.0.1:{self.openai}/v1"
         self.ready_file, self.log = workdir / "ready.json", workdir / "serve.log"
+        self.triton_log = workdir / "tritonserver.log"
         limits = [f"--max-rows={SERVER_LIMITS['max_rows']}", f"--max-prompt-tokens={SERVER_LIMITS['max_prompt_tokens']}",
                   f"--max-new-tokens-limit={SERVER_LIMITS['max_new_tokens']}", f"--queue={SERVER_LIMITS['max_queue']}"]
         command = [sys.executable, "-m", "runtime.commands.serve", str(model), "--port", str(self.http), "--grpc-port",
                    str(self.grpc), "--metrics-port", str(self.metrics), "--openai-port", str(self.openai),
                    "--json", str(self.ready_file),
-                   "--log", str(workdir / "tritonserver.log"), "--exit-timeout", "20", *limits, *extra]
+                   "--log", str(self.triton_log), "--exit-timeout", "20", *limits, *extra]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + SERVER_START_S

@@ -319,3 +319,12 @@ def test_tritons_llm_clients_send_text_input_and_read_text_output(triton_server,
     whole = post("/v2/models/generate/generate", {"text_input": TEXT_PROMPT, "max_tokens": 12, "stream": False})
     assert len(whole) == 1 and whole[0]["text_output"] == expected, whole
     assert len(token_ids_of(whole[0]["token_id"])) == 12
+
+
+def test_both_instances_feed_one_decode_process(triton_server):
+    """The session's server runs two instances of generate: the first starts the decode process,
+    the second joins it, so their requests share one batch (and one copy of the model)."""
+    import re
+
+    pids = re.findall(r"generate: .* decoding in process (\d+)", triton_server.triton_log.read_text())
+    assert len(pids) == 2 and len(set(pids)) == 1, pids
