@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--openai-host", default="127.0.0.1",
                         help="address the OpenAI-compatible API binds (default 127.0.0.1); Triton's own ports stay "
                              "on --host, so this can be the only public surface")
+    parser.add_argument("--openai-workers", type=int, metavar="N",
+                        help="worker processes of the OpenAI-compatible API (uvicorn's, sharing the port; default: "
+                             "one per four cores, at most 4)")
     parser.add_argument("--api-key", metavar="KEY",
                         help="require `Authorization: Bearer KEY` on /v1/* (default: the ROTARY_API_KEY "
                              "environment variable; none on loopback)")
@@ -83,6 +86,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.openai_port and missing:
         raise ServerError(f"the OpenAI-compatible API needs {' and '.join(missing)}, not installed here: install the "
                           f"serve extra (pip install -e '.[serve]'), or pass --openai-port 0 to serve Triton's protocols only")
+    if args.openai_workers < 1:
+        raise ServerError(f"--openai-workers must be at least 1, got {args.openai_workers}")
     if args.exit_timeout < 1 or args.start_timeout <= 0:
         raise ServerError("--exit-timeout and --start-timeout must be positive")
     if args.generate_instances is not None and args.generate_instances < 1:
@@ -98,6 +103,10 @@ def _serve(args: argparse.Namespace) -> int:
     args.api_key = args.api_key or os.environ.get("ROTARY_API_KEY") or None
     if args.openai_port is None:
         args.openai_port = args.port + 3
+    if args.openai_workers is None:
+        from runtime.serving.openai_server import default_workers
+
+        args.openai_workers = default_workers()
     _check(args)
     endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
     front: list = []  # the OpenAI-compatible server, once generate is ready
@@ -129,12 +138,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _openai(args: argparse.Namespace, where: dict):
     """Start the OpenAI-compatible API in front of the ready `generate`."""
-    from runtime.serving.openai_api import create_app
-    from runtime.serving.openai_server import OpenAIServer, generate_facts
+    from runtime.serving.openai_server import OpenAIProcess, generate_facts
 
     vocab_size, capacity = generate_facts(where["http"])
-    app = create_app(where["grpc"], args.served_model_name, vocab_size, capacity, args.api_key)
-    return OpenAIServer(app, args.openai_host, args.openai_port, args.exit_timeout).start()
+    settings = {"grpc_url": where["grpc"], "model": args.served_model_name, "vocab_size": vocab_size,
+                "context_length": capacity, "api_key": args.api_key}
+    return OpenAIProcess(settings, args.openai_host, args.openai_port, args.openai_workers, args.exit_timeout).start()
 
 
 def _cuda() -> bool:

@@ -29,6 +29,7 @@ from .clients import grpc_inputs
 
 GENERATE = "generate"
 MAX_STOPS = 4
+SETTINGS_VARIABLE = "ROTARY_OPENAI_SETTINGS"  # the app's settings, for uvicorn's worker processes
 # field -> the values that are supported (anything else is refused, naming the field)
 UNSUPPORTED = {
     "n": lambda value: value in (None, 1),
@@ -249,6 +250,16 @@ def create_app(grpc_url: str, model: str, vocab_size: int, context_length: int |
                               ident, model)
 
     return app
+
+
+def app_from_environment():
+    """The app as each of uvicorn's worker processes builds it (`uvicorn --factory`), from the
+    settings `serve` put in ROTARY_OPENAI_SETTINGS."""
+    import os
+
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    return create_app(settings["grpc_url"], settings["model"], settings["vocab_size"], settings["context_length"],
+                      settings.get("api_key"))
 
 
 def _install_errors_and_key(app, api_key: str | None) -> None:

@@ -73,10 +73,12 @@ def serving_graph(tmp_path_factory, serving_model) -> Path:
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory, serving_graph):
     """One real server for the session: `serve` on serving_graph (ONNX Runtime CPU),
-    with two generate instances, so every server test also covers requests spread over processes."""
+    with two generate instances and two OpenAI API workers, so every server test also covers requests
+    spread over processes."""
     from triton_process import ServeProcess
 
-    server = ServeProcess(serving_graph, tmp_path_factory.mktemp("triton"), ["--generate-instances", "2"])
+    server = ServeProcess(serving_graph, tmp_path_factory.mktemp("triton"),
+                          ["--generate-instances", "2", "--openai-workers", "2"])
     yield server
     if server.process.poll() is None:
         assert server.terminate() == 0, server.log.read_text()[-2000:]

@@ -55,6 +55,7 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     (["--port", "9000", "--grpc-port", "9000"], "--port, --grpc-port, --metrics-port, --openai-port must differ"),
     (["{static}", "--port", "{free}"], "max_prompt_tokens 256 leaves no room for new tokens"),
     (["--checkpoint", "x.pt", "--preset", "tiny"], "give either --checkpoint or --preset, not both"),
+    (["--openai-workers", "0"], "--openai-workers must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_error_line(tiny_static_onnx, tmp_path, capsys, args, message):
     (free,) = free_ports(1)
