@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= build/demo
 
-.PHONY: setup demo test test-gpu clean
+AIPERF_VENV ?= .venv-aiperf
+
+.PHONY: setup demo test test-gpu aiperf bench-outside-client clean
 
 setup: $(VENV)/.installed
 
@@ -34,5 +36,18 @@ test: setup
 test-gpu:
 	python3 -m pytest -q -m gpu tests/gpu
 
+# NVIDIA's aiperf (an OpenAI-protocol benchmark client) in an environment of its own: its many
+# dependencies are pinned apart from the toolkit's.
+aiperf: $(AIPERF_VENV)/.installed
+
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q --disable-pip-version-check aiperf==0.13.0
+	touch $@
+
+# aiperf and loadtest (gRPC and OpenAI) against one CPU `serve` of the tiny preset.
+bench-outside-client: setup aiperf
+	bash scripts/outside_client.sh
+
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(AIPERF_VENV)
