@@ -21,6 +21,7 @@ from torch import Tensor
 from .base import Decoder, DecodingError
 from .sampling import RowSettings, choose
 from .settings import GenerationSettings
+from .transfer import to_device
 
 PREFILL_TOKENS = 512  # default per-step budget of prompt tokens admitted (one prompt always fits)
 
@@ -220,7 +221,7 @@ class Engine:
         """One decoder step over the running rows (in row order)."""
         order = tuple(r.handle for r in stepping)
         if self._batch is None or self._batch[0] != order:
-            rows = torch.tensor([r.row for r in stepping], device=self.decoder.device)
+            rows = to_device([r.row for r in stepping], torch.int64, self.decoder.device)
             self._batch = (order, RowSettings.of([r.settings for r in stepping], [r.produced for r in stepping],
                                                  self.decoder.vocab_size, self.decoder.device), rows)
         _, settings, rows = self._batch  # choose() moves the counters on
@@ -242,7 +243,7 @@ class Engine:
             self._inputs.copy_(ids)
         else:
             if rows is None:
-                rows = torch.tensor([r.row for r in requests], device=self.decoder.device)
+                rows = to_device([r.row for r in requests], torch.int64, self.decoder.device)
             self._inputs.index_copy_(0, rows, ids)
         for request in requests:
             if request.forced is not None and request.produced < len(request.forced):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .settings import GenerationSettings
+from .transfer import to_device
 
 _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -80,12 +81,12 @@ class RowSettings:
         kept = [min(kept_count(s.filter_thres, vocab_size), s.top_k or vocab_size) for s in settings]
         sampled = [k for k, s in zip(kept, settings) if s.temperature > 0]
         nucleus = any(s.top_p < 1.0 for s in settings if s.temperature > 0)
-        return cls(torch.tensor([s.temperature for s in settings], dtype=torch.float32, device=device),
-                   torch.tensor(kept, dtype=torch.int64, device=device),
-                   torch.tensor([seed_key(s.seed) for s in settings], dtype=torch.int64, device=device),
-                   torch.tensor(list(counters), dtype=torch.int64, device=device),
+        return cls(to_device([s.temperature for s in settings], torch.float32, device),
+                   to_device(kept, torch.int64, device),
+                   to_device([seed_key(s.seed) for s in settings], torch.int64, device),
+                   to_device(list(counters), torch.int64, device),
                    max(sampled, default=0),
-                   torch.tensor([s.top_p for s in settings], dtype=torch.float64, device=device) if nucleus else None)
+                   to_device([s.top_p for s in settings], torch.float64, device) if nucleus else None)
 
 
 def choose(logits: Tensor, rows: RowSettings) -> Tensor:

@@ -18,6 +18,7 @@ from ..backends import BackendError
 from ..resources import cache_bytes, require
 from .base import Decoder, DecodingError
 from .static_cache import contiguous_runs, right_pad
+from .transfer import to_device
 
 
 class TorchStaticDecoder(Decoder):
@@ -82,7 +83,7 @@ class TorchStaticDecoder(Decoder):
 
     @torch.inference_mode()
     def _step(self, tokens: Tensor) -> Tensor:
-        active = torch.tensor(self.active, device=self.device)
+        active = to_device(self.active, torch.int64, self.device)
         self.step_ids.index_copy_(0, active, tokens.reshape(-1, 1))
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
@@ -91,7 +92,7 @@ class TorchStaticDecoder(Decoder):
         return logits[:, 0].index_select(0, active)
 
     def _release(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.device)
+        index = to_device(rows, torch.int64, self.device)
         self.row_active.index_fill_(0, index, 0)
         self.positions.index_fill_(0, index, 0)
 
