@@ -270,7 +270,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens-limit", type=int, metavar="N",
                        help="most new tokens a request may ask for (default 256)")
     group.add_argument("--queue", type=int, metavar="N",
-                       help="requests that may wait for a free row; more are refused at once (default 64)")
+                       help="requests that may wait while every row is busy; more are refused at once (default 64; "
+                            "0: only free rows are taken)")
 
 
 def limit_changes(args: argparse.Namespace) -> dict:

@@ -14,19 +14,32 @@ class LimitsError(ToolkitError, ValueError):
     """Limits that are not positive integers, or that the model cannot hold."""
 
 
+FLAGS = {"max_rows": "--max-rows", "max_prompt_tokens": "--max-prompt-tokens",
+         "max_new_tokens": "--max-new-tokens-limit", "max_queue": "--queue"}  # serve's and export-triton's flags
+HIGHEST = {"max_rows": 4096, "max_prompt_tokens": 1 << 20, "max_new_tokens": 1 << 20, "max_queue": 1 << 20,
+           "default_new_tokens": 1 << 20}  # far past any real server; bounds a typo before anything starts
+
+
+def limit_name(field: str) -> str:
+    """How a user set the limit: the flag, with the config parameter it becomes."""
+    return f"{FLAGS[field]} ({field})" if field in FLAGS else field
+
+
 @dataclass(frozen=True)
 class Limits:
     max_rows: int = 8  # requests decoded together (rows of the one decoder)
     max_prompt_tokens: int = 256
     max_new_tokens: int = 256  # the most a request may ask for
-    max_queue: int = 64  # requests waiting for a free row; more are refused
+    max_queue: int = 64  # requests waiting while every row is busy; more are refused (0: no waiting)
     default_new_tokens: int = 64  # for a request that does not say
 
     def __post_init__(self):
         for item in fields(self):
             value = getattr(self, item.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if item.name == "max_queue" else 1):
-                raise LimitsError(f"{item.name} must be a positive integer, got {value!r}")
+            low = 0 if item.name == "max_queue" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= HIGHEST[item.name]:
+                raise LimitsError(f"{limit_name(item.name)} must be an integer from {low} to {HIGHEST[item.name]}, "
+                                  f"got {value!r}")
 
     @property
     def new_tokens_default(self) -> int:
@@ -35,8 +48,8 @@ class Limits:
     def check_capacity(self, capacity: int | None, what: str) -> None:
         """A prompt of max_prompt_tokens must leave room for at least one new token in `capacity`."""
         if capacity is not None and self.max_prompt_tokens >= capacity:
-            raise LimitsError(f"max_prompt_tokens {self.max_prompt_tokens} leaves no room for new tokens in {what}; "
-                              f"lower it below {capacity}")
+            raise LimitsError(f"{limit_name('max_prompt_tokens')} {self.max_prompt_tokens} leaves no room for new "
+                              f"tokens in {what}; lower it below {capacity}")
 
     def to_parameters(self) -> dict[str, str]:
         return {name: str(value) for name, value in asdict(self).items()}

@@ -72,6 +72,7 @@ class Scheduler:
         self._streams: dict[int, Stream] = {}  # request id -> its stream, until its last event
         self._ids = itertools.count()
         self._queued = 0  # requests waiting for a row, as the loop last reported plus those sent since
+        self._running = 0  # rows decoding, as the loop last reported (free rows take requests without a wait)
         self._closing, self._broken = False, None
         self._stopped = threading.Event()
         self.abandoned = 0  # requests failed at shutdown because the drain timed out
@@ -136,9 +137,9 @@ class Scheduler:
                 reason = self._broken
             elif self._closing:
                 reason = "the server is shutting down; retry on another server"
-            elif self._queued >= self.limits.max_queue:
-                reason = (f"the server is busy: {self._queued} requests already wait for a row "
-                          f"(max_queue {self.limits.max_queue}); retry later")
+            elif (waiting := self._queued - max(self.limits.max_rows - self._running, 0)) >= self.limits.max_queue:
+                reason = (f"the server is busy: every row is taken and {waiting} requests already wait "
+                          f"(--queue {self.limits.max_queue}); retry later")
             else:
                 request_id = next(self._ids)
                 self._streams[request_id] = stream
@@ -186,6 +187,7 @@ class Scheduler:
                     self.metrics.step(rows, seconds)
                 with self._send_lock:
                     self._queued = waiting  # requests sent since the loop counted are counted at its next step
+                    self._running = running
                 if publishes:  # one driver publishes the shared batch's gauges
                     self.metrics.rows(running, waiting)
         except (EOFError, OSError):

@@ -28,7 +28,7 @@ def test_writes_a_repository_triton_accepts(tiny_past_onnx, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["missing.onnx", "--output", "{tmp}/r"], "model not found: missing.onnx"),
-    (["{model}", "--output", "{tmp}/r", "--max-rows", "0"], "max_rows must be a positive integer, got 0"),
+    (["{model}", "--output", "{tmp}/r", "--max-rows", "0"], "--max-rows (max_rows) must be an integer from 1 to 4096, got 0"),
     (["{model}", "--output", "{tmp}/r", "--instances", "0"], "--instances must be at least 1"),
     (["{model}", "--output", "{tmp}/no/such/r"], "is not a directory"),
     (["{model}", "--output", "{tmp}/r", "--decoder", "{tmp}/nothing.onnx"], "--decoder"),

@@ -53,9 +53,11 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     (["{tmp}"], "is not a repository written by export-triton"),
     (["--port", "0"], "--port must be a port number 1-65535, got 0"),
     (["--port", "9000", "--grpc-port", "9000"], "--port, --grpc-port, --metrics-port, --openai-port must differ"),
-    (["{static}", "--port", "{free}"], "max_prompt_tokens 256 leaves no room for new tokens"),
+    (["{static}", "--port", "{free}"], "--max-prompt-tokens (max_prompt_tokens) 256 leaves no room for new tokens"),
     (["--checkpoint", "x.pt", "--preset", "tiny"], "give either --checkpoint or --preset, not both"),
     (["--openai-workers", "0"], "--openai-workers must be at least 1, got 0"),
+    (["--preset", "tiny", "--max-rows", "100000000"], "--max-rows (max_rows) must be an integer from 1 to 4096"),
+    (["--preset", "tiny", "--queue", "-1"], "--queue (max_queue) must be an integer from 0 to 1048576, got -1"),
 ])
 def test_bad_input_is_one_error_line(tiny_static_onnx, tmp_path, capsys, args, message):
     (free,) = free_ports(1)

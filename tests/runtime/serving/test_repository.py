@@ -90,7 +90,7 @@ def test_refusals_leave_nothing_behind(tiny_past_onnx, tiny_static_onnx, upstrea
         (tmp_path / "r2", RepositoryOptions(decoder=upstream_past_onnx[0]), RepositoryError,
          "was exported from other weights"),
         (tmp_path / "r3", RepositoryOptions(decoder=tiny_static_onnx), LimitsError,
-         "max_prompt_tokens 256 leaves no room for new tokens in the decoder's 96-token capacity"),
+         r"--max-prompt-tokens \(max_prompt_tokens\) 256 leaves no room for new tokens in the decoder's 96-token capacity"),
     ]
     for output, options, error, message in cases:
         with pytest.raises(error, match=message):

@@ -64,11 +64,11 @@ def test_text_needs_a_byte_vocabulary():
 def test_limits_round_trip_through_parameters_and_refuse_nonsense():
     assert Limits.from_parameters(LIMITS.to_parameters()) == LIMITS
     assert Limits.from_parameters({"max_rows": "3"}).replace(max_queue=0) == Limits(max_rows=3, max_queue=0)
-    with pytest.raises(LimitsError, match="max_rows must be a positive integer, got 0"):
+    with pytest.raises(LimitsError, match="--max-rows .max_rows. must be an integer from 1 to 4096, got 0"):
         Limits(max_rows=0)
     with pytest.raises(LimitsError, match="parameter max_queue must be an integer"):
         Limits.from_parameters({"max_queue": "many"})
-    with pytest.raises(LimitsError, match="max_prompt_tokens 256 leaves no room for new tokens in the cache"):
+    with pytest.raises(LimitsError, match="--max-prompt-tokens .max_prompt_tokens. 256 leaves no room for new tokens in the cache"):
         Limits().check_capacity(96, "the cache")
 
 

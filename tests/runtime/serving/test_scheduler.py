@@ -49,18 +49,22 @@ def test_rows_joining_and_leaving_give_each_request_its_offline_tokens(request, 
     assert scheduler.metrics.tokens_total == sum(len(s.tokens) for s in streams)
 
 
-def test_a_full_queue_refuses_at_once_and_the_rest_are_served(tiny_static_onnx):
-    with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=1, max_queue=2))
-        streams = [FakeStream() for _ in range(3)]
-        for stream in streams:  # not started yet: the first two wait, the third finds the queue full
+@pytest.mark.parametrize("rows, queue", [(1, 2), (2, 0)])
+def test_a_full_queue_refuses_at_once_and_the_rest_are_served(tiny_static_onnx, rows, queue):
+    """A request is refused as busy only when every row is taken and --queue requests wait: the
+    free rows' requests never count against the queue, and --queue 0 means no waiting at all."""
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=rows) as decoder:
+        scheduler = Scheduler(decoder, Limits(max_rows=rows, max_queue=queue))
+        streams = [FakeStream() for _ in range(rows + queue + 1)]
+        for stream in streams:  # not started yet: the free rows' requests, then the queue's, then one too many
             scheduler.submit(typed([1, 2], GenerationSettings(4)), stream)
-        assert streams[2].done.is_set() and "the server is busy: 2 requests already wait" in streams[2].error
+        assert [s.done.is_set() for s in streams] == [False] * (rows + queue) + [True]
+        assert f"the server is busy: every row is taken and {queue} requests already wait" in streams[-1].error
         scheduler.start()
-        wait_all(streams[:2])
+        wait_all(streams[:-1])
         assert scheduler.close(5)
-    assert [len(s.tokens) for s in streams[:2]] == [4, 4]
-    assert scheduler.metrics.requests == {"completed": 2, "cancelled": 0, "rejected": 1, "failed": 0}
+    assert [len(s.tokens) for s in streams[:-1]] == [4] * (rows + queue)
+    assert scheduler.metrics.requests == {"completed": rows + queue, "cancelled": 0, "rejected": 1, "failed": 0}
 
 
 def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx):
