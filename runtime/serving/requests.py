@@ -18,16 +18,18 @@ from .limits import Limits
 # is required. `text_input`, `max_tokens` and `stream` are the names Triton's generate-extension
 # clients send to its vLLM and TensorRT-LLM models: a request that uses `text_input` is answered
 # in `text_output`.
+# Integers are INT64: Triton's HTTP front end wraps a JSON number that overflows an INT32 input
+# (4294967304 arrived as 8), so a 32-bit field could not be checked as the number the client sent.
 INPUTS = {
     "prompt": ("TYPE_STRING", [1], "text prompt, byte-level tokens"),
     "prompt_ids": ("TYPE_INT64", [-1], "prompt token ids"),
     "text_input": ("TYPE_STRING", [1], "text prompt, answered in text_output (Triton's LLM convention)"),
-    "max_new_tokens": ("TYPE_INT32", [1], "tokens to generate"),
-    "max_tokens": ("TYPE_INT32", [1], "tokens to generate (Triton's LLM convention)"),
+    "max_new_tokens": ("TYPE_INT64", [1], "tokens to generate"),
+    "max_tokens": ("TYPE_INT64", [1], "tokens to generate (Triton's LLM convention)"),
     "stream": ("TYPE_BOOL", [1], "false: one response with every token (default true)"),
     "temperature": ("TYPE_FP32", [1], "sampling temperature; <= 0 is greedy"),
     "filter_thres": ("TYPE_FP32", [1], "top-k filter: keep the top (1 - filter_thres) fraction of logits"),
-    "top_k": ("TYPE_INT32", [1], "keep at most this many logits (0: no limit)"),
+    "top_k": ("TYPE_INT64", [1], "keep at most this many logits (0: no limit)"),
     "top_p": ("TYPE_FP32", [1], "nucleus sampling: keep the likeliest tokens up to this probability mass"),
     "seed": ("TYPE_INT64", [1], "sampling seed"),
     "eos_id": ("TYPE_INT64", [1], "stop after this token"),
@@ -66,9 +68,10 @@ def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Lim
                            f"{limits.max_prompt_tokens} (max_prompt_tokens); shorten it")
     if "max_new_tokens" in arrays and "max_tokens" in arrays:
         raise RequestError("give max_new_tokens or max_tokens, not both")
-    new_tokens = _integer(arrays, "max_tokens" if "max_tokens" in arrays else "max_new_tokens", limits.new_tokens_default)
+    length_name = "max_tokens" if "max_tokens" in arrays else "max_new_tokens"  # as the client named it
+    new_tokens = _integer(arrays, length_name, limits.new_tokens_default)
     if not 1 <= new_tokens <= limits.max_new_tokens:
-        raise RequestError(f"max_new_tokens must be between 1 and this server's limit of {limits.max_new_tokens}, "
+        raise RequestError(f"{length_name} must be between 1 and this server's limit of {limits.max_new_tokens}, "
                            f"got {new_tokens}")
     if capacity is not None and len(prompt) + new_tokens > capacity:
         raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens {new_tokens} is over the model's "

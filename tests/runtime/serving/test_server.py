@@ -81,6 +81,9 @@ MALFORMED = [
      f"max_new_tokens must be between 1 and this server's limit of {MAX_NEW}"),
     ({"prompt_ids": list(range(MAX_PROMPT + 1))},
      f"the prompt has {MAX_PROMPT + 1} tokens, over this server's limit of {MAX_PROMPT}"),
+    ({"prompt_ids": [1], "max_new_tokens": 4294967304},  # 2**32 + 8: an INT32 input wrapped it to 8
+     f"max_new_tokens must be between 1 and this server's limit of {MAX_NEW}"),
+    ({"prompt_ids": [1], "max_tokens": 4294967304}, f"max_tokens must be between 1 and this server's limit"),
     ({"prompt_ids": [1], "max_new_tokens": "many"}, "Unable to parse"),  # wrong type: Triton's own check
     ({"prompt_ids": [1], "temperature": [1.0, 2.0]}, "can not convert input 'temperature'"),  # Triton: dims [1]
     ({"max_new_tokens": 3}, "give exactly one of prompt (text) or prompt_ids"),
