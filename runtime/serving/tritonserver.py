@@ -22,6 +22,9 @@ from pathlib import Path
 
 from models.errors import ToolkitError
 
+# The APIs that change the server's state (load and unload models, the log level, tracing, shared-
+# memory regions) take the key only `serve` holds; health, metadata, inference and statistics are open.
+RESTRICTED_APIS = "model-repository,logging,trace,shared-memory"
 SYS_PATH_VARIABLE = "ROTARY_SERVE_SYS_PATH"  # the stub ignores PYTHONPATH; model_entry reads this instead
 TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding models/, export/, runtime/
 RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answers only requests carrying it
@@ -106,8 +109,8 @@ class TritonServer:
                    f"--http-address={e.host}", f"--http-port={e.http}", f"--grpc-address={e.host}",
                    f"--grpc-port={e.grpc}", f"--metrics-address={e.host}", f"--metrics-port={e.metrics}",
                    f"--exit-timeout-secs={exit_timeout}",
-                   f"--http-restricted-api=model-repository:{RESTRICTED_HEADER}={self.key}",
-                   f"--grpc-restricted-protocol=model-repository:{RESTRICTED_HEADER}={self.key}"]
+                   f"--http-restricted-api={RESTRICTED_APIS}:{RESTRICTED_HEADER}={self.key}",
+                   f"--grpc-restricted-protocol={RESTRICTED_APIS}:{RESTRICTED_HEADER}={self.key}"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=server_environment(root), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

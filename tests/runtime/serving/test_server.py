@@ -288,11 +288,37 @@ def test_streamed_text_joins_to_the_offline_text_character_for_character(triton_
     assert len(pieces) <= len(tokens)  # one piece per response, which carries one token or more
 
 
-def test_the_repository_api_is_closed_to_clients(triton_server):
-    request = urllib.request.Request(triton_server.url + "/v2/repository/models/generate/unload", method="POST")
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v2/repository/models/generate/unload", None),
+    ("POST", "/v2/logging", {"log_verbose_level": 1}),
+    ("GET", "/v2/logging", None),
+    ("POST", "/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
+    ("POST", "/v2/systemsharedmemory/region/r/register", {"key": "/r", "offset": 0, "byte_size": 64}),
+    ("POST", "/v2/cudasharedmemory/region/r/unregister", None),
+])
+def test_the_apis_that_change_the_server_are_closed_to_clients(triton_server, method, path, body):
+    """Only `serve` holds the key to the repository, logging, trace and shared-memory APIs: over
+    HTTP and over gRPC, a client without it is refused (403 / PERMISSION_DENIED) and nothing changes."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(triton_server.url + path, data=data, method=method)
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 403
+
+
+def test_grpc_control_calls_are_refused_without_the_key(triton_server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        for call in (lambda: client.update_log_settings({"log_verbose_level": 1}), client.get_log_settings,
+                     lambda: client.unload_model("generate"), client.get_trace_settings):
+            with pytest.raises(InferenceServerException, match="(?i)permission|restricted|denied"):
+                call()
+        assert client.is_model_ready("generate")
+    finally:
+        client.close()
 
 
 def test_tritons_llm_clients_send_text_input_and_read_text_output(triton_server, offline_tokens, serving_graph):
