@@ -45,16 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_gzip_tar(path: Path) -> bool:
+    """Triton's python backend unpacks EXECUTION_ENV_PATH as a gzip'd tar: check the first member."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            return archive.next() is not None
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
 def _export(args: argparse.Namespace) -> int:
     from runtime.serving.limits import Limits
     from runtime.serving.repository import RepositoryError, RepositoryOptions, export_repository
 
     log = log_to(args.json == "-")
-    for flag, value, low in (("--instances", args.instances, 1), ("--generate-instances", args.generate_instances, 1),
-                             ("--max-batch-size", args.max_batch_size, 0),
-                             ("--queue-delay-us", args.queue_delay_us, 0)):
-        if value is not None and value < low:
-            raise RepositoryError(f"{flag} must be at least {low}, got {value}")
+    int32 = 2**31 - 1  # what Triton's model config schema holds
+    for flag, value, low, high in (("--instances", args.instances, 1, 1024),
+                                   ("--generate-instances", args.generate_instances, 1, 1024),
+                                   ("--max-batch-size", args.max_batch_size, 0, int32),
+                                   ("--queue-delay-us", args.queue_delay_us, 0, int32)):
+        if value is not None and not low <= value <= high:
+            raise RepositoryError(f"{flag} must be from {low} to {high}, got {value}")
     if not Path(args.model).is_file():
         raise RepositoryError(f"model not found: {args.model}; pass an .onnx graph or an engine")
     options = RepositoryOptions(args.name, args.kind, args.instances, args.max_batch_size, args.queue_delay_us,
@@ -64,6 +77,9 @@ def _export(args: argparse.Namespace) -> int:
     for flag, path in (("--decoder", options.decoder), ("--python-env", options.python_env)):
         if path is not None and not path.is_file():
             raise RepositoryError(f"{flag} {path} not found")
+    if options.python_env is not None and not _is_gzip_tar(options.python_env):
+        raise RepositoryError(f"--python-env {options.python_env} is not a .tar.gz archive; make one with "
+                              "conda-pack (conda pack -o env.tar.gz)")
     report = export_repository(args.model, args.output, options)
     log(f"export-triton: wrote {report['repository']}: {args.name} ({report['models'][args.name]}, max_batch_size "
         f"{report['max_batch_size']}) and generate (decoupled, decodes {report['decoder_model']})")

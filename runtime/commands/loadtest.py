@@ -73,6 +73,14 @@ def _loadtest(args: argparse.Namespace) -> int:
     from runtime.serving.loadtest import Workload, plot_levels, run_level
     from runtime.serving.metrics import PUBLISH_S
 
+    import math
+    from urllib.parse import urlsplit
+
+    for flag, url in (("--url", args.url), ("--openai-url", args.openai_url)):
+        if url is not None and urlsplit(url).scheme not in ("http", "https"):
+            raise ToolkitError(f"{flag} must be an http:// or https:// address, got {url!r}")
+    if not math.isfinite(args.timeout):
+        raise ToolkitError(f"--timeout must be a finite number of seconds, got {args.timeout}")
     if (args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0
             or args.workers < 1 or (args.requests_per_client is not None and args.requests_per_client < 1)):
         raise ToolkitError("--requests, --requests-per-client, --workers, --max-prompt-tokens, --max-new-tokens "

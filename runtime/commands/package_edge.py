@@ -46,6 +46,14 @@ def _package(args: argparse.Namespace) -> int:
     from runtime.edge.budget import GIB
     from runtime.edge.package import package_edge
 
+    import math
+
+    from runtime.edge.targets import EdgeError
+
+    if args.workspace is not None and not 1 <= args.workspace <= 1 << 20:
+        raise EdgeError(f"--workspace must be from 1 to {1 << 20} MiB, got {args.workspace}")
+    if args.usable_gib is not None and not (math.isfinite(args.usable_gib) and args.usable_gib > 0):
+        raise EdgeError(f"--usable-gib must be a positive number of GiB, got {args.usable_gib}")
     log = log_to(args.json == "-")
     flags = {"batch": args.batch, "sequence": args.seq, "past_sequence": args.past}
     plan = package_edge(args.model, args.target, args.jetpack, args.output, flags, args.workspace, args.usable_gib)

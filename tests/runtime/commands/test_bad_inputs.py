@@ -18,7 +18,8 @@ import torch
 from onnx import TensorProto, helper
 
 COMMANDS = {"export-model": "export_model", "check-parity": "check_parity", "generate": "generate",
-            "benchmark": "benchmark", "build-engine": "build_engine"}
+            "benchmark": "benchmark", "build-engine": "build_engine", "export-triton": "export_triton",
+            "package-edge": "package_edge", "loadtest": "loadtest"}
 
 
 def read_only_folder() -> str | None:
@@ -156,6 +157,25 @@ MATRIX = [
      ["sizes must be at least 1"], 2),
     ("build-engine", ["{root}/model.onnx", "--workspace", "0"], ["argument --workspace"], 2),
     ("build-engine", ["{root}/model.onnx", "-o", "{readonly}/e.engine"], ["cannot write --output"], 2),
+    # export-triton (serve has its own matrix in test_serve_command.py)
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--max-batch-size", "1000000000000"],
+     ["--max-batch-size must be from 0 to 2147483647, got 1000000000000"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--queue-delay-us", "-1"],
+     ["--queue-delay-us must be from 0 to 2147483647"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--python-env", "{root}/model.onnx"],
+     ["--python-env", "is not a .tar.gz archive"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--queue", "-1"],
+     ["--queue (max_queue) must be an integer from 0"], 2),
+    # package-edge
+    *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
+                        "--workspace", value], ["--workspace must be from 1 to 1048576 MiB"], 2) for value in ("-1", "0")],
+    *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
+                        "--usable-gib", value], ["--usable-gib must be a positive number of GiB"], 2)
+      for value in ("nan", "inf", "-2")],
+    # loadtest (refused before it contacts any server)
+    ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["--url must be an http:// or https:// address"], 2),
+    *[("loadtest", ["--url", "http://127.0.0.1:9", "--timeout", value], ["--timeout must be a finite number"], 2)
+      for value in ("nan", "inf")],
 ]
 
 

@@ -12,9 +12,14 @@ from runtime.commands.export_triton import main
 
 
 def test_writes_a_repository_triton_accepts(tiny_past_onnx, tmp_path, capsys):
-    report = tmp_path / "report.json"
+    import tarfile
+
+    report, environment = tmp_path / "report.json", tmp_path / "env.tar.gz"
+    with tarfile.open(environment, "w:gz") as archive:  # a conda-pack archive in shape
+        archive.add(tiny_past_onnx, arcname="bin/python")
     code = main([str(tiny_past_onnx), "--output", str(tmp_path / "repo"), "--name", "tiny", "--kind", "cpu",
-                 "--max-rows", "4", "--max-prompt-tokens", "100", "--queue", "8", "--json", str(report)])
+                 "--max-rows", "4", "--max-prompt-tokens", "100", "--queue", "8", "--python-env", str(environment),
+                 "--json", str(report)])
     assert code == 0, capsys.readouterr().err
     data = json.loads(report.read_text())
     assert data["models"] == {"tiny": "onnxruntime_onnx", "generate": "python (decoupled)"}
@@ -23,13 +28,14 @@ def test_writes_a_repository_triton_accepts(tiny_past_onnx, tmp_path, capsys):
         config = text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(),
                                    model_config_pb2.ModelConfig())
         assert config.name == name
+    assert (tmp_path / "repo" / "generate" / "python-env.tar.gz").read_bytes() == environment.read_bytes()
     assert "wrote" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
     (["missing.onnx", "--output", "{tmp}/r"], "model not found: missing.onnx"),
     (["{model}", "--output", "{tmp}/r", "--max-rows", "0"], "--max-rows (max_rows) must be an integer from 1 to 4096, got 0"),
-    (["{model}", "--output", "{tmp}/r", "--instances", "0"], "--instances must be at least 1"),
+    (["{model}", "--output", "{tmp}/r", "--instances", "0"], "--instances must be from 1 to 1024, got 0"),
     (["{model}", "--output", "{tmp}/no/such/r"], "is not a directory"),
     (["{model}", "--output", "{tmp}/r", "--decoder", "{tmp}/nothing.onnx"], "--decoder"),
 ])
