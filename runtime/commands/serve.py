@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long in-flight requests may still run (default 30)")
     parser.add_argument("--start-timeout", type=float, default=300.0, metavar="S",
                         help="how long starting the server and loading the model may take (default 300)")
-    parser.add_argument("--log", metavar="PATH", help="tritonserver's log (default: a temporary file)")
+    parser.add_argument("--log", metavar="PATH", help="tritonserver's log (default: a temporary file, removed after a clean stop and kept "
+                             "when serve fails, which its error names)")
     parser.add_argument("--json", metavar="PATH", help="write the endpoints as JSON once the model is ready")
     return parser
 
@@ -97,7 +98,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from runtime.serving.service import repository_for, run_server
     from runtime.serving.tritonserver import Endpoints
 
     args.api_key = args.api_key or os.environ.get("ROTARY_API_KEY") or None
@@ -113,6 +113,25 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    log = Path(args.log) if args.log else None
+    if log is None:  # outside the work folder: an error that names it must find it after serve exits
+        handle, name = tempfile.mkstemp(prefix="rotary-tritonserver-", suffix=".log")
+        os.close(handle)
+        log = Path(name)
+    clean = False
+    try:
+        _serve_on(args, endpoints, front, stop, log)
+        clean = True
+    finally:
+        if not args.log and (clean or not log.stat().st_size):  # kept only when it explains a failure
+            log.unlink(missing_ok=True)
+    _say("serve: stopped")
+    return 0
+
+
+def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.Event, log: Path) -> None:
+    from runtime.serving.service import repository_for, run_server
+
     with tempfile.TemporaryDirectory(prefix="rotary-serve-") as work:
         precision = args.dtype or ("fp16" if _cuda() else "fp32")
         repository, override = repository_for(args.model, Path(work), limit_changes(args), args.device,
@@ -130,10 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
                 write_json(args.json, {"ready": True, **where, "repository": str(repository)})
 
         run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout, args.start_timeout,
-                   Path(args.log) if args.log else None,
-                   before_stop=lambda: [server.stop(args.exit_timeout) for server in front])
-    _say("serve: stopped")
-    return 0
+                   log, before_stop=lambda graceful: [server.stop(args.exit_timeout if graceful else 0) for server in front])
 
 
 def _openai(args: argparse.Namespace, where: dict):

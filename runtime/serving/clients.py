@@ -144,6 +144,11 @@ def http_generate(url: str, request: dict, timeout: float, stop_after: int | Non
                 on_token(len(result.tokens))
             if stop_after is not None and len(result.tokens) >= stop_after:
                 break
+        else:
+            asked = request.get("max_new_tokens", request.get("max_tokens"))
+            if result.error is None and "eos_id" not in request and asked and len(result.tokens) < asked:
+                # without an eos_id the server sends every token asked for: the server went away
+                result.error = f"the stream ended after {len(result.tokens)} of {asked} tokens"
     except (OSError, http.client.HTTPException, ValueError) as error:
         result.error = f"{type(error).__name__}: {error}"
     finally:

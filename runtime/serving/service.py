@@ -63,19 +63,24 @@ def generate_override(repository: Path, limits: dict, device: str | None, instan
 
 def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: dict | None, stop: threading.Event,
                on_ready: Callable[[], None], exit_timeout: int, start_timeout: float, log_path: Path | None,
-               before_stop: Callable[[], None] = lambda: None) -> int:
-    """Serve until `stop` is set (or the server dies); returns tritonserver's exit code. `before_stop`
-    runs first at shutdown (the OpenAI front end finishes its open streams)."""
+               before_stop: Callable[[bool], None] = lambda graceful: None) -> int:
+    """Serve until `stop` is set (or the server or one of its model processes dies); returns
+    tritonserver's exit code. `before_stop(graceful)` runs first at shutdown (the OpenAI front end
+    finishes its open streams); after a failure nothing waits for a drain that cannot come."""
     server = TritonServer(repository, endpoints, workdir, exit_timeout, log_path)
+    graceful = False
     try:
         server.wait_live(min(start_timeout, 60.0))
         server.load(GENERATE, override, start_timeout)
+        processes = server.model_processes()
         on_ready()
         while not stop.wait(0.2):
             server.check_running()
+            server.check_model_processes(processes)
+        graceful = True
     finally:
-        before_stop()
-        code = server.stop()
+        before_stop(graceful)
+        code = server.stop(graceful)
     if code != 0:
         raise ToolkitError(f"tritonserver did not stop cleanly (exit code {code}); see {server.log_path}")
     return code

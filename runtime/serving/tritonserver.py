@@ -49,7 +49,7 @@ class Endpoints:
     def describe(self) -> dict:
         return {"http": self.url, "grpc": f"{_url_host(self.host)}:{self.grpc}",
                 "metrics": f"http://{_url_host(self.host)}:{self.metrics}/metrics",
-                "health": f"{self.url}/v2/health/ready"}
+                "health": f"{self.url}/v2/models/generate/ready"}  # ready means servable: generate is loaded
 
 
 def _url_host(host: str) -> str:
@@ -148,23 +148,62 @@ class TritonServer:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def model_processes(self) -> dict[int, str]:
+        """The server's model processes now: the python-backend stubs and what they started (the
+        decode process), two levels below tritonserver."""
+        return processes_below(self.process.pid, depth=2)
+
+    def check_model_processes(self, expected: dict[int, str]) -> None:
+        """A model process that died (killed, crashed, out of memory) leaves its requests hanging and
+        Triton still reporting ready: fail, so serve stops and a supervisor restarts it."""
+        alive = processes_below(self.process.pid, depth=2)
+        for pid, name in expected.items():
+            if pid not in alive:
+                raise ServerError(f"a model process of the server died ({name}, pid {pid}); serve stopped so that "
+                                  f"its supervisor can restart it; see {self.log_path}")
+
     def check_running(self) -> None:
         if not self.running():
             raise ServerError(f"tritonserver exited with code {self.process.returncode} "
                               f"({_last_error(self.log_path)}); see {self.log_path}")
 
-    def stop(self) -> int | None:
-        """SIGTERM, wait for Triton's drain and unload, then kill whatever of its group is left.
-        Returns tritonserver's exit code (None if it had to be killed)."""
-        if self.running():
+    def stop(self, graceful: bool = True) -> int | None:
+        """SIGTERM, wait for Triton's drain and unload, then kill whatever of its group is left (at
+        once when not `graceful`). Returns tritonserver's exit code (None if it had to be killed)."""
+        code = None
+        if graceful and self.running():
             self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(self.exit_timeout + 15)
-        except subprocess.TimeoutExpired:
-            code = None
+            try:
+                code = self.process.wait(self.exit_timeout + 15)
+            except subprocess.TimeoutExpired:
+                pass
         _kill_group(self.process.pid)
         self.process.wait()
         return code
+
+
+def processes_below(pid: int, depth: int) -> dict[int, str]:
+    """Live processes up to `depth` levels below `pid`, with their names (Linux /proc)."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(") ", 1)
+            state, parent = rest.split()[:2]
+        except (OSError, ValueError, IndexError):
+            continue
+        if state != "Z":  # a zombie has died
+            children.setdefault(int(parent), []).append((int(entry.name), name))
+    found, level = {}, [pid]
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            for child, name in children.get(parent, []):
+                found[child] = name
+                below.append(child)
+        level = below
+    return found
 
 
 def _kill_group(pgid: int) -> None:

@@ -119,3 +119,48 @@ def test_sigterm_lets_an_open_openai_stream_finish(serving_graph, tmp_path):
     assert code == 0, server.log.read_text()[-2000:]
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == STREAM
     assert "serve: stopped" in server.log.read_text() and server.leftovers() == ([], [])
+
+
+@pytest.mark.parametrize("victim", ["triton_python_b", "python"])
+def test_a_model_process_that_dies_stops_serve_with_an_error(serving_graph, tmp_path, victim):
+    """SIGKILL a python-backend stub (comm `triton_python_backend_stub`, cut to 15 characters) or
+    the decode process it started, mid-stream: the open stream ends in an error within seconds
+    instead of hanging, serve exits non-zero at once (no drain to wait for) with one error line
+    that names a log file that exists, and nothing of the server is left."""
+    import os
+    import re
+    import signal
+    import time
+    from pathlib import Path
+
+    from runtime.serving.tritonserver import processes_below
+
+    server = ServeProcess(serving_graph, tmp_path, ["--log", str(tmp_path / "kept.log")])
+    result, first = {}, threading.Event()
+    try:
+        thread = threading.Thread(target=lambda: result.update(stream=http_generate(
+            server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": STREAM}, 60, on_token=lambda _: first.set())))
+        thread.start()
+        assert first.wait(30), "no token within 30 s"
+        tritonserver = next(pid for pid, name in processes_below(server.process.pid, 1).items() if name == "tritonserver")
+        below = processes_below(tritonserver, 2)
+        targets = [pid for pid, name in below.items() if name.startswith(victim) and (victim != "python" or
+                                                                                       pid not in processes_below(tritonserver, 1))]
+        assert targets, below
+        killed_at = time.monotonic()
+        os.kill(targets[0], signal.SIGKILL)
+        code = server.process.wait(30)
+        stopped_in = time.monotonic() - killed_at
+        thread.join(30)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    output = server.log.read_text()
+    assert code == 2 and stopped_in < 15, output[-2000:]
+    errors = [line for line in output.splitlines() if line.startswith("serve: error:")]
+    assert len(errors) == 1 and "a model process of the server died" in errors[0], output[-2000:]
+    named = re.search(r"see (\S+)$", errors[0]).group(1)
+    assert Path(named).is_file() and Path(named) == tmp_path / "kept.log"
+    stream = result["stream"]  # ended with the server, seconds after the kill, short of what it asked
+    assert not thread.is_alive() and stream.error is not None and len(stream.tokens) < STREAM, stream.error
+    assert server.leftovers() == ([], [])
