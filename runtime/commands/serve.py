@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -97,6 +98,18 @@ def _check(args: argparse.Namespace) -> None:
         raise ServerError(f"--max-cache must be at least 2, got {args.max_cache}")
 
 
+def public_triton_warning(host: str) -> str | None:
+    """What to say when Triton's own ports, which have no authentication, face other machines."""
+    from runtime.serving.openai_server import is_loopback
+
+    if is_loopback(host):
+        return None
+    return (f"serve: warning: --host {host} opens Triton's HTTP, gRPC and metrics ports to other machines, and "
+            "they have no authentication (anyone who reaches them can run inference); keep --host on loopback "
+            "and publish only the OpenAI-compatible API (--openai-host with --api-key), or put an "
+            "authenticating proxy in front")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from runtime.serving.tritonserver import Endpoints
 
@@ -108,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         args.openai_workers = default_workers()
     _check(args)
+    if (warning := public_triton_warning(args.host)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
     front: list = []  # the OpenAI-compatible server, once generate is ready
     stop = threading.Event()

@@ -164,3 +164,10 @@ def test_a_model_process_that_dies_stops_serve_with_an_error(serving_graph, tmp_
     stream = result["stream"]  # ended with the server, seconds after the kill, short of what it asked
     assert not thread.is_alive() and stream.error is not None and len(stream.tokens) < STREAM, stream.error
     assert server.leftovers() == ([], [])
+
+
+def test_a_public_triton_host_is_warned_about():
+    from runtime.commands.serve import public_triton_warning
+
+    assert public_triton_warning("127.0.0.1") is None and public_triton_warning("localhost") is None
+    assert "have no authentication" in public_triton_warning("0.0.0.0")
