@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 
-from .tritonserver import TOOLKIT_ROOT, ServerError
+from .tritonserver import TOOLKIT_ROOT, ServerError, die_with_parent
 
 KEY_VARIABLE = "ROTARY_API_KEY"
 
@@ -59,7 +59,8 @@ class OpenAIProcess:
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self._probe = f"http://{probe_host}:{port}/v1/models"
         self._key, self.graceful_s = settings.get("api_key"), graceful_s
-        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=die_with_parent)
 
     def start(self, timeout: float = READY_S) -> "OpenAIProcess":
         """Wait until the endpoint answers; a port in use or a failed start is one ServerError."""

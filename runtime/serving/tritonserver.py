@@ -114,7 +114,7 @@ class TritonServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=server_environment(root), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=die_with_parent)
 
     def wait_live(self, timeout: float) -> None:
         """Until the HTTP endpoint answers (the server is up, no model loaded yet)."""
@@ -180,6 +180,17 @@ class TritonServer:
         _kill_group(self.process.pid)
         self.process.wait()
         return code
+
+
+def die_with_parent() -> None:
+    """In a child before exec: the kernel sends it SIGKILL when `serve` dies, even by SIGKILL, so no
+    server or front end outlives it (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def processes_below(pid: int, depth: int) -> dict[int, str]:

@@ -119,4 +119,4 @@ class ServeProcess:
     def leftovers(self) -> tuple[list[int], list[int]]:
         """(processes of this server still running, its ports still bound)."""
         return ([pid for pid in self.tree | {self.process.pid} if alive(pid)],
-                [port for port in (self.http, self.grpc, self.metrics) if not port_is_free(port)])
+                [port for port in (self.http, self.grpc, self.metrics, self.openai) if not port_is_free(port)])

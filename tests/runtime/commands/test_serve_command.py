@@ -171,3 +171,20 @@ def test_a_public_triton_host_is_warned_about():
 
     assert public_triton_warning("127.0.0.1") is None and public_triton_warning("localhost") is None
     assert "have no authentication" in public_triton_warning("0.0.0.0")
+
+
+def test_a_killed_serve_leaves_no_process_and_no_port(serving_graph, tmp_path):
+    """SIGKILL gives serve no chance to clean up: the kernel ends tritonserver and the OpenAI front
+    end with it (PR_SET_PDEATHSIG), the stubs and the decode process follow their parents."""
+    import signal
+    import time
+
+    server = ServeProcess(serving_graph, tmp_path)
+    tree = server.tree
+    assert len(tree) >= 4, tree  # tritonserver, a stub, the decode process, the front end
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+    deadline = time.monotonic() + 20
+    while server.leftovers() != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.leftovers() == ([], [])
