@@ -31,7 +31,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# On the accelerator, after staging the GPU wheels (see README).
+# On the accelerator, after staging the GPU wheels (see docs/gpu-verification.md).
 # The GPU tests live in tests/gpu: collecting only them needs none of the serving wheels.
 test-gpu:
 	python3 -m pytest -q -m gpu tests/gpu

@@ -120,7 +120,7 @@ def numpy_dtype(name: str) -> np.dtype:
 # fp16 0.020, fp16-int8 0.030, fp16-int4-b32 0.022 against their fake-quantized weights.
 # Random token ids, which that trained model never saw, push its half-precision error far higher
 # in a few cases (fp16 0.066, bf16 0.61 on a key at 1x513; PyTorch's own half precision does the
-# same): such a model is judged by --generate on text (README, check-parity).
+# same): such a model is judged by --generate on text (docs/parity.md).
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "float32", torch.float32, 1, 4, 4, Tolerance(1e-4, 2e-5, 0.99999, 0.99), "FLOAT",
               tensor_cores=False, static_cache=True),

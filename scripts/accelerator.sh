@@ -3,7 +3,7 @@
 #   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
-# Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see README).
+# Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see docs/gpu-verification.md).
 # Results record the commit they ran (runtime/provenance.py). The GPU machine gets a copy of the
 # working tree whose .git may hold an older commit, so make an archive of the commit to run first,
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
@@ -22,7 +22,7 @@ work=${WORK:-/tmp/rotary-work}
 results="$work/results-$part"
 mkdir -p "$out" "$work" "$results"
 [ -f /tmp/gpu/env.sh ] && source /tmp/gpu/env.sh
-# The serve wheels (GPU_EXTRA_WHEELS, see README) bring numpy 1.26 for Triton's python backend:
+# The serve wheels (GPU_EXTRA_WHEELS, see docs/gpu-verification.md) bring numpy 1.26 for Triton's python backend:
 # keep it out of everything else's path, in its own folder that only `serve` puts first.
 np1=/tmp/gpu/numpy1
 if ls -d /tmp/gpu/site/numpy-1.* > /dev/null 2>&1; then

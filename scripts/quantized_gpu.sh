@@ -11,7 +11,7 @@
 #            prompts in $OUT/prompts.json; later parts then export and judge that checkpoint
 # `all` runs export to summary in order (about 8 minutes on an H100). The reference is the float32 PyTorch
 # model that check-parity rebuilds from the preset recorded in each graph, or $CHECKPOINT when set.
-# Needs the GPU wheels staged (see README). PRESET, SCHEMES, BACKEND, BENCH_BACKEND, CHECKPOINT, GENERATE
+# Needs the GPU wheels staged (see docs/gpu-verification.md). PRESET, SCHEMES, BACKEND, BENCH_BACKEND, CHECKPOINT, GENERATE
 # and TRAIN_ARGS change what runs (e.g. a CPU dry run: PRESET=tiny BACKEND=onnxruntime
 # BENCH_BACKEND=onnxruntime-static). With prompts.json present, --generate uses those texts as prompts.
 set -uo pipefail

@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "it (onnxruntime_onnx for a graph, tensorrt_plan for an engine, one instance group per "
                     "optimization profile), with dynamic batching, and a decoupled python-backend model "
                     "`generate` that streams one response per token from the toolkit's decoder with in-flight "
-                    "batching. Run it with `serve REPO` or in NVIDIA's Triton container (see README).",
+                    "batching. Run it with `serve REPO` or in NVIDIA's Triton container (see docs/deployment.md).",
     )
     parser.add_argument("model", metavar="MODEL", help="an .onnx graph from export-model, or an .engine/.plan from "
                                                        "build-engine (its .json sidecar beside it)")
