@@ -47,11 +47,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, metavar="P",
                         help="spread the clients over P processes, so one Python process receiving every "
                              "response does not cap the rate (default 1)")
+    parser.add_argument("--wait", type=float, default=30.0, metavar="S",
+                        help="wait up to S seconds for the generate model to be ready (a server still loading it); "
+                             "0: do not wait (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per request (default 120)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (`errors`: failed requests)")
     parser.add_argument("--plot", metavar="PNG", help="chart latency against concurrency")
     return parser
+
+
+def wait_until_ready(url: str, seconds: float) -> None:
+    """Until the generate model answers ready at `url`, at most `seconds`; then say what is wrong."""
+    from runtime.serving.clients import split_url
+    from runtime.serving.repository import GENERATE
+
+    host, port = split_url(url, 8000)
+    deadline, answered = time.monotonic() + seconds, False
+    while True:
+        connection = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            connection.request("GET", f"/v2/models/{GENERATE}/ready")
+            status = connection.getresponse().status
+            answered = True
+            if status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            connection.close()
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    if answered:
+        raise ToolkitError(f"the server at {url} answers but its {GENERATE} model is not ready after {seconds:g} s; "
+                           "wait for serve's 'generate ready' line, or raise --wait")
+    raise ToolkitError(f"no server answers at {url} after {seconds:g} s; start one with serve")
 
 
 def server_limits(url: str) -> dict[str, int]:
@@ -85,7 +116,10 @@ def _loadtest(args: argparse.Namespace) -> int:
             or args.workers < 1 or (args.requests_per_client is not None and args.requests_per_client < 1)):
         raise ToolkitError("--requests, --requests-per-client, --workers, --max-prompt-tokens, --max-new-tokens "
                            "and --timeout must be positive")
+    if not (math.isfinite(args.wait) and args.wait >= 0):
+        raise ToolkitError(f"--wait must be a number of seconds, 0 or more, got {args.wait}")
     log = log_to(False)
+    wait_until_ready(args.url, args.wait)
     limits = server_limits(args.url)
     prompt = min(args.max_prompt_tokens, limits.get("max_prompt_tokens", args.max_prompt_tokens))
     new = min(args.max_new_tokens, limits.get("max_new_tokens", args.max_new_tokens))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -60,7 +61,31 @@ def test_clients_spread_over_worker_processes_give_the_tokens_of_one_process(tri
     assert all(level["errors"] == 0 for level in spread)
 
 
-def test_no_server_is_one_error_line(capsys):
+def test_no_server_is_one_error_line_after_the_bounded_wait(capsys):
+    import time
+
     (port,) = free_ports(1)
-    assert main(["--url", f"http://127.0.0.1:{port}", "--requests", "1"]) == 2
-    assert_one_line_error(capsys, "loadtest", f"no Triton server with a loaded generate model answers at http://127.0.0.1:{port}")
+    started = time.monotonic()
+    assert main(["--url", f"http://127.0.0.1:{port}", "--requests", "1", "--wait", "0.5"]) == 2
+    assert 0.5 <= time.monotonic() - started < 10
+    assert_one_line_error(capsys, "loadtest", f"no server answers at http://127.0.0.1:{port} after 0.5 s; start one with serve")
+
+
+def test_a_server_whose_generate_is_not_ready_is_named(capsys):
+    """A server that answers HTTP but not with a ready generate (here: a bare HTTP server that
+    answers 501 to everything) is told apart from no server at all."""
+    import http.server
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["--url", url, "--requests", "1", "--wait", "0.3"]) == 2
+    finally:
+        server.shutdown()
+    assert_one_line_error(capsys, "loadtest", f"the server at {url} answers but its generate model is not ready after 0.3 s")
