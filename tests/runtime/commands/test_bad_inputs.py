@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 COMMANDS = {"export-model": "export_model", "check-parity": "check_parity", "generate": "generate",
             "benchmark": "benchmark", "build-engine": "build_engine", "export-triton": "export_triton",
-            "package-edge": "package_edge", "loadtest": "loadtest"}
+            "package-edge": "package_edge", "loadtest": "loadtest", "serve": "serve"}
 
 
 def read_only_folder() -> str | None:
@@ -172,6 +172,12 @@ MATRIX = [
     *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
                         "--usable-gib", value], ["--usable-gib must be a positive number of GiB"], 2)
       for value in ("nan", "inf", "-2")],
+    # serve (refused before tritonserver starts; more in test_serve_command.py)
+    ("serve", ["{root}/static.onnx", "--max-rows", "100000000"], ["--max-rows (max_rows) must be an integer from 1 to 4096"], 2),
+    ("serve", ["{root}/static.onnx", "--queue", "-1"], ["--queue (max_queue) must be an integer from 0"], 2),
+    ("serve", ["{root}/static.onnx", "--openai-workers", "0"], ["--openai-workers must be at least 1"], 2),
+    ("serve", ["{root}/static.onnx", "--port", "70000"], ["--port must be a port number 1-65535"], 2),
+    ("serve", ["{root}/missing.onnx"], ["model not found"], 2),
     # loadtest (refused before it contacts any server)
     ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["--url must be an http:// or https:// address"], 2),
     *[("loadtest", ["--url", "http://127.0.0.1:9", "--timeout", value], ["--timeout must be a finite number"], 2)
