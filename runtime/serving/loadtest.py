@@ -47,22 +47,20 @@ def run_level(requests: list[dict], concurrency: int, client: tuple, timeout: fl
         results, seconds = _in_processes(requests, concurrency, client, timeout, workers)
         return summarize(results, concurrency, seconds)
     started = time.perf_counter()
-    results = _in_threads(requests, list(range(len(requests))), concurrency, lambda: make_client(client), timeout)
-    return summarize(results, concurrency, time.perf_counter() - started)
+    done = _in_threads(requests, _cursor(len(requests)), concurrency, lambda: make_client(client), timeout)
+    return summarize([done.get(i) for i in range(len(requests))], concurrency, time.perf_counter() - started)
 
 
-def _in_threads(requests: list[dict], indices: list[int], concurrency: int, client: Callable[[], "Client"],
-                timeout: float) -> list[StreamResult | None]:
-    results: list[StreamResult | None] = [None] * len(requests)
-    cursor = iter(indices)
-    lock = threading.Lock()
+def _in_threads(requests: list[dict], take: Callable[[], int | None], concurrency: int, client: Callable[[], "Client"],
+                timeout: float) -> dict[int, StreamResult]:
+    """`concurrency` threads that each run `take()`'s next request until it returns None."""
+    results: dict[int, StreamResult] = {}
 
     def worker() -> None:
         session = client()
         try:
             while True:
-                with lock:
-                    index = next(cursor, None)
+                index = take()
                 if index is None:
                     return
                 try:
@@ -76,8 +74,29 @@ def _in_threads(requests: list[dict], indices: list[int], concurrency: int, clie
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout * len(indices) + 10)
+        thread.join(timeout * len(requests) + 10)
     return results
+
+
+def _cursor(count: int, counter=None) -> Callable[[], int | None]:
+    """The next request's index, 0..count-1, then None; `counter` (a multiprocessing Value) shares
+    one sequence between processes, so every client takes the next request wherever it runs and
+    no process runs out while another still has a queue (a level ends with its last requests only)."""
+    if counter is None:
+        lock, box = threading.Lock(), [0]
+
+        def take() -> int | None:
+            with lock:
+                index, box[0] = box[0], box[0] + 1
+            return index if index < count else None
+        return take
+
+    def take_shared() -> int | None:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        return index if index < count else None
+    return take_shared
 
 
 def make_client(spec: tuple) -> "Client":
@@ -88,13 +107,12 @@ def make_client(spec: tuple) -> "Client":
     return GrpcStreamer(address) if kind == "grpc" else HttpClient(address)
 
 
-def _share(requests: list[dict], indices: list[int], threads: int, spec: tuple[str, str], timeout: float,
-           ready, go, out) -> None:
-    """One worker process: its threads and its share of the requests, started together on `go`."""
+def _share(requests: list[dict], counter, threads: int, spec: tuple, timeout: float, ready, go, out) -> None:
+    """One worker process: its threads, taking requests from the shared counter from `go` on."""
     ready.put(True)
     go.wait()
-    results = _in_threads(requests, indices, threads, lambda: make_client(spec), timeout)
-    out.put([(index, results[index]) for index in indices])
+    out.put(list(_in_threads(requests, _cursor(len(requests), counter), threads, lambda: make_client(spec),
+                             timeout).items()))
 
 
 def _in_processes(requests: list[dict], concurrency: int, spec: tuple[str, str], timeout: float,
@@ -102,11 +120,10 @@ def _in_processes(requests: list[dict], concurrency: int, spec: tuple[str, str],
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    ready, go, out = context.Queue(), context.Event(), context.Queue()
+    ready, go, out, counter = context.Queue(), context.Event(), context.Queue(), context.Value("i", 0)
     threads = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
-    shares = [list(range(len(requests)))[i::workers] for i in range(workers)]
-    processes = [context.Process(target=_share, args=(requests, share, count, spec, timeout, ready, go, out),
-                                 daemon=True) for share, count in zip(shares, threads)]
+    processes = [context.Process(target=_share, args=(requests, counter, count, spec, timeout, ready, go, out),
+                                 daemon=True) for count in threads]
     for process in processes:
         process.start()
     for _ in processes:
