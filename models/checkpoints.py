@@ -8,6 +8,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from .config import ConfigError, ModelConfig
 from .errors import ToolkitError
 from .files import atomic_path, sha256_file
 from .rotary import inverse_frequencies
+from .shards import INDEX_NAME, ShardedState, ShardError, is_sharded, write_shards
 from .transformer import Transformer
 
 FORMAT_NAME = "rotary-transformer"
@@ -48,12 +50,44 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata from a safetensors file or a torch.save'd state_dict."""
+def save_checkpoint_shards(model: Transformer, folder: str | os.PathLike, max_shard_bytes: int = 2 << 30) -> Path:
+    """Write weights and config as a folder of safetensors shards with their index (the layout large
+    checkpoints ship in), one shard in memory at a time."""
+    metadata = {"format": FORMAT_NAME, "config": model.config.to_json()}
+    return write_shards(((name, t) for name, t in model.state_dict().items()), folder, metadata, max_shard_bytes)
+
+
+def shard_checkpoint(source: str | os.PathLike, folder: str | os.PathLike, max_shard_bytes: int = 2 << 30) -> Path:
+    """A project .safetensors checkpoint rewritten as shards, tensor by tensor from the memory-mapped
+    source (never the whole model in memory)."""
+    from safetensors import SafetensorError, safe_open
+
+    source = Path(source)
+    try:
+        handle = safe_open(str(source), framework="pt")
+        metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {source}: not a readable .safetensors file ({error})") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{source} is not a checkpoint of this project's format (no {FORMAT_NAME} metadata); "
+                              "load it with load_checkpoint and write it with save_checkpoint_shards")
+    return write_shards(((name, handle.get_tensor(name)) for name in handle.keys()), folder, metadata, max_shard_bytes)
+
+
+def _read_state(path: Path) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata from a safetensors file, a folder of safetensors shards with
+    their index (read lazily), or a torch.save'd state_dict."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_sharded(path):
+        try:
+            state = ShardedState(path)
+        except ShardError as error:
+            raise CheckpointError(str(error)) from None
+        return state, {k: v for k, v in state.metadata.items() if isinstance(v, str)}
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; pass the .safetensors or .pt file")
+        raise CheckpointError(f"checkpoint {path} is a folder without {INDEX_NAME}; pass a .safetensors or .pt "
+                              "file, or a folder of safetensors shards with their index")
     with open(path, "rb") as handle:
         head = handle.read(9)
     if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
@@ -200,13 +234,19 @@ def load_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | N
         raise CheckpointError(
             f"checkpoint {path} does not match its config: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}"
         )
+    weights = {}
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(
                 f"checkpoint {path} does not match its config: {name} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(expected[name].shape)}"
             )
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return LoadedCheckpoint(model=model.eval(), layout=layout, sha256=sha256_file(path))
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"checkpoint {path}: {name} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+                                  "not floating point; is it a weight of this model?")
+        weights[name] = tensor.float()
+    model.load_state_dict(weights)
+    digest = state.sha256() if isinstance(state, ShardedState) else sha256_file(path)
+    return LoadedCheckpoint(model=model.eval(), layout=layout, sha256=digest)
 
 

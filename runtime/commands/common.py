@@ -230,7 +230,8 @@ def add_backend_argument(parser: argparse.ArgumentParser, names: list[str], defa
 def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group(f"model ({what})")
     group.add_argument("--checkpoint", metavar="PATH",
-                       help="weights: this project's .safetensors, or a torch.save'd state_dict of this project "
+                       help="weights: this project's .safetensors (one file, or a folder of shards with "
+                            "model.safetensors.index.json), or a torch.save'd state_dict of this project "
                             "or of native-sparse-attention-pytorch (layout detected from the keys)")
     group.add_argument("--config", metavar="JSON",
                        help="model config fields as inline JSON or a JSON file; overrides the checkpoint's "

@@ -86,7 +86,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="is a directory"):
+    with pytest.raises(CheckpointError, match="is a folder without model.safetensors.index.json"):
         load_checkpoint(tmp_path)
 
 
