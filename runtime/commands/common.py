@@ -179,6 +179,10 @@ def non_negative_float(text: str) -> float:
     return _number(float, text, 0.0)
 
 
+def positive_float(text: str) -> float:
+    return _number(float, text, 0.0, low_open=True)
+
+
 def fraction(text: str) -> float:
     """[0, 1): the top-k filter threshold."""
     return _number(float, text, 0.0, 1.0, high_open=True)

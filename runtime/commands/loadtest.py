@@ -8,11 +8,11 @@ import time
 
 from models.errors import ToolkitError
 
-from .common import int_list, log_to, run_main, write_json
+from .common import ArgumentParser, int_list, log_to, non_negative_float, positive_float, run_main, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="loadtest",
         description="Run N concurrent streaming clients (tritonclient gRPC streams, HTTP generate_stream, or "
                     "serve's OpenAI-compatible /v1/completions) against a server's `generate` with a seeded mix of prompt lengths, output lengths and "
@@ -47,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, metavar="P",
                         help="spread the clients over P processes, so one Python process receiving every "
                              "response does not cap the rate (default 1)")
-    parser.add_argument("--wait", type=float, default=30.0, metavar="S",
+    parser.add_argument("--wait", type=non_negative_float, default=30.0, metavar="S",
                         help="wait up to S seconds for the generate model to be ready (a server still loading it); "
                              "0: do not wait (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per request (default 120)")
+    parser.add_argument("--timeout", type=positive_float, default=120.0, metavar="S", help="per request (default 120)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (`errors`: failed requests)")
     parser.add_argument("--plot", metavar="PNG", help="chart latency against concurrency")
     return parser
@@ -104,20 +104,15 @@ def _loadtest(args: argparse.Namespace) -> int:
     from runtime.serving.loadtest import Workload, plot_levels, run_level
     from runtime.serving.metrics import PUBLISH_S
 
-    import math
     from urllib.parse import urlsplit
 
     for flag, url in (("--url", args.url), ("--openai-url", args.openai_url)):
         if url is not None and urlsplit(url).scheme not in ("http", "https"):
             raise ToolkitError(f"{flag} must be an http:// or https:// address, got {url!r}")
-    if not math.isfinite(args.timeout):
-        raise ToolkitError(f"--timeout must be a finite number of seconds, got {args.timeout}")
     if (args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0
             or args.workers < 1 or (args.requests_per_client is not None and args.requests_per_client < 1)):
         raise ToolkitError("--requests, --requests-per-client, --workers, --max-prompt-tokens, --max-new-tokens "
                            "and --timeout must be positive")
-    if not (math.isfinite(args.wait) and args.wait >= 0):
-        raise ToolkitError(f"--wait must be a number of seconds, 0 or more, got {args.wait}")
     log = log_to(False)
     wait_until_ready(args.url, args.wait)
     limits = server_limits(args.url)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import log_to, run_main, write_json
+from .common import ArgumentParser, log_to, positive_float, run_main, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.edge.targets import JETPACKS, TARGETS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="package-edge",
         description="Check an exported graph for a Jetson board's TensorRT, size its optimisation profile and "
                     "builder workspace to the board's memory, and write a folder to copy there: the graph, "
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cached-length range for graphs with past (default: the graph's, shrunk to fit)")
     parser.add_argument("--workspace", type=int, metavar="MiB",
                         help="builder workspace (default: 1024, halved down to 128 until the budget fits)")
-    parser.add_argument("--usable-gib", type=float, metavar="GiB",
+    parser.add_argument("--usable-gib", type=positive_float, metavar="GiB",
                         help="memory the engine may use on the board (default: the module's memory minus 2.6 GiB "
                              "for carve-outs and a headless OS; measure with free -m)")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
@@ -46,14 +46,10 @@ def _package(args: argparse.Namespace) -> int:
     from runtime.edge.budget import GIB
     from runtime.edge.package import package_edge
 
-    import math
-
     from runtime.edge.targets import EdgeError
 
     if args.workspace is not None and not 1 <= args.workspace <= 1 << 20:
         raise EdgeError(f"--workspace must be from 1 to {1 << 20} MiB, got {args.workspace}")
-    if args.usable_gib is not None and not (math.isfinite(args.usable_gib) and args.usable_gib > 0):
-        raise EdgeError(f"--usable-gib must be a positive number of GiB, got {args.usable_gib}")
     log = log_to(args.json == "-")
     flags = {"batch": args.batch, "sequence": args.seq, "past_sequence": args.past}
     plan = package_edge(args.model, args.target, args.jetpack, args.output, flags, args.workspace, args.usable_gib)

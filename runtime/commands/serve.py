@@ -10,11 +10,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .common import add_limit_arguments, add_model_arguments, limit_changes, model_request, run_main, write_json
+from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, limit_changes, model_request,
+                     positive_float, run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="serve",
         description="Start the Triton Inference Server bundled with nvidia-pytriton on this machine and serve "
                     "`generate`: streaming over HTTP (POST /v2/models/generate/generate_stream, server-sent "
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="without MODEL: graph precision (default fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--exit-timeout", type=int, default=30, metavar="S",
                         help="on SIGTERM, how long in-flight requests may still run (default 30)")
-    parser.add_argument("--start-timeout", type=float, default=300.0, metavar="S",
+    parser.add_argument("--start-timeout", type=positive_float, default=300.0, metavar="S",
                         help="how long starting the server and loading the model may take (default 300)")
     parser.add_argument("--log", metavar="PATH", help="tritonserver's log (default: a temporary file, removed after a clean stop and kept "
                              "when serve fails, which its error names)")

@@ -170,7 +170,7 @@ MATRIX = [
     *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
                         "--workspace", value], ["--workspace must be from 1 to 1048576 MiB"], 2) for value in ("-1", "0")],
     *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
-                        "--usable-gib", value], ["--usable-gib must be a positive number of GiB"], 2)
+                        "--usable-gib", value], ["argument --usable-gib"], 2)
       for value in ("nan", "inf", "-2")],
     # serve (refused before tritonserver starts; more in test_serve_command.py)
     ("serve", ["{root}/static.onnx", "--max-rows", "100000000"], ["--max-rows (max_rows) must be an integer from 1 to 4096"], 2),
@@ -180,8 +180,10 @@ MATRIX = [
     ("serve", ["{root}/missing.onnx"], ["model not found"], 2),
     # loadtest (refused before it contacts any server)
     ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["--url must be an http:// or https:// address"], 2),
-    *[("loadtest", ["--url", "http://127.0.0.1:9", "--timeout", value], ["--timeout must be a finite number"], 2)
-      for value in ("nan", "inf")],
+    *[("loadtest", ["--url", "http://127.0.0.1:9", "--timeout", value], ["argument --timeout"], 2)
+      for value in ("nan", "inf", "0")],
+    ("loadtest", ["--url", "http://127.0.0.1:9", "--wait", "nan"], ["argument --wait"], 2),
+    ("serve", ["{root}/static.onnx", "--start-timeout", "nan"], ["argument --start-timeout"], 2),
 ]
 
 
