@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from .errors import ToolkitError
 
@@ -56,7 +55,6 @@ class WeightScheme:
 class Precision:
     name: str  # the command-line spelling: fp32, fp16, bf16
     dtype: str  # the numpy / metadata spelling of activations and cache: float32, float16, bfloat16
-    torch_dtype: torch.dtype
     onnx_type: int  # onnx.TensorProto data type
     bytes_per_value: int  # activations and key/value cache
     weight_bytes: float  # matrix weights (differs from bytes_per_value only for quantized rows)
@@ -69,6 +67,13 @@ class Precision:
     block_size: int | None = None  # quantized rows: input rows per scale; None: one scale per output channel
     base: str | None = None  # quantized rows: the float row of the activations
     mantissa_bits: int = 23  # of the activations: one unit in the last place is 2**-mantissa_bits of a value
+
+    @property
+    def torch_dtype(self):
+        """torch's dtype of activations and cache (imported here: --help must not load torch)."""
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def ulp(self, value: float) -> float:
         """One unit in the last place of the activations' format at `value` (a rounding step): two
@@ -122,11 +127,11 @@ def numpy_dtype(name: str) -> np.dtype:
 # in a few cases (fp16 0.066, bf16 0.61 on a key at 1x513; PyTorch's own half precision does the
 # same): such a model is judged by --generate on text (docs/parity.md).
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
-    Precision("fp32", "float32", torch.float32, 1, 4, 4, Tolerance(1e-4, 2e-5, 0.99999, 0.99), "FLOAT",
+    Precision("fp32", "float32", 1, 4, 4, Tolerance(1e-4, 2e-5, 0.99999, 0.99), "FLOAT",
               tensor_cores=False, static_cache=True),
-    Precision("fp16", "float16", torch.float16, 10, 2, 2, Tolerance(5e-2, 5e-2, 0.999, 0.99), "HALF",
+    Precision("fp16", "float16", 10, 2, 2, Tolerance(5e-2, 5e-2, 0.999, 0.99), "HALF",
               tensor_cores=True, static_cache=True, mantissa_bits=10),
-    Precision("bf16", "bfloat16", torch.bfloat16, 16, 2, 2, Tolerance(2e-1, 5e-2, 0.995, 0.97), "BF16",
+    Precision("bf16", "bfloat16", 16, 2, 2, Tolerance(2e-1, 5e-2, 0.995, 0.97), "BF16",
               tensor_cores=True, static_cache=False,
               cpu_note="ONNX Runtime's CPU provider cannot run bfloat16 MatMul; verify on a GPU with "
                        "check-parity --backend onnxruntime-cuda", mantissa_bits=7),
@@ -184,5 +189,5 @@ def precision(name: str) -> Precision:
                          + (" (quantized rows are spelled like fp16-int4-b32)" if rest else ""))
 
 
-def precision_of_torch(dtype: torch.dtype) -> Precision:
+def precision_of_torch(dtype) -> Precision:
     return next(row for row in PRECISIONS.values() if row.torch_dtype == dtype)
