@@ -12,11 +12,16 @@ AIPERF_VENV ?= .venv-aiperf
 setup: $(VENV)/.installed
 
 # CPU torch first, pinned: a bare `torch` requirement could pull a multi-GB CUDA build.
+# pip prints a line per package it collects (and a progress bar for large downloads on a terminal),
+# so the ~2 minutes of installing are never silent.
 $(VENV)/.installed: pyproject.toml
+	@echo "setup: installing into $(VENV): CPU PyTorch $(TORCH_VERSION) and the toolkit with its test, plot and serve extras (about 2 minutes and 2.5 GB on a fresh machine; faster from pip's cache)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,plot,serve]'
+	@echo "setup: [1/2] PyTorch $(TORCH_VERSION), the largest download ..."
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on torch==$(TORCH_VERSION)
+	@echo "setup: [2/2] the toolkit and its dependencies (onnx, onnxruntime, the serving wheels; about a minute) ..."
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e '.[test,plot,serve]'
 	touch $@
 
 demo: setup

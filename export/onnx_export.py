@@ -20,6 +20,7 @@ from models.errors import ToolkitError
 from models.files import new_file_mode, staging_folder
 from models.graph_metadata import LOGITS, STATIC_PORTABLE, WITH_PAST, GraphMetadata, QuantizationRecord, WeightsRecord
 from models.precision import Precision, precision as lookup_precision
+from models.progress import phase
 from models.signature import BATCH, LOGITS_POSITIONS, SEQUENCE, GraphSignature, graph_signature, static_cache_signature
 from models.static_cache import StaticCacheGraph
 from models.source import weights_sha256
@@ -318,8 +319,9 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int | None
             raise ExportError("the standard-ops static-cache graph is not quantized yet; quantize the GroupQueryAttention "
                               "graph (drop --portable) or the --with-past graph")
     kind = ("static-cache decoder (standard ops)" if static_cache else "decoder with past" if with_past else "decoder")
-    log(f"exporting {weights.description if weights else 'model'} as a {kind} to ONNX opset {opset} ({row.name}) ...")
-    proto, signature, examples = trace_to_onnx(model, opset, row.float_row.name, with_past, static_cache)
+    with phase(log, "tracing the model", f"exporting {weights.description if weights else 'model'} as a {kind} to "
+                                         f"ONNX opset {opset} ({row.name}): tracing ..."):
+        proto, signature, examples = trace_to_onnx(model, opset, row.float_row.name, with_past, static_cache)
     record = add_weight_dequantization(proto, model, row) if row.scheme else None
     graph_metadata(model, signature, opset, row.name, weights, static_cache, record).write(proto)
     report = lint_graph(proto, signature, examples)
@@ -330,8 +332,9 @@ def export_onnx(model: Transformer, output: str | os.PathLike, opset: int | None
     # Everything is written into a hidden folder beside OUTPUT and moved into place only once
     # checked and verified, so a failure leaves the previous export (graph and data) untouched.
     with staging_folder(output) as folder:
-        written = _save(proto, folder, output.name)
-        _check_written(written[-1])
+        with phase(log, "saving and checking the graph", ""):
+            written = _save(proto, folder, output.name)
+            _check_written(written[-1])
         seconds = time.perf_counter() - started
         if verify is not None:
             verify(written[-1])

@@ -28,6 +28,7 @@ import torch
 from models.files import atomic_path
 from models.graph_metadata import STATIC_CACHE, GraphMetadata, WeightsRecord
 from models.precision import Precision, precision as lookup_precision
+from models.progress import phase
 from models.rotary import inverse_frequencies
 from models.static_cache import query_head_order
 from models.signature import GraphSignature, layer_cache_names, static_cache_signature
@@ -259,13 +260,15 @@ def export_static_cache(model: Transformer, output, max_cache: int, precision: s
     output = Path(output)
     check_output_path(output)
     started = time.perf_counter()
-    log(f"writing the ONNX Runtime static-cache decoder ({precision}, {max_cache}-token cache) ...")
-    proto = build_static_cache_graph(model, max_cache, precision, weights)
-    if initializer_bytes(proto) > MAX_WEIGHT_BYTES:
-        raise ExportError("the static-cache graph is written as one file and is limited to 2 GB of weights")
-    data = proto.SerializeToString()
+    with phase(log, "writing the graph",
+               f"writing the ONNX Runtime static-cache decoder ({precision}, {max_cache}-token cache) ..."):
+        proto = build_static_cache_graph(model, max_cache, precision, weights)
+        if initializer_bytes(proto) > MAX_WEIGHT_BYTES:
+            raise ExportError("the static-cache graph is written as one file and is limited to 2 GB of weights")
+        data = proto.SerializeToString()
     seconds = time.perf_counter() - started
-    check_loads_in_onnxruntime(data)
+    with phase(log, "loading the graph in ONNX Runtime", ""):
+        check_loads_in_onnxruntime(data)
     if verify is not None:
         verify(data)
     with atomic_path(output) as temporary:

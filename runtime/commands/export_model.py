@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
 
 from export.opset import MAX_OPSET, MIN_OPSET
 from models.precision import DEFAULT_PRECISION, PRECISIONS, WEIGHT_SCHEMES
@@ -64,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
+    started = time.perf_counter()  # the reported time covers the whole command, imports included
     from export.onnx_export import ExportError, export_onnx
+    from models.progress import phase
     from runtime.verify.exported import verify_export, verify_static_export
 
     log = log_to(args.json == "-")
@@ -86,27 +90,49 @@ def _export(args: argparse.Namespace) -> int:
         from export.static_cache_graph import export_static_cache
 
         def verify(data: bytes) -> None:
-            parity["report"] = verify_static_export(data, source.model, args.static_cache, log)
+            with phase(log, "verifying", VERIFYING), timed(parity):
+                parity["report"] = verify_static_export(data, source.model, args.static_cache, log)
 
         seconds = export_static_cache(source.model, args.output, args.static_cache, row.name, source.record,
                                       verify=verify if args.verify else None, log=log)
-        log(f"wrote {args.output} (ONNX Runtime static-cache decoder, {row.name}) in {seconds:.1f} s")
+        what = f"ONNX Runtime static-cache decoder, {row.name}"
         extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
     else:
         def verify(path) -> None:
-            parity["report"] = (verify_static_export(path, source.model, args.static_cache, log) if args.portable
-                                else verify_export(path, source.model, log, with_past=args.with_past))
+            with phase(log, "verifying", VERIFYING), timed(parity):
+                parity["report"] = (verify_static_export(path, source.model, args.static_cache, log) if args.portable
+                                    else verify_export(path, source.model, log, with_past=args.with_past))
 
         result = export_onnx(source.model, args.output, opset=args.opset, precision=row.name, weights=source.record,
                              allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
                              with_past=args.with_past, static_cache=args.static_cache)
-        seconds = result.seconds
-        log(f"wrote {result.path} (opset {result.opset}, {row.name}) in {seconds:.1f} s")
+        seconds, what = result.seconds, f"opset {result.opset}, {row.name}"
         extra = {"opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past,
                  **({"kind": "static-cache-portable", "max_cache": args.static_cache} if args.portable else {})}
+    total = time.perf_counter() - started
+    verified = f", verification {_seconds(parity['seconds'])}" if "seconds" in parity else ""
+    log(f"wrote {args.output} ({what}) in {_seconds(total)} (graph {_seconds(seconds)}{verified})")
     if args.json:
-        write_json(args.json, _report(args, row, source, seconds, extra, parity.get("report")))
+        times = {"seconds": round(total, 3), "verify_seconds": round(parity["seconds"], 3) if "seconds" in parity else None}
+        write_json(args.json, _report(args, row, source, seconds, {**extra, **times}, parity.get("report")))
     return 0
+
+
+VERIFYING = "verifying: ONNX Runtime (CPU) against PyTorch on shapes unlike the trace's ..."
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value >= 0.1 else f"{value * 1e3:.0f} ms"
+
+
+@contextlib.contextmanager
+def timed(into: dict):
+    """Store the seconds the block took in into["seconds"]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        into["seconds"] = time.perf_counter() - started
 
 
 def _files(args: argparse.Namespace) -> Files:

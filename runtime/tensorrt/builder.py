@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import ToolkitError
+from models.progress import phase
 
 from .engine_files import BuildOptions
 from .library import TensorRTLibrary
@@ -134,7 +135,8 @@ def build_engine(library: TensorRTLibrary, onnx_path: str | Path, profiles: list
     monitor = _progress_monitor(trt, log)
     if monitor is not None and hasattr(config, "progress_monitor"):
         config.progress_monitor = monitor
-    plan = builder.build_serialized_network(network, config)
+    with phase(log, "building the engine", "building the engine (TensorRT times kernels for every layer) ..."):
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"{library.flavour} failed to build an engine from {onnx_path}; its log above says why")
     updated = None
