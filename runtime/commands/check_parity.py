@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from models.errors import ToolkitError
 from models.precision import PRECISIONS, WEIGHT_SCHEMES, quantized
+from models.progress import phase
 
 from .common import (ArgumentParser, Files, add_backend_argument, add_model_arguments, int_list, log_to, model_files,
                      model_request, non_negative_float, non_negative_int, run_main, write_json)
@@ -68,7 +70,8 @@ def _check(args: argparse.Namespace) -> int:
 
     log = log_to(args.json == "-")
     metadata = read_model_metadata(args.model)
-    spec = decoder_spec(args.model, args.backend)
+    spec = decoder_spec(args.model, args.backend)  # a static-cache graph is refused by TensorRT here
+    _check_model_file(args.model, args.backend)
     source = reference_source(metadata, args.model, model_request(args))
     prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
     reference = parity_reference(source.model, metadata, args.against)
@@ -78,11 +81,40 @@ def _check(args: argparse.Namespace) -> int:
     device = spec.resolved_device()
     _check_sizes(args, metadata, row, device)
     sweep = _decoder_sweep if metadata.kind in STATIC_KINDS else _tensor_sweep
-    report = sweep(args, spec, source, metadata, row, tolerance, device, log)
+    with phase(log, "checking", ""):  # the sweeps log each case; this adds a line while a long one runs
+        report = sweep(args, spec, source, metadata, row, tolerance, device, log)
     log(report.table())
     log(report.summary())
-    generation = _generation(args, spec, source, prompts, row, tolerance, device, log) if args.generate else None
+    generation = None
+    if args.generate:
+        with phase(log, "comparing tokens", f"generating {args.generate} tokens per prompt with PyTorch and "
+                                            f"{spec.name}, then teacher-forcing MODEL's decode steps ..."):
+            generation = _generation(args, spec, source, prompts, row, tolerance, device, log)
     return _verdict(args, report, generation)
+
+
+def _check_model_file(model: str, backend: str) -> None:
+    """An .onnx graph given to the engine backend (or an engine to an ONNX backend) is refused by name."""
+    from pathlib import Path
+
+    from runtime.registry import ENGINE, ENGINE_SUFFIXES, backend_spec
+
+    is_engine = Path(model).suffix in ENGINE_SUFFIXES
+    if backend_spec(backend).opens == ENGINE and not is_engine:
+        raise ToolkitError(f"--backend {backend} runs a TensorRT engine, and {model} is not one (.engine or .plan); "
+                           f"build it with build-engine {model} and check the engine, or run the graph with "
+                           "--backend onnxruntime")
+    if backend_spec(backend).opens != ENGINE and is_engine:
+        raise ToolkitError(f"{model} is a TensorRT engine, which --backend {backend} cannot run; use --backend "
+                           "tensorrt (or check the .onnx graph it was built from)")
+
+
+def tolerance_label(row) -> str:
+    """Which tolerance row applies, as reports name it: a quantized row is the scheme's row against
+    the float model, not its activations' float row."""
+    if row.scheme is None:
+        return f"{row.dtype} tolerance"
+    return f"{row.name} tolerance ({row.scheme.name} weights against the float model)"
 
 
 def _prompts(args, vocab: int) -> list[list[int]]:
@@ -120,7 +152,7 @@ def _tensor_sweep(args, spec, source, metadata, row, tolerance, device, log):
     cases = default_cases(signature, args.batch, args.seq, args.past)
     with open_backend(spec.name, args.model) as candidate:
         log(f"check-parity: {args.model} on {candidate.name} vs PyTorch ({source.description}), "
-            f"{len(cases)} cases, {row.dtype} tolerance")
+            f"{len(cases)} cases, {tolerance_label(row)}")
         with TorchBackend(source.model, device=device, with_past=signature.with_past) as reference:
             return check_parity(reference, candidate, cases, row.name, tolerance, seed=args.input_seed,
                                 progress=lambda case: log(f"  running {case.label} ..."))
@@ -132,7 +164,7 @@ def _decoder_sweep(args, spec, source, metadata, row, tolerance, device, log):
     from runtime.verify.decoding import check_decoder
 
     log(f"check-parity: {args.model} ({metadata.kind} decoder) on {spec.name} vs PyTorch "
-        f"({source.description}), {row.dtype} tolerance")
+        f"({source.description}), {tolerance_label(row)}")
     return check_decoder(source.model.to(device), lambda rows: open_decoder(args.model, spec.name, rows),
                          args.batch or [1, 3], args.seq or [1, 17, 128, 513], precision=row.name,
                          tolerance=tolerance, seed=args.input_seed, device=device,

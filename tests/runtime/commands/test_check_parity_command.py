@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from command_helpers import assert_one_line_error, tampered_copy
 from runtime.commands import check_parity as parity_cli
@@ -135,6 +136,16 @@ def test_against_float_applies_the_scheme_row_and_reports_the_first_divergence(c
     assert code == 0 and report["passed"] and min(c["cosine"] for c in report["cases"]) >= 0.99
     assert report["top1"] >= 0.75 and generation["teacher_forced_top1"] >= 0.97  # measured: 94 % and 98.4 %
     assert generation["first_divergence"]["step"] < 32  # int4 flips a near-tie of the random tiny model
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("check-parity:"))
+    assert re.search(r", fp32-int4-b\d+ tolerance \(int4 weights against the float model\)$", header), header
+    assert "float32 tolerance" not in header  # it named the activations' row while applying int4's
+
+
+def test_a_graph_given_to_the_engine_backend_is_named_as_not_an_engine(capsys, tiny_onnx):
+    """It used to complain that the engine sidecar MODEL.onnx.json was missing."""
+    assert parity_cli.main([str(tiny_onnx), "--backend", "tensorrt"]) == 2
+    assert_one_line_error(capsys, "check-parity", f"--backend tensorrt runs a TensorRT engine, and {tiny_onnx} is not "
+                                                  "one", f"build-engine {tiny_onnx}", "--backend onnxruntime")
 
 
 def test_a_failed_generation_comparison_is_written_to_the_report(capsys, tiny_past_onnx, tmp_path):
