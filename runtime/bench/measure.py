@@ -38,6 +38,7 @@ class BenchmarkResult:
     prefill_x_floor: float | None = None
     decode_x_floor: float | None = None
     error: str | None = None
+    decode_mode: str | None = None  # how the decoder decodes: "cache", "full recompute", "static cache, ..."
 
     def to_dict(self) -> dict:
         return asdict(self)

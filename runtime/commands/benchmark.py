@@ -28,9 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", metavar="PATH", help="TensorRT engine built from MODEL (for --backend tensorrt)")
     parser.add_argument("--backend", default=None, metavar="LIST",
                         help="comma-separated backends (default: those the registry marks for this machine: "
-                             "torch,torch-compile,onnxruntime-cuda,onnxruntime-cuda-static[,tensorrt with --engine] "
-                             "on a GPU; torch,onnxruntime on the CPU). The *-static backends write the static-cache "
-                             "graph from the same weights in memory, sized for the largest context. " + described)
+                             f"{default_help()}). The *-static backends write the static-cache graph from the same "
+                             "weights in memory, sized for the largest context. " + described)
     add_model_arguments(parser, "default: the weights recorded in MODEL")
     parser.add_argument("--batch", type=int_list, default=[1], metavar="N,N", help="batch sizes (default 1)")
     parser.add_argument("--context", type=int_list, default=[128], metavar="N,N",
@@ -42,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="draw decode latency vs context per backend (matplotlib)")
     return parser
+
+
+def default_help() -> str:
+    """The default backends per machine, as the registry marks them (those that open a file only with it)."""
+    from runtime.registry import BACKENDS, ENGINE, ONNX
+
+    needs = {ONNX: " with MODEL", ENGINE: " with --engine"}
+
+    def listed(machine: str) -> str:
+        return ", ".join(f"{spec.name}{needs.get(spec.opens, '')}" for spec in BACKENDS.values()
+                         if machine in spec.benchmarked_on)
+
+    return f"on a GPU {listed('cuda')}; on the CPU {listed('cpu')}"
 
 
 class Targets:
@@ -87,6 +99,7 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     """Every batch x context cell of one backend; a failure becomes an error cell, not an exit."""
     import torch
 
+    from models.progress import phase
     from runtime.bench.measure import BenchmarkResult, measure
     from runtime.decoding.open import open_decoders
     from runtime.registry import backend_spec
@@ -98,13 +111,20 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
         started = time.perf_counter()
         with open_decoders(targets.for_backend(spec), name, precision=row.name, max_cache=max_cache) as opened:
             for batch in args.batch:
-                with opened.decoder(batch) as decoder:
+                with phase(log, f"opening {name}", f"  {name}: opening for batch {batch} (loading, warm-up; "
+                                                   "compilation or CUDA-graph capture where it uses them) ..."):
+                    handle = opened.decoder(batch)
+                with handle as decoder:
                     opened_in, started = time.perf_counter() - started, None
+                    _note_recomputation(decoder, log)
                     for context in args.context:
-                        log(f"  {decoder.name}: batch {batch}, context {context} ...")
                         try:
-                            results.append(measure(decoder, context, args.new_tokens, args.warmup, args.iters,
-                                                   row, peaks, opened_in))
+                            with phase(log, f"measuring {decoder.name}",
+                                       f"  {decoder.name}: batch {batch}, context {context} ..."):
+                                result = measure(decoder, context, args.new_tokens, args.warmup, args.iters, row,
+                                                 peaks, opened_in)
+                            result.decode_mode = decoder.mode
+                            results.append(result)
                             opened_in = None  # only the first cell pays for opening
                         except (ToolkitError, RuntimeError) as error:
                             results.append(BenchmarkResult(decoder.name, batch, context, error=_first_line(error)))
@@ -117,6 +137,13 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return results
+
+
+def _note_recomputation(decoder, log) -> None:
+    """A graph without a key/value cache decodes by recomputing the whole sequence each step: say so."""
+    if decoder.mode == "full recompute":
+        log(f"  note: {decoder.name} decodes by full recomputation (MODEL has no key/value cache), so its decode "
+            "figures time the whole sequence per token; export MODEL with --with-past to time cached decoding")
 
 
 def _check_sizes(names: list[str], targets: Targets, args, row) -> None:

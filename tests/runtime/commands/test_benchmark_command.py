@@ -45,3 +45,31 @@ def test_a_static_cache_graph_is_benchmarked_through_its_own_decoder(tiny_static
                  "--warmup", "1", "--iters", "1", "--json", str(tmp_path / "b.json")]) == 0
     (result,) = json.loads((tmp_path / "b.json").read_text())["results"]
     assert result["backend"] == "onnxruntime-cpu-static-cache" and result["decode_p50_ms"] > 0
+
+
+def test_help_lists_the_registrys_defaults_for_each_machine():
+    """The defaults --help names are the registry's (it once left out torch-compile-static and
+    onnxruntime-cuda-static-portable)."""
+    import re
+
+    from runtime.commands.benchmark import build_parser
+    from runtime.registry import ENGINE, ONNX, WEIGHTS, default_backends
+
+    text = next(action.help for action in build_parser()._actions if action.dest == "backend")
+    listed = re.search(r"marks for this machine: on a GPU (.*?); on the CPU (.*?)\)", text)
+    for machine, cuda in ((listed.group(1), True), (listed.group(2), False)):
+        names = [item.split(" with ")[0] for item in machine.split(", ")]
+        assert names == default_backends(cuda, (WEIGHTS, ONNX, ENGINE))
+
+
+def test_a_graph_without_a_cache_is_said_to_decode_by_full_recomputation(tiny_onnx, tiny_past_onnx, tmp_path, capsys):
+    flags = ["--backend", "onnxruntime", "--context", "8", "--new-tokens", "2", "--warmup", "0", "--iters", "1"]
+    assert main([str(tiny_onnx), *flags, "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "decodes by full recomputation (MODEL has no key/value cache)" in out and "--with-past" in out
+    (result,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert result["decode_mode"] == "full recompute"
+    assert main([str(tiny_past_onnx), *flags, "--json", str(tmp_path / "b.json")]) == 0
+    assert "full recomputation" not in capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert result["decode_mode"] == "cache"
