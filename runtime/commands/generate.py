@@ -52,17 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args: argparse.Namespace, max_length: int):
+def _open(args: argparse.Namespace, max_length: int, log):
     """The decoder for --model/--backend; backends that run weights take the model flags."""
+    from models.progress import phase
     from runtime.decoding.open import open_decoder
     from runtime.registry import WEIGHTS, resolve_backend
 
     spec = resolve_backend(args.backend, args.model)
-    if spec.opens == WEIGHTS:
-        return open_decoder(model_request(args).resolve(), spec.name, rows=1, max_cache=max_length)
-    if args.model is None:
+    if spec.opens != WEIGHTS and args.model is None:
         raise ToolkitError(f"--model is required for the {spec.name} backend (an .onnx graph or an .engine)")
-    return open_decoder(args.model, spec.name, rows=1)
+    what = "the PyTorch model" if spec.opens == WEIGHTS else args.model
+    with phase(log, "opening the decoder", f"generate: opening {what} on {spec.name} (loading and warm-up; "
+                                           "compilation or CUDA-graph capture where the backend uses them) ..."):
+        if spec.opens == WEIGHTS:
+            return open_decoder(model_request(args).resolve(), spec.name, rows=1, max_cache=max_length)
+        return open_decoder(args.model, spec.name, rows=1)
 
 
 def probability_mass(text: str) -> float:
@@ -73,8 +77,38 @@ def probability_mass(text: str) -> float:
     return value
 
 
-def _printer(stream, text_mode: bool, pieces):
-    """Writes each new token as it comes: bytes decoded incrementally (`pieces`, a TextPieces), or ids."""
+class TerminalText:
+    """One row's tokens as text that is safe to show: bytes decoded incrementally, a byte that is not
+    UTF-8 shown as \\xNN, control characters (escape sequences, carriage returns, bell, C1 codes,
+    bidirectional overrides) escaped as \\x1b or \\u202e; newline and tab kept. --json keeps the text
+    as generated."""
+
+    KEPT = "\n\t"
+    BIDI = {*range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+    def __init__(self):
+        import codecs
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+
+    def piece(self, token: int) -> str:
+        if token < 256:
+            return self._escaped(self._decoder.decode(bytes([token])))
+        return self.flush() + f"<{token}>"
+
+    def flush(self) -> str:
+        """The bytes of an unfinished character, escaped; the next byte starts afresh."""
+        return self._escaped(self._decoder.decode(b"", final=True))
+
+    def _escaped(self, text: str) -> str:
+        import unicodedata
+
+        return "".join(c if c in self.KEPT or not (unicodedata.category(c) == "Cc" or ord(c) in self.BIDI)
+                       else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in text)
+
+
+def _printer(stream, text_mode: bool, pieces: TerminalText):
+    """Writes each new token as it comes: bytes decoded incrementally and escaped, or ids."""
     def show(row: int, token: int) -> None:
         stream.write(pieces.piece(token) if text_mode else f"{token} ")
         stream.flush()
@@ -84,7 +118,7 @@ def _printer(stream, text_mode: bool, pieces):
 
 def _generate(args: argparse.Namespace) -> int:
     from runtime.decoding.generation import GenerationSettings, generate
-    from runtime.decoding.text import TextPieces, decode_bytes, encode_text
+    from runtime.decoding.text import decode_bytes, encode_text
 
     log = log_to(args.json == "-")
     stream = sys.stderr if args.json == "-" else sys.stdout
@@ -93,11 +127,11 @@ def _generate(args: argparse.Namespace) -> int:
     settings.check()
     text_mode = args.prompt is not None
     prompt_length = len(args.prompt_ids) if args.prompt_ids else len(args.prompt.encode("utf-8"))
-    with _open(args, prompt_length + args.max_new_tokens) as decoder:
+    with _open(args, prompt_length + args.max_new_tokens, log) as decoder:
         prompt = args.prompt_ids if args.prompt_ids else encode_text(args.prompt, decoder.vocab_size)
         log(f"generate: {decoder.name} ({decoder.mode}), prompt of {len(prompt)} tokens, up to "
             f"{args.max_new_tokens} new")
-        pieces = TextPieces()
+        pieces = TerminalText()
         result = generate(decoder, [prompt], settings, on_token=_printer(stream, text_mode, pieces))
         name = decoder.name
     stream.write((pieces.flush() if text_mode else "") + "\n")  # a character the last token left unfinished

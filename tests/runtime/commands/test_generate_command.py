@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pytest
 
@@ -42,10 +43,12 @@ def test_a_file_backend_without_a_model_is_one_error_line(capsys):
     assert_one_line_error(capsys, "generate", "--model is required for the onnxruntime backend")
 
 
-def test_printed_text_is_the_reports_text_and_tokens_per_second_is_tokens_over_time(tmp_path, capsys):
+def test_printed_text_is_the_reports_text_escaped_and_tokens_per_second_is_tokens_over_time(tmp_path, capsys):
     """A text prompt, sampled: seed 5 makes the tiny model write three multi-byte characters among
-    broken bytes and stop inside a fourth. What is printed token by token is the report's text, and
-    the rate is the decoded tokens over the decode time."""
+    broken bytes and stop inside a fourth. What is printed token by token is the report's text with
+    the broken bytes and control characters escaped, and the rate is the decoded tokens over the
+    decode time."""
+    from runtime.commands.generate import TerminalText
     from runtime.decoding.text import decode_bytes
 
     report = tmp_path / "gen.json"
@@ -56,7 +59,11 @@ def test_printed_text_is_the_reports_text_and_tokens_per_second_is_tokens_over_t
     assert len(data["tokens"]) == 48 and text == decode_bytes(data["tokens"])
     unfinished = 0xC2 <= data["tokens"][-1] <= 0xF4  # a lead byte: only the final flush prints its U+FFFD
     assert len([c for c in text if ord(c) > 127 and c != "\ufffd"]) >= 3 and unfinished, "pick another seed"
-    assert f"up to 48 new\n{text}\n48 tokens;" in out
+    pieces = TerminalText()
+    shown = "".join(pieces.piece(token) for token in data["tokens"]) + pieces.flush()
+    assert f"up to 48 new\n{shown}\n48 tokens;" in out
+    assert [c for c in shown if ord(c) > 127] == [c for c in text if ord(c) > 127 and c != "\ufffd"]
+    assert "\\x" in shown and all(c in "\n\t" or unicodedata.category(c) != "Cc" for c in shown)
     assert data["decode_seconds"] > 0 and data["decode_tokens_per_second"] == pytest.approx(47 / data["decode_seconds"])
     assert f"decode {data['decode_tokens_per_second']:.1f} tokens/s" in out
 
@@ -79,3 +86,16 @@ def test_top_k_of_one_and_a_tiny_nucleus_are_greedy_at_any_temperature(tmp_path)
 def test_a_nucleus_outside_zero_to_one_is_one_error_line(capsys):
     assert main(["--backend", "torch", "--prompt-ids", "1", "--top-p", "1.5"]) == 2
     assert_one_line_error(capsys, "generate", "argument --top-p: expected a number in (0, 1], got 1.5")
+
+
+def test_control_bytes_and_broken_utf8_are_escaped_on_the_terminal():
+    """An escape sequence, a carriage return, a bell, a C1 code, a bidirectional override and bytes
+    that are not UTF-8 reach the terminal as visible escapes; text, newlines and tabs as they are."""
+    from runtime.commands.generate import TerminalText
+
+    raw = (b"ok \x1b[2J\r\x07 caf\xc3\xa9 \xc2\x85 \xe2\x80\xae \xff\xfe \xe2\x9c" + b"\n\tend")
+    pieces = TerminalText()
+    shown = "".join(pieces.piece(byte) for byte in raw) + pieces.flush()
+    assert shown == "ok \\x1b[2J\\x0d\\x07 café \\x85 \\u202e \\xff\\xfe \\xe2\\x9c\n\tend"
+    pieces = TerminalText()
+    assert "".join(pieces.piece(t) for t in (0xE2, 300, 65)) == "\\xe2<300>A"  # an id ends an unfinished character
