@@ -113,8 +113,7 @@ def _build(args: argparse.Namespace) -> int:
                            version_compatible=args.version_compatible,
                            hardware_compatibility=args.hardware_compatibility,
                            compute_capabilities=list(args.compute_capability))
-    library = load_tensorrt(args.flavour)
-    gpu_name, cc = gpu_identity()
+    library, (gpu_name, cc) = _library_and_gpu(args.flavour, load_tensorrt, gpu_identity)
     runnable, reason = can_execute(library.flavour, cc)
     if not runnable and not library.is_rtx:
         raise ToolkitError(reason)  # the full TensorRT builds for the GPU it runs on
@@ -142,6 +141,25 @@ def _build(args: argparse.Namespace) -> int:
                                "library_version": library.version, "gpu": gpu_name, "compute_capability": cc,
                                "runs_on_this_gpu": runnable, "profiles": profile_dicts})
     return 0
+
+
+def _library_and_gpu(flavour: str, load_tensorrt, gpu_identity):
+    """TensorRT and the GPU it builds for; a machine with neither hears of both at once."""
+    from runtime.tensorrt.builder import EngineBuildError
+    from runtime.tensorrt.library import TensorRTUnavailable
+
+    try:
+        identity = gpu_identity()
+    except EngineBuildError as no_gpu:
+        try:
+            load_tensorrt(flavour)
+        except TensorRTUnavailable as missing:
+            raise ToolkitError(f"no CUDA GPU is visible here (TensorRT builds for the GPU it runs on: run build-engine "
+                               f"on a machine with an NVIDIA GPU, or package-edge for a Jetson board), and {missing}") \
+                from None
+        raise ToolkitError(f"{no_gpu}; run build-engine on a machine with an NVIDIA GPU (package-edge prepares "
+                           "a Jetson build)") from None
+    return load_tensorrt(flavour), identity
 
 
 def _output(args: argparse.Namespace) -> Path:
