@@ -40,7 +40,8 @@ def check_for_jetpack(proto, metadata: GraphMetadata, jetpack: JetPack) -> Graph
     check = GraphCheck()
     if metadata.kind == STATIC_CACHE:
         check.errors.append("the static-cache graph runs on ONNX Runtime only (its com.microsoft ops do not parse "
-                            "in TensorRT); package the portable graph from export-model --with-past")
+                            "in TensorRT); package a portable graph instead: export-model --static-cache N --portable "
+                            "(the same static cache in standard ops) or export-model --with-past")
         return check
     check.errors += lint_graph(proto, metadata.signature(), {}).findings
     newer = _newer_ops(proto, jetpack.max_opset)

@@ -87,7 +87,8 @@ def test_refusals_write_nothing(tmp_path, tiny_int4_export, tiny_static_onnx, mo
     graph = tiny_int4_export[0]
     with pytest.raises(EdgeError, match="does not fit orin-nano-8gb"):
         package_edge(graph, "orin-nano-8gb", "6.2", tmp_path / "a", {"batch": "1:64:4096", "sequence": "1:1:65536"})
-    with pytest.raises(EdgeError, match="runs on ONNX Runtime only"):
+    with pytest.raises(EdgeError, match=r"runs on ONNX Runtime only .*: export-model --static-cache N --portable "
+                                        r"\(the same static cache in standard ops\) or export-model --with-past"):
         package_edge(tiny_static_onnx, "orin-agx-64gb", "7.2", tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "old").write_text("x")
