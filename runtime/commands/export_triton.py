@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a conda-pack archive with this toolkit and its dependencies for Triton's python "
                              "backend (copied in and named by EXECUTION_ENV_PATH)")
     add_limit_arguments(parser)
+    capacity_help = {"max_prompt_tokens": "longest prompt accepted (default: 256, or half the decoder's capacity "
+                                          "when that is less)",
+                     "max_new_tokens_limit": "most new tokens a request may ask for (default: 256, or what the "
+                                             "decoder's capacity leaves after the longest prompt when that is less)"}
+    for action in parser._actions:
+        action.help = capacity_help.get(action.dest, action.help)
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write what was written as JSON to PATH, or stdout if no PATH is given")
     return parser
@@ -57,7 +63,6 @@ def _is_gzip_tar(path: Path) -> bool:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from runtime.serving.limits import Limits
     from runtime.serving.repository import RepositoryError, RepositoryOptions, export_repository
 
     log = log_to(args.json == "-")
@@ -70,8 +75,9 @@ def _export(args: argparse.Namespace) -> int:
             raise RepositoryError(f"{flag} must be from {low} to {high}, got {value}")
     if not Path(args.model).is_file():
         raise RepositoryError(f"model not found: {args.model}; pass an .onnx graph or an engine")
+    limits = _limits(args, log)
     options = RepositoryOptions(args.name, args.kind, args.instances, args.max_batch_size, args.queue_delay_us,
-                                Limits().replace(**limit_changes(args)), args.device,
+                                limits, args.device,
                                 Path(args.decoder) if args.decoder else None,
                                 Path(args.python_env) if args.python_env else None, args.generate_instances)
     for flag, path in (("--decoder", options.decoder), ("--python-env", options.python_env)):
@@ -86,6 +92,31 @@ def _export(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, report)
     return 0
+
+
+def _limits(args: argparse.Namespace, log):
+    """The limit flags given; the prompt and new-token limits not given default to what the decoder's
+    capacity holds (half of it each, at most the usual 256), so a small static cache works as is."""
+    from models.graph_metadata import STATIC_KINDS, read_graph_metadata
+    from runtime.decoding.open import read_model_metadata
+    from runtime.serving.limits import Limits
+
+    limits = Limits().replace(**limit_changes(args))
+    decoder = Path(args.decoder) if args.decoder else Path(args.model)
+    if not decoder.is_file():
+        return limits  # reported by name below
+    metadata = read_graph_metadata(decoder) if args.decoder else read_model_metadata(decoder)
+    capacity = metadata.max_cache if metadata.kind in STATIC_KINDS else metadata.config.max_seq_len
+    if not capacity:
+        return limits
+    prompt = args.max_prompt_tokens if args.max_prompt_tokens is not None else \
+        max(1, min(limits.max_prompt_tokens, capacity // 2))
+    new = args.max_new_tokens_limit if args.max_new_tokens_limit is not None else \
+        max(1, min(limits.max_new_tokens, capacity - prompt))
+    if (prompt, new) != (limits.max_prompt_tokens, limits.max_new_tokens):
+        log(f"export-triton: the decoder holds {capacity} tokens per row: --max-prompt-tokens {prompt}, "
+            f"--max-new-tokens-limit {new}")
+    return limits.replace(max_prompt_tokens=prompt, max_new_tokens=new)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,3 +44,26 @@ def test_bad_input_is_one_error_line(tiny_past_onnx, tmp_path, capsys, args, mes
     assert main(argv) == 2
     assert_one_line_error(capsys, "export-triton", message)
     assert not (tmp_path / "r").exists()
+
+
+def test_limits_not_given_come_from_a_small_decoders_capacity(tiny_past_onnx, tiny_static_graph, tmp_path, capsys):
+    """A 256-token static cache as --decoder: the default 256-token prompt limit left no room for new
+    tokens and was refused; now the limits not given are sized to the cache."""
+    static = tiny_static_graph(256)
+
+    def limits(*extra):
+        report, repo = tmp_path / "r.json", tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
+        code = main([str(tiny_past_onnx), "--output", str(repo), "--kind", "cpu", "--decoder", str(static),
+                     "--json", str(report), *extra])
+        assert code == 0, capsys.readouterr().err
+        return json.loads(report.read_text())["limits"]
+
+    found = limits()
+    assert (found["max_prompt_tokens"], found["max_new_tokens"]) == ("128", "128")
+    assert "the decoder holds 256 tokens per row: --max-prompt-tokens 128, --max-new-tokens-limit 128" in \
+        capsys.readouterr().out
+    found = limits("--max-prompt-tokens", "200")  # a given limit is kept; the new tokens take what is left
+    assert (found["max_prompt_tokens"], found["max_new_tokens"]) == ("200", "56")
+    assert main([str(tiny_past_onnx), "--output", str(tmp_path / "r"), "--decoder", str(static),
+                 "--max-prompt-tokens", "256"]) == 2
+    assert_one_line_error(capsys, "export-triton", "--max-prompt-tokens (max_prompt_tokens) 256 leaves no room")
