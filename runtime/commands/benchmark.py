@@ -111,8 +111,7 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
         started = time.perf_counter()
         with open_decoders(targets.for_backend(spec), name, precision=row.name, max_cache=max_cache) as opened:
             for batch in args.batch:
-                with phase(log, f"opening {name}", f"  {name}: opening for batch {batch} (loading, warm-up; "
-                                                   "compilation or CUDA-graph capture where it uses them) ..."):
+                with phase(log, f"opening {name}", f"  {name}: opening for batch {batch} (warm-up included) ..."):
                     handle = opened.decoder(batch)
                 with handle as decoder:
                     opened_in, started = time.perf_counter() - started, None
