@@ -100,7 +100,6 @@ class BoundRunner:
         self.where = "the serialized graph" if isinstance(model, bytes) else str(model)
         self.graph = session_metadata(self.session, self.where)
         self.inputs, self.outputs = session_io(self.session)
-        ort = _import_onnxruntime()
         self.run_options = {"prefill": self._options(-1), "step": self._options(1)}  # prefill: any shape, no graph
         # Not "disable_synchronize_execution_providers": without ONNX Runtime's end-of-run
         # synchronisation the steps of this graph decoded wrong tokens on the H200 (parity failed)
