@@ -72,16 +72,16 @@ def _check(args: argparse.Namespace) -> int:
     metadata = read_model_metadata(args.model)
     spec = decoder_spec(args.model, args.backend)  # a static-cache graph is refused by TensorRT here
     _check_model_file(args.model, args.backend)
-    source = reference_source(metadata, args.model, model_request(args))
-    prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
-    reference = parity_reference(source.model, metadata, args.against)
-    source = replace(source, model=reference.model, description=f"{source.description}, {reference.label}")
-    row = reference.row if args.precision == "auto" else precision(args.precision)
-    tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
-    device = spec.resolved_device()
-    _check_sizes(args, metadata, row, device)
-    sweep = _decoder_sweep if metadata.kind in STATIC_KINDS else _tensor_sweep
-    with phase(log, "checking", ""):  # the sweeps log each case; this adds a line while a long one runs
+    with phase(log, "checking", ""):  # the sweeps log each case; this adds a line while a long step runs
+        source = reference_source(metadata, args.model, model_request(args))
+        prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
+        reference = parity_reference(source.model, metadata, args.against)
+        source = replace(source, model=reference.model, description=f"{source.description}, {reference.label}")
+        row = reference.row if args.precision == "auto" else precision(args.precision)
+        tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
+        device = spec.resolved_device()
+        _check_sizes(args, metadata, row, device)
+        sweep = _decoder_sweep if metadata.kind in STATIC_KINDS else _tensor_sweep
         report = sweep(args, spec, source, metadata, row, tolerance, device, log)
     log(report.table())
     log(report.summary())
