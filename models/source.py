@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,23 @@ def parse_config_argument(text: str | None) -> dict[str, Any] | None:
     return data
 
 
+def check_buildable(config: ModelConfig, name: str, memory_bytes: int | None = None) -> None:
+    """Refuse, before allocating anything, a model whose fp32 weights would take more than half of
+    this machine's memory (`memory_bytes`: that memory, by default read from the system)."""
+    from .presets import parameter_count
+
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    needed = 4 * parameter_count(config)
+    if needed > memory_bytes // 2:
+        raise ConfigError(f"preset {name} has {parameter_count(config) / 1e9:.1f}B parameters ({needed / 2**30:.0f} GiB "
+                          f"in fp32), more than half of this machine's {memory_bytes / 2**30:.0f} GiB: write it as "
+                          f"shards first (python scripts/write_preset.py {name} FOLDER) and pass --checkpoint FOLDER")
+
+
 def resolve_model(
     checkpoint: str | None = None, config: dict[str, Any] | None = None, preset_name: str | None = None,
     seed: int = DEFAULT_SEED,
@@ -95,6 +113,7 @@ def resolve_model(
     preset_name = preset_name or DEFAULT_PRESET
     base = preset(preset_name)
     model_config = ModelConfig.from_dict({**base.to_dict(), **config}) if config else base
+    check_buildable(model_config, preset_name)
     model = build_model(model_config, seed)
     label = f"preset {preset_name}" + (" with config overrides" if config else "")
     return ModelSource(model, f"{label} (seed {seed})", weights_sha256(model),

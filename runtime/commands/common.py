@@ -241,7 +241,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                        help="model config fields as inline JSON or a JSON file; overrides the checkpoint's "
                             "or the preset's values")
     group.add_argument("--preset", metavar="NAME",
-                       help="build a preset model from --init-seed instead of loading weights: tiny (default) or small")
+                       help="build a preset model from --init-seed instead of loading weights: tiny (default), small, "
+                            "1b or 7b (a preset too large for this machine's memory is refused: write it as shards "
+                            "with scripts/write_preset.py and pass --checkpoint)")
     group.add_argument("--init-seed", dest="seed", type=non_negative_int, default=0, metavar="N",
                        help="weight initialisation seed for --preset (default 0)")
 
