@@ -165,7 +165,8 @@ def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.
                 write_json(args.json, {"ready": True, **where, "repository": str(repository)})
 
         run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout, args.start_timeout,
-                   log, before_stop=lambda graceful: [server.stop(args.exit_timeout if graceful else 0) for server in front])
+                   log, before_stop=lambda graceful: [server.stop(args.exit_timeout if graceful else 0) for server in front],
+                   log=_say)
 
 
 def _openai(args: argparse.Namespace, where: dict):

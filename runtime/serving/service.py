@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from models.errors import ToolkitError
+from models.progress import phase
 
 from ..registry import ENGINE_SUFFIXES
 from .limits import Limits
@@ -32,8 +33,9 @@ def repository_for(model: str | None, workdir: Path, limits: dict, device: str |
         source = weights()
         model = workdir / "model-static.onnx"
         cache = max_cache or base.max_prompt_tokens + base.max_new_tokens
-        log(f"serve: writing {source.description} as a {cache}-token static-cache graph ({precision})")
-        export_static_cache(source.model, model, cache, precision, source.record, log=lambda _: None)
+        with phase(log, "writing the static-cache graph",
+                   start=f"serve: writing {source.description} as a {cache}-token static-cache graph ({precision})"):
+            export_static_cache(source.model, model, cache, precision, source.record, log=lambda _: None)
     elif not Path(model).is_file():
         raise ServerError(f"model not found: {model}; pass a repository, an .onnx graph or an engine")
     kind = "gpu" if Path(model).suffix in ENGINE_SUFFIXES else "cpu"
@@ -63,15 +65,19 @@ def generate_override(repository: Path, limits: dict, device: str | None, instan
 
 def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: dict | None, stop: threading.Event,
                on_ready: Callable[[], None], exit_timeout: int, start_timeout: float, log_path: Path | None,
-               before_stop: Callable[[bool], None] = lambda graceful: None) -> int:
+               before_stop: Callable[[bool], None] = lambda graceful: None,
+               log: Callable[[str], None] = lambda message: None) -> int:
     """Serve until `stop` is set (or the server or one of its model processes dies); returns
     tritonserver's exit code. `before_stop(graceful)` runs first at shutdown (the OpenAI front end
     finishes its open streams); after a failure nothing waits for a drain that cannot come."""
     server = TritonServer(repository, endpoints, workdir, exit_timeout, log_path)
     graceful = False
     try:
-        server.wait_live(min(start_timeout, 60.0))
-        server.load(GENERATE, override, start_timeout)
+        with phase(log, "starting tritonserver", start="serve: starting tritonserver ..."):
+            server.wait_live(min(start_timeout, 60.0))
+        with phase(log, "loading generate", start="serve: loading generate (its decode process opens the decoder and "
+                                                  "warms it up; CUDA graphs are captured on a GPU) ..."):
+            server.load(GENERATE, override, start_timeout)
         processes = server.model_processes()
         on_ready()
         while not stop.wait(0.2):
