@@ -95,28 +95,24 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _limits(args: argparse.Namespace, log):
-    """The limit flags given; the prompt and new-token limits not given default to what the decoder's
-    capacity holds (half of it each, at most the usual 256), so a small static cache works as is."""
-    from models.graph_metadata import STATIC_KINDS, read_graph_metadata
+    """The limit flags given; the prompt and new-token limits not given fit the decoder's capacity
+    (Limits.fitted), so a small static cache works as is."""
+    from models.graph_metadata import read_graph_metadata
     from runtime.decoding.open import read_model_metadata
     from runtime.serving.limits import Limits
+    from runtime.serving.repository import decoder_capacity
 
-    limits = Limits().replace(**limit_changes(args))
+    given = limit_changes(args)
+    limits = Limits().replace(**given)
     decoder = Path(args.decoder) if args.decoder else Path(args.model)
     if not decoder.is_file():
         return limits  # reported by name below
-    metadata = read_graph_metadata(decoder) if args.decoder else read_model_metadata(decoder)
-    capacity = metadata.max_cache if metadata.kind in STATIC_KINDS else metadata.config.max_seq_len
-    if not capacity:
-        return limits
-    prompt = args.max_prompt_tokens if args.max_prompt_tokens is not None else \
-        max(1, min(limits.max_prompt_tokens, capacity // 2))
-    new = args.max_new_tokens_limit if args.max_new_tokens_limit is not None else \
-        max(1, min(limits.max_new_tokens, capacity - prompt))
-    if (prompt, new) != (limits.max_prompt_tokens, limits.max_new_tokens):
-        log(f"export-triton: the decoder holds {capacity} tokens per row: --max-prompt-tokens {prompt}, "
-            f"--max-new-tokens-limit {new}")
-    return limits.replace(max_prompt_tokens=prompt, max_new_tokens=new)
+    capacity = decoder_capacity(read_graph_metadata(decoder) if args.decoder else read_model_metadata(decoder))
+    fitted = limits.fitted(capacity, set(given))
+    if fitted != limits:
+        log(f"export-triton: the decoder holds {capacity} tokens per row: --max-prompt-tokens "
+            f"{fitted.max_prompt_tokens}, --max-new-tokens-limit {fitted.max_new_tokens}")
+    return fitted
 
 
 def main(argv: list[str] | None = None) -> int:

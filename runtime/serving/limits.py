@@ -66,6 +66,17 @@ class Limits:
                 values[item.name] = int(text)
         return cls(**values)
 
+    def fitted(self, capacity: int | None, given: set[str]) -> "Limits":
+        """These limits with the prompt and new-token limits the user did not give (`given`: field
+        names) lowered to what a row of `capacity` tokens holds: half of it each, so a small
+        static cache works without flags. Given limits are kept (check_capacity judges them)."""
+        if not capacity:
+            return self
+        prompt = self.max_prompt_tokens if "max_prompt_tokens" in given else \
+            max(1, min(self.max_prompt_tokens, capacity // 2))
+        new = self.max_new_tokens if "max_new_tokens" in given else max(1, min(self.max_new_tokens, capacity - prompt))
+        return self.replace(max_prompt_tokens=prompt, max_new_tokens=new)
+
     def replace(self, **changes) -> "Limits":
         """These limits with the given fields changed (None leaves a field as it is)."""
         return Limits(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})

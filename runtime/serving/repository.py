@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import ToolkitError
-from models.graph_metadata import STATIC_CACHE, GraphMetadata, read_graph_metadata
+from models.graph_metadata import STATIC_KINDS, GraphMetadata, read_graph_metadata
 from models.signature import TensorSpec
 
 from ..decoding.open import read_model_metadata
@@ -74,8 +74,9 @@ def export_repository(model: str | Path, output: str | Path, options: Repository
 
 
 def decoder_capacity(metadata: GraphMetadata) -> int | None:
-    """Tokens one row can hold (prompt + generated): the static cache, or max_seq_len; None: unbounded."""
-    return metadata.max_cache if metadata.kind == STATIC_CACHE else metadata.config.max_seq_len
+    """Tokens one row can hold (prompt + generated): the static cache (of either static kind), or
+    max_seq_len; None: unbounded."""
+    return metadata.max_cache if metadata.kind in STATIC_KINDS else metadata.config.max_seq_len
 
 
 def write_repository(model: str | Path, output: str | Path, options: RepositoryOptions, metadata: GraphMetadata,

@@ -38,6 +38,16 @@ def repository_for(model: str | None, workdir: Path, limits: dict, device: str |
             export_static_cache(source.model, model, cache, precision, source.record, log=lambda _: None)
     elif not Path(model).is_file():
         raise ServerError(f"model not found: {model}; pass a repository, an .onnx graph or an engine")
+    else:  # a graph or an engine: the limits not given fit what a row holds
+        from ..decoding.open import read_model_metadata
+        from .repository import decoder_capacity
+
+        capacity = decoder_capacity(read_model_metadata(Path(model)))
+        fitted = base.fitted(capacity, set(limits))
+        if fitted != base:
+            log(f"serve: the decoder holds {capacity} tokens per row: --max-prompt-tokens {fitted.max_prompt_tokens}, "
+                f"--max-new-tokens-limit {fitted.max_new_tokens}")
+        base = fitted
     kind = "gpu" if Path(model).suffix in ENGINE_SUFFIXES else "cpu"
     options = RepositoryOptions(kind=kind, limits=base, device=device or "auto", generate_instances=instances or 1)
     return Path(export_repository(model, workdir / "repository", options)["repository"]), None

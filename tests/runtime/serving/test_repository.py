@@ -103,3 +103,19 @@ def test_the_generate_entry_is_the_toolkit_module(tiny_past_onnx, tmp_path):
     text = (tmp_path / "repo/generate/1/model.py").read_text()
     assert "from runtime.serving.triton_model import GenerateModel" in text and len(text.splitlines()) < 30
     shutil.rmtree(tmp_path / "repo")
+
+
+def test_serve_fits_the_limits_not_given_to_a_small_static_cache(tiny_static_onnx, tmp_path):
+    """`serve STATIC.onnx` on a 96-token cache: the default 256-token limits become 48 + 48 (a given
+    limit is kept), so the graph serves without flags."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from runtime.serving.service import repository_for
+
+    lines = []
+    repository, _ = repository_for(str(tiny_static_onnx), tmp_path, {}, "cpu", None, None, "fp32", lines.append)
+    config = text_format.Parse((repository / "generate" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    values = {key: value.string_value for key, value in config.parameters.items()}
+    assert (values["max_prompt_tokens"], values["max_new_tokens"], values["capacity"]) == ("48", "48", "96")
+    assert lines == ["serve: the decoder holds 96 tokens per row: --max-prompt-tokens 48, --max-new-tokens-limit 48"]

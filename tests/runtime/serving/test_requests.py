@@ -99,3 +99,15 @@ def test_the_names_tritons_llm_clients_send():
 def test_bad_llm_convention_inputs_are_refused(arrays, message):
     with pytest.raises(RequestError, match=message):
         parse_request(arrays, 256, LIMITS)
+
+
+def test_limits_not_given_fit_a_small_capacity_and_given_ones_are_kept():
+    from runtime.serving.limits import Limits
+
+    base = Limits()
+    assert base.fitted(96, set()) == base.replace(max_prompt_tokens=48, max_new_tokens=48)
+    assert base.fitted(4096, set()) == base  # the defaults fit
+    assert base.fitted(None, set()) == base  # unbounded
+    kept = base.replace(max_prompt_tokens=80).fitted(96, {"max_prompt_tokens"})
+    assert (kept.max_prompt_tokens, kept.max_new_tokens) == (80, 16)
+    assert base.replace(max_prompt_tokens=256).fitted(96, {"max_prompt_tokens"}).max_prompt_tokens == 256
