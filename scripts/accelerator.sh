@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
-#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile
+#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | aiperf
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see docs/gpu-verification.md).
@@ -9,7 +9,7 @@
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
 # and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|aiperf}
 if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
   commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
   src=/tmp/rotary-src/$commit
@@ -111,6 +111,26 @@ serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 
     tail -30 "$results/tritonserver${TAG:-}.log"
   fi
   kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"; tail -3 "$results/serve${TAG:-}.log"
+  ;;
+aiperf)  # aiperf at 32 concurrency against serve's OpenAI API (staged by scripts/stage_aiperf.sh), then loadtest
+  rm -f "$results/serve-ready.json"
+  PYTHONPATH="$np1:$PYTHONPATH" python3 -m runtime.commands.serve --preset small --dtype fp16 --device cuda --max-rows 32 \
+    --max-prompt-tokens 512 --max-new-tokens-limit 512 --queue 256 --json "$results/serve-ready.json" \
+    --log "$results/tritonserver.log" > "$results/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do [ -f "$results/serve-ready.json" ] || ! kill -0 $server 2>/dev/null && break; sleep 1; done
+  if [ -f "$results/serve-ready.json" ]; then
+    run env PYTHONPATH=/tmp/aiperf/site python3 -m aiperf profile --model rotary --url http://127.0.0.1:8003 \
+      --endpoint-type completions --streaming --concurrency ${CONCURRENCY:-32} --request-count ${REQUESTS:-512} \
+      --tokenizer models/byte_tokenizer --use-server-token-count --isl 64 --osl 128 --random-seed 0 --ui-type none \
+      --output-artifact-dir "$results/aiperf" > "$results/aiperf.log" 2>&1
+    grep -E "Time to First Token|Inter Token Latency|Output Token Throughput \(tokens/sec\)|Request Error Rate" "$results/aiperf.log"
+    run py -m runtime.commands.loadtest --url http://127.0.0.1:8000 --protocol openai --concurrency ${CONCURRENCY:-32} \
+      --requests ${REQUESTS:-512} --workers 8 --max-prompt-tokens 64 --max-new-tokens 128 --json "$results/loadtest-openai.json" 2>&1 | tail -2
+  else
+    tail -30 "$results/serve.log"
+  fi
+  kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"
   ;;
 esac
 tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null
