@@ -59,23 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def wait_until_ready(url: str, seconds: float) -> None:
     """Until the generate model answers ready at `url`, at most `seconds`; then say what is wrong."""
-    from runtime.serving.clients import split_url
     from runtime.serving.repository import GENERATE
+    from runtime.serving.tritonserver import http_status
 
-    host, port = split_url(url, 8000)
     deadline, answered = time.monotonic() + seconds, False
     while True:
-        connection = http.client.HTTPConnection(host, port, timeout=5)
-        try:
-            connection.request("GET", f"/v2/models/{GENERATE}/ready")
-            status = connection.getresponse().status
-            answered = True
-            if status == 200:
-                return
-        except (OSError, http.client.HTTPException):
-            pass
-        finally:
-            connection.close()
+        status = http_status(f"{url.rstrip('/')}/v2/models/{GENERATE}/ready")
+        answered = answered or status is not None
+        if status == 200:
+            return
         if time.monotonic() >= deadline:
             break
         time.sleep(0.25)

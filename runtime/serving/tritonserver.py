@@ -121,7 +121,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_running()
-            if _get(f"{self.endpoints.url}/v2/health/live") == 200:
+            if http_status(f"{self.endpoints.url}/v2/health/live") == 200:
                 return
             time.sleep(POLL_S)
         raise ServerError(f"tritonserver did not answer on {self.endpoints.url} within {timeout:.0f} s; "
@@ -142,7 +142,7 @@ class TritonServer:
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             self.check_running()
             raise ServerError(f"loading the {model} model failed ({error}); see {self.log_path}") from None
-        if _get(f"{self.endpoints.url}/v2/models/{model}/ready") != 200:
+        if http_status(f"{self.endpoints.url}/v2/models/{model}/ready") != 200:
             raise ServerError(f"the {model} model loaded but is not ready; see {self.log_path}")
 
     def running(self) -> bool:
@@ -225,7 +225,8 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _get(url: str) -> int | None:
+def http_status(url: str) -> int | None:
+    """The HTTP status a GET of `url` answers, or None when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status
