@@ -323,9 +323,9 @@ class StaticCacheDecoder(Decoder):
         self.row_active[rows] = 1
         return logits
 
-    def _prefill_staged(self, row: int, prompt: list[int]) -> Tensor:
+    def _prefill_staged(self, row: int, prompt: list[int], logits: Tensor | None = None) -> None:
         """One row's prompt through the staging row (a CUDA graph replay of its width on CUDA), then
-        into the row's cache; returns its next-token logits (vocab,)."""
+        into the row's cache; its next-token logits go to `logits` (vocab,) when given."""
         length = len(prompt)
         width = prefill_width(length, self.max_cache)  # one of the widths bound at open
         self.stage_ids[0, :length].copy_(to_device(prompt, torch.int64, self.device))
@@ -336,11 +336,14 @@ class StaticCacheDecoder(Decoder):
         self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
         self.held[row] = length
         self.row_active[row] = 1
-        return self.stage_logits[0, 0].clone()  # the next staged prefill overwrites the buffer
+        if logits is not None:  # copied out now: the next staged prefill overwrites the buffer
+            logits.copy_(self.stage_logits[0, 0])
 
     def _start(self, prompts: dict[int, list[int]], all_logits: bool):
         if self.staged_prefill and not all_logits:
-            logits = torch.stack([self._prefill_staged(row, prompt) for row, prompt in prompts.items()])
+            logits = torch.empty(len(prompts), self.config.num_tokens, dtype=torch.float32, device=self.device)
+            for i, (row, prompt) in enumerate(prompts.items()):
+                self._prefill_staged(row, prompt, logits[i])
             self._update_active(set(self.lengths) | set(prompts))
             return logits
         return self._start_batched(prompts, all_logits)

@@ -39,6 +39,7 @@ class TorchStaticDecoder(Decoder):
         self.positions = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.row_active = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=self.device)
+        self._active: tuple[tuple[int, ...], Tensor | None] = ((), None)  # the active rows and their index
         self.decode, self.prefill = self.module, self.module.prefill
         if compile:
             # a server admits requests into any rows: each new (first row, run length) may compile
@@ -83,7 +84,10 @@ class TorchStaticDecoder(Decoder):
 
     @torch.inference_mode()
     def _step(self, tokens: Tensor) -> Tensor:
-        active = to_device(self.active, torch.int64, self.device)
+        rows = tuple(self.active)
+        if self._active[0] != rows:  # made when the rows change, not every step
+            self._active = (rows, to_device(rows, torch.int64, self.device))
+        active = self._active[1]
         self.step_ids.index_copy_(0, active, tokens.reshape(-1, 1))
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
