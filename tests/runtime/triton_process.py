@@ -46,20 +46,9 @@ def port_is_free(port: int) -> bool:
 
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, stack = set(), [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.add(child)
-            stack.append(child)
-    return found
+    from runtime.serving.tritonserver import processes_below
+
+    return set(processes_below(pid, depth=64))
 
 
 def alive(pid: int) -> bool:
