@@ -91,20 +91,22 @@ def prefill_ms(decoder, widths: list[int], repeats: int = 20) -> dict[int, float
 
 
 def engine_churn(decoder, clients: int, seconds: float, seed: int = 0) -> dict:
-    """The serve workload through the engine alone (no transport): `clients` closed-loop requests with
-    prompts of 1..128 ids and 1..256 new tokens, half sampled, as `loadtest` sends them."""
-    import random
+    """The serve workload through the engine alone (no transport): `clients` closed-loop requests
+    from loadtest's own seeded workload (prompts of 1..128 ids, 1..256 new tokens, half sampled)."""
+    import itertools
 
     from runtime.decoding.engine import Engine
     from runtime.decoding.settings import GenerationSettings
+    from runtime.serving.loadtest import Workload
 
-    rng = random.Random(seed)
+    requests = itertools.cycle(Workload(4096, decoder.vocab_size, 128, 256, seed).build())
     engine = Engine(decoder)
+    names = ("temperature", "filter_thres", "seed")
 
     def submit():
-        sampled = rng.random() < 0.5
-        engine.submit([rng.randrange(decoder.vocab_size) for _ in range(rng.randint(1, 128))],
-                      GenerationSettings(rng.randint(1, 256), 0.8 if sampled else 0.0, 0.9, seed=rng.randrange(1 << 30)))
+        request = next(requests)
+        engine.submit(request["prompt_ids"], GenerationSettings(request["max_new_tokens"],
+                                                                **{n: request[n] for n in names if n in request}))
 
     for _ in range(clients):
         submit()
