@@ -82,13 +82,14 @@ class OpenAIProcess:
             time.sleep(0.1)
 
     def stop(self, timeout: float) -> None:
-        """Stop accepting; open streams may finish within the graceful timeout; then nothing is left."""
-        if self.process.poll() is None:
+        """Stop accepting; open streams may finish within `timeout` seconds (0: none, after a failure
+        nothing waits for the workers' shutdown); then nothing is left."""
+        if timeout > 0 and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout + 10.0)
-        except subprocess.TimeoutExpired:
-            pass
+            try:
+                self.process.wait(timeout + 10.0)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
