@@ -59,10 +59,12 @@ def test_a_static_cache_export_reports_the_time_of_the_whole_command(tmp_path, c
     assert export_model.main(["--static-cache", "64", "--output", str(tmp_path / "s.onnx"), "--json", str(report)]) == 0
     data, out = json.loads(report.read_text()), capsys.readouterr().out
     assert data["seconds"] >= data["export_seconds"] + data["verify_seconds"] and data["verify_seconds"] > 0
-    pattern = re.compile(r"^wrote .* in ([0-9.]+) s \(graph .*, verification ")
+    # A warm process can export and verify this tiny graph in under 0.1 s, which prints in ms.
+    pattern = re.compile(r"^wrote .* in ([0-9.]+) (s|ms) \(graph .*, verification ")
     found = [match for line in out.splitlines() if (match := pattern.search(line))]
     assert len(found) == 1, out
-    assert abs(float(found[0].group(1)) - data["seconds"]) <= 0.06, out
+    printed = float(found[0].group(1)) / (1e3 if found[0].group(2) == "ms" else 1)
+    assert abs(printed - data["seconds"]) <= 0.06, out
 
 
 def test_phase_logs_its_start_then_a_line_per_interval_until_the_block_ends(monkeypatch):
