@@ -25,12 +25,18 @@ from models.signature import BATCH, LOGITS_POSITIONS, SEQUENCE, GraphSignature, 
 from models.static_cache import StaticCacheGraph
 from models.source import weights_sha256
 from models.transformer import Transformer
+from models.weights import ModelWeights
 
 from .lint import LintReport, lint_graph
 from .opset import EXPORTER_MIN_OPSET, check_requested_opset, lower_opset
-from .quantize import add_weight_dequantization, check_quantization
+from .external_data import plan_external_data, write_external_data
+from .quantize import check_quantization, dequantize_weights
+from .streamed_weights import UnboundInitializer, WeightRecipe, bind_weights, fold_weight_transposes, materialize_small
 
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GiB in one message
+# Weights up to this size stay inside the graph file (one file to copy); larger ones go to OUTPUT.data
+# and are streamed there. protobuf cannot hold more than 2 GiB in one message.
+INLINE_GRAPH_BYTES = 512 * 2**20
+FOLDABLE_BYTES = 4 * 8192  # initializers the optimizer may fold (its input limit is 8192 elements)
 
 
 class ExportError(ToolkitError):
@@ -89,11 +95,11 @@ def example_sizes(config: ModelConfig, window: int | None = None) -> dict[str, i
     return {"batch": BATCH.example, "sequence": sequence, "past_sequence": past, "logits_positions": picked}
 
 
-def check_static_window(model: Transformer, window: int) -> None:
+def check_static_window(config: ModelConfig, window: int) -> None:
     if window < 8:
         raise ExportError(f"--static-cache {window} is too small for the standard-ops graph; give at least 8 tokens")
-    if model.config.max_seq_len and window > model.config.max_seq_len:
-        raise ExportError(f"--static-cache {window} is past the model's max_seq_len {model.config.max_seq_len}")
+    if config.max_seq_len and window > config.max_seq_len:
+        raise ExportError(f"--static-cache {window} is past the model's max_seq_len {config.max_seq_len}")
 
 
 def check_output_path(output: Path) -> None:
@@ -165,37 +171,52 @@ def _example_inputs(model: Transformer, signature: GraphSignature, sizes: dict[s
     return DecoderWithPastGraph(model), (ids, mask, cache), dynamic_shapes, examples
 
 
-def trace_to_onnx(model: Transformer, opset: int, precision: str, with_past: bool = False,
+def meta_skeleton(config: ModelConfig, row: Precision) -> Transformer:
+    """The model's modules in `row`'s dtype on PyTorch's meta device: shapes, no weights in memory."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return model.to(row.torch_dtype).use_float32_softmax(row.name != "fp32").eval()
+
+
+def _on_meta(args):
+    return torch.utils._pytree.tree_map(lambda a: a.to("meta") if isinstance(a, Tensor) else a, args)
+
+
+def trace_to_onnx(weights: ModelWeights, opset: int, precision: str, with_past: bool = False,
                   static_cache: int | None = None):
-    """Run the torch.onnx dynamo exporter; return (ModelProto, signature, example sizes).
-    `static_cache` N: the standard-ops static-cache graph with an N-token window."""
+    """Trace a weightless copy of the model with the torch.onnx dynamo exporter and give each
+    initializer a lazy value that reads its weight when written; return (onnx_ir Model, signature,
+    example sizes). `static_cache` N: the standard-ops static-cache graph with an N-token window."""
     import onnx  # noqa: F401  (fail early with ImportError if missing)
 
     row = lookup_precision(precision)
-    if row.name != "fp32" or next(model.parameters()).device.type != "cpu":  # trace a CPU copy in the graph's dtype
-        model = copy.deepcopy(model).to(device="cpu", dtype=row.torch_dtype)
-        model.use_float32_softmax(row.name != "fp32")
-    sizes = example_sizes(model.config, static_cache)
+    model = meta_skeleton(weights.config, row)
+    sizes = example_sizes(weights.config, static_cache)
     if static_cache is not None:
-        signature = static_cache_signature(model.config, static_cache, row.dtype, portable=True)
-        module, args, dynamic_shapes, examples = _static_example_inputs(model.eval(), signature, sizes, row,
-                                                                        static_cache)
+        signature = static_cache_signature(weights.config, static_cache, row.dtype, portable=True)
+        module, args, dynamic_shapes, examples = _static_example_inputs(model, signature, sizes, row, static_cache)
     else:
-        signature = graph_signature(model.config, with_past, row.dtype)
-        module, args, dynamic_shapes, examples = _example_inputs(model.eval(), signature, sizes, row)
+        signature = graph_signature(weights.config, with_past, row.dtype)
+        module, args, dynamic_shapes, examples = _example_inputs(model, signature, sizes, row)
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
-                module, args, None, input_names=signature.input_names,
+                module, _on_meta(args), None, input_names=signature.input_names,
                 output_names=signature.output_names, opset_version=max(opset, EXPORTER_MIN_OPSET),
-                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
+                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=False,
             )
-            proto = program.model_proto
+            aliases = {"head": WeightRecipe("to_logits.weight", dtype=torch.float32)} if static_cache else None
+            recipes = bind_weights(program.model, weights, row, aliases)
+            fold_weight_transposes(program.model, weights, recipes, row)
+            materialize_small(program.model, FOLDABLE_BYTES)
+            program.optimize()
+        except UnboundInitializer as error:
+            raise ExportError(str(error)) from None
         except Exception as error:
             detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             tail = log.getvalue().strip().splitlines()[-3:]
             raise ExportError(f"torch.onnx.export failed: {detail}" + (f" ({' / '.join(tail)})" if tail else "")) from None
-    return lower_opset(proto, opset), signature, examples
+    return program.model, signature, examples
 
 
 def declared_axes(signature: GraphSignature, config: ModelConfig, window: int | None = None) -> dict[str, dict[str, int]]:
@@ -218,19 +239,20 @@ def exporter_description() -> str:
     return f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__})"
 
 
-def weights_record(model: Transformer, weights: WeightsRecord | None) -> WeightsRecord:
+def weights_record(weights: ModelWeights, record: WeightsRecord | None) -> WeightsRecord:
     """The record an export writes: as given, or the in-memory weights' own hash."""
-    return weights or WeightsRecord("in-memory model", weights_sha256(model))
+    return record or WeightsRecord("in-memory model", weights_sha256(weights.tensors))
 
 
-def graph_metadata(model: Transformer, signature: GraphSignature, opset: int, precision: str,
-                   weights: WeightsRecord | None, static_cache: int | None = None,
+def graph_metadata(weights: ModelWeights | Transformer, signature: GraphSignature, opset: int, precision: str,
+                   record: WeightsRecord | None, static_cache: int | None = None,
                    quantization: QuantizationRecord | None = None) -> GraphMetadata:
+    weights = weights if isinstance(weights, ModelWeights) else ModelWeights.of(weights)
     kind = STATIC_PORTABLE if static_cache else WITH_PAST if signature.with_past else LOGITS
     return GraphMetadata(
         kind=kind, precision=lookup_precision(precision).name, max_cache=static_cache,
-        config=model.config, weights=weights_record(model, weights),
-        axes=declared_axes(signature, model.config, static_cache),
+        config=weights.config, weights=weights_record(weights, record),
+        axes=declared_axes(signature, weights.config, static_cache),
         opset=opset, exporter=exporter_description(), torch_version=torch.__version__,
         exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), quantization=quantization)
 
@@ -259,23 +281,34 @@ def graph_weight_bytes(path: str | os.PathLike) -> int:
 def build_portable_static_graph(model: Transformer, max_cache: int, precision: str = "fp32",
                                 weights: WeightsRecord | None = None, opset: int = 17):
     """The standard-ops static-cache graph as an onnx.ModelProto, in memory (for benchmarks)."""
-    check_static_window(model, max_cache)
-    proto, signature, _ = trace_to_onnx(model, opset, precision, static_cache=max_cache)
-    graph_metadata(model, signature, opset, precision, weights, max_cache).write(proto)
+    import onnx_ir as ir
+
+    check_static_window(model.config, max_cache)
+    source = ModelWeights.of(model)
+    graph, signature, _ = trace_to_onnx(source, opset, precision, static_cache=max_cache)
+    proto = lower_opset(ir.serde.serialize_model(graph), opset)
+    graph_metadata(source, signature, opset, precision, weights, max_cache).write(proto)
     return proto
 
 
-def _save(proto, folder: Path, name: str) -> list[Path]:
-    """Write the graph (and, over 2 GB, its external data) into `folder`; return the files written."""
+def ir_serialize(graph):
+    """The onnx_ir model as a ModelProto (weights pointed into external data stay there, unread)."""
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(graph)
+
+
+def save_proto(proto, path: Path) -> None:
     import onnx
 
-    graph = folder / name
-    if initializer_bytes(proto) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=name + ".data", size_threshold=1024)
-        return [graph.with_name(name + ".data"), graph]  # data first: the graph is renamed last
-    onnx.save_model(proto, str(graph))
-    return [graph]
+    onnx.save_model(proto, str(path))
+
+
+def _as_ir(graph):
+    """trace_to_onnx's graph as an onnx_ir Model (a ModelProto is accepted too)."""
+    import onnx_ir as ir
+
+    return graph if isinstance(graph, ir.Model) else ir.serde.deserialize_model(graph)
 
 
 def _check_written(graph: Path) -> None:
@@ -297,44 +330,78 @@ def _commit(written: list[Path], output: Path) -> None:
         os.replace(path, output.parent / path.name)
 
 
-def export_onnx(model: Transformer, output: str | os.PathLike, opset: int | None = None, precision: str = "fp32",
-                weights: WeightsRecord | None = None, allow_lint: bool = False,
+def _bytes_text(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+def _write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, allow_lint: bool,
+                 log) -> tuple[list[Path], LintReport]:
+    """Serialize, stamp and lint the graph before reading any weight, then stream the weights (into
+    PATH.data when they pass INLINE_GRAPH_BYTES) and save and check the graph; return the files
+    written (the graph last) and the lint report."""
+    total = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+    data_path = path.with_name(path.name + ".data")
+    planned = plan_external_data(graph, path.parent, data_path.name) if total > INLINE_GRAPH_BYTES else []
+    with phase(log, "serializing the graph", ""):
+        proto = lower_opset(ir_serialize(graph), opset)
+    metadata.write(proto)
+    report = lint(proto)
+    log(report.format())
+    if report.findings and not allow_lint:
+        raise ExportError(f"export lint found {len(report.findings)} problem(s), first: {report.findings[0]}; "
+                          "fix the model code or pass --allow-lint")
+    written = [path]
+    if planned:
+        size = _bytes_text(sum(item.length for item in planned))
+        with phase(log, "writing the weights", f"writing {size} of weights to {data_path.name}, one tensor at a time ..."):
+            write_external_data(planned, data_path)
+        written.insert(0, data_path)  # data first: the graph is renamed last
+    with phase(log, "saving and checking the graph", ""):
+        save_proto(proto, path)
+        _check_written(path)
+    return written, report
+
+
+def export_onnx(model: Transformer | ModelWeights, output: str | os.PathLike, opset: int | None = None,
+                precision: str = "fp32", weights: WeightsRecord | None = None, allow_lint: bool = False,
                 verify=None, log=print, with_past: bool = False, static_cache: int | None = None) -> ExportResult:
-    """Export `model` to `output`; `weights` names the weights in the metadata (ModelSource.record).
-    `static_cache` N writes the standard-ops static-cache graph (an N-token window per row).
-    A quantized `precision` row (fp16-int4-b32) writes its weights as DequantizeLinear -> MatMul;
-    `opset` None is the lowest that expresses the graph.
+    """Export `model` (a Transformer, or ModelWeights read lazily from a checkpoint) to `output`;
+    `weights` names the weights in the metadata (ModelSource.record). `static_cache` N writes the
+    standard-ops static-cache graph (an N-token window per row). A quantized `precision` row
+    (fp16-int4-b32) writes its weights as DequantizeLinear -> MatMul; `opset` None is the lowest
+    that expresses the graph.
+
+    The model is traced without its weights, and each weight is read and written one at a time,
+    so memory stays near one tensor's size whatever the model's. Graphs whose weights pass
+    INLINE_GRAPH_BYTES keep them in OUTPUT.data beside the graph.
 
     Lint findings (unless allowed) or a failed `verify(path)` callback raise ExportError
     and leave no file behind."""
     output = Path(output)
+    source = model if isinstance(model, ModelWeights) else ModelWeights.of(model)
     row = lookup_precision(precision)
-    opset = check_quantization(model, row, opset)
+    skeleton = meta_skeleton(source.config, row.float_row)
+    opset = check_quantization(skeleton, row, opset)
     check_requested_opset(opset)
     check_output_path(output)
     started = time.perf_counter()
     if static_cache is not None:
-        check_static_window(model, static_cache)
+        check_static_window(source.config, static_cache)
         if row.scheme:
             raise ExportError("the standard-ops static-cache graph is not quantized yet; quantize the GroupQueryAttention "
                               "graph (drop --portable) or the --with-past graph")
     kind = ("static-cache decoder (standard ops)" if static_cache else "decoder with past" if with_past else "decoder")
     with phase(log, "tracing the model", f"exporting {weights.description if weights else 'model'} as a {kind} to "
                                          f"ONNX opset {opset} ({row.name}): tracing ..."):
-        proto, signature, examples = trace_to_onnx(model, opset, row.float_row.name, with_past, static_cache)
-    record = add_weight_dequantization(proto, model, row) if row.scheme else None
-    graph_metadata(model, signature, opset, row.name, weights, static_cache, record).write(proto)
-    report = lint_graph(proto, signature, examples)
-    log(report.format())
-    if report.findings and not allow_lint:
-        raise ExportError(f"export lint found {len(report.findings)} problem(s), first: {report.findings[0]}; "
-                          "fix the model code or pass --allow-lint")
+        graph, signature, examples = trace_to_onnx(source, opset, row.float_row.name, with_past, static_cache)
+        graph = _as_ir(graph)
+    record = dequantize_weights(graph, skeleton, source, row) if row.scheme else None
+    metadata = graph_metadata(source, signature, opset, row.name, weights, static_cache, record)
     # Everything is written into a hidden folder beside OUTPUT and moved into place only once
     # checked and verified, so a failure leaves the previous export (graph and data) untouched.
     with staging_folder(output) as folder:
-        with phase(log, "saving and checking the graph", ""):
-            written = _save(proto, folder, output.name)
-            _check_written(written[-1])
+        written, report = _write_graph(graph, folder / output.name, opset, metadata,
+                                       lambda proto: lint_graph(proto, signature, examples), allow_lint, log)
         seconds = time.perf_counter() - started
         if verify is not None:
             verify(written[-1])

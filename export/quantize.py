@@ -3,7 +3,7 @@ the two graph rewrites, sharing one formula each.
 
 - `fake_quantize(model, record, dtype)`: the model with every quantized Linear's weight replaced
   by what the graph computes from its integers and scales (the parity reference);
-- `add_weight_dequantization(proto, model, row)`: the portable graph's MatMul weights become
+- `dequantize_weights(graph, skeleton, weights, row)`: the portable graph's MatMul weights become
   int8 / int4 initializers -> DequantizeLinear (positive scales) -> MatMul, standard ONNX that
   TensorRT and ONNX Runtime both read (formula "absmax");
 - `matmulnbits(proto, row, initializers)`: ONNX Runtime's own MatMulNBits quantizer over the
@@ -26,6 +26,7 @@ from models.errors import ToolkitError
 from models.graph_metadata import QuantizationRecord
 from models.precision import Precision
 from models.transformer import Transformer
+from models.weights import ModelWeights
 
 from .opset import MIN_OPSET
 
@@ -146,56 +147,78 @@ def fake_quantize(model: Transformer, record: QuantizationRecord, dtype: torch.d
 
 # --------------------------------------------------------------------------- the portable graph: Q/DQ
 
-def _weight_bytes(weight: Tensor, dtype: np.dtype) -> bytes:
-    return np.ascontiguousarray(weight.detach().float().T.numpy().astype(dtype)).tobytes()
-
-
-def _dequantize_initializers(name: str, q: Tensor, scale: Tensor, row: Precision):
-    """(quantized weight, scale) initializers: INT8, or INT4 packed two to a byte."""
+def _quantized_tensors(name: str, q: Tensor, scale: Tensor, row: Precision):
+    """(quantized weight, scale) as onnx_ir tensors: INT8, or INT4 packed two to a byte."""
     import ml_dtypes
-    from onnx import numpy_helper
+    import onnx_ir as ir
 
     values = q.numpy()
     values = values.astype(ml_dtypes.int4) if row.scheme.bits == 4 else values
-    return (numpy_helper.from_array(values, f"{name}.weight_quantized"),
-            numpy_helper.from_array(scale.numpy().astype(row.numpy_dtype), f"{name}.weight_scale"))
+    return (ir.Tensor(values, name=f"{name}.weight_quantized"),
+            ir.Tensor(scale.numpy().astype(row.numpy_dtype), name=f"{name}.weight_scale"))
 
 
-def add_weight_dequantization(proto, model: Transformer, row: Precision) -> QuantizationRecord:
-    """Rewrite the exported graph in place: each quantized layer's MatMul weight (found by its
-    bytes, as the exporter folded it to (K, N)) becomes DequantizeLinear(q, scale) -> MatMul."""
-    from onnx import helper
+class _LayerQuantizer:
+    """Quantizes one layer at a time, when its integers or scales are first read, and keeps only
+    the last layer's result (the writer reads a layer's two tensors one after the other)."""
 
-    layers = quantized_layers(model, row)
-    wanted = {_weight_bytes(linear.weight, row.numpy_dtype): name for name, linear in layers.items()}
-    graph = proto.graph
-    weights = {t.name: t for t in graph.initializer if len(t.dims) == 2}
-    found: dict[str, str] = {}  # initializer -> layer
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and weights[node.input[1]].raw_data in wanted:
-            found[node.input[1]] = wanted[weights[node.input[1]].raw_data]
-    missing = sorted(set(layers) - set(found.values()))
+    def __init__(self, weights: ModelWeights, row: Precision):
+        self.weights, self.row, self.layer, self.tensors = weights, row, None, None
+
+    def read(self, layer: str, which: int):
+        if self.layer != layer:
+            weight = self.weights.tensors[f"{layer}.weight"].detach().float().T  # (K, N) as the graph holds it
+            q, scale = absmax_quantize(weight, self.row.scheme.bits, self.row.block_size, self.row.torch_dtype)
+            self.layer, self.tensors = layer, _quantized_tensors(layer, q, scale, self.row)
+        return self.tensors[which]
+
+
+def _lazy(quantizer: _LayerQuantizer, layer: str, which: int, dtype, shape: tuple[int, ...], name: str):
+    import onnx_ir as ir
+
+    return ir.LazyTensor(lambda: quantizer.read(layer, which), dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+def dequantize_weights(graph, skeleton: Transformer, weights: ModelWeights, row: Precision) -> QuantizationRecord:
+    """Rewrite the traced graph (onnx_ir, weights bound lazily) in place: each quantized layer's
+    MatMul weight becomes DequantizeLinear(q, scale) -> MatMul; q and scale are computed from the
+    weights when written, one layer at a time."""
+    import onnx_ir as ir
+
+    from .streamed_weights import RECIPE
+
+    layers = quantized_layers(skeleton, row)
+    quantizer, found = _LayerQuantizer(weights, row), set()
+    integer = ir.DataType.INT4 if row.scheme.bits == 4 else ir.DataType.INT8
+    scale_type = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}[row.float_row.name]
+    for node in list(graph.graph):
+        recipe = node.inputs[1].meta.get(RECIPE) if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        layer = recipe.state_name.removesuffix(".weight") if recipe is not None and recipe.transposed else None
+        if layer not in layers or layer in found:
+            continue
+        weight, linear = node.inputs[1], layers[layer]
+        rows, columns = linear.in_features, linear.out_features
+        scale_shape = (rows // row.block_size, columns) if row.block_size else (columns,)
+        values = []
+        for which, (suffix, dtype, shape) in enumerate((("weight_quantized", integer, (rows, columns)),
+                                                          ("weight_scale", scale_type, scale_shape))):
+            name = f"{layer}.{suffix}"
+            value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
+                             const_value=_lazy(quantizer, layer, which, dtype, shape, name))
+            graph.graph.register_initializer(value)
+            values.append(value)
+        blocked = {"axis": 0, "block_size": row.block_size} if row.block_size else {"axis": 1}
+        dequantize = ir.node("DequantizeLinear", values, attributes=blocked, name=f"{layer}.dequantize")
+        dequantize.outputs[0].name = f"{layer}.weight"
+        graph.graph.insert_before(node, dequantize)
+        weight.replace_all_uses_with(dequantize.outputs[0])
+        if not weight.uses():
+            del graph.graph.initializers[weight.name]
+        found.add(layer)
+    missing = sorted(set(layers) - found)
     if missing:
-        raise QuantizeError(f"the exported graph has no MatMul weight equal to {missing[0]}'s; "
+        raise QuantizeError(f"the exported graph has no MatMul that reads {missing[0]}'s weight; "
                             "the exporter changed the graph's layout, so it cannot be quantized")
-    nodes, written = [], set()
-    for node in graph.node:
-        layer = found.get(node.input[1]) if node.op_type == "MatMul" else None
-        if layer is not None and layer not in written:  # one DequantizeLinear per weight, before its first use
-            q, scale = absmax_quantize(layers[layer].weight.T, row.scheme.bits, row.block_size, row.torch_dtype)
-            graph.initializer.extend(_dequantize_initializers(layer, q, scale, row))
-            blocked = {"axis": 0, "block_size": row.block_size} if row.block_size else {"axis": 1}
-            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.weight_quantized", f"{layer}.weight_scale"],
-                                          [f"{layer}.weight"], name=f"{layer}.dequantize", **blocked))
-            written.add(layer)
-        if layer is not None:
-            node.input[1] = f"{layer}.weight"
-        nodes.append(node)
-    kept = [t for t in graph.initializer if t.name not in found]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
     return QuantizationRecord(row.scheme.name, row.block_size, "qdq", "absmax", tuple(layers))
 
 

@@ -33,6 +33,7 @@ from models.rotary import inverse_frequencies
 from models.static_cache import query_head_order
 from models.signature import GraphSignature, layer_cache_names, static_cache_signature
 from models.transformer import Transformer
+from models.weights import ModelWeights
 
 from .onnx_export import ExportError, check_output_path, initializer_bytes, weights_record
 from .quantize import check_quantization, matmulnbits, quantized_layers
@@ -233,7 +234,7 @@ def build_static_cache_graph(model: Transformer, max_cache: int, precision: str 
     record = None
     if row.scheme is not None:
         proto, record = matmulnbits(proto, row, {layer: _graph_weight(layer) for layer in quantized_layers(model, row)})
-    GraphMetadata(kind=STATIC_CACHE, precision=row.name, config=model.config, weights=weights_record(model, weights),
+    GraphMetadata(kind=STATIC_CACHE, precision=row.name, config=model.config, weights=weights_record(ModelWeights.of(model), weights),
                   max_cache=max_cache, opset=17, exporter="export/static_cache_graph.py (onnx.helper)",
                   torch_version=torch.__version__, exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   quantization=record).write(proto)

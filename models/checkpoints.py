@@ -20,6 +20,7 @@ from .files import atomic_path, sha256_file
 from .rotary import inverse_frequencies
 from .shards import INDEX_NAME, ShardedState, ShardError, is_sharded, write_shards
 from .transformer import Transformer
+from .weights import LazyTensors, ModelWeights, dtype_of, shape_of
 
 FORMAT_NAME = "rotary-transformer"
 PROJECT_LAYOUT, UPSTREAM_LAYOUT = "project", "upstream"
@@ -29,6 +30,13 @@ UPSTREAM_MARKER = "layers.0.0.to_q.weight"
 
 class CheckpointError(ToolkitError, ValueError):
     """A checkpoint that is missing, unreadable, of an unknown layout or of the wrong shapes."""
+
+
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    weights: ModelWeights  # read lazily
+    layout: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -58,25 +66,32 @@ def save_checkpoint_shards(model: Transformer, folder: str | os.PathLike, max_sh
 
 
 def shard_checkpoint(source: str | os.PathLike, folder: str | os.PathLike, max_shard_bytes: int = 2 << 30) -> Path:
-    """A project .safetensors checkpoint rewritten as shards, tensor by tensor from the memory-mapped
-    source (never the whole model in memory)."""
-    from safetensors import SafetensorError, safe_open
+    """A project .safetensors checkpoint rewritten as shards, read tensor by tensor (never the whole
+    model in memory)."""
+    from .safetensors_file import SafetensorsError, SafetensorsFile
 
     source = Path(source)
     try:
-        handle = safe_open(str(source), framework="pt")
-        metadata = dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as error:
+        handle = SafetensorsFile(source)
+        metadata = handle.metadata()
+    except (SafetensorsError, OSError) as error:
         raise CheckpointError(f"cannot read checkpoint {source}: not a readable .safetensors file ({error})") from None
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{source} is not a checkpoint of this project's format (no {FORMAT_NAME} metadata); "
                               "load it with load_checkpoint and write it with save_checkpoint_shards")
-    return write_shards(((name, handle.get_tensor(name)) for name in handle.keys()), folder, metadata, max_shard_bytes)
+    return write_shards(((name, handle.read(name)) for name in handle.keys()), folder, metadata, max_shard_bytes)
+
+
+def _safetensors_tensors(files: Mapping[str, Any]) -> LazyTensors:
+    """Tensors by name from SafetensorsFiles (name -> the file that holds it), read on access."""
+    return LazyTensors({name: (lambda f=file, n=name: f.read(n)) for name, file in files.items()},
+                       {name: file.shape(name) for name, file in files.items()},
+                       {name: file.dtype(name) for name, file in files.items()})
 
 
 def _read_state(path: Path) -> tuple[Mapping[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata from a safetensors file, a folder of safetensors shards with
-    their index (read lazily), or a torch.save'd state_dict."""
+    """Tensors and string metadata from a safetensors file or a folder of safetensors shards with
+    their index (both read a tensor at a time, on access), or a torch.save'd state_dict (read whole)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_sharded(path):
@@ -84,22 +99,21 @@ def _read_state(path: Path) -> tuple[Mapping[str, Tensor], dict[str, str]]:
             state = ShardedState(path)
         except ShardError as error:
             raise CheckpointError(str(error)) from None
-        return state, {k: v for k, v in state.metadata.items() if isinstance(v, str)}
+        metadata = {k: v for k, v in state.metadata.items() if isinstance(v, str)}
+        return _safetensors_tensors({name: state.file(name) for name in state}), metadata
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder without {INDEX_NAME}; pass a .safetensors or .pt "
                               "file, or a folder of safetensors shards with their index")
     with open(path, "rb") as handle:
         head = handle.read(9)
     if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
+        from .safetensors_file import SafetensorsError, SafetensorsFile
 
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as error:
+            opened = SafetensorsFile(path)
+        except (SafetensorsError, OSError) as error:
             raise CheckpointError(f"cannot read checkpoint {path}: corrupt safetensors file ({error})") from None
+        return _safetensors_tensors({name: opened for name in opened.keys()}), opened.metadata()
     if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a safetensors file or a torch.save'd state_dict"
@@ -139,7 +153,7 @@ def detect_layout(keys) -> str:
     )
 
 
-def _depth(state: dict[str, Tensor]) -> int:
+def _depth(state: Mapping[str, Tensor]) -> int:
     indices = {int(m.group(1)) for key in state if (m := re.match(r"layers\.(\d+)\.", key))}
     return max(indices) + 1 if indices else 0
 
@@ -155,14 +169,14 @@ def theta_from_frequencies(freqs: Tensor, dim_head: int) -> float:
     return theta
 
 
-def infer_upstream_config(state: dict[str, Tensor]) -> ModelConfig:
-    """The whole upstream config, from tensor shapes alone."""
-    num_tokens, dim = state["token_emb.weight"].shape
+def infer_upstream_config(state: Mapping[str, Tensor]) -> ModelConfig:
+    """The whole upstream config, from tensor shapes alone (and the small rotary frequencies)."""
+    num_tokens, dim = shape_of(state, "token_emb.weight")
     freqs = state["layers.0.0.rotary_embed.freqs"]
     dim_head = 2 * freqs.shape[0]
-    heads = state["layers.0.0.to_q.weight"].shape[0] // dim_head
-    kv_heads = state["layers.0.0.to_k.weight"].shape[0] // dim_head
-    hidden = state["layers.0.1.1.weight"].shape[0]
+    heads = shape_of(state, "layers.0.0.to_q.weight")[0] // dim_head
+    kv_heads = shape_of(state, "layers.0.0.to_k.weight")[0] // dim_head
+    hidden = shape_of(state, "layers.0.1.1.weight")[0]
     return ModelConfig(
         num_tokens=num_tokens, dim=dim, depth=_depth(state), dim_head=dim_head, heads=heads,
         kv_heads=kv_heads, ff_expansion_factor=hidden / dim, causal=True, norm="rms",
@@ -172,25 +186,36 @@ def infer_upstream_config(state: dict[str, Tensor]) -> ModelConfig:
     )
 
 
-def upstream_to_project(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Rename upstream keys to this project's; fuse q/k/v when the config asks for it."""
-    out = {"token_emb.weight": state["token_emb.weight"], "norm.weight": state["norm.weight"],
-           "to_logits.weight": state["to_logits.weight"]}
+def upstream_to_project(state: Mapping[str, Tensor], config: ModelConfig) -> LazyTensors:
+    """Upstream tensors under this project's names, read on access; q/k/v fused when the config asks."""
+    renamed = {"token_emb.weight": "token_emb.weight", "norm.weight": "norm.weight",
+               "to_logits.weight": "to_logits.weight"}
+    fused: dict[str, list[str]] = {}
     for i in range(config.depth):
         up, own = f"layers.{i}.", f"layers.{i}."
-        out[own + "attn.norm.weight"] = state[up + "0.norm.weight"]
-        q, k, v = (state[up + f"0.to_{name}.weight"] for name in "qkv")
+        renamed[own + "attn.norm.weight"] = up + "0.norm.weight"
+        parts = [up + f"0.to_{name}.weight" for name in "qkv"]
         if config.qkv == "fused":
-            out[own + "attn.to_qkv.weight"] = torch.cat((q, k, v), dim=0)
+            fused[own + "attn.to_qkv.weight"] = parts
         else:
-            out.update({own + "attn.to_q.weight": q, own + "attn.to_k.weight": k, own + "attn.to_v.weight": v})
-        out[own + "attn.to_out.weight"] = state[up + "0.to_out.weight"]
-        out[own + "ff.norm.weight"] = state[up + "1.0.weight"]
+            renamed.update({own + f"attn.to_{name}.weight": part for name, part in zip("qkv", parts)})
+        renamed[own + "attn.to_out.weight"] = up + "0.to_out.weight"
+        renamed[own + "ff.norm.weight"] = up + "1.0.weight"
         for src, dst in (("1.1", "ff.proj_in"), ("1.3", "ff.proj_out")):
             for kind in ("weight", "bias"):
                 if up + f"{src}.{kind}" in state:
-                    out[own + f"{dst}.{kind}"] = state[up + f"{src}.{kind}"]
-    return out
+                    renamed[own + f"{dst}.{kind}"] = up + f"{src}.{kind}"
+    for name in [*renamed.values(), *(part for parts in fused.values() for part in parts)]:
+        if name not in state:
+            raise KeyError(name)
+    readers = {own: (lambda key=key: state[key]) for own, key in renamed.items()}
+    shapes = {own: shape_of(state, key) for own, key in renamed.items()}
+    dtypes = {own: dtype_of(state, key) for own, key in renamed.items()}
+    for own, parts in fused.items():
+        readers[own] = lambda parts=parts: torch.cat([state[part] for part in parts], dim=0)
+        shapes[own] = (sum(shape_of(state, part)[0] for part in parts), *shape_of(state, parts[0])[1:])
+        dtypes[own] = dtype_of(state, parts[0])
+    return LazyTensors(readers, shapes, dtypes)
 
 
 def _merge_config(base: ModelConfig | None, override: dict[str, Any] | None) -> ModelConfig:
@@ -201,8 +226,9 @@ def _merge_config(base: ModelConfig | None, override: dict[str, Any] | None) -> 
     return ModelConfig.from_dict({**base.to_dict(), **(override or {})}) if override else base
 
 
-def load_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | None = None) -> LoadedCheckpoint:
-    """Load a project or upstream checkpoint into an eval-mode Transformer.
+def open_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | None = None) -> OpenedCheckpoint:
+    """Open a project or upstream checkpoint without reading its weights: the config, and every
+    tensor under this project's name, checked for name, shape and dtype from the file's headers.
 
     The layout is detected from the keys; the config comes from the file's metadata
     (project format) or is inferred from the tensor shapes (upstream); `config_override`
@@ -214,39 +240,42 @@ def load_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | N
     try:
         if layout == UPSTREAM_LAYOUT:
             config = _merge_config(infer_upstream_config(state), config_override)
-            state = upstream_to_project(state, config)
+            tensors = upstream_to_project(state, config)
         else:
             stored = metadata.get("config")
             sidecar = path.with_name("config.json")
             if stored is None and sidecar.exists():
                 stored = sidecar.read_text()
             config = _merge_config(ModelConfig.from_json(stored) if stored else None, config_override)
+            tensors = state
     except KeyError as error:
         raise CheckpointError(f"checkpoint {path} lacks the tensor {error.args[0]!r} that its {layout} layout needs; "
                               "is it a complete state_dict of the model?") from None
     except ConfigError as error:
         raise CheckpointError(f"cannot build a model config from {path}: {error}") from None
-    model = Transformer(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match its config: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}"
         )
-    weights = {}
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+    for name in tensors:
+        shape, dtype = shape_of(tensors, name), dtype_of(tensors, name)
+        if shape != tuple(expected[name].shape):
             raise CheckpointError(
-                f"checkpoint {path} does not match its config: {name} has shape {tuple(tensor.shape)}, "
+                f"checkpoint {path} does not match its config: {name} has shape {shape}, "
                 f"expected {tuple(expected[name].shape)}"
             )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"checkpoint {path}: {name} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"checkpoint {path}: {name} holds {str(dtype).removeprefix('torch.')} values, "
                                   "not floating point; is it a weight of this model?")
-        weights[name] = tensor.float()
-    model.load_state_dict(weights)
-    digest = state.sha256() if isinstance(state, ShardedState) else sha256_file(path)
-    return LoadedCheckpoint(model=model.eval(), layout=layout, sha256=digest)
+    digest = ShardedState(path).sha256() if is_sharded(path) else sha256_file(path)
+    return OpenedCheckpoint(ModelWeights(config, tensors), layout, digest)
 
 
+def load_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | None = None) -> LoadedCheckpoint:
+    """Load a project or upstream checkpoint into an eval-mode float32 Transformer (see open_checkpoint)."""
+    opened = open_checkpoint(path, config_override)
+    return LoadedCheckpoint(model=opened.weights.build(), layout=opened.layout, sha256=opened.sha256)

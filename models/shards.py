@@ -2,8 +2,8 @@
 `model-0000K-of-0000N.safetensors` files and `model.safetensors.index.json`, whose `weight_map`
 names the file of every tensor.
 
-Reading is lazy: `ShardedState` opens each shard memory-mapped and reads a tensor only when it is
-asked for. Writing streams: tensors go to the current shard until it reaches `max_shard_bytes`,
+Reading is lazy: `ShardedState` reads each shard's header and a tensor's bytes only when it is
+asked for (models/safetensors_file.py says why not memory-mapped). Writing streams: tensors go to the current shard until it reaches `max_shard_bytes`,
 so at most one shard's tensors are held at a time; the folder is written beside its destination
 and renamed when complete.
 """
@@ -35,7 +35,7 @@ class ShardedState(Mapping):
     """The tensors of a sharded checkpoint by name, each read from its memory-mapped shard on access."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import SafetensorError, safe_open
+        from .safetensors_file import SafetensorsError, SafetensorsFile
 
         self.folder = Path(folder)
         try:
@@ -45,7 +45,7 @@ class ShardedState(Mapping):
             raise ShardError(f"cannot read {self.folder / INDEX_NAME}: not a safetensors index ({error})") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ShardError(f"{self.folder / INDEX_NAME} has an empty or malformed weight_map")
-        self._files: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         for name in sorted(set(weight_map.values())):
             if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
                 raise ShardError(f"{self.folder / INDEX_NAME} names the shard {name!r} outside its folder; "
@@ -53,8 +53,8 @@ class ShardedState(Mapping):
             if not (self.folder / name).is_file():
                 raise ShardError(f"shard {name} that {INDEX_NAME} names is missing from {self.folder}")
             try:
-                self._files[name] = safe_open(str(self.folder / name), framework="pt")
-            except (SafetensorError, OSError, ValueError) as error:
+                self._files[name] = SafetensorsFile(self.folder / name)
+            except (SafetensorsError, OSError) as error:
                 raise ShardError(f"cannot read shard {self.folder / name}: corrupt safetensors file ({error})") from None
         for tensor, name in weight_map.items():
             if tensor not in self._files[name].keys():
@@ -62,7 +62,11 @@ class ShardedState(Mapping):
         self._where = dict(weight_map)
 
     def __getitem__(self, name: str) -> Tensor:
-        return self._files[self._where[name]].get_tensor(name)
+        return self._files[self._where[name]].read(name)
+
+    def file(self, name: str):
+        """The SafetensorsFile that holds `name`."""
+        return self._files[self._where[name]]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

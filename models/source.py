@@ -4,16 +4,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from .checkpoints import load_checkpoint
+import torch
+from torch import Tensor
+
+from .checkpoints import open_checkpoint
 from .config import ConfigError, ModelConfig
 from .errors import ToolkitError
 from .graph_metadata import GraphMetadata, WeightsRecord
 from .presets import DEFAULT_PRESET, DEFAULT_SEED, preset
 from .transformer import Transformer, build_model
+from .weights import ModelWeights
 
 
 class WeightsMismatch(ToolkitError):
@@ -22,11 +28,28 @@ class WeightsMismatch(ToolkitError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    model: Transformer
+    """Weights to export or compare against: read lazily from a checkpoint, or a model in memory."""
+
+    weights: ModelWeights
     description: str  # for humans: "preset tiny (seed 0)" or the checkpoint path
     sha256: str  # of the checkpoint file, or of the generated weights
     preset: str | None = None  # set when the weights were generated from a preset
     seed: int | None = None
+    built: Transformer | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of_model(cls, model: Transformer, description: str, sha256: str, preset: str | None = None,
+                 seed: int | None = None) -> "ModelSource":
+        return cls(ModelWeights.of(model), description, sha256, preset, seed, model)
+
+    @cached_property
+    def model(self) -> Transformer:
+        """The model in memory, float32 (built from the checkpoint on first use)."""
+        return self.built if self.built is not None else self.weights.build()
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.weights.config
 
     @property
     def record(self) -> WeightsRecord:
@@ -54,12 +77,16 @@ class ModelRequest:
         return resolve_model(self.checkpoint, self.config, self.preset, self.seed)
 
 
-def weights_sha256(model: Transformer) -> str:
-    """sha256 of the weights as safetensors would serialise them (for models with no file)."""
-    from safetensors.torch import save
-
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    return hashlib.sha256(save(state)).hexdigest()
+def weights_sha256(model: "Transformer | Mapping[str, Tensor]") -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes in name order, read one at a time
+    (for weights with no file of their own)."""
+    tensors = model.state_dict() if isinstance(model, Transformer) else model
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{str(tensor.dtype).removeprefix('torch.')}:{tuple(tensor.shape)}:".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def parse_config_argument(text: str | None) -> dict[str, Any] | None:
@@ -108,15 +135,15 @@ def resolve_model(
 ) -> ModelSource:
     """Load `checkpoint` (config fields override), or build `preset_name`/`config` from `seed`."""
     if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, config)
-        return ModelSource(loaded.model, f"{checkpoint} ({loaded.layout} layout)", loaded.sha256)
+        opened = open_checkpoint(checkpoint, config)
+        return ModelSource(opened.weights, f"{checkpoint} ({opened.layout} layout)", opened.sha256)
     preset_name = preset_name or DEFAULT_PRESET
     base = preset(preset_name)
     model_config = ModelConfig.from_dict({**base.to_dict(), **config}) if config else base
     check_buildable(model_config, preset_name)
     model = build_model(model_config, seed)
     label = f"preset {preset_name}" + (" with config overrides" if config else "")
-    return ModelSource(model, f"{label} (seed {seed})", weights_sha256(model),
+    return ModelSource.of_model(model, f"{label} (seed {seed})", weights_sha256(model),
                        None if config else preset_name, None if config else seed)
 
 

@@ -58,7 +58,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def tiny_source(tiny_model):
     """What models.source.resolve_model(preset_name='tiny', seed=0) describes, built by hand."""
-    return ModelSource(tiny_model, f"preset tiny (seed {TINY_SEED})", weights_sha256(tiny_model),
+    return ModelSource.of_model(tiny_model, f"preset tiny (seed {TINY_SEED})", weights_sha256(tiny_model),
                        preset="tiny", seed=TINY_SEED)
 
 

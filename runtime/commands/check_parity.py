@@ -64,7 +64,7 @@ def _check(args: argparse.Namespace) -> int:
 
     from models.graph_metadata import STATIC_KINDS
     from models.precision import precision
-    from models.source import reference_source
+    from models.source import ModelSource, reference_source
     from runtime.decoding.open import decoder_spec, read_model_metadata
     from runtime.verify.reference import parity_reference
 
@@ -76,7 +76,8 @@ def _check(args: argparse.Namespace) -> int:
         source = reference_source(metadata, args.model, model_request(args))
         prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
         reference = parity_reference(source.model, metadata, args.against)
-        source = replace(source, model=reference.model, description=f"{source.description}, {reference.label}")
+        source = ModelSource.of_model(reference.model, f"{source.description}, {reference.label}", source.sha256,
+                                      source.preset, source.seed)
         row = reference.row if args.precision == "auto" else precision(args.precision)
         tolerance = row.tolerance if args.atol is None else replace(row.tolerance, atol=args.atol)
         device = spec.resolved_device()

@@ -82,7 +82,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.static_cache is not None:
         from runtime.resources import cache_bytes, require
 
-        config = source.model.config
+        config = source.config
         require(8.0 * args.static_cache * config.dim_head + cache_bytes(config, 3, args.static_cache, 4),
                 f"a {args.static_cache}-token static cache (rotary tables, and the verification's 3-row cache)",
                 "cpu", "choose a smaller --static-cache")
@@ -103,7 +103,7 @@ def _export(args: argparse.Namespace) -> int:
                 parity["report"] = (verify_static_export(path, source.model, args.static_cache, log) if args.portable
                                     else verify_export(path, source.model, log, with_past=args.with_past))
 
-        result = export_onnx(source.model, args.output, opset=args.opset, precision=row.name, weights=source.record,
+        result = export_onnx(source.weights, args.output, opset=args.opset, precision=row.name, weights=source.record,
                              allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
                              with_past=args.with_past, static_cache=args.static_cache)
         seconds, what = result.seconds, f"opset {result.opset}, {row.name}"
@@ -161,7 +161,7 @@ def _report(args, row, source, seconds: float, extra: dict, parity) -> dict:
 
     return {"output": str(args.output), "dtype": args.dtype, "precision": row.name, "source": source.description,
             "checkpoint_sha256": source.sha256, "export_seconds": round(seconds, 3),
-            "weight_bytes": graph_weight_bytes(args.output), "config": source.model.config.to_dict(), **extra,
+            "weight_bytes": graph_weight_bytes(args.output), "config": source.config.to_dict(), **extra,
             "verify": parity.to_dict() if parity else None}
 
 

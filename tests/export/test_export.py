@@ -362,7 +362,7 @@ def test_unknown_precision_is_refused(tmp_path, tiny_model, reuse_trace):
 def test_failed_reexport_keeps_the_previous_external_data_export(tmp_path, tiny_model, reuse_trace, monkeypatch):
     import onnxruntime as ort
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # tiny graph behaves like a >2 GB one
+    monkeypatch.setattr(onnx_export, "INLINE_GRAPH_BYTES", 0)  # tiny graph behaves like a >2 GB one
     output = tmp_path / "model.onnx"
     export_onnx(tiny_model, output, log=lambda *_: None)
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]

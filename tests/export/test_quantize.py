@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from export.lint import lint_graph
 from export.onnx_export import example_sizes, export_onnx
-from export.quantize import (QuantizeError, absmax_quantize, add_weight_dequantization, check_quantization,
+from export.quantize import (QuantizeError, absmax_quantize, check_quantization,
                              matmulnbits, mlas_fake_quant, required_opset)
 from export.static_cache_graph import build_static_cache_graph
 from models.graph_metadata import GraphMetadata, read_graph_metadata
@@ -99,14 +99,11 @@ def _dequantized(proto) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tiny_int8_onnx(tmp_path_factory, tiny_onnx, tiny_model):
-    """The session's fp32 export (opset 17) rewritten to int8 weights per output channel."""
-    proto = onnx.load(str(tiny_onnx))
-    row = precision("fp32-int8")
-    record = add_weight_dequantization(proto, tiny_model, row)
-    read_graph_metadata(tiny_onnx).replace(precision=row.name, quantization=record).write(proto)
+def tiny_int8_onnx(tmp_path_factory, tiny_model, tiny_source):
+    """The tiny model with past, fp32 activations, int8 weights per output channel (opset 17)."""
     path = tmp_path_factory.mktemp("int8") / "model-int8.onnx"
-    onnx.save(proto, str(path))
+    export_onnx(tiny_model, path, precision="fp32-int8", weights=tiny_source.record, with_past=True,
+                log=lambda _: None)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 

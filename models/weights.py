@@ -1,0 +1,80 @@
+"""A model's weights without the model: its config and its tensors by state_dict name, each read
+only when asked for. A checkpoint opened this way costs no memory until a tensor is read, which is
+what lets an export stream a model larger than this machine's memory into a graph."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+
+class LazyTensors(Mapping):
+    """Tensors by name, each made by its reader when asked (nothing is cached); shapes and dtypes
+    are known without reading."""
+
+    def __init__(self, readers: Mapping[str, Callable[[], Tensor]], shapes: Mapping[str, tuple[int, ...]],
+                 dtypes: Mapping[str, torch.dtype]):
+        self._readers, self.shapes, self.dtypes = dict(readers), dict(shapes), dict(dtypes)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def shape_of(tensors: Mapping[str, Tensor], name: str) -> tuple[int, ...]:
+    """A tensor's shape, read from a lazy mapping's header when it has one."""
+    shapes = getattr(tensors, "shapes", None)
+    return tuple(shapes[name]) if shapes is not None else tuple(tensors[name].shape)
+
+
+def dtype_of(tensors: Mapping[str, Tensor], name: str) -> torch.dtype:
+    dtypes = getattr(tensors, "dtypes", None)
+    return dtypes[name] if dtypes is not None else tensors[name].dtype
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """`config` and the model's tensors by state_dict name (this project's layout)."""
+
+    config: ModelConfig
+    tensors: Mapping[str, Tensor]
+
+    @classmethod
+    def of(cls, model) -> "ModelWeights":
+        """The weights of a model in memory (its own tensors, not copies)."""
+        return cls(model.config, {name: t.detach() for name, t in model.state_dict().items()})
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the weights take, in `dtype` if given, else as stored."""
+        total = 0
+        for name in self.tensors:
+            count = 1
+            for size in shape_of(self.tensors, name):
+                count *= size
+            total += count * (dtype or dtype_of(self.tensors, name)).itemsize
+        return total
+
+    def largest_tensor_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        return max(torch.Size(shape_of(self.tensors, name)).numel() * dtype.itemsize for name in self.tensors)
+
+    def build(self):
+        """The Transformer with these weights in float32, in eval mode (reads every tensor)."""
+        from .transformer import Transformer
+
+        from .rotary import inverse_frequencies
+
+        with torch.device("meta"):
+            model = Transformer(self.config)
+        # assign=True: the tensors read become the parameters (no second copy, no random init first)
+        model.load_state_dict({name: self.tensors[name].float() for name in self.tensors}, assign=True)
+        model.inv_freq = inverse_frequencies(self.config.dim_head, self.config.theta)
+        return model.eval()
