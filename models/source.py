@@ -77,6 +77,11 @@ class ModelRequest:
         return resolve_model(self.checkpoint, self.config, self.preset, self.seed)
 
 
+def is_weights(target) -> bool:
+    """Whether `target` is PyTorch weights (a ModelSource) rather than a graph or an engine."""
+    return isinstance(target, ModelSource)
+
+
 def weights_sha256(model: "Transformer | Mapping[str, Tensor]") -> str:
     """sha256 over every tensor's name, dtype, shape and bytes in name order, read one at a time
     (for weights with no file of their own)."""

@@ -66,6 +66,19 @@ class ModelWeights:
     def largest_tensor_bytes(self, dtype: torch.dtype = torch.float32) -> int:
         return max(torch.Size(shape_of(self.tensors, name)).numel() * dtype.itemsize for name in self.tensors)
 
+    def truncated(self, layers: int) -> "ModelWeights":
+        """The first `layers` blocks with the embedding, final norm and logits head: a smaller model
+        over the same tensors (read from the same place, on access)."""
+        keep = [name for name in self.tensors
+                if not name.startswith("layers.") or int(name.split(".")[1]) < layers]
+        tensors = LazyTensors({name: (lambda name=name: self.tensors[name]) for name in keep},
+                              {name: shape_of(self.tensors, name) for name in keep},
+                              {name: dtype_of(self.tensors, name) for name in keep})
+        return ModelWeights(self.config.replace(depth=layers), tensors)
+
+    def parameter_count(self) -> int:
+        return sum(torch.Size(shape_of(self.tensors, name)).numel() for name in self.tensors)
+
     def build(self):
         """The Transformer with these weights in float32, in eval mode (reads every tensor)."""
         from .transformer import Transformer

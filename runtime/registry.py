@@ -140,15 +140,18 @@ def static_cache_twin(spec: BackendSpec, kind: str) -> BackendSpec:
 
 def open_backend(name: str, target, **options) -> Backend:
     """Open `target` with the named backend (or `auto`), as a Backend."""
-    spec = resolve_backend(name, None if _is_weights(target) else target)
+    spec = resolve_backend(name, None if is_weights(target) else target)
     if spec.decoder:
         raise BackendError(f"{spec.name} runs as a decoder, not a Backend; open it with open_decoder")
-    if spec.opens == WEIGHTS and not _is_weights(target):
+    if spec.opens == WEIGHTS and not is_weights(target):
         raise BackendError(f"the {spec.name} backend runs PyTorch weights, not a file ({target})")
-    if spec.opens != WEIGHTS and _is_weights(target):
+    if spec.opens != WEIGHTS and is_weights(target):
         raise BackendError(f"the {spec.name} backend needs {'an engine' if spec.opens == ENGINE else 'an ONNX graph'}")
     return spec.open(target, **options)
 
 
-def _is_weights(target) -> bool:
-    return hasattr(target, "model") and hasattr(target, "sha256")
+def is_weights(target) -> bool:
+    """Whether `target` is PyTorch weights (a ModelSource) rather than a graph or an engine."""
+    from models.source import is_weights as weights
+
+    return weights(target)

@@ -69,7 +69,7 @@ def _export(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # the reported time covers the whole command, imports included
     from export.onnx_export import ExportError, export_onnx
     from models.progress import phase
-    from runtime.verify.exported import verify_export, verify_static_export
+    from runtime.verify.exported import verify_static_export
 
     log = log_to(args.json == "-")
     if args.static_cache is not None and args.with_past:
@@ -87,7 +87,13 @@ def _export(args: argparse.Namespace) -> int:
                 f"a {args.static_cache}-token static cache (rotary tables, and the verification's 3-row cache)",
                 "cpu", "choose a smaller --static-cache")
     if args.static_cache is not None and not args.portable:
-        from export.static_cache_graph import export_static_cache
+        from export.static_cache_graph import MAX_WEIGHT_BYTES, export_static_cache
+
+        size = source.weights.nbytes(row.float_row.torch_dtype)
+        if size > MAX_WEIGHT_BYTES:  # before the model is built in memory
+            raise ExportError(f"the ONNX Runtime static-cache graph is written as one file of at most 2 GB of weights "
+                              f"and this model has {size / 1e9:.1f} GB in {row.float_row.name}; export the standard-ops "
+                              "one with --portable (its weights go to external data), or --with-past")
 
         def verify(data: bytes) -> None:
             with phase(log, "verifying", VERIFYING), timed(parity):
@@ -98,11 +104,7 @@ def _export(args: argparse.Namespace) -> int:
         what = f"ONNX Runtime static-cache decoder, {row.name}"
         extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
     else:
-        def verify(path) -> None:
-            with phase(log, "verifying", VERIFYING), timed(parity):
-                parity["report"] = (verify_static_export(path, source.model, args.static_cache, log) if args.portable
-                                    else verify_export(path, source.model, log, with_past=args.with_past))
-
+        verify = _portable_verifier(args, row, source, parity, log)  # decided now: refusals come before the export
         result = export_onnx(source.weights, args.output, opset=args.opset, precision=row.name, weights=source.record,
                              allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
                              with_past=args.with_past, static_cache=args.static_cache)
@@ -114,8 +116,34 @@ def _export(args: argparse.Namespace) -> int:
     log(f"wrote {args.output} ({what}) in {_seconds(total)} (graph {_seconds(seconds)}{verified})")
     if args.json:
         times = {"seconds": round(total, 3), "verify_seconds": round(parity["seconds"], 3) if "seconds" in parity else None}
-        write_json(args.json, _report(args, row, source, seconds, {**extra, **times}, parity.get("report")))
+        scope = {"verify_scope": parity["scope"]} if "scope" in parity else {}
+        write_json(args.json, _report(args, row, source, seconds, {**extra, **times, **scope}, parity.get("report")))
     return 0
+
+
+def _portable_verifier(args, row, source, parity: dict, log):
+    """The verify(path) callback for the traced graphs: against the whole model when verification
+    fits in memory, else against a depth-truncated copy of the same weights (plan_verification
+    refuses here, before the export, when neither fits)."""
+    from models.progress import phase
+    from runtime.verify.exported import verify_export, verify_static_export, verify_truncated_copy
+    from runtime.verify.plan import plan_verification
+
+    plan = plan_verification(source.weights, row) if args.verify else None
+
+    def check(path, model):
+        return (verify_static_export(path, model, args.static_cache, log) if args.portable
+                else verify_export(path, model, log, with_past=args.with_past))
+
+    def verify(path) -> None:
+        what = VERIFYING if plan.full else f"verifying: ONNX Runtime (CPU) against PyTorch on {plan.describe()} ..."
+        with phase(log, "verifying", what), timed(parity):
+            parity["report"] = check(path, source.model) if plan.full else verify_truncated_copy(
+                source.weights, plan.layers, path.parent, check, opset=args.opset, precision=row.name,
+                with_past=args.with_past, static_cache=args.static_cache)
+        parity["scope"] = plan.to_dict()
+
+    return verify
 
 
 VERIFYING = "verifying: ONNX Runtime (CPU) against PyTorch on shapes unlike the trace's ..."

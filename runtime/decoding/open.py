@@ -7,7 +7,7 @@ from pathlib import Path
 from models.graph_metadata import STATIC_KINDS, GraphMetadata, GraphMetadataError, read_graph_metadata
 
 from ..backends import Backend
-from ..registry import ENGINE_SUFFIXES, BackendSpec, resolve_backend, static_cache_twin
+from ..registry import ENGINE_SUFFIXES, BackendSpec, is_weights, resolve_backend, static_cache_twin
 from .base import Decoder
 from .cache_feed import CacheFeedDecoder
 from .static_cache import StaticCacheDecoder, static_graph_bytes
@@ -20,7 +20,7 @@ class Decoders:
     def __init__(self, spec: BackendSpec, target, options: dict):
         self.spec, self.options = spec, options
         self.backend: Backend | None = None
-        if spec.static_cache and hasattr(target, "model"):  # write the graph once for every decoder opened
+        if spec.static_cache and is_weights(target):  # write the graph once for every decoder opened
             target = static_graph_bytes(target, spec.static_cache, options.get("max_cache"), options.get("precision"))
         self.target = target
         if not spec.decoder:

@@ -406,6 +406,8 @@ def open_static_cache(target, spec, rows: int = 1, precision: str | None = None,
                       **_options) -> StaticCacheDecoder:
     """The registry's opener for the *-static backends: `target` is a static-cache graph (path or
     bytes), or a ModelSource whose weights are written into one in memory, `max_cache` tokens deep."""
-    if hasattr(target, "model"):
+    from models.source import is_weights
+
+    if is_weights(target):
         target = static_graph_bytes(target, spec.static_cache, max_cache, precision)
     return StaticCacheDecoder(target, rows, spec.device)
