@@ -29,8 +29,8 @@ from models.weights import ModelWeights
 
 from .lint import LintReport, lint_graph
 from .opset import EXPORTER_MIN_OPSET, check_requested_opset, lower_opset
-from .external_data import plan_external_data, write_external_data
-from .quantize import check_quantization, dequantize_weights
+from .external_data import plan_external_data, write_external_data, write_inline_graph
+from .quantize import SCALE_SUFFIX, check_quantization, dequantize_weights
 from .streamed_weights import UnboundInitializer, WeightRecipe, bind_weights, fold_weight_transposes, materialize_small
 
 # Weights up to this size stay inside the graph file (one file to copy); larger ones go to OUTPUT.data
@@ -299,9 +299,8 @@ def ir_serialize(graph):
 
 
 def save_proto(proto, path: Path) -> None:
-    import onnx
-
-    onnx.save_model(proto, str(path))
+    # one serialized copy; onnx.save_model held about four times the graph's size at its peak
+    path.write_bytes(proto.SerializeToString())
 
 
 def _as_ir(graph):
@@ -336,12 +335,14 @@ def _bytes_text(count: int) -> str:
 
 def _write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, allow_lint: bool,
                  log) -> tuple[list[Path], LintReport]:
-    """Serialize, stamp and lint the graph before reading any weight, then stream the weights (into
-    PATH.data when they pass INLINE_GRAPH_BYTES) and save and check the graph; return the files
+    """Serialize, stamp and lint the graph before reading any weight, then stream the weights into
+    the graph file (or PATH.data when they pass INLINE_GRAPH_BYTES) and check it; return the files
     written (the graph last) and the lint report."""
-    total = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     data_path = path.with_name(path.name + ".data")
-    planned = plan_external_data(graph, path.parent, data_path.name) if total > INLINE_GRAPH_BYTES else []
+    # nothing is read yet; quantization scales (a sixteenth of int4 weights at most) stay in the
+    # graph, where the lint reads them
+    planned = plan_external_data(graph, path.parent, data_path.name, keep=lambda name: name.endswith(SCALE_SUFFIX))
+    external = sum(item.length for item in planned) > INLINE_GRAPH_BYTES
     with phase(log, "serializing the graph", ""):
         proto = lower_opset(ir_serialize(graph), opset)
     metadata.write(proto)
@@ -350,16 +351,17 @@ def _write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, a
     if report.findings and not allow_lint:
         raise ExportError(f"export lint found {len(report.findings)} problem(s), first: {report.findings[0]}; "
                           "fix the model code or pass --allow-lint")
-    written = [path]
-    if planned:
-        size = _bytes_text(sum(item.length for item in planned))
-        with phase(log, "writing the weights", f"writing {size} of weights to {data_path.name}, one tensor at a time ..."):
+    size, where = _bytes_text(sum(item.length for item in planned)), data_path.name if external else path.name
+    with phase(log, "writing the weights", f"writing {size} of weights to {where}, one tensor at a time ..."):
+        if external:
             write_external_data(planned, data_path)
-        written.insert(0, data_path)  # data first: the graph is renamed last
-    with phase(log, "saving and checking the graph", ""):
-        save_proto(proto, path)
+            save_proto(proto, path)
+        else:
+            write_inline_graph(proto, planned, path)
+    del proto  # the checker reads the file; do not hold a second graph meanwhile
+    with phase(log, "checking the graph", ""):
         _check_written(path)
-    return written, report
+    return ([data_path] if external else []) + [path], report  # data first: the graph is renamed last
 
 
 def export_onnx(model: Transformer | ModelWeights, output: str | os.PathLike, opset: int | None = None,

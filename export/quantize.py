@@ -37,6 +37,9 @@ HALF_SCALE_OPSET = 19
 QUANTIZABLE_FLOATS = ("fp32", "fp16")  # bf16: ONNX Runtime's CPU provider cannot verify it
 
 
+SCALE_SUFFIX = ".weight_scale"  # a quantized layer's scales initializer: "<layer>.weight_scale"
+
+
 class QuantizeError(ToolkitError):
     """A quantization the graph cannot express, or that the model's shapes do not allow."""
 
@@ -155,7 +158,7 @@ def _quantized_tensors(name: str, q: Tensor, scale: Tensor, row: Precision):
     values = q.numpy()
     values = values.astype(ml_dtypes.int4) if row.scheme.bits == 4 else values
     return (ir.Tensor(values, name=f"{name}.weight_quantized"),
-            ir.Tensor(scale.numpy().astype(row.numpy_dtype), name=f"{name}.weight_scale"))
+            ir.Tensor(scale.numpy().astype(row.numpy_dtype), name=f"{name}{SCALE_SUFFIX}"))
 
 
 class _LayerQuantizer:
@@ -201,7 +204,7 @@ def dequantize_weights(graph, skeleton: Transformer, weights: ModelWeights, row:
         scale_shape = (rows // row.block_size, columns) if row.block_size else (columns,)
         values = []
         for which, (suffix, dtype, shape) in enumerate((("weight_quantized", integer, (rows, columns)),
-                                                          ("weight_scale", scale_type, scale_shape))):
+                                                          (SCALE_SUFFIX[1:], scale_type, scale_shape))):
             name = f"{layer}.{suffix}"
             value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
                              const_value=_lazy(quantizer, layer, which, dtype, shape, name))
