@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -23,7 +22,7 @@ from models.precision import Precision, precision as lookup_precision
 from models.progress import phase
 from models.signature import BATCH, LOGITS_POSITIONS, SEQUENCE, GraphSignature, graph_signature, static_cache_signature
 from models.static_cache import StaticCacheGraph
-from models.source import weights_sha256
+from models.source import PendingRecord, weights_sha256
 from models.transformer import Transformer
 from models.weights import ModelWeights
 
@@ -239,8 +238,11 @@ def exporter_description() -> str:
     return f"torch.onnx dynamo (torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__})"
 
 
-def weights_record(weights: ModelWeights, record: WeightsRecord | None) -> WeightsRecord:
-    """The record an export writes: as given, or the in-memory weights' own hash."""
+def weights_record(weights: ModelWeights, record: "WeightsRecord | PendingRecord | None") -> WeightsRecord:
+    """The record an export writes: as given (waiting for a checkpoint's hash if it is still being
+    computed), or the in-memory weights' own hash."""
+    if isinstance(record, PendingRecord):
+        return record.resolve()
     return record or WeightsRecord("in-memory model", weights_sha256(weights.tensors))
 
 
@@ -365,7 +367,7 @@ def _write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, a
 
 
 def export_onnx(model: Transformer | ModelWeights, output: str | os.PathLike, opset: int | None = None,
-                precision: str = "fp32", weights: WeightsRecord | None = None, allow_lint: bool = False,
+                precision: str = "fp32", weights: "WeightsRecord | PendingRecord | None" = None, allow_lint: bool = False,
                 verify=None, log=print, with_past: bool = False, static_cache: int | None = None) -> ExportResult:
     """Export `model` (a Transformer, or ModelWeights read lazily from a checkpoint) to `output`;
     `weights` names the weights in the metadata (ModelSource.record). `static_cache` N writes the

@@ -18,7 +18,6 @@ import copy
 import logging
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 

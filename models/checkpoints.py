@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+from concurrent.futures import Future
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,7 +38,27 @@ class CheckpointError(ToolkitError, ValueError):
 class OpenedCheckpoint:
     weights: ModelWeights  # read lazily
     layout: str
-    sha256: str
+    digest: "Future[str]"  # the file's (or shards') sha256, computed in the background
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.result()
+
+
+def hash_in_background(compute: Callable[[], str]) -> "Future[str]":
+    """Start `compute` (a sha256 of files) on a daemon thread: hashing a 13 GB checkpoint reads it
+    once more, which then overlaps the export's tracing instead of preceding it. A daemon thread,
+    so a command that fails early does not wait for the hash at exit."""
+    future: Future[str] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(compute())
+        except BaseException as error:  # handed to whoever asks for the digest
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="checkpoint-sha256", daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True)
@@ -271,7 +293,7 @@ def open_checkpoint(path: str | os.PathLike, config_override: dict[str, Any] | N
         if not dtype.is_floating_point:
             raise CheckpointError(f"checkpoint {path}: {name} holds {str(dtype).removeprefix('torch.')} values, "
                                   "not floating point; is it a weight of this model?")
-    digest = ShardedState(path).sha256() if is_sharded(path) else sha256_file(path)
+    digest = hash_in_background(ShardedState(path).sha256 if is_sharded(path) else lambda: sha256_file(path))
     return OpenedCheckpoint(ModelWeights(config, tensors), layout, digest)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -32,10 +33,14 @@ class ModelSource:
 
     weights: ModelWeights
     description: str  # for humans: "preset tiny (seed 0)" or the checkpoint path
-    sha256: str  # of the checkpoint file, or of the generated weights
+    digest: "str | Future[str]"  # sha256 of the checkpoint file (maybe still being computed), or of generated weights
     preset: str | None = None  # set when the weights were generated from a preset
     seed: int | None = None
     built: Transformer | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sha256(self) -> str:
+        return self.digest if isinstance(self.digest, str) else self.digest.result()
 
     @classmethod
     def of_model(cls, model: Transformer, description: str, sha256: str, preset: str | None = None,
@@ -52,9 +57,29 @@ class ModelSource:
         return self.weights.config
 
     @property
+    def pending_record(self) -> "PendingRecord":
+        """The record, for an export to resolve only when it writes the graph's metadata (so a
+        checkpoint's hash overlaps the tracing)."""
+        return PendingRecord(self)
+
+    @property
     def record(self) -> WeightsRecord:
         """What an exported graph records about its weights, enough to rebuild a preset."""
         return WeightsRecord(self.description, self.sha256, self.preset, self.seed)
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """A ModelSource's WeightsRecord whose sha256 may still be being computed."""
+
+    source: ModelSource
+
+    @property
+    def description(self) -> str:
+        return self.source.description
+
+    def resolve(self) -> WeightsRecord:
+        return self.source.record
 
 
 @dataclass(frozen=True)
@@ -141,7 +166,7 @@ def resolve_model(
     """Load `checkpoint` (config fields override), or build `preset_name`/`config` from `seed`."""
     if checkpoint is not None:
         opened = open_checkpoint(checkpoint, config)
-        return ModelSource(opened.weights, f"{checkpoint} ({opened.layout} layout)", opened.sha256)
+        return ModelSource(opened.weights, f"{checkpoint} ({opened.layout} layout)", opened.digest)
     preset_name = preset_name or DEFAULT_PRESET
     base = preset(preset_name)
     model_config = ModelConfig.from_dict({**base.to_dict(), **config}) if config else base

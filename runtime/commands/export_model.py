@@ -107,7 +107,8 @@ def _export(args: argparse.Namespace) -> int:
         extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
     else:
         verify = _portable_verifier(args, row, source, parity, log)  # decided now: refusals come before the export
-        result = export_onnx(source.weights, args.output, opset=args.opset, precision=row.name, weights=source.record,
+        result = export_onnx(source.weights, args.output, opset=args.opset, precision=row.name,
+                             weights=source.pending_record,
                              allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
                              with_past=args.with_past, static_cache=args.static_cache)
         seconds, what = result.seconds, f"opset {result.opset}, {row.name}"
