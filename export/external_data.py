@@ -3,7 +3,7 @@
 `plan_external_data` gives every large initializer of an onnx_ir model its place in the data file
 and swaps its value for a reference to that place, so the graph can be serialized, relabelled,
 stamped and linted before any weight is read; `write_external_data` then reads each tensor (from a
-lazy value: a memory-mapped checkpoint) and writes it at its offset. Offsets are aligned to 4 KiB
+lazy value: a checkpoint on disk) and writes it at its offset. Offsets are aligned to 4 KiB
 so runtimes can memory-map each tensor.
 
 `write_inline_graph` writes a graph that keeps its weights inside, without ever serializing the

@@ -1,6 +1,6 @@
 """Weights for a graph traced without them: the exporter traces a model whose parameters live on
 PyTorch's meta device (shapes only), and each initializer of the resulting graph gets a lazy value
-that reads its tensor from the weights (a memory-mapped checkpoint, or a model in memory) only
+that reads its tensor from the weights (a checkpoint on disk, or a model in memory) only
 when the graph is written. So an export holds one tensor at a time, whatever the model's size.
 
 The exporter writes a Linear as MatMul(x, Transpose(W)); today's optimizer folds that Transpose

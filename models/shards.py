@@ -2,10 +2,11 @@
 `model-0000K-of-0000N.safetensors` files and `model.safetensors.index.json`, whose `weight_map`
 names the file of every tensor.
 
-Reading is lazy: `ShardedState` reads each shard's header and a tensor's bytes only when it is
-asked for (models/safetensors_file.py says why not memory-mapped). Writing streams: tensors go to the current shard until it reaches `max_shard_bytes`,
-so at most one shard's tensors are held at a time; the folder is written beside its destination
-and renamed when complete.
+Reading is lazy: `ShardedState` reads each shard's header, and a tensor's bytes only when it is
+asked for (models/safetensors_file.py says why not through a memory map). Writing streams:
+tensors go to the current shard until it reaches `max_shard_bytes`, so at most one shard's
+tensors are held at a time; the folder is written beside its destination and renamed when
+complete.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def is_sharded(path: Path) -> bool:
 
 
 class ShardedState(Mapping):
-    """The tensors of a sharded checkpoint by name, each read from its memory-mapped shard on access."""
+    """The tensors of a sharded checkpoint by name, each read from its shard on access."""
 
     def __init__(self, folder: str | os.PathLike):
         from .safetensors_file import SafetensorsError, SafetensorsFile

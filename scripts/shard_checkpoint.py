@@ -1,6 +1,6 @@
 """Rewrite a project .safetensors checkpoint as a folder of shards with their index
-(model-0000K-of-0000N.safetensors + model.safetensors.index.json), tensor by tensor from the
-memory-mapped source: the whole model is never in memory.
+(model-0000K-of-0000N.safetensors + model.safetensors.index.json), reading the source tensor by
+tensor: the whole model is never in memory.
 
 Usage: python scripts/shard_checkpoint.py CHECKPOINT.safetensors FOLDER [--max-shard-mib 2048]
 """

@@ -113,7 +113,7 @@ HEADROOM = 370 << 20  # the exporter's own working memory (~320 MB on this model
 
 
 def test_a_model_several_times_larger_than_the_memory_cap_still_exports(tmp_path):
-    """RLIMIT_DATA caps the process's heap and private mappings (not the memory-mapped checkpoint):
+    """RLIMIT_DATA caps the process's heap and private mappings (a memory map of the checkpoint would count):
     the export gets HEADROOM above what its imports took; the model's float32 weights are 3x that."""
     from models.config import ModelConfig
     from models.random_weights import write_random_checkpoint
