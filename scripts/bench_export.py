@@ -6,7 +6,7 @@ wall time and the child's peak resident memory (getrusage). `--baseline REV` als
 export from another commit's checkout (a git worktree) for comparison, where its memory allows.
 
 Usage: python scripts/bench_export.py [--presets small 1b 7b] [--cache DIR] [--baseline REV]
-                                      [--verify] [--output docs/benchmarks/cpu-export]
+                                      [--verify] [--output docs/benchmarks/cpu-export] [--phases-only]
 """
 from __future__ import annotations
 
@@ -31,6 +31,20 @@ def run_measured(command: list[str], cwd: Path, log_path: Path) -> dict:
         _, status, usage = os.wait4(process.pid, 0)
     return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
             "exit_code": os.waitstatus_to_exitcode(status)}
+
+
+def phases_from_log(path: Path) -> dict:
+    """The last progress line of each phase in an export's log: each phase took at least that long
+    (progress lines come every 5 s)."""
+    import re
+
+    found: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"\s+still (tracing the model|writing the weights) \((\d+) s\)", line)
+        if match:
+            found[{"tracing the model": "tracing_s_at_least", "writing the weights": "writing_s_at_least"}[
+                match.group(1)]] = int(match.group(2))
+    return found
 
 
 def checkpoint(name: str, cache: Path) -> Path:
@@ -58,6 +72,15 @@ def baseline_tree(revision: str, cache: Path) -> Path:
     return tree
 
 
+def write_phases(output: Path, argv: list[str] | None) -> None:
+    """phases.json: each streamed export's phases, read from its log."""
+    from runtime.provenance import script_command, write_result
+
+    phases = {log.stem: phases_from_log(log) for log in sorted(output.glob("*-streamed.log"))}
+    write_result(output / "phases.json", {"source": "the logs beside this file", "phases": phases},
+                 script_command(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "1b", "7b"], help="presets to export (default: small 1b 7b)")
@@ -66,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-presets", nargs="+", default=["small"], help="presets the baseline runs (default small)")
     parser.add_argument("--verify", action="store_true", help="verify each export (default --no-verify)")
     parser.add_argument("--output", default=str(ROOT / "docs/benchmarks/cpu-export"), help="results folder")
+    parser.add_argument("--phases-only", action="store_true",
+                        help="only (re)write phases.json from the logs already in --output")
     args = parser.parse_args(argv)
+    if args.phases_only:
+        write_phases(Path(args.output), argv)
+        return 0
     from models.presets import parameter_count, preset
 
     cache, output = Path(args.cache), Path(args.output)
@@ -96,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               "export": "export-model --checkpoint FOLDER (bf16 shards) --dtype fp16 --with-past "
                         + ("--verify" if args.verify else "--no-verify"), "rows": rows}
     write_result(output / "results.json", report, script_command(argv))
+    write_phases(output, argv)
     return 0 if all(row["exit_code"] == 0 for row in rows) else 1
 
 
