@@ -15,8 +15,6 @@ holds that for one tensor).
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,23 +50,14 @@ def plan_external_data(model, folder: Path, location: str, keep=lambda name: Fal
     return planned
 
 
-def write_external_data(planned: list[PlannedTensor], path: Path,
-                        progress: Callable[[int, int], None] | None = None) -> int:
-    """Read each planned tensor and write its bytes at its offset; return the bytes written.
-    `progress(done, total)` is called at most once a second."""
-    total = sum(item.length for item in planned)
-    done, reported = 0, time.monotonic()
+def write_external_data(planned: list[PlannedTensor], path: Path) -> None:
+    """Read each planned tensor and write its bytes at its offset (the caller's phase reports progress)."""
     with open(path, "wb") as handle:
         for item in planned:
             handle.seek(item.offset)
             handle.write(_tensor_buffer(item))
-            done += item.length
-            if progress is not None and time.monotonic() - reported >= 1.0:
-                progress(done, total)
-                reported = time.monotonic()
         handle.flush()
         os.fsync(handle.fileno())
-    return done
 
 
 def _tensor_buffer(item: PlannedTensor):
