@@ -19,20 +19,27 @@ STREAM = 2000  # tokens: still in flight when SIGTERM arrives
 LONG_STREAM = 15_000
 
 
-def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_graph, tmp_path):
-    """SIGTERM is sent at the stream's first token; 2000 tokens take over a second to decode (400 took
-    0.15 s, which could end before the signal arrived and leave nothing to drain)."""
-    server = ServeProcess(serving_graph, tmp_path)
+def start_stream(url: str, tokens: int):
+    """A generate stream of `tokens` new tokens on a thread: (thread, {"stream": result} once done,
+    [tokens received so far], an Event set at the first token)."""
     result, received, first_token = {}, [0], threading.Event()
 
     def on_token(count: int) -> None:
         received[0] = count
         first_token.set()
 
+    thread = threading.Thread(target=lambda: result.update(stream=http_generate(
+        url, {"prompt_ids": [1, 2, 3], "max_new_tokens": tokens}, 60, on_token=on_token)))
+    thread.start()
+    return thread, result, received, first_token
+
+
+def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_graph, tmp_path):
+    """SIGTERM is sent at the stream's first token; 2000 tokens take over a second to decode (400 took
+    0.15 s, which could end before the signal arrived and leave nothing to drain)."""
+    server = ServeProcess(serving_graph, tmp_path)
     try:
-        thread = threading.Thread(target=lambda: result.update(stream=http_generate(
-            server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": STREAM}, 60, on_token=on_token)))
-        thread.start()
+        thread, result, received, first_token = start_stream(server.url, STREAM)
         # the client's first token, not the metrics (published every 0.25 s, which a fast stream can outrun)
         assert first_token.wait(30), "no token within 30 s"
         at_sigterm = received[0]
@@ -151,16 +158,8 @@ def test_a_model_process_that_dies_stops_serve_with_an_error(serving_graph, tmp_
     from runtime.serving.tritonserver import processes_below
 
     server = ServeProcess(serving_graph, tmp_path, ["--log", str(tmp_path / "kept.log")])
-    result, first, count = {}, threading.Event(), [0]
-
-    def on_token(tokens: int) -> None:
-        count[0] = tokens
-        first.set()
-
     try:
-        thread = threading.Thread(target=lambda: result.update(stream=http_generate(
-            server.url, {"prompt_ids": [1, 2, 3], "max_new_tokens": LONG_STREAM}, 60, on_token=on_token)))
-        thread.start()
+        thread, result, count, first = start_stream(server.url, LONG_STREAM)
         assert first.wait(30), "no token within 30 s"
         tritonserver = next(pid for pid, name in processes_below(server.process.pid, 1).items() if name == "tritonserver")
         below = processes_below(tritonserver, 2)
