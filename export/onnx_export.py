@@ -321,7 +321,7 @@ def _check_written(graph: Path) -> None:
         raise ExportError(f"onnx.checker rejected the exported graph: {str(error).splitlines()[0]}") from None
 
 
-def _commit(written: list[Path], output: Path) -> None:
+def commit(written: list[Path], output: Path) -> None:
     """Move the staged files into place (graph last); drop a stale external-data file."""
     stale_data = output.with_name(output.name + ".data")
     if len(written) == 1 and stale_data.exists():
@@ -335,11 +335,11 @@ def _bytes_text(count: int) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
-def _write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, allow_lint: bool,
-                 log) -> tuple[list[Path], LintReport]:
+def write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, allow_lint: bool,
+                log, check=None) -> tuple[list[Path], LintReport]:
     """Serialize, stamp and lint the graph before reading any weight, then stream the weights into
-    the graph file (or PATH.data when they pass INLINE_GRAPH_BYTES) and check it; return the files
-    written (the graph last) and the lint report."""
+    the graph file (or PATH.data when they pass INLINE_GRAPH_BYTES) and `check(path)` it (default:
+    onnx.checker); return the files written (the graph last) and the lint report."""
     data_path = path.with_name(path.name + ".data")
     # nothing is read yet; quantization scales (a sixteenth of int4 weights at most) stay in the
     # graph, where the lint reads them
@@ -362,7 +362,7 @@ def _write_graph(graph, path: Path, opset: int, metadata: GraphMetadata, lint, a
             write_inline_graph(proto, planned, path)
     del proto  # the checker reads the file; do not hold a second graph meanwhile
     with phase(log, "checking the graph", ""):
-        _check_written(path)
+        (check or _check_written)(path)
     return ([data_path] if external else []) + [path], report  # data first: the graph is renamed last
 
 
@@ -404,10 +404,10 @@ def export_onnx(model: Transformer | ModelWeights, output: str | os.PathLike, op
     # Everything is written into a hidden folder beside OUTPUT and moved into place only once
     # checked and verified, so a failure leaves the previous export (graph and data) untouched.
     with staging_folder(output) as folder:
-        written, report = _write_graph(graph, folder / output.name, opset, metadata,
+        written, report = write_graph(graph, folder / output.name, opset, metadata,
                                        lambda proto: lint_graph(proto, signature, examples), allow_lint, log)
         seconds = time.perf_counter() - started
         if verify is not None:
             verify(written[-1])
-        _commit(written, output)
+        commit(written, output)
     return ExportResult(output, seconds, opset, report, signature)

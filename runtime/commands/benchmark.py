@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "bandwidth; prefill: FLOPs / peak tensor throughput). No timing is asserted anywhere.",
     )
     parser.add_argument("model", metavar="MODEL.onnx", nargs="?",
-                        help="graph exported with --with-past (for the ONNX Runtime backends); its metadata "
-                             "names the weights and precision the PyTorch backends use")
+                        help="graph exported with --with-past (for the ONNX Runtime backends), or a static-cache "
+                             "graph (export-model --static-cache N [--portable]) that the *-static backend of its "
+                             "kind runs instead of writing one (how a model too large for one protobuf message is "
+                             "measured); its metadata names the weights and precision the PyTorch backends use")
     parser.add_argument("--engine", metavar="PATH", help="TensorRT engine built from MODEL (for --backend tensorrt)")
     parser.add_argument("--backend", default=None, metavar="LIST",
                         help="comma-separated backends (default: those the registry marks for this machine: "
@@ -81,9 +83,22 @@ class Targets:
     def precision(self) -> str:
         return self.metadata.precision if self.metadata else "fp32"
 
-    def for_backend(self, spec):
+    def static_graph(self) -> str | None:
+        """MODEL's static-cache kind, when MODEL is a static-cache graph."""
+        from models.graph_metadata import STATIC_KINDS
+
+        return self.metadata.kind if self.metadata and self.metadata.kind in STATIC_KINDS else None
+
+    def for_backend(self, spec, max_cache: int):
         from runtime.registry import ENGINE, ONNX
 
+        if self.static_graph() and (spec.opens == ONNX or spec.static_cache == self.static_graph()):
+            # an ONNX Runtime backend opens it through its static-cache twin (runtime.decoding.open)
+            if self.metadata.max_cache < max_cache:
+                raise ToolkitError(f"MODEL's static cache holds {self.metadata.max_cache} tokens and this run needs "
+                                   f"{max_cache} (context + warm-up + new tokens + 1); export a larger --static-cache "
+                                   "or lower --context")
+            return self.args.model
         if spec.opens == ONNX:
             if not self.args.model:
                 raise ToolkitError(f"{spec.name} needs MODEL.onnx (exported with --with-past)")
@@ -109,7 +124,7 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     try:
         spec = backend_spec(name)
         started = time.perf_counter()
-        with open_decoders(targets.for_backend(spec), name, precision=row.name, max_cache=max_cache) as opened:
+        with open_decoders(targets.for_backend(spec, max_cache), name, precision=row.name, max_cache=max_cache) as opened:
             for batch in args.batch:
                 with phase(log, f"opening {name}", f"  {name}: opening for batch {batch} (warm-up included) ..."):
                     handle = opened.decoder(batch)

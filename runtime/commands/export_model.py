@@ -69,9 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # the reported time covers the whole command, imports included
-    from export.onnx_export import ExportError, export_onnx
-    from models.progress import phase
-    from runtime.verify.exported import verify_static_export
+    from export.graphs import export_graph
+    from export.onnx_export import ExportError
 
     log = log_to(args.json == "-")
     if args.static_cache is not None and args.with_past:
@@ -88,32 +87,16 @@ def _export(args: argparse.Namespace) -> int:
         require(8.0 * args.static_cache * config.dim_head + cache_bytes(config, 3, args.static_cache, 4),
                 f"a {args.static_cache}-token static cache (rotary tables, and the verification's 3-row cache)",
                 "cpu", "choose a smaller --static-cache")
-    if args.static_cache is not None and not args.portable:
-        from export.static_cache_graph import MAX_WEIGHT_BYTES, export_static_cache
-
-        size = source.weights.nbytes(row.float_row.torch_dtype)
-        if size > MAX_WEIGHT_BYTES:  # before the model is built in memory
-            raise ExportError(f"the ONNX Runtime static-cache graph is written as one file of at most 2 GB of weights "
-                              f"and this model has {size / 1e9:.1f} GB in {row.float_row.name}; export the standard-ops "
-                              "one with --portable (its weights go to external data), or --with-past")
-
-        def verify(data: bytes) -> None:
-            with phase(log, "verifying", VERIFYING), timed(parity):
-                parity["report"] = verify_static_export(data, source.model, args.static_cache, log)
-
-        seconds = export_static_cache(source.model, args.output, args.static_cache, row.name, source.record,
-                                      verify=verify if args.verify else None, log=log)
-        what = f"ONNX Runtime static-cache decoder, {row.name}"
-        extra = {"kind": "onnxruntime-static-cache", "max_cache": args.static_cache}
-    else:
-        verify = _portable_verifier(args, row, source, parity, log)  # decided now: refusals come before the export
-        result = export_onnx(source.weights, args.output, opset=args.opset, precision=row.name,
-                             weights=source.pending_record,
-                             allow_lint=args.allow_lint, verify=verify if args.verify else None, log=log,
-                             with_past=args.with_past, static_cache=args.static_cache)
-        seconds, what = result.seconds, f"opset {result.opset}, {row.name}"
-        extra = {"opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past,
-                 **({"kind": "static-cache-portable", "max_cache": args.static_cache} if args.portable else {})}
+    kind = _graph_kind(args)
+    verify = _verifier(args, row, source, parity, log)  # decided now: refusals come before the export
+    result = export_graph(source.weights, args.output, kind.name, row.name, max_cache=args.static_cache,
+                          opset=args.opset, record=source.pending_record, allow_lint=args.allow_lint,
+                          verify=verify if args.verify else None, log=log)
+    seconds = result.seconds
+    what = (f"ONNX Runtime static-cache decoder, {row.name}" if kind.writer == "static-cache"
+            else f"opset {result.opset}, {row.name}")
+    extra = {"kind": kind.report, "opset": result.opset, "lint": result.lint.to_dict(), "with_past": args.with_past,
+             **({"max_cache": args.static_cache} if args.static_cache is not None else {})}
     total = time.perf_counter() - started
     verified = f", verification {_seconds(parity['seconds'])}" if "seconds" in parity else ""
     log(f"wrote {args.output} ({what}) in {_seconds(total)} (graph {_seconds(seconds)}{verified})")
@@ -124,8 +107,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _portable_verifier(args, row, source, parity: dict, log):
-    """The verify(path) callback for the traced graphs: against the whole model when verification
+def _graph_kind(args):
+    from export.graphs import graph_kind
+    from models.graph_metadata import LOGITS, STATIC_CACHE, STATIC_PORTABLE, WITH_PAST
+
+    if args.static_cache is not None:
+        return graph_kind(STATIC_PORTABLE if args.portable else STATIC_CACHE)
+    return graph_kind(WITH_PAST if args.with_past else LOGITS)
+
+
+def _verifier(args, row, source, parity: dict, log):
+    """The verify(path) callback: against the whole model when verification
     fits in memory, else against a depth-truncated copy of the same weights (plan_verification
     refuses here, before the export, when neither fits)."""
     from models.progress import phase
@@ -135,15 +127,15 @@ def _portable_verifier(args, row, source, parity: dict, log):
     plan = plan_verification(source.weights, row) if args.verify else None
 
     def check(path, model):
-        return (verify_static_export(path, model, args.static_cache, log) if args.portable
+        return (verify_static_export(path, model, args.static_cache, log) if args.static_cache is not None
                 else verify_export(path, model, log, with_past=args.with_past))
 
     def verify(path) -> None:
         what = VERIFYING if plan.full else f"verifying: ONNX Runtime (CPU) against PyTorch on {plan.describe()} ..."
         with phase(log, "verifying", what), timed(parity):
             parity["report"] = check(path, source.model) if plan.full else verify_truncated_copy(
-                source.weights, plan.layers, path.parent, check, opset=args.opset, precision=row.name,
-                with_past=args.with_past, static_cache=args.static_cache)
+                source.weights, plan.layers, path.parent, check, kind=_graph_kind(args).name, opset=args.opset,
+                precision=row.name, max_cache=args.static_cache)
         parity["scope"] = plan.to_dict()
 
     return verify

@@ -67,10 +67,10 @@ def verify_truncated_copy(weights: ModelWeights, layers: int, folder: Path, chec
     """Export the first `layers` blocks of `weights` (embedding, final norm and head included)
     through the same exporter into a scratch folder inside `folder`, and return `check(graph,
     model)` on that graph against the same truncated weights in PyTorch."""
-    from export.onnx_export import export_onnx
+    from export.graphs import export_graph
 
     small, reports = weights.truncated(layers), []
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=folder) as scratch:
-        export_onnx(small, Path(scratch) / "truncated.onnx", log=lambda _: None,
-                    verify=lambda graph: reports.append(check(graph, small.build())), **export_options)
+        export_graph(small, Path(scratch) / "truncated.onnx", log=lambda _: None,
+                     verify=lambda graph: reports.append(check(graph, small.build())), **export_options)
     return reports[0]

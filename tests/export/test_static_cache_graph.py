@@ -46,8 +46,10 @@ def test_what_the_graph_cannot_express_is_refused(tiny_config, change, size, pre
 
 
 def test_export_verifies_before_it_writes(tiny_model, tmp_path):
-    def failing(data: bytes) -> None:
-        assert data.startswith(b"\x08")  # the serialized ModelProto
+    import onnx
+
+    def failing(path) -> None:
+        assert onnx.load(str(path)).graph.node  # the whole graph is written, only not yet in place
         raise ExportError("verification failed: on purpose")
 
     with pytest.raises(ExportError, match="on purpose"):
@@ -89,3 +91,43 @@ def test_the_portable_window_must_hold_a_chunk(tiny_model, tmp_path):
 
     with pytest.raises(ExportError, match="--static-cache 4 is too small for the standard-ops graph"):
         export_onnx(tiny_model, tmp_path / "p.onnx", static_cache=4, log=lambda _: None)
+
+
+def test_the_static_graph_streams_a_sharded_checkpoint_into_external_data(tmp_path, tiny_model, monkeypatch):
+    """From shards, past the inline limit: the same weights as the graph built from the model in
+    memory, in OUTPUT.data beside it, and a file ONNX Runtime loads."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    from export import onnx_export, static_cache_graph
+    from models.checkpoints import open_checkpoint, save_checkpoint_shards
+
+    def digests(proto):
+        return sorted((t.name, tuple(t.dims), t.data_type, hashlib.sha256(numpy_helper.to_array(t).tobytes()).digest())
+                      for t in proto.graph.initializer)
+
+    monkeypatch.setattr(onnx_export, "INLINE_GRAPH_BYTES", 0)
+    monkeypatch.setattr(static_cache_graph, "LOAD_CHECK_BYTES", 0)  # ONNX Runtime loads a one-layer copy
+    folder = save_checkpoint_shards(tiny_model, tmp_path / "shards", max_shard_bytes=100_000)
+    lines = []
+    result = export_static_cache(open_checkpoint(folder).weights, tmp_path / "s.onnx", 48, "fp16", log=lines.append)
+    assert result.path == tmp_path / "s.onnx" and (tmp_path / "s.onnx.data").stat().st_size > 100_000
+    assert any("one-layer copy" in line for line in lines)
+    assert digests(onnx.load(str(tmp_path / "s.onnx"))) == digests(build_static_cache_graph(tiny_model, 48, "fp16"))
+    static_cache_graph.check_loads_in_onnxruntime(tmp_path / "s.onnx")
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("static", {"max_cache": 16}, "unknown graph kind 'static'; one of logits, with-past, static-cache"),
+    ("static-cache", {}, "a static-cache graph needs max_cache"),
+    ("with-past", {"max_cache": 16}, "a with-past graph takes no max_cache"),
+    ("static-cache", {"max_cache": 16, "opset": 18}, "written at opset 17; drop --opset"),
+])
+def test_export_graph_refuses_what_its_kind_cannot_take(tiny_model, tmp_path, kind, options, message):
+    from export.graphs import export_graph
+
+    with pytest.raises(ExportError, match=message):
+        export_graph(tiny_model, tmp_path / "g.onnx", kind, log=lambda _: None, **options)
+    assert list(tmp_path.iterdir()) == []

@@ -73,3 +73,26 @@ def test_a_graph_without_a_cache_is_said_to_decode_by_full_recomputation(tiny_on
     assert "full recomputation" not in capsys.readouterr().out
     (result,) = json.loads((tmp_path / "b.json").read_text())["results"]
     assert result["decode_mode"] == "cache"
+
+
+def test_a_static_cache_graph_given_as_model_is_what_its_static_backend_runs(tiny_static_graph, tmp_path,
+                                                                               monkeypatch):
+    """The *-static backend of MODEL's kind runs MODEL (no graph is written from the weights), and
+    a run that needs more cache than MODEL holds is an error cell naming both sizes."""
+    from runtime.decoding import open as opening
+
+    monkeypatch.setattr(opening, "static_graph_bytes", lambda *a, **k: pytest.fail("wrote a graph from the weights"))
+    graph = tiny_static_graph(16)
+
+    def bench(context: str) -> dict:
+        assert main([str(graph), "--backend", "onnxruntime-static,torch", "--context", context, "--new-tokens", "2",
+                     "--warmup", "1", "--iters", "1", "--json", str(tmp_path / "b.json")]) == 0
+        return {(r["backend"], r["context"]): r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
+
+    fits = bench("8,12")  # 12 + 1 warm-up + 2 new + 1 = 16 tokens: what MODEL holds
+    assert all(r["error"] is None and r["decode_p50_ms"] > 0 for r in fits.values()) and len(fits) == 4
+    too_long = bench("13")
+    assert too_long[("onnxruntime-static", 13)]["error"] == (
+        "MODEL's static cache holds 16 tokens and this run needs 17 (context + warm-up + new tokens + 1); export a "
+        "larger --static-cache or lower --context")
+    assert too_long[("torch-cpu", 13)]["error"] is None
