@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
 #   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | aiperf
-#   | bench-large
+#   | export-large | bench-large
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see docs/gpu-verification.md).
@@ -10,7 +10,7 @@
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
 # and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|aiperf|bench-large}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|aiperf|export-large|bench-large}
 if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
   commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
   src=/tmp/rotary-src/$commit
@@ -133,12 +133,20 @@ aiperf)  # aiperf at 32 concurrency against serve's OpenAI API (staged by script
   fi
   kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"
   ;;
-bench-large)  # ~1B and 7B fp16: the static-cache graph written from the seed, against the gpt-fast recipe on the same weights
+export-large)  # ~1B and 7B fp16 static-cache graphs written from the seed (start it in the background: setsid)
+  for preset in ${PRESETS:-1b 7b}; do touch "$work/exporting-$preset"; done  # bench-large waits on these
   for preset in ${PRESETS:-1b 7b}; do
     graph="$work/$preset-fp16-static.onnx"
     [ -f "$graph" ] || run py -m runtime.commands.export_model --preset "$preset" --static-cache 1088 --dtype fp16 \
       --no-verify --output "$graph" --json "$results/export-$preset.json" > "$results/export-$preset.log" 2>&1
-    tail -2 "$results/export-$preset.log"
+    rm -f "$work/exporting-$preset"; tail -2 "$results/export-$preset.log"
+  done
+  ;;
+bench-large)  # those graphs (exported first if missing) against the gpt-fast recipe on the same weights, context 1024
+  for preset in ${PRESETS:-1b 7b}; do
+    graph="$work/$preset-fp16-static.onnx"
+    while [ -f "$work/exporting-$preset" ]; do sleep 2; done  # an export-large started in the background
+    [ -f "$graph" ] || PRESETS=$preset bash "$0" export-large
     run timeout ${LIMIT:-540} python3 -m runtime.commands.benchmark "$graph" --backend ${BACKENDS:-onnxruntime-cuda-static,torch-compile-static} \
       --batch ${BATCHES:-1,32} --context 1024 --new-tokens 32 --warmup 3 --iters 5 --json "$results/bench-$preset${TAG:-}.json" \
       2>&1 | tee "$results/bench-$preset${TAG:-}.log" | grep -v "^  " | tail -12
