@@ -56,11 +56,11 @@ def main(argv=None) -> int:
         if ascii_only:
             feeds["input_ids"] = np.random.default_rng(1).integers(32, 127, size=feeds["input_ids"].shape)
         tensors = {name: torch.from_numpy(value).to(args.device) for name, value in feeds.items()}
-        want = reference.run_torch(dict(tensors))
+        want = reference.run(dict(tensors))
         row = {}
         for name, backend in halves.items():
             cast = {k: v.to(getattr(torch, name)) if v.is_floating_point() else v for k, v in tensors.items()}
-            row[name] = worst_outputs(want, backend.run_torch(cast))
+            row[name] = worst_outputs(want, backend.run(cast))
         _, output, index = row["bfloat16"][0]
         batch_row, position = index[0], index[2] if output.startswith("present") else index[1]
         token = int(feeds["input_ids"][batch_row, position])

@@ -21,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def open_static(backend: str, preset: str, dtype: str, rows: int, cache: int):
-    from runtime.decoding.open import open_decoder
     from models.source import resolve_model
+    from runtime.commands.targets import decoder_target
+    from runtime.decoding.open import open_decoder
 
-    return open_decoder(resolve_model(preset_name=preset), backend, rows=rows, precision=dtype, max_cache=cache)
+    target = decoder_target(resolve_model(preset_name=preset), backend, cache, dtype)
+    return open_decoder(target, backend, rows=rows, precision=dtype, max_cache=cache)
 
 
 def sync(decoder) -> None:

@@ -1,12 +1,16 @@
 """The Backend contract: named arrays in, named arrays out, with input/output metadata.
 
-Every backend (PyTorch, ONNX Runtime, TensorRT) implements `_run`; the base class checks
-feeds against the metadata once, so each backend only fills in its own hooks.
+One inference path, `run(feeds)`, takes numpy arrays or torch tensors and answers in the same
+kind. Every backend (PyTorch, ONNX Runtime, TensorRT) implements the side it runs natively,
+`_run_numpy` (host arrays) or `_run_torch` (tensors on its device), and the base class checks
+the feeds against the metadata once, for both kinds, and converts only at that edge, keeping
+every dtype (an fp16 cache stays fp16 on its way out).
 """
 from __future__ import annotations
 
 import abc
 import math
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -50,16 +54,40 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def outputs(self) -> list[TensorMeta]: ...
 
-    @abc.abstractmethod
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    device = "cpu"  # where torch feeds are run and torch outputs are left
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check `feeds` against the input metadata, run, and return every output by name."""
+    def run(self, feeds: Mapping) -> dict:
+        """Check `feeds` against the input metadata, run, and return every output by name: numpy
+        arrays for numpy feeds (on the host), torch tensors for torch feeds (on the backend's device)."""
         if getattr(self, "_closed", False):
             raise BackendError(f"{self.name}: the backend is closed; open a new one")
+        kinds = {_is_torch(value) for value in feeds.values()}
+        if len(kinds) > 1:
+            raise BackendError(f"{self.name}: feeds mix numpy arrays and torch tensors; pass one kind")
+        if kinds == {True}:
+            self.check_feeds(feeds)
+            return self._run_torch(dict(feeds))
         feeds = {name: np.asarray(value) for name, value in feeds.items()}
         self.check_feeds(feeds)
-        return self._run(feeds)
+        return self._run_numpy(feeds)
+
+    def _run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in and out; by default through `_run_torch` on the backend's device."""
+        from .arrays import to_numpy, to_torch
+
+        if type(self)._run_torch is Backend._run_torch:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _run_numpy nor _run_torch")
+        outputs = self._run_torch({name: to_torch(value).to(self.device) for name, value in feeds.items()})
+        return {name: to_numpy(value) for name, value in outputs.items()}
+
+    def _run_torch(self, feeds: dict) -> dict:
+        """Tensors in and out; by default through `_run_numpy` on the host."""
+        from .arrays import to_numpy, to_torch
+
+        if type(self)._run_numpy is Backend._run_numpy:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _run_numpy nor _run_torch")
+        outputs = self._run_numpy({name: to_numpy(value) for name, value in feeds.items()})
+        return {name: to_torch(value) for name, value in outputs.items()}
 
     def check_feeds(self, feeds: Mapping) -> None:
         """Names, dtypes, ranks, fixed and shared dimensions, and token id range; numpy or torch values."""
@@ -96,20 +124,12 @@ class Backend(abc.ABC):
                     )
         ids = feeds.get("input_ids")
         if self.vocab_size is not None and ids is not None and math.prod(ids.shape):
-            low, high = int(ids.min()), int(ids.max())
+            low, high = _id_range(ids)
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
                 raise BackendError(
                     f"{self.name}: token id {bad} is out of range; the model's vocabulary is 0..{self.vocab_size - 1}"
                 )
-
-    def run_torch(self, feeds: dict) -> dict:
-        """Run with torch tensors in and out. GPU backends override this to keep tensors on the
-        device; the default goes through numpy on the host."""
-        from .arrays import to_numpy, to_torch
-
-        outputs = self.run({name: to_numpy(tensor) for name, tensor in feeds.items()})
-        return {name: to_torch(value) for name, value in outputs.items()}
 
     @property
     def input_names(self) -> list[str]:
@@ -130,6 +150,21 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _is_torch(value) -> bool:
+    torch = sys.modules.get("torch")  # not imported: no value can be a tensor, and numpy-only use stays light
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _id_range(ids) -> tuple[int, int]:
+    """(min, max) of the ids; one device-to-host copy for a tensor on a GPU."""
+    if _is_torch(ids):
+        import torch
+
+        low, high = torch.aminmax(ids)
+        return tuple(torch.stack((low, high)).tolist())
+    return int(ids.min()), int(ids.max())
 
 
 def check_io(signature: GraphSignature, inputs: list[TensorMeta], outputs: list[TensorMeta], where: str) -> None:

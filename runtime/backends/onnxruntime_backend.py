@@ -106,12 +106,9 @@ class OnnxRuntimeBackend(Backend):
     def outputs(self) -> list[TensorMeta]:
         return self._outputs
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.provider == "cuda":
-            from .arrays import to_torch
-
-            tensors = {name: to_torch(v).cuda() for name, v in feeds.items()}
-            return {name: t.float().cpu().numpy() for name, t in self.run_torch(tensors).items()}
+            return super()._run_numpy(feeds)  # bound on the GPU (IO binding), dtypes kept
         values = self.session.run(None, feeds)
         return {meta.name: value for meta, value in zip(self._outputs, values)}
 
@@ -128,24 +125,22 @@ class OnnxRuntimeBackend(Backend):
                 shape.append(sum(symbols[t] if t in symbols else int(t) for t in terms))
         return tuple(shape)
 
-    def run_torch(self, feeds: dict, outputs: dict | None = None) -> dict:
-        """Run with torch CUDA tensors bound in place (IO binding): no host round trip.
-
-        `outputs` may pass preallocated tensors (e.g. a static cache buffer) by name."""
+    def _run_torch(self, feeds: dict) -> dict:
+        """Torch tensors bound in place on the GPU (IO binding): no host round trip."""
         import torch
 
         if self.provider != "cuda":
-            return super().run_torch(feeds)
+            return super()._run_torch(feeds)
         binding = self.session.io_binding()
         symbols = {}
         for meta in self._inputs:
-            tensor = feeds[meta.name].contiguous()
+            tensor = feeds[meta.name].to("cuda").contiguous()
             feeds[meta.name] = tensor
             for dim, size in zip(meta.shape, tensor.shape):
                 if isinstance(dim, str):
                     symbols[dim] = size
             binding.bind_input(meta.name, "cuda", 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
-        results = dict(outputs or {})
+        results = {}
         for meta in self._outputs:
             if meta.name not in results:
                 results[meta.name] = torch.empty(self.output_shape(meta, symbols), dtype=getattr(torch, meta.dtype),

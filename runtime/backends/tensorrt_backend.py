@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import numpy as np
 
 from models.graph_metadata import GraphMetadata, GraphMetadataError
 from models.precision import PRECISIONS
@@ -100,9 +99,10 @@ class TensorRTBackend(Backend):
         raise BackendError(f"input shapes ({given}) are outside every profile of the engine ({allowed}); "
                            "rebuild with larger --batch/--seq ranges")
 
-    def run_torch(self, feeds: dict) -> dict:
-        """Run with torch CUDA tensors in and out (no host copies). With cuda_graphs=True each new
-        set of input shapes is captured once and later calls with those shapes replay the graph."""
+    def _run_torch(self, feeds: dict) -> dict:
+        """Torch CUDA tensors in and out (no host copies). With cuda_graphs=True each new set of
+        input shapes is captured once and later calls with those shapes replay the graph."""
+        feeds = {name: tensor.to("cuda") for name, tensor in feeds.items()}
         if self.cuda_graphs:
             return self._run_graph(feeds)
         return self._execute(feeds)
@@ -150,12 +150,6 @@ class TensorRTBackend(Backend):
         if synchronize:
             stream.synchronize()
         return outputs
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .arrays import to_torch
-
-        tensors = {name: to_torch(v).cuda() for name, v in feeds.items()}
-        return {name: t.float().cpu().numpy() for name, t in self.run_torch(tensors).items()}
 
     def close(self) -> None:
         super().close()

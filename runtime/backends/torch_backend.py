@@ -11,7 +11,6 @@ from models.precision import precision as lookup_precision, precision_of_torch
 from models.signature import graph_signature, past_names, present_names
 from models.transformer import Transformer
 
-from .arrays import to_numpy, to_torch
 from .base import Backend, BackendError, TensorMeta
 
 
@@ -43,10 +42,6 @@ class TorchBackend(Backend):
     def outputs(self) -> list[TensorMeta]:
         return self._outputs
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.run_torch({name: to_torch(value) for name, value in feeds.items()})
-        return {name: to_numpy(value) for name, value in outputs.items()}
-
     def attention_kernels(self):
         """SDPA kernels allowed: not cuDNN's, which builds a new plan for every new sequence
         length (every decode step: ~50 ms each on an H100 with torch 2.11)."""
@@ -57,7 +52,7 @@ class TorchBackend(Backend):
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     @torch.inference_mode()
-    def run_torch(self, feeds: dict) -> dict:
+    def _run_torch(self, feeds: dict) -> dict:
         with self.attention_kernels():
             return self._forward(feeds)
 
@@ -84,10 +79,10 @@ class CompiledTorchBackend(TorchBackend):
         self.name = self.name.replace("torch-", "torch-compile-dynamic-", 1)
         self.forward_fn = torch.compile(self.model, mode=mode, dynamic=True)
 
-    def run_torch(self, feeds: dict) -> dict:
+    def _run_torch(self, feeds: dict) -> dict:
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
-        return {name: value.clone() for name, value in super().run_torch(feeds).items()}
+        return {name: value.clone() for name, value in super()._run_torch(feeds).items()}
 
 
 def open_torch(source, spec, precision: str = "fp32", with_past: bool = True, device: str | None = None,

@@ -119,12 +119,15 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     from runtime.decoding.open import open_decoders
     from runtime.registry import backend_spec
 
+    from .targets import decoder_target
+
     results = []
     max_cache = max(args.context) + args.warmup + args.new_tokens + 1
     try:
         spec = backend_spec(name)
         started = time.perf_counter()
-        with open_decoders(targets.for_backend(spec, max_cache), name, precision=row.name, max_cache=max_cache) as opened:
+        target = decoder_target(targets.for_backend(spec, max_cache), name, max_cache, row.name)
+        with open_decoders(target, name, precision=row.name, max_cache=max_cache) as opened:
             for batch in args.batch:
                 with phase(log, f"opening {name}", f"  {name}: opening for batch {batch} (warm-up included) ..."):
                     handle = opened.decoder(batch)

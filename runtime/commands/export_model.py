@@ -121,7 +121,7 @@ def _verifier(args, row, source, parity: dict, log):
     fits in memory, else against a depth-truncated copy of the same weights (plan_verification
     refuses here, before the export, when neither fits)."""
     from models.progress import phase
-    from runtime.verify.exported import verify_export, verify_static_export, verify_truncated_copy
+    from runtime.verify.exported import verify_export, verify_static_export
     from runtime.verify.plan import plan_verification
 
     plan = plan_verification(source.weights, row) if args.verify else None
@@ -139,6 +139,22 @@ def _verifier(args, row, source, parity: dict, log):
         parity["scope"] = plan.to_dict()
 
     return verify
+
+
+def verify_truncated_copy(weights, layers: int, folder, check, **export_options):
+    """Export the first `layers` blocks of `weights` (embedding, final norm and head included)
+    through the same exporter into a scratch folder inside `folder`, and return `check(graph,
+    model)` on that graph against the same truncated weights in PyTorch."""
+    import tempfile
+    from pathlib import Path
+
+    from export.graphs import export_graph
+
+    small, reports = weights.truncated(layers), []
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=folder) as scratch:
+        export_graph(small, Path(scratch) / "truncated.onnx", log=lambda _: None,
+                     verify=lambda graph: reports.append(check(graph, small.build())), **export_options)
+    return reports[0]
 
 
 VERIFYING = "verifying: ONNX Runtime (CPU) against PyTorch on shapes unlike the trace's ..."

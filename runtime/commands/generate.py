@@ -58,13 +58,16 @@ def _open(args: argparse.Namespace, max_length: int, log):
     from runtime.decoding.open import open_decoder
     from runtime.registry import WEIGHTS, resolve_backend
 
+    from .targets import decoder_target
+
     spec = resolve_backend(args.backend, args.model)
     if spec.opens != WEIGHTS and args.model is None:
         raise ToolkitError(f"--model is required for the {spec.name} backend (an .onnx graph or an .engine)")
     what = "the PyTorch model" if spec.opens == WEIGHTS else args.model
     with phase(log, "opening the decoder", f"generate: opening {what} on {spec.name} (warm-up included) ..."):
         if spec.opens == WEIGHTS:
-            return open_decoder(model_request(args).resolve(), spec.name, rows=1, max_cache=max_length)
+            target = decoder_target(model_request(args).resolve(), spec.name, max_length)
+            return open_decoder(target, spec.name, rows=1, max_cache=max_length)
         return open_decoder(args.model, spec.name, rows=1)
 
 

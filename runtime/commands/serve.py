@@ -150,9 +150,9 @@ def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.
 
     with tempfile.TemporaryDirectory(prefix="rotary-serve-") as work:
         precision = args.dtype or ("fp16" if _cuda() else "fp32")
-        repository, override = repository_for(args.model, Path(work), limit_changes(args), args.device,
-                                              lambda: model_request(args).resolve(), args.max_cache, precision,
-                                              _say, args.generate_instances)
+        model = args.model or _write_static_graph(args, Path(work), precision)
+        repository, override = repository_for(model, Path(work), limit_changes(args), args.device, _say,
+                                              args.generate_instances)
 
         def ready() -> None:
             where = endpoints.describe()
@@ -167,6 +167,24 @@ def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.
         run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout, args.start_timeout,
                    log, before_stop=lambda graceful: [server.stop(args.exit_timeout if graceful else 0) for server in front],
                    log=_say)
+
+
+def _write_static_graph(args: argparse.Namespace, work: Path, precision: str) -> str:
+    """Serving weights: write them as a static-cache graph sized for the limits (or --max-cache)."""
+    from export.graphs import export_graph
+    from models.graph_metadata import STATIC_CACHE
+    from models.progress import phase
+    from runtime.serving.limits import Limits
+
+    source = model_request(args).resolve()
+    limits = Limits().replace(**limit_changes(args))
+    cache = args.max_cache or limits.max_prompt_tokens + limits.max_new_tokens
+    path = work / "model-static.onnx"
+    with phase(_say, "writing the static-cache graph",
+               start=f"serve: writing {source.description} as a {cache}-token static-cache graph ({precision})"):
+        export_graph(source.weights, path, STATIC_CACHE, precision, max_cache=cache, record=source.record,
+                     log=lambda _: None)
+    return str(path)
 
 
 def _openai(args: argparse.Namespace, where: dict):

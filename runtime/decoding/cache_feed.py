@@ -110,7 +110,7 @@ class CacheFeedDecoder(Decoder):
         self._drop([row for row in prompts if row in self.lengths])
         rows = list(prompts)
         ids, mask = left_pad([prompts[row] for row in rows], self.device)
-        outputs = self.backend.run_torch({"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(rows))})
+        outputs = self.backend.run({"input_ids": ids, "attention_mask": mask, **self._empty_cache(len(rows))})
         logits = outputs["logits"]  # (k, width, vocab)
         fresh = _Batch(rows, mask, self._state(ids, outputs))
         self.batch = _Batch.merge(self.batch, fresh.select(sorted(range(len(rows)), key=rows.__getitem__)))
@@ -127,7 +127,7 @@ class CacheFeedDecoder(Decoder):
         else:
             ids = torch.cat((batch.state["input_ids"][0], chosen), dim=1)
             feeds = {"input_ids": ids, "attention_mask": mask}
-        outputs = self.backend.run_torch(feeds)
+        outputs = self.backend.run(feeds)
         self.batch = _Batch(batch.rows, mask, self._state(feeds["input_ids"], outputs))
         return outputs["logits"][:, -1]
 

@@ -8,9 +8,9 @@ from models.graph_metadata import STATIC_KINDS, GraphMetadata, GraphMetadataErro
 
 from ..backends import Backend
 from ..registry import ENGINE_SUFFIXES, BackendSpec, is_weights, resolve_backend, static_cache_twin
-from .base import Decoder
+from .base import Decoder, DecodingError
 from .cache_feed import CacheFeedDecoder
-from .static_cache import StaticCacheDecoder, static_graph_bytes
+from .static_cache import StaticCacheDecoder
 
 
 class Decoders:
@@ -20,8 +20,9 @@ class Decoders:
     def __init__(self, spec: BackendSpec, target, options: dict):
         self.spec, self.options = spec, options
         self.backend: Backend | None = None
-        if spec.static_cache and is_weights(target):  # write the graph once for every decoder opened
-            target = static_graph_bytes(target, spec.static_cache, options.get("max_cache"), options.get("precision"))
+        if spec.static_cache and is_weights(target):
+            raise DecodingError(f"{spec.name} runs a static-cache graph, not weights: write one first (export-model "
+                                "--static-cache N, or runtime.commands.targets.decoder_target)")
         self.target = target
         if not spec.decoder:
             self.backend = spec.open(target, **options)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.graph_metadata import STATIC_CACHE, STATIC_KINDS, STATIC_PORTABLE, GraphMetadata
+from models.graph_metadata import STATIC_CACHE, STATIC_KINDS, GraphMetadata
 from models.precision import precision
 from models.signature import present_name
 
@@ -186,7 +186,7 @@ class BackendRunner:
 
     def _run(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
         feeds = {n: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for n, v in feeds.items()}
-        outputs = self.backend.run_torch({**feeds, **caches})
+        outputs = self.backend.run({**feeds, **caches})
         for name, buffer in caches.items():
             buffer.copy_(outputs[present_name(name)])
         logits.copy_(outputs["logits"])
@@ -391,23 +391,7 @@ class StaticCacheDecoder(Decoder):
         self.caches, self.cache_block, self.stage_block = {}, None, None
 
 
-def static_graph_bytes(source, kind: str, max_cache: int | None, precision: str | None) -> bytes:
-    """A ModelSource's weights written into a static-cache graph of `kind`, serialized in memory."""
-    if max_cache is None:
-        raise DecodingError("writing a static-cache graph from weights needs max_cache")
-    if kind == STATIC_PORTABLE:
-        from export.onnx_export import build_portable_static_graph as build
-    else:
-        from export.static_cache_graph import build_static_cache_graph as build
-    return build(source.model, max_cache, precision or "fp32", source.record).SerializeToString()
-
-
-def open_static_cache(target, spec, rows: int = 1, precision: str | None = None, max_cache: int | None = None,
-                      **_options) -> StaticCacheDecoder:
-    """The registry's opener for the *-static backends: `target` is a static-cache graph (path or
-    bytes), or a ModelSource whose weights are written into one in memory, `max_cache` tokens deep."""
-    from models.source import is_weights
-
-    if is_weights(target):
-        target = static_graph_bytes(target, spec.static_cache, max_cache, precision)
+def open_static_cache(target, spec, rows: int = 1, **_options) -> StaticCacheDecoder:
+    """The registry's opener for the *-static backends: `target` is a static-cache graph (a path, or
+    serialized bytes; runtime.commands.targets writes one from weights)."""
     return StaticCacheDecoder(target, rows, spec.device)

@@ -1,5 +1,5 @@
-"""What `serve` does: get a repository (an exported one, or one written now from a graph, an engine or
-weights), start the bundled tritonserver on it, load `generate`, serve until told to stop, stop cleanly."""
+"""What `serve` does: get a repository (an exported one, or one written now for a graph or an
+engine), start the bundled tritonserver on it, load `generate`, serve until told to stop, stop cleanly."""
 from __future__ import annotations
 
 import threading
@@ -15,39 +15,27 @@ from .repository import GENERATE, RepositoryOptions, export_repository
 from .tritonserver import Endpoints, ServerError, TritonServer
 
 
-def repository_for(model: str | None, workdir: Path, limits: dict, device: str | None, weights: Callable,
-                   max_cache: int | None, precision: str, log: Callable[[str], None],
+def repository_for(model: str, workdir: Path, limits: dict, device: str | None, log: Callable[[str], None],
                    instances: int | None = None) -> tuple[Path, dict | None]:
     """(repository, generate config override or None). `model`: an exported repository (whose limits,
-    device and generate instances the given ones override), a graph or an engine; None: `weights()` (a
-    ModelSource) written as a static-cache graph of `max_cache` tokens. `device` None: auto, or the
-    repository's."""
-    if model is not None and Path(model).is_dir():
+    device and generate instances the given ones override), a graph or an engine (a repository is
+    written for it in `workdir`). `device` None: auto, or the repository's."""
+    if Path(model).is_dir():
         if not (Path(model) / GENERATE / "config.pbtxt").is_file():
             raise ServerError(f"{model} is not a repository written by export-triton (no {GENERATE}/config.pbtxt)")
         return Path(model), generate_override(Path(model), limits, device, instances)
     base = Limits().replace(**limits)
-    if model is None:
-        from export.static_cache_graph import export_static_cache
-
-        source = weights()
-        model = workdir / "model-static.onnx"
-        cache = max_cache or base.max_prompt_tokens + base.max_new_tokens
-        with phase(log, "writing the static-cache graph",
-                   start=f"serve: writing {source.description} as a {cache}-token static-cache graph ({precision})"):
-            export_static_cache(source.model, model, cache, precision, source.record, log=lambda _: None)
-    elif not Path(model).is_file():
+    if not Path(model).is_file():
         raise ServerError(f"model not found: {model}; pass a repository, an .onnx graph or an engine")
-    else:  # a graph or an engine: the limits not given fit what a row holds
-        from ..decoding.open import read_model_metadata
-        from .repository import decoder_capacity
+    from ..decoding.open import read_model_metadata
+    from .repository import decoder_capacity
 
-        capacity = decoder_capacity(read_model_metadata(Path(model)))
-        fitted = base.fitted(capacity, set(limits))
-        if fitted != base:
-            log(f"serve: the decoder holds {capacity} tokens per row: --max-prompt-tokens {fitted.max_prompt_tokens}, "
-                f"--max-new-tokens-limit {fitted.max_new_tokens}")
-        base = fitted
+    capacity = decoder_capacity(read_model_metadata(Path(model)))  # the limits not given fit what a row holds
+    fitted = base.fitted(capacity, set(limits))
+    if fitted != base:
+        log(f"serve: the decoder holds {capacity} tokens per row: --max-prompt-tokens {fitted.max_prompt_tokens}, "
+            f"--max-new-tokens-limit {fitted.max_new_tokens}")
+    base = fitted
     kind = "gpu" if Path(model).suffix in ENGINE_SUFFIXES else "cpu"
     options = RepositoryOptions(kind=kind, limits=base, device=device or "auto", generate_instances=instances or 1)
     return Path(export_repository(model, workdir / "repository", options)["repository"]), None

@@ -2,13 +2,11 @@
 against PyTorch on shapes unlike the trace's."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from export.onnx_export import ExportError, example_sizes
 from models.graph_metadata import GraphMetadata, read_graph_metadata
 from models.transformer import Transformer
-from models.weights import ModelWeights
 
 from ..backends.onnxruntime_backend import OnnxRuntimeBackend
 from ..backends.torch_backend import TorchBackend
@@ -61,16 +59,3 @@ def verify_static_export(data: bytes | Path, model: Transformer, max_cache: int,
     report = check_decoder(reference.model, lambda rows: StaticCacheDecoder(data, rows, "cpu"), [1, 3], lengths,
                            precision=reference.row.name)
     return _judged(report, log)
-
-
-def verify_truncated_copy(weights: ModelWeights, layers: int, folder: Path, check, **export_options) -> ParityReport:
-    """Export the first `layers` blocks of `weights` (embedding, final norm and head included)
-    through the same exporter into a scratch folder inside `folder`, and return `check(graph,
-    model)` on that graph against the same truncated weights in PyTorch."""
-    from export.graphs import export_graph
-
-    small, reports = weights.truncated(layers), []
-    with tempfile.TemporaryDirectory(prefix=".verify-", dir=folder) as scratch:
-        export_graph(small, Path(scratch) / "truncated.onnx", log=lambda _: None,
-                     verify=lambda graph: reports.append(check(graph, small.build())), **export_options)
-    return reports[0]

@@ -5,6 +5,7 @@ import copy
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from gpu_requirements import onnxruntime_providers, require_onnxruntime_cuda, require_tensorrt
@@ -101,8 +102,15 @@ def test_onnxruntime_cuda_greedy_identical_and_cache_on_device(tiny):
                  "attention_mask": torch.ones(1, 3, dtype=torch.int64, device="cuda")}
         for meta in backend.inputs[2:]:
             feeds[meta.name] = torch.zeros(1, meta.shape[1], 0, meta.shape[3], device="cuda")
-        outputs = backend.run_torch(feeds)
+        outputs = backend.run(feeds)
         assert all(t.is_cuda for t in outputs.values())  # IO binding: nothing comes back to the host
+    with OnnxRuntimeBackend(paths[("fp16", True)], provider="cuda") as backend:  # numpy in: the same dtypes out
+        feeds = {"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+        for meta in backend.inputs[2:]:
+            feeds[meta.name] = np.zeros((1, meta.shape[1], 0, meta.shape[3]), np.float16)
+        outputs = backend.run(feeds)
+        assert outputs["logits"].dtype == np.float32
+        assert {v.dtype for k, v in outputs.items() if k.startswith("present")} == {np.dtype(np.float16)}
 
 
 def _cuda_decoder(kind: str, source, paths, tmp_path, rows: int):

@@ -175,3 +175,39 @@ def test_malformed_metadata_is_a_backend_error(tiny_onnx, tmp_path):
     onnx.save(proto, str(path))
     with pytest.raises(BackendError, match="bad_metadata.onnx has damaged toolkit metadata .model config is not valid"):
         OnnxRuntimeBackend(path)
+
+
+def test_run_answers_torch_feeds_with_tensors_equal_to_its_numpy_answer(backend):
+    import torch
+
+    feeds = good_feeds(backend.vocab_size)
+    from_numpy = backend.run(feeds)["logits"]
+    from_torch = backend.run({name: torch.from_numpy(value) for name, value in feeds.items()})["logits"]
+    assert isinstance(from_torch, torch.Tensor) and from_torch.dtype == torch.float32
+    assert np.array_equal(from_torch.numpy(), from_numpy)
+
+
+def test_torch_feeds_are_checked_like_numpy_feeds(backend):
+    import torch
+
+    feeds = {name: torch.from_numpy(value) for name, value in good_feeds(backend.vocab_size).items()}
+    _raises(backend, {**feeds, "attention_mask": feeds["attention_mask"].int()},
+            "input 'attention_mask' must be int64, got int32")
+    too_big = feeds["input_ids"].clone()
+    too_big[1, 3] = backend.vocab_size
+    _raises(backend, {**feeds, "input_ids": too_big}, f"token id {backend.vocab_size} is out of range")
+    _raises(backend, {**feeds, "input_ids": feeds["input_ids"].numpy()}, "feeds mix numpy arrays and torch tensors")
+
+
+def test_half_precision_caches_keep_their_dtype_through_the_numpy_edge(tiny_model):
+    """The default numpy <-> torch conversion keeps fp16: a present cache fed back as the next
+    step's past is the dtype the graph declares, never widened to float32 on the way."""
+    import torch
+
+    with TorchBackend(tiny_model, dtype=torch.float16, with_past=True) as backend:
+        feeds = good_feeds(backend.vocab_size, batch=1, seq=3)
+        for meta in backend.inputs[2:]:
+            feeds[meta.name] = np.zeros((1, meta.shape[1], 0, meta.shape[3]), np.float16)
+        outputs = backend.run(feeds)
+    assert outputs["logits"].dtype == np.float32
+    assert {value.dtype for name, value in outputs.items() if name.startswith("present")} == {np.dtype(np.float16)}

@@ -79,9 +79,9 @@ def test_a_static_cache_graph_given_as_model_is_what_its_static_backend_runs(tin
                                                                                monkeypatch):
     """The *-static backend of MODEL's kind runs MODEL (no graph is written from the weights), and
     a run that needs more cache than MODEL holds is an error cell naming both sizes."""
-    from runtime.decoding import open as opening
+    from runtime.commands import targets
 
-    monkeypatch.setattr(opening, "static_graph_bytes", lambda *a, **k: pytest.fail("wrote a graph from the weights"))
+    monkeypatch.setattr(targets, "static_graph_bytes", lambda *a, **k: pytest.fail("wrote a graph from the weights"))
     graph = tiny_static_graph(16)
 
     def bench(context: str) -> dict:

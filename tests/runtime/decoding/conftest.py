@@ -49,8 +49,10 @@ def open_cpu_decoder(request):
         fixture, factory = CPU_DECODER_FACTORIES[request.param]
         target = request.getfixturevalue(fixture)
         return lambda rows: factory(target, rows)
+    from runtime.commands.targets import decoder_target
+
     fixture, backend, options = CPU_DECODERS[request.param]
-    target = request.getfixturevalue(fixture)
+    target = decoder_target(request.getfixturevalue(fixture), backend, options.get("max_cache"))
     return lambda rows: open_decoder(target, backend, rows=rows, **options)
 
 

@@ -112,3 +112,20 @@ def test_staged_prefills_land_in_their_rows_with_the_logits_of_the_batched_prefi
         outputs.append(torch.cat([x.reshape(-1, x.shape[-1]) for x in logits]))
     assert outputs[0].shape == (1 + 1 + 2 + 3 + 3 + 1 + 3, tiny_model.config.num_tokens)
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_the_runtime_opens_static_graphs_and_never_writes_one_from_weights(tiny_source):
+    """Writing the graph is the command's step (runtime.commands.targets): given weights, the
+    static-cache backend refuses with the two ways to write one."""
+    from runtime.commands.targets import decoder_target
+    from runtime.decoding.base import DecodingError
+    from runtime.decoding.open import open_decoder
+
+    with pytest.raises(DecodingError, match=r"onnxruntime-static runs a static-cache graph, not weights: write one "
+                                            r"first \(export-model --static-cache N"):
+        open_decoder(tiny_source, "onnxruntime-static", rows=1, max_cache=32)
+    graph = decoder_target(tiny_source, "onnxruntime-static", 32)
+    assert isinstance(graph, bytes)
+    with open_decoder(graph, "onnxruntime-static", rows=1) as decoder:
+        assert decoder.max_cache == 32
+    assert decoder_target(tiny_source, "torch", 32) is tiny_source

@@ -114,7 +114,7 @@ def test_serve_fits_the_limits_not_given_to_a_small_static_cache(tiny_static_onn
     from runtime.serving.service import repository_for
 
     lines = []
-    repository, _ = repository_for(str(tiny_static_onnx), tmp_path, {}, "cpu", None, None, "fp32", lines.append)
+    repository, _ = repository_for(str(tiny_static_onnx), tmp_path, {}, "cpu", lines.append)
     config = text_format.Parse((repository / "generate" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     values = {key: value.string_value for key, value in config.parameters.items()}
     assert (values["max_prompt_tokens"], values["max_new_tokens"], values["capacity"]) == ("48", "48", "96")

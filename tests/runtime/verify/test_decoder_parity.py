@@ -32,8 +32,8 @@ class _FlipsOneDecodeStep(TorchBackend):
 
     steps = 0
 
-    def run_torch(self, feeds):
-        outputs = super().run_torch(feeds)
+    def _run_torch(self, feeds):
+        outputs = super()._run_torch(feeds)
         if feeds["input_ids"].shape[1] == 1:
             self.steps += 1
             if self.steps == 5:
@@ -50,10 +50,10 @@ class _ZeroesItsCache(TorchBackend):
     """PyTorch with a broken decode step: the key/value cache it is fed is zeroed at every step
     (the prompt's prefill is right)."""
 
-    def run_torch(self, feeds):
+    def _run_torch(self, feeds):
         if feeds["input_ids"].shape[1] == 1:
             feeds = {name: torch.zeros_like(value) if is_cache_input(name) else value for name, value in feeds.items()}
-        return super().run_torch(feeds)
+        return super()._run_torch(feeds)
 
 
 def _decoder(backend):

@@ -42,14 +42,17 @@ def test_a_truncated_copy_shares_the_tensors_of_its_first_layers(deep_weights):
     assert small.tensors["layers.1.ff.proj_in.weight"].equal(deep_weights.tensors["layers.1.ff.proj_in.weight"])
 
 
+@pytest.mark.parametrize("kind", [[], ["--static-cache", "48"]], ids=["traced", "groupqueryattention-static"])
 def test_export_model_verifies_a_truncated_copy_when_the_whole_model_does_not_fit(tmp_path, monkeypatch, capsys,
-                                                                                   deep_weights):
+                                                                                   deep_weights, kind):
+    """Every graph kind: the truncated copy goes through the same writer (export_graph)."""
     from runtime.commands import export_model
 
     whole = verification_bytes(deep_weights.parameter_count(), precision("fp32"))
     monkeypatch.setattr(plan_module, "available_bytes", lambda device: (whole - 1) / plan_module.HEADROOM)
     report = tmp_path / "r.json"
-    code = export_model.main(["--config", json.dumps(DEEP), "--output", str(tmp_path / "m.onnx"), "--json", str(report)])
+    code = export_model.main(["--config", json.dumps(DEEP), "--output", str(tmp_path / "m.onnx"), "--json", str(report),
+                              *kind])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "verifying: ONNX Runtime (CPU) against PyTorch on a depth-truncated copy of the same weights " \
