@@ -286,3 +286,13 @@ def limit_changes(args: argparse.Namespace) -> dict:
     changes = {"max_rows": args.max_rows, "max_prompt_tokens": args.max_prompt_tokens,
                "max_new_tokens": args.max_new_tokens_limit, "max_queue": args.queue}
     return {name: value for name, value in changes.items() if value is not None}
+
+
+def gpu_selection(text: str):
+    """--gpus all|N|LIST (runtime.serving.gpus), checked for form at parse time."""
+    from runtime.serving.gpus import GpuSelectionError, parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except GpuSelectionError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--gpus ")) from None

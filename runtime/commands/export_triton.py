@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_limit_arguments, limit_changes, log_to, run_main, write_json
+from .common import ArgumentParser, add_limit_arguments, gpu_selection, limit_changes, log_to, run_main, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="export-triton",
         description="Write a Triton Inference Server model repository: the model as Triton's own backends serve "
                     "it (onnxruntime_onnx for a graph, tensorrt_plan for an engine, one instance group per "
@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model entry instances per GPU, or per profile for engines (default 1)")
     parser.add_argument("--generate-instances", type=int, default=1, metavar="N",
                         help="generate processes, each with its own decoder of --max-rows rows (default 1)")
+    parser.add_argument("--gpus", type=gpu_selection, metavar="all|N|LIST",
+                        help="run generate on GPUs, --generate-instances on each, each GPU with its own decoder and "
+                             "CUDA graphs (Triton instance_group KIND_GPU; requests spread across them): all, the first "
+                             "N, or ids such as 0,2 or device=1 (default: one decoder on the server's default device)")
     parser.add_argument("--max-batch-size", type=int, metavar="N",
                         help="the model entry's max_batch_size (default: the graph's batch axis maximum, or the "
                              "largest batch every engine profile takes; 0 disables batching)")
@@ -79,7 +83,8 @@ def _export(args: argparse.Namespace) -> int:
     options = RepositoryOptions(args.name, args.kind, args.instances, args.max_batch_size, args.queue_delay_us,
                                 limits, args.device,
                                 Path(args.decoder) if args.decoder else None,
-                                Path(args.python_env) if args.python_env else None, args.generate_instances)
+                                Path(args.python_env) if args.python_env else None, args.generate_instances,
+                                args.gpus)
     for flag, path in (("--decoder", options.decoder), ("--python-env", options.python_env)):
         if path is not None and not path.is_file():
             raise RepositoryError(f"{flag} {path} not found")

@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "response (p50, p99), the server's rows per step and step time, and errors per "
                     "concurrency level. Exit 1 when any request failed.",
     )
-    parser.add_argument("--url", required=True, help="the server's HTTP address, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--url", required=True, type=url_list, metavar="URL[,URL...]",
+                        help="the server's HTTP address, e.g. http://127.0.0.1:8000; several, comma-separated, load "
+                             "several servers at once: client i talks to server i modulo their number, and the "
+                             "server figures add up all of them (each server's gRPC, metrics and OpenAI ports are "
+                             "its HTTP port + 1, + 2 and + 3, as serve lays them out)")
     parser.add_argument("--concurrency", type=int_list, default=[8], metavar="N[,N...]",
                         help="concurrent clients; several levels (1,8,32) run one after another (default 8)")
     parser.add_argument("--requests", type=int, default=64, metavar="M", help="requests per level (default 64)")
@@ -91,23 +95,62 @@ def server_limits(url: str) -> dict[str, int]:
     return {key: int(value) for key, value in values.items() if value.isdigit()}
 
 
-def _loadtest(args: argparse.Namespace) -> int:
-    from runtime.serving.clients import read_step_counters, split_url
-    from runtime.serving.loadtest import Workload, plot_levels, run_level
-    from runtime.serving.metrics import PUBLISH_S
-
+def url_list(text: str) -> list[str]:
+    """--url's comma-separated list of http(s) addresses."""
     from urllib.parse import urlsplit
 
-    for flag, url in (("--url", args.url), ("--openai-url", args.openai_url)):
-        if url is not None and urlsplit(url).scheme not in ("http", "https"):
-            raise ToolkitError(f"{flag} must be an http:// or https:// address, got {url!r}")
+    urls = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [url for url in urls if urlsplit(url).scheme not in ("http", "https")]
+    if not urls or bad:
+        raise argparse.ArgumentTypeError(f"must be http:// or https:// addresses, got {bad[0] if bad else text!r}")
+    return urls
+
+
+def _checked(args: argparse.Namespace) -> None:
+    from urllib.parse import urlsplit
+
+    if args.openai_url is not None and urlsplit(args.openai_url).scheme not in ("http", "https"):
+        raise ToolkitError(f"--openai-url must be an http:// or https:// address, got {args.openai_url!r}")
+    overrides = [flag for flag, value in (("--grpc-url", args.grpc_url), ("--openai-url", args.openai_url),
+                                          ("--metrics-url", args.metrics_url)) if value is not None]
+    if len(args.url) > 1 and overrides:
+        raise ToolkitError(f"{overrides[0]} names one server's address; with several --url each server's ports "
+                           "follow its HTTP port (drop it)")
     if (args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0
             or args.workers < 1 or (args.requests_per_client is not None and args.requests_per_client < 1)):
         raise ToolkitError("--requests, --requests-per-client, --workers, --max-prompt-tokens, --max-new-tokens "
                            "and --timeout must be positive")
+
+
+def _client(args: argparse.Namespace, url: str, vocab_size: int) -> tuple:
+    """What runtime.serving.loadtest.make_client takes for one server."""
+    from runtime.serving.clients import split_url
+
+    host, port = split_url(url, 8000)
+    if args.protocol == "openai":
+        return ("openai", args.openai_url or f"http://{host}:{port + 3}", vocab_size,
+                args.api_key or os.environ.get("ROTARY_API_KEY") or None)
+    return ("grpc", args.grpc_url or f"{host}:{port + 1}") if args.protocol == "grpc" else ("http", url)
+
+
+def _limits(urls: list[str], wait: float) -> dict[str, int]:
+    """Each server ready, and the limits every one of them accepts."""
+    limits: dict[str, int] = {}
+    for url in urls:
+        wait_until_ready(url, wait)
+        for key, value in server_limits(url).items():
+            limits[key] = min(value, limits.get(key, value))
+    return limits
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from runtime.serving.clients import split_url
+    from runtime.serving.loadtest import Workload, plot_levels, run_level
+    from runtime.serving.metrics import PUBLISH_S
+
+    _checked(args)
     log = log_to(False)
-    wait_until_ready(args.url, args.wait)
-    limits = server_limits(args.url)
+    limits = _limits(args.url, args.wait)
     prompt = min(args.max_prompt_tokens, limits.get("max_prompt_tokens", args.max_prompt_tokens))
     new = min(args.max_new_tokens, limits.get("max_new_tokens", args.max_new_tokens))
     if "capacity" in limits:  # prompt + new tokens must fit in a row
@@ -115,20 +158,15 @@ def _loadtest(args: argparse.Namespace) -> int:
         new = min(new, limits["capacity"] - prompt)
     counts = [args.requests_per_client * c if args.requests_per_client else args.requests for c in args.concurrency]
     requests = Workload(max(counts), limits.get("vocab_size", 256), prompt, new, args.seed).build()
-    host, port = split_url(args.url, 8000)
-    grpc_url = args.grpc_url or f"{host}:{port + 1}"
-    if args.protocol == "openai":
-        client = ("openai", args.openai_url or f"http://{host}:{port + 3}", limits.get("vocab_size", 256),
-                  args.api_key or os.environ.get("ROTARY_API_KEY") or None)
-    else:
-        client = ("grpc", grpc_url) if args.protocol == "grpc" else ("http", args.url)
-    metrics_url = args.metrics_url or f"{host}:{port + 2}"
+    clients = [_client(args, url, limits.get("vocab_size", 256)) for url in args.url]
+    metrics = [args.metrics_url or "{}:{}".format(host, port + 2) for host, port in
+               (split_url(url, 8000) for url in args.url)]
     levels = []
-    before = read_step_counters(metrics_url)
+    before = summed_counters(metrics)
     for concurrency, count in zip(args.concurrency, counts):
-        level = run_level(requests[:count], concurrency, client, args.timeout, args.workers)
+        level = run_level(requests[:count], concurrency, clients, args.timeout, args.workers)
         time.sleep(2 * PUBLISH_S)  # the server publishes its counters every PUBLISH_S
-        after = read_step_counters(metrics_url)
+        after = summed_counters(metrics)
         level["server_steps"], before = step_summary(before, after), after
         levels.append(level)
         log(f"loadtest: {concurrency:4d} clients  {level['requests_per_second']:7.2f} req/s  "
@@ -139,11 +177,25 @@ def _loadtest(args: argparse.Namespace) -> int:
             f"  errors {level['errors']}{_steps(level['server_steps'])}")
     errors = sum(level["errors"] for level in levels)
     if args.json:
-        write_json(args.json, {"url": args.url, "protocol": args.protocol, "prompt_tokens_max": prompt,
-                               "new_tokens_max": new, "levels": levels, "errors": errors})
+        write_json(args.json, {"url": ",".join(args.url), "servers": len(args.url), "protocol": args.protocol,
+                               "prompt_tokens_max": prompt, "new_tokens_max": new, "levels": levels, "errors": errors})
     if args.plot:
         plot_levels(levels, args.plot)
     return 1 if errors else 0
+
+
+def summed_counters(addresses: list[str]) -> dict | None:
+    """The servers' step counters added up; None when any server does not publish them."""
+    from runtime.serving.clients import read_step_counters
+
+    total: dict = {}
+    for address in addresses:
+        counters = read_step_counters(address)
+        if counters is None:
+            return None
+        for key, value in counters.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def step_summary(before: dict | None, after: dict | None) -> dict | None:

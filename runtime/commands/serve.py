@@ -10,8 +10,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, limit_changes, model_request,
-                     positive_float, run_main, write_json)
+from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, gpu_selection, limit_changes,
+                     model_request, positive_float, run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generate processes, each decoding --max-rows rows with its own decoder: their "
                              "per-token Python work (sampling, one response per token) then runs in parallel "
                              "(default 1, or the repository's)")
+    parser.add_argument("--gpus", type=gpu_selection, metavar="all|N|LIST",
+                        help="decode on these GPUs, --generate-instances on each, each GPU with its own decoder, "
+                             "rows and CUDA graphs (Triton spreads requests across them): all, the first N, or ids "
+                             "such as 0,2 or device=1; a GPU this machine does not have is refused before anything "
+                             "starts (default: one decoder on the default device)")
     add_model_arguments(parser, "without MODEL")
     parser.add_argument("--max-cache", type=int, metavar="N",
                         help="without MODEL: static cache per row (default max prompt + max new tokens)")
@@ -97,6 +102,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ServerError(f"--generate-instances must be at least 1, got {args.generate_instances}")
     if args.max_cache is not None and args.max_cache < 2:
         raise ServerError(f"--max-cache must be at least 2, got {args.max_cache}")
+    if args.gpus is not None:
+        from runtime.serving.gpus import resolve_gpus
+
+        if args.device == "cpu":
+            raise ServerError("--gpus places generate on GPUs; drop --device cpu (or --gpus)")
+        args.gpus = resolve_gpus(args.gpus, _gpu_count())
 
 
 def public_triton_warning(host: str) -> str | None:
@@ -152,7 +163,7 @@ def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.
         precision = args.dtype or ("fp16" if _cuda() else "fp32")
         model = args.model or _write_static_graph(args, Path(work), precision)
         repository, override = repository_for(model, Path(work), limit_changes(args), args.device, _say,
-                                              args.generate_instances)
+                                              args.generate_instances, args.gpus)
 
         def ready() -> None:
             where = endpoints.describe()
@@ -195,6 +206,12 @@ def _openai(args: argparse.Namespace, where: dict):
     settings = {"grpc_url": where["grpc"], "model": args.served_model_name, "vocab_size": vocab_size,
                 "context_length": capacity, "api_key": args.api_key}
     return OpenAIProcess(settings, args.openai_host, args.openai_port, args.openai_workers, args.exit_timeout).start()
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _cuda() -> bool:

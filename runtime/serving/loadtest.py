@@ -37,40 +37,47 @@ class Workload:
         return made
 
 
-def run_level(requests: list[dict], concurrency: int, client: tuple, timeout: float,
+def run_level(requests: list[dict], concurrency: int, client: tuple | list[tuple], timeout: float,
               workers: int = 1) -> dict:
-    """`concurrency` threads, each with its own client (`client`: what make_client takes), take
-    requests in turn until none are left. With `workers` > 1 the threads are spread over that many
-    processes, so the load generator's own GIL does not cap what it can receive."""
+    """`concurrency` threads, each with its own client (`client`: what make_client takes, or a list
+    of them: client i talks to server i modulo their number), take requests in turn until none are
+    left. With `workers` > 1 the threads are spread over that many processes, so the load
+    generator's own GIL does not cap what it can receive."""
+    clients = [client] if isinstance(client, tuple) else list(client)
     workers = max(1, min(workers, concurrency))
     if workers > 1:
-        results, seconds = _in_processes(requests, concurrency, client, timeout, workers)
+        results, seconds = _in_processes(requests, concurrency, clients, timeout, workers)
         return summarize(results, concurrency, seconds)
     started = time.perf_counter()
-    done = _in_threads(requests, _cursor(len(requests)), concurrency, lambda: make_client(client), timeout)
+    done = _in_threads(requests, _cursor(len(requests)), concurrency, _client_maker(clients, 0), timeout)
     return summarize([done.get(i) for i in range(len(requests))], concurrency, time.perf_counter() - started)
 
 
-def _in_threads(requests: list[dict], take: Callable[[], int | None], concurrency: int, client: Callable[[], "Client"],
-                timeout: float) -> dict[int, StreamResult]:
+def _client_maker(clients: list[tuple], offset: int) -> Callable[[int], "Client"]:
+    """Thread i's client (i counted from `offset` across processes): servers taken in turn."""
+    return lambda index: make_client(clients[(offset + index) % len(clients)])
+
+
+def _in_threads(requests: list[dict], take: Callable[[], int | None], concurrency: int,
+                client: Callable[[int], "Client"], timeout: float) -> dict[int, StreamResult]:
     """`concurrency` threads that each run `take()`'s next request until it returns None."""
     results: dict[int, StreamResult] = {}
 
-    def worker() -> None:
-        session = client()
+    def worker(index: int) -> None:
+        session = client(index)
         try:
             while True:
-                index = take()
-                if index is None:
+                request = take()
+                if request is None:
                     return
                 try:
-                    results[index] = session.generate(requests[index], timeout)
+                    results[request] = session.generate(requests[request], timeout)
                 except Exception as error:  # a malformed response fails this request, not the worker
-                    results[index] = StreamResult(error=f"{type(error).__name__}: {error}")
+                    results[request] = StreamResult(error=f"{type(error).__name__}: {error}")
         finally:
             session.close()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -107,23 +114,26 @@ def make_client(spec: tuple) -> "Client":
     return GrpcStreamer(address) if kind == "grpc" else HttpClient(address)
 
 
-def _share(requests: list[dict], counter, threads: int, spec: tuple, timeout: float, ready, go, out) -> None:
-    """One worker process: its threads, taking requests from the shared counter from `go` on."""
+def _share(requests: list[dict], counter, threads: int, offset: int, clients: list[tuple], timeout: float, ready, go,
+           out) -> None:
+    """One worker process: its threads (numbered from `offset` among all), taking requests from the
+    shared counter from `go` on."""
     ready.put(True)
     go.wait()
-    out.put(list(_in_threads(requests, _cursor(len(requests), counter), threads, lambda: make_client(spec),
+    out.put(list(_in_threads(requests, _cursor(len(requests), counter), threads, _client_maker(clients, offset),
                              timeout).items()))
 
 
-def _in_processes(requests: list[dict], concurrency: int, spec: tuple[str, str], timeout: float,
+def _in_processes(requests: list[dict], concurrency: int, clients: list[tuple], timeout: float,
                   workers: int) -> tuple[list[StreamResult | None], float]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     ready, go, out, counter = context.Queue(), context.Event(), context.Queue(), context.Value("i", 0)
     threads = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
-    processes = [context.Process(target=_share, args=(requests, counter, count, spec, timeout, ready, go, out),
-                                 daemon=True) for count in threads]
+    processes = [context.Process(target=_share, args=(requests, counter, count, sum(threads[:k]), clients, timeout,
+                                                      ready, go, out), daemon=True)
+                 for k, count in enumerate(threads)]
     for process in processes:
         process.start()
     for _ in processes:

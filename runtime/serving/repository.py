@@ -22,6 +22,7 @@ from models.signature import TensorSpec
 
 from ..decoding.open import read_model_metadata
 from ..registry import ENGINE_SUFFIXES
+from .gpus import instance_group
 from .limits import Limits
 from .pbtxt import Enum, parameters, render
 from .requests import INPUTS, OUTPUTS
@@ -49,7 +50,8 @@ class RepositoryOptions:
     device: str = "auto"  # generate's decoder
     decoder: Path | None = None  # a different graph for generate (e.g. a static-cache graph beside an engine)
     python_env: Path | None = None  # conda-pack archive for the python backend (EXECUTION_ENV_PATH)
-    generate_instances: int = 1  # generate processes, each with its own decoder of limits.max_rows rows
+    generate_instances: int = 1  # generate instances (per GPU with `gpus`), sharing a decoder of limits.max_rows rows
+    gpus: str | tuple[int, ...] | None = None  # runtime.serving.gpus: None (today's default device), ALL or GPU ids
 
 
 def export_repository(model: str | Path, output: str | Path, options: RepositoryOptions) -> dict:
@@ -123,6 +125,8 @@ def _check(model: Path, output: Path, options: RepositoryOptions) -> None:
         raise RepositoryError(f"device {options.device!r} is not one of {', '.join(DEVICES)}")
     if model.suffix in ENGINE_SUFFIXES and options.kind != "gpu":
         raise RepositoryError("TensorRT engines run on GPUs only; drop --kind cpu")
+    if options.gpus is not None and options.device == "cpu":
+        raise RepositoryError("--gpus places generate on GPUs; drop --device cpu (or --gpus)")
     if output.exists():
         output.rmdir()  # empty: replaced by the finished repository
 
@@ -175,12 +179,13 @@ def model_config(options: RepositoryOptions, metadata: GraphMetadata, profiles: 
     if max_batch > 0:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.queue_delay_us}
     kind = Enum("KIND_GPU" if options.kind == "gpu" else "KIND_CPU")
+    placed = {"gpus": list(options.gpus)} if options.kind == "gpu" and isinstance(options.gpus, tuple) else {}
     if profiles is not None:  # one instance group per optimization profile; CUDA graphs per shape
-        config["instance_group"] = [{"count": options.instances, "kind": kind, "profile": [str(index)]}
+        config["instance_group"] = [{"count": options.instances, "kind": kind, **placed, "profile": [str(index)]}
                                     for index in range(len(profiles))]
         config["optimization"] = {"cuda": {"graphs": True}}
     else:
-        config["instance_group"] = [{"count": options.instances, "kind": kind}]
+        config["instance_group"] = [{"count": options.instances, "kind": kind, **placed}]
     return config
 
 
@@ -214,5 +219,5 @@ def generate_config(options: RepositoryOptions, decoder_path: str, metadata: Gra
                       for name, (dtype, dims, _) in INPUTS.items()],
             "output": [{"name": name, "data_type": Enum(dtype), "dims": dims}
                        for name, (dtype, dims, _) in OUTPUTS.items()],
-            "instance_group": [{"count": options.generate_instances, "kind": Enum("KIND_CPU")}],
+            "instance_group": [instance_group(options.gpus, options.generate_instances)],
             "parameters": parameters(values)}

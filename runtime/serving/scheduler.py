@@ -41,10 +41,10 @@ class SchedulerError(RuntimeError):
     """The decode process could not be started."""
 
 
-def rendezvous(model: Path, backend: str, rows: int) -> Path:
+def rendezvous(model: Path, backend: str, rows: int, gpu: int | None = None) -> Path:
     """The private folder where this server's instances of `generate` find their decode process:
-    one per server process (the stubs' parent) and decoder."""
-    digest = hashlib.sha256(f"{Path(model).resolve()}|{backend}|{rows}".encode()).hexdigest()[:16]
+    one per server process (the stubs' parent), decoder and GPU."""
+    digest = hashlib.sha256(f"{Path(model).resolve()}|{backend}|{rows}|{gpu}".encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"rotary-decode-{os.getuid()}-{os.getppid()}-{digest}"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder
@@ -81,10 +81,12 @@ class Scheduler:
         self._watcher = threading.Thread(target=self._watch, name="generate-cancel-watch", daemon=True)
 
     @classmethod
-    def in_process(cls, model: Path, backend: str, limits: Limits, python: str | None = None, **options) -> "Scheduler":
+    def in_process(cls, model: Path, backend: str, limits: Limits, python: str | None = None, gpu: int | None = None,
+                   **options) -> "Scheduler":
         """Connect to the decode process that serves `model` for this server's instances of
-        `generate`, starting it (on `python`) if no instance has yet."""
-        folder = rendezvous(model, backend, limits.max_rows)
+        `generate` (on GPU `gpu`, which that process alone then sees), starting it (on `python`)
+        if no instance has yet."""
+        folder = rendezvous(model, backend, limits.max_rows, gpu)
         address, key_file, error_file = folder / "loop.sock", folder / "key", folder / "error"
         process = None
         with open(folder / "lock", "w") as lock:
@@ -98,6 +100,8 @@ class Scheduler:
                         "error_file": str(error_file), "prefill_tokens": options.pop("prefill_tokens", PREFILL_TOKENS)}
                 env = dict(os.environ, **{AUTHKEY_VARIABLE: key.hex()})
                 env["PYTHONPATH"] = os.pathsep.join(part for part in sys.path if part)  # what this interpreter imports
+                if gpu is not None:  # its decoder, cache and CUDA graphs live on that GPU alone
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
                 process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop",
                                             json.dumps(spec)], env=env)
                 deadline = time.monotonic() + START_S

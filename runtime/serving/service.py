@@ -16,14 +16,14 @@ from .tritonserver import Endpoints, ServerError, TritonServer
 
 
 def repository_for(model: str, workdir: Path, limits: dict, device: str | None, log: Callable[[str], None],
-                   instances: int | None = None) -> tuple[Path, dict | None]:
+                   instances: int | None = None, gpus: tuple[int, ...] | None = None) -> tuple[Path, dict | None]:
     """(repository, generate config override or None). `model`: an exported repository (whose limits,
-    device and generate instances the given ones override), a graph or an engine (a repository is
-    written for it in `workdir`). `device` None: auto, or the repository's."""
+    device, generate instances and GPUs the given ones override), a graph or an engine (a repository
+    is written for it in `workdir`). `device` None: auto, or the repository's."""
     if Path(model).is_dir():
         if not (Path(model) / GENERATE / "config.pbtxt").is_file():
             raise ServerError(f"{model} is not a repository written by export-triton (no {GENERATE}/config.pbtxt)")
-        return Path(model), generate_override(Path(model), limits, device, instances)
+        return Path(model), generate_override(Path(model), limits, device, instances, gpus)
     base = Limits().replace(**limits)
     if not Path(model).is_file():
         raise ServerError(f"model not found: {model}; pass a repository, an .onnx graph or an engine")
@@ -37,14 +37,16 @@ def repository_for(model: str, workdir: Path, limits: dict, device: str | None, 
             f"--max-new-tokens-limit {fitted.max_new_tokens}")
     base = fitted
     kind = "gpu" if Path(model).suffix in ENGINE_SUFFIXES else "cpu"
-    options = RepositoryOptions(kind=kind, limits=base, device=device or "auto", generate_instances=instances or 1)
+    options = RepositoryOptions(kind=kind, limits=base, device=device or "auto", generate_instances=instances or 1,
+                                gpus=gpus)
     return Path(export_repository(model, workdir / "repository", options)["repository"]), None
 
 
-def generate_override(repository: Path, limits: dict, device: str | None, instances: int | None = None) -> dict | None:
-    """An exported repository's `generate` config with the given limits (and device) in its parameters
-    and `instances` processes, as the JSON Triton's load API takes; None when nothing changes."""
-    if not limits and device is None and instances is None:
+def generate_override(repository: Path, limits: dict, device: str | None, instances: int | None = None,
+                      gpus: tuple[int, ...] | None = None) -> dict | None:
+    """An exported repository's `generate` config with the given limits (and device) in its parameters,
+    `instances` instances (on each of `gpus`), as the JSON Triton's load API takes; None when nothing changes."""
+    if not limits and device is None and instances is None and gpus is None:
         return None
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
@@ -58,6 +60,10 @@ def generate_override(repository: Path, limits: dict, device: str | None, instan
         config.parameters[key].string_value = value
     if instances is not None:
         config.instance_group[0].count = instances
+    if gpus is not None:
+        group = config.instance_group[0]
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
+        group.gpus[:] = list(gpus)
     return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 

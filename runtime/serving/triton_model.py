@@ -153,12 +153,14 @@ class GenerateModel:
         self.limits = Limits.from_parameters(params)
         model = (Path(args["model_repository"]) / params.get("decoder_model", "")).resolve()
         spec = backend_on(params.get("device", "auto"), model)
-        sink = TritonMetricsSink(pb_utils, {"model": config.get("name", "generate"),
-                                            "instance": args.get("model_instance_name", "")})
+        gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+        labels = {"model": config.get("name", "generate"), "instance": args.get("model_instance_name", "")}
+        sink = TritonMetricsSink(pb_utils, {**labels, **({"gpu": str(gpu)} if gpu is not None else {})})
         self.metrics = ServingMetrics(sink)
         senders = int(os.environ.get("ROTARY_SERVE_SENDERS", SENDERS))  # tuning: threads sending responses
         self.scheduler = Scheduler.in_process(model, spec.name, self.limits, python=os.environ.get("ROTARY_SERVE_PYTHON"),
-                                              metrics=self.metrics, log=pb_utils.Logger.log_warn, senders=max(1, senders))
+                                              gpu=gpu, metrics=self.metrics, log=pb_utils.Logger.log_warn,
+                                              senders=max(1, senders))
         self.facts = self.scheduler.facts
         try:
             self.limits.check_capacity(self.facts["max_length"], self.facts["capacity_hint"])
@@ -167,8 +169,10 @@ class GenerateModel:
             self.metrics.close()
             raise
         self.scheduler.start()
+        where = f" on GPU {gpu}" if gpu is not None else ""
         pb_utils.Logger.log_info(f"generate: {self.facts['name']} ({self.facts['mode']}) over {model.name}, "
-                                 f"{self.limits.max_rows} rows, decoding in process {self.scheduler.pid}; {_versions()}")
+                                 f"{self.limits.max_rows} rows, decoding in process {self.scheduler.pid}{where}; "
+                                 f"{_versions()}")
 
     def submit(self, request) -> None:
         """Check the request and queue it; a bad request gets one error response, nothing else."""

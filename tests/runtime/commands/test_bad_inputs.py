@@ -179,7 +179,10 @@ MATRIX = [
     ("serve", ["{root}/static.onnx", "--port", "70000"], ["--port must be a port number 1-65535"], 2),
     ("serve", ["{root}/missing.onnx"], ["model not found"], 2),
     # loadtest (refused before it contacts any server)
-    ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["--url must be an http:// or https:// address"], 2),
+    ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["argument --url: must be http:// or https:// addresses"], 2),
+    ("loadtest", ["--url", "http://127.0.0.1:9,x"], ["argument --url: must be http:// or https:// addresses, got 'x'"], 2),
+    ("loadtest", ["--url", "http://127.0.0.1:9,http://127.0.0.1:10", "--grpc-url", "127.0.0.1:11"],
+     ["--grpc-url names one server's address; with several --url"], 2),
     *[("loadtest", ["--url", "http://127.0.0.1:9", "--timeout", value], ["argument --timeout"], 2)
       for value in ("nan", "inf", "0")],
     ("loadtest", ["--url", "http://127.0.0.1:9", "--wait", "nan"], ["argument --wait"], 2),

@@ -38,6 +38,8 @@ def test_writes_a_repository_triton_accepts(tiny_past_onnx, tmp_path, capsys):
     (["{model}", "--output", "{tmp}/r", "--instances", "0"], "--instances must be from 1 to 1024, got 0"),
     (["{model}", "--output", "{tmp}/no/such/r"], "is not a directory"),
     (["{model}", "--output", "{tmp}/r", "--decoder", "{tmp}/nothing.onnx"], "--decoder"),
+    (["{model}", "--output", "{tmp}/r", "--gpus", "two"], "--gpus: takes all, a count from 1 to 64, or GPU ids"),
+    (["{model}", "--output", "{tmp}/r", "--gpus", "1", "--device", "cpu"], "--gpus places generate on GPUs"),
 ])
 def test_bad_input_is_one_error_line(tiny_past_onnx, tmp_path, capsys, args, message):
     argv = [a.format(tmp=tmp_path, model=tiny_past_onnx) for a in args]
@@ -67,3 +69,18 @@ def test_limits_not_given_come_from_a_small_decoders_capacity(tiny_past_onnx, ti
     assert main([str(tiny_past_onnx), "--output", str(tmp_path / "r"), "--decoder", str(static),
                  "--max-prompt-tokens", "256"]) == 2
     assert_one_line_error(capsys, "export-triton", "--max-prompt-tokens (max_prompt_tokens) 256 leaves no room")
+
+
+@pytest.mark.parametrize("gpus, placed", [("1", [0]), ("2", [0, 1]), ("8", list(range(8))), ("device=1,3", [1, 3]),
+                                          ("all", [])])
+def test_gpus_place_one_generate_decoder_per_gpu(tiny_past_onnx, tmp_path, capsys, gpus, placed):
+    """Configs for 1, 2 and 8 GPUs (and a list, and all) that Triton's schema accepts: generate's
+    instances and the model entry's on those GPUs (all: every GPU, Triton's default for KIND_GPU)."""
+    code = main([str(tiny_past_onnx), "--output", str(tmp_path / "repo"), "--gpus", gpus, "--generate-instances", "2"])
+    assert code == 0, capsys.readouterr().err
+    for name in ("rotary", "generate"):
+        config = text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        (group,) = config.instance_group
+        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == placed
+    assert group.count == 2

@@ -89,3 +89,25 @@ def test_a_server_whose_generate_is_not_ready_is_named(capsys):
     finally:
         server.shutdown()
     assert_one_line_error(capsys, "loadtest", f"the server at {url} answers but its generate model is not ready after 0.3 s")
+
+
+def test_several_urls_spread_the_clients_over_several_servers(triton_server, serving_graph, tmp_path):
+    """Two real servers on loopback: clients alternate between them, every request succeeds, and
+    both servers decoded (their own step counters moved)."""
+    from triton_process import ServeProcess
+
+    (tmp_path / "second").mkdir()
+    second = ServeProcess(serving_graph, tmp_path / "second")
+    try:
+        servers = (triton_server, second)
+        before = [server.metric("rotary_generate_steps_total") for server in servers]
+        report = tmp_path / "two.json"
+        assert main(["--url", f"{triton_server.url},{second.url}", "--protocol", "http", "--concurrency", "4",
+                     "--requests", "8", "--max-new-tokens", "8", "--json", str(report)]) == 0
+        data = json.loads(report.read_text())
+        assert data["servers"] == 2 and data["errors"] == 0 and data["levels"][0]["requests"] == 8
+        after = [server.metric("rotary_generate_steps_total") for server in servers]
+        assert all(a > b for a, b in zip(after, before)), (before, after)
+    finally:
+        assert second.terminate() == 0
+    assert second.leftovers() == ([], [])

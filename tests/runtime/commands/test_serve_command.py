@@ -72,12 +72,26 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     (["--openai-workers", "0"], "--openai-workers must be at least 1, got 0"),
     (["--preset", "tiny", "--max-rows", "100000000"], "--max-rows (max_rows) must be an integer from 1 to 4096"),
     (["--preset", "tiny", "--queue", "-1"], "--queue (max_queue) must be an integer from 0 to 1048576, got -1"),
+    (["--preset", "tiny", "--gpus", "1"], "--gpus needs a GPU, and this machine has none that PyTorch can see"),
+    (["--preset", "tiny", "--gpus", "0,0"], "--gpus: lists each GPU once, by ids from 0 to 63; got '0,0'"),
+    (["--preset", "tiny", "--gpus", "all", "--device", "cpu"], "--gpus places generate on GPUs; drop --device cpu"),
 ])
 def test_bad_input_is_one_error_line(tiny_static_onnx, tmp_path, capsys, args, message):
     (free,) = free_ports(1)
     argv = [a.format(tmp=tmp_path, static=tiny_static_onnx, free=free) for a in args]
     assert main(argv) == 2
     assert_one_line_error(capsys, "serve", message)
+
+
+def test_a_gpu_the_machine_does_not_have_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
+    from runtime.commands import serve
+
+    monkeypatch.setattr(serve, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(serve, "_serve_on", lambda *a: pytest.fail("started"))
+    assert main(["--preset", "tiny", "--gpus", "0,3"]) == 2
+    assert_one_line_error(capsys, "serve", "--gpus names GPU 3, but this machine has 2 (ids 0 to 1)")
+    assert main(["--preset", "tiny", "--gpus", "4"]) == 2
+    assert_one_line_error(capsys, "serve", "--gpus names GPU 2, but this machine has 2 (ids 0 to 1)")
 
 
 def test_help_imports_no_serving_library():
