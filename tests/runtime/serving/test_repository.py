@@ -119,3 +119,15 @@ def test_serve_fits_the_limits_not_given_to_a_small_static_cache(tiny_static_onn
     values = {key: value.string_value for key, value in config.parameters.items()}
     assert (values["max_prompt_tokens"], values["max_new_tokens"], values["capacity"]) == ("48", "48", "96")
     assert lines == ["serve: the decoder holds 96 tokens per row: --max-prompt-tokens 48, --max-new-tokens-limit 48"]
+
+
+def test_serving_an_exported_repository_on_gpus_overrides_its_generate_instances(tiny_static_onnx, tmp_path):
+    """`serve REPO --gpus 0,1`: generate's instance group becomes KIND_GPU on those GPUs, in the
+    config override Triton's load API takes; without --gpus nothing changes."""
+    from runtime.serving.service import repository_for
+
+    export_repository(tiny_static_onnx, tmp_path / "repo", RepositoryOptions(kind="cpu", limits=Limits(
+        max_prompt_tokens=48, max_new_tokens=48)))
+    _, override = repository_for(str(tmp_path / "repo"), tmp_path, {}, None, print, None, (0, 1))
+    assert override["instance_group"] == [{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}]
+    assert repository_for(str(tmp_path / "repo"), tmp_path, {}, None, print)[1] is None
