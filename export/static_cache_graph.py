@@ -289,14 +289,14 @@ def _static_graph(weights: ModelWeights, max_cache: int, row: Precision):
     import onnx_ir as ir
 
     check_static_cache_model(weights.config, max_cache, row)
-    check_quantization(meta_skeleton(weights.config, row.float_row), row)
+    skeleton = meta_skeleton(weights.config, row.float_row)
+    check_quantization(skeleton, row)
+    if row.scheme is not None and weights.nbytes(row.float_row.torch_dtype) > MAX_WEIGHT_BYTES:
+        raise ExportError("a quantized static-cache graph is quantized in memory, which holds at most 2 GB of weights; "
+                          "quantize the --with-past graph instead")
     graph = StaticGraphWriter(weights, max_cache, row.float_row).build()
     if row.scheme is None:
         return graph, None
-    if weights.nbytes(row.float_row.torch_dtype) > MAX_WEIGHT_BYTES:
-        raise ExportError("a quantized static-cache graph is quantized in memory, which holds at most 2 GB of weights; "
-                          "quantize the --with-past graph instead")
-    skeleton = meta_skeleton(weights.config, row.float_row)
     proto, record = matmulnbits(ir.serde.serialize_model(graph), row,
                                 {layer: _graph_weight(layer) for layer in quantized_layers(skeleton, row)})
     return ir.serde.deserialize_model(proto), record

@@ -92,9 +92,9 @@ profile)  # a served step's time split without Triton: decoder alone, engine, dr
   run py scripts/profile_engine.py --batches 1,8,32 --steps 300 --serve-seconds 2 --senders ${SENDERS:-1,4} \
     --json "$results/profile-engine.json" 2>&1 | grep -E "^batch|^prefill|^engine churn|^served|error"
   ;;
-serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients
+serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients (GPUS: --gpus)
   rm -f "$results/serve-ready${TAG:-}.json"  # python3 itself in the background, so $! is serve and SIGTERM reaches it
-  PYTHONPATH="$np1:$PYTHONPATH" python3 -m runtime.commands.serve --preset small --dtype fp16 --device ${DEVICE:-cuda} --max-rows ${ROWS:-32} --generate-instances ${INSTANCES:-1} \
+  PYTHONPATH="$np1:$PYTHONPATH" python3 -m runtime.commands.serve --preset small --dtype fp16 --device ${DEVICE:-cuda} --max-rows ${ROWS:-32} --generate-instances ${INSTANCES:-1} ${GPUS:+--gpus $GPUS} \
     --max-prompt-tokens 512 --max-new-tokens-limit 512 --queue 256 --json "$results/serve-ready${TAG:-}.json" \
     --log "$results/tritonserver${TAG:-}.log" --port ${PORT:-8000} --grpc-port $((${PORT:-8000} + 1)) \
     --metrics-port $((${PORT:-8000} + 2)) > "$results/serve${TAG:-}.log" 2>&1 &

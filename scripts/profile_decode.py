@@ -55,6 +55,7 @@ def main() -> int:
 
     from models.graph_metadata import read_graph_metadata
     from models.source import reference_source
+    from runtime.commands.targets import decoder_target
     from runtime.decoding.open import open_decoder
     from runtime.provenance import script_command, write_result
     from runtime.registry import WEIGHTS, backend_spec
@@ -62,10 +63,10 @@ def main() -> int:
     metadata = read_graph_metadata(args.model)
     results = []
     for name in args.backend.split(","):
-        weights = backend_spec(name).opens == WEIGHTS
-        target = reference_source(metadata, args.model) if weights else args.model
-        with open_decoder(target, name, precision=metadata.precision,
-                          max_cache=args.context + args.steps + 4) as decoder:
+        weights, max_cache = backend_spec(name).opens == WEIGHTS, args.context + args.steps + 4
+        target = (decoder_target(reference_source(metadata, args.model), name, max_cache, metadata.precision)
+                  if weights else args.model)
+        with open_decoder(target, name, precision=metadata.precision, max_cache=max_cache) as decoder:
             results.append(profile(decoder, args.context, args.steps))
     for r in results:
         print(f"{r['backend']:<22} ctx {r['context']}: {r['kernels_per_step']:.0f} kernels/step, GPU busy "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 
 from models.precision import precision as lookup_precision, precision_of_torch

@@ -131,3 +131,21 @@ def test_export_graph_refuses_what_its_kind_cannot_take(tiny_model, tmp_path, ki
     with pytest.raises(ExportError, match=message):
         export_graph(tiny_model, tmp_path / "g.onnx", kind, log=lambda _: None, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quantized_graph_past_one_protobuf_message_is_refused_before_any_weight_is_read(tmp_path):
+    import torch
+
+    from export.onnx_export import meta_skeleton
+    from models.precision import precision
+    from models.presets import preset
+    from models.weights import LazyTensors, ModelWeights
+
+    state = meta_skeleton(preset("7b"), precision("fp32")).state_dict()
+    unread = LazyTensors({name: (lambda: pytest.fail("read a weight")) for name in state},
+                         {name: tuple(t.shape) for name, t in state.items()}, {name: torch.float32 for name in state})
+    with pytest.raises(ExportError, match="quantized in memory, which holds at most 2 GB of weights; quantize the "
+                                          "--with-past graph instead"):
+        export_static_cache(ModelWeights(preset("7b"), unread), tmp_path / "q.onnx", 64, "fp16-int4-b32",
+                            log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
