@@ -142,10 +142,8 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_input(meta.name, "cuda", 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
         results = {}
         for meta in self._outputs:
-            if meta.name not in results:
-                results[meta.name] = torch.empty(self.output_shape(meta, symbols), dtype=getattr(torch, meta.dtype),
-                                                 device="cuda")
-            tensor = results[meta.name]
+            tensor = results[meta.name] = torch.empty(self.output_shape(meta, symbols), dtype=getattr(torch, meta.dtype),
+                                                      device="cuda")
             binding.bind_output(meta.name, "cuda", 0, binding_type(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
         torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-
 from models.graph_metadata import GraphMetadata, GraphMetadataError
 from models.precision import PRECISIONS
 from runtime.tensorrt.compat import EngineIncompatible, check_engine_runs_here

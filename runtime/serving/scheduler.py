@@ -50,6 +50,13 @@ def rendezvous(model: Path, backend: str, rows: int, gpu: int | None = None) -> 
     return folder
 
 
+def visible_device(gpu: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a process that is to see only the server's GPU `gpu`: Triton counts
+    GPUs among those the server sees, so a server started on "2,3" means "3" by GPU 1."""
+    visible = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    return visible[gpu] if gpu < len(visible) else str(gpu)
+
+
 class Scheduler:
     def __init__(self, decoder: Decoder | None, limits: Limits, metrics: ServingMetrics | None = None,
                  log: Callable[[str], None] = lambda message: None, senders: int = SENDERS,
@@ -101,7 +108,7 @@ class Scheduler:
                 env = dict(os.environ, **{AUTHKEY_VARIABLE: key.hex()})
                 env["PYTHONPATH"] = os.pathsep.join(part for part in sys.path if part)  # what this interpreter imports
                 if gpu is not None:  # its decoder, cache and CUDA graphs live on that GPU alone
-                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                    env["CUDA_VISIBLE_DEVICES"] = visible_device(gpu)
                 process = subprocess.Popen([python or sys.executable, "-m", "runtime.serving.decode_loop",
                                             json.dumps(spec)], env=env)
                 deadline = time.monotonic() + START_S

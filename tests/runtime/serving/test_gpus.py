@@ -52,3 +52,14 @@ def test_each_gpu_gets_its_own_decode_process_that_sees_that_gpu_alone(tiny_stat
     finally:
         for scheduler in (first, same, other):
             scheduler.close(1.0)
+
+
+def test_a_gpu_id_counts_among_the_gpus_the_server_sees(monkeypatch):
+    from runtime.serving.scheduler import visible_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_device(1) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert (visible_device(0), visible_device(1)) == ("2", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3a")
+    assert visible_device(0) == "GPU-8f3a"
