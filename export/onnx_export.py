@@ -182,28 +182,30 @@ def _on_meta(args):
 
 
 def trace_to_onnx(weights: ModelWeights, opset: int, precision: str, with_past: bool = False,
-                  static_cache: int | None = None):
+                  static_cache: int | None = None, replicate: bool = True):
     """Trace a weightless copy of the model with the torch.onnx dynamo exporter and give each
     initializer a lazy value that reads its weight when written; return (onnx_ir Model, signature,
-    example sizes). `static_cache` N: the standard-ops static-cache graph with an N-token window."""
+    example sizes). `static_cache` N: the standard-ops static-cache graph with an N-token window.
+    A model deeper than TRACED_DEPTH is traced at that depth and its blocks repeated in the graph
+    (export/replicate_layers.py), unless `replicate` is False or the blocks do not correspond."""
     import onnx  # noqa: F401  (fail early with ImportError if missing)
 
+    from .replicate_layers import TRACED_DEPTH, TemplateMismatch, replicate_layers
+
     row = lookup_precision(precision)
-    model = meta_skeleton(weights.config, row)
-    sizes = example_sizes(weights.config, static_cache)
-    if static_cache is not None:
-        signature = static_cache_signature(weights.config, static_cache, row.dtype, portable=True)
-        module, args, dynamic_shapes, examples = _static_example_inputs(model, signature, sizes, row, static_cache)
+    config = weights.config
+    if replicate and config.depth > TRACED_DEPTH:
+        try:
+            program, examples = _trace(config.replace(depth=TRACED_DEPTH), row, opset, with_past, static_cache)
+            replicate_layers(program.model, config.depth)
+        except TemplateMismatch:
+            program, examples = _trace(config, row, opset, with_past, static_cache)
     else:
-        signature = graph_signature(weights.config, with_past, row.dtype)
-        module, args, dynamic_shapes, examples = _example_inputs(model, signature, sizes, row)
+        program, examples = _trace(config, row, opset, with_past, static_cache)
+    signature = (static_cache_signature(config, static_cache, row.dtype, portable=True) if static_cache is not None
+                 else graph_signature(config, with_past, row.dtype))
     with _quiet_exporter() as log:
         try:
-            program = torch.onnx.export(
-                module, _on_meta(args), None, input_names=signature.input_names,
-                output_names=signature.output_names, opset_version=max(opset, EXPORTER_MIN_OPSET),
-                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=False,
-            )
             aliases = {"head": WeightRecipe("to_logits.weight", dtype=torch.float32)} if static_cache else None
             recipes = bind_weights(program.model, weights, row, aliases)
             fold_weight_transposes(program.model, weights, recipes, row)
@@ -212,10 +214,36 @@ def trace_to_onnx(weights: ModelWeights, opset: int, precision: str, with_past: 
         except UnboundInitializer as error:
             raise ExportError(str(error)) from None
         except Exception as error:
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            tail = log.getvalue().strip().splitlines()[-3:]
-            raise ExportError(f"torch.onnx.export failed: {detail}" + (f" ({' / '.join(tail)})" if tail else "")) from None
+            raise _exporter_error(error, log) from None
     return program.model, signature, examples
+
+
+def _trace(config: ModelConfig, row: Precision, opset: int, with_past: bool, static_cache: int | None):
+    """(torch.onnx program, example sizes) of the model of `config` on the meta device, unoptimized."""
+    model = meta_skeleton(config, row)
+    sizes = example_sizes(config, static_cache)
+    if static_cache is not None:
+        signature = static_cache_signature(config, static_cache, row.dtype, portable=True)
+        module, args, dynamic_shapes, examples = _static_example_inputs(model, signature, sizes, row, static_cache)
+    else:
+        signature = graph_signature(config, with_past, row.dtype)
+        module, args, dynamic_shapes, examples = _example_inputs(model, signature, sizes, row)
+    with _quiet_exporter() as log:
+        try:
+            program = torch.onnx.export(
+                module, _on_meta(args), None, input_names=signature.input_names,
+                output_names=signature.output_names, opset_version=max(opset, EXPORTER_MIN_OPSET),
+                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=False,
+            )
+        except Exception as error:
+            raise _exporter_error(error, log) from None
+    return program, examples
+
+
+def _exporter_error(error: Exception, log) -> ExportError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    tail = log.getvalue().strip().splitlines()[-3:]
+    return ExportError(f"torch.onnx.export failed: {detail}" + (f" ({' / '.join(tail)})" if tail else ""))
 
 
 def declared_axes(signature: GraphSignature, config: ModelConfig, window: int | None = None) -> dict[str, dict[str, int]]:
