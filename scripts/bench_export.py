@@ -48,14 +48,15 @@ def phases_from_log(path: Path) -> dict:
 
 
 def checkpoint(name: str, cache: Path) -> Path:
-    from models.random_weights import write_random_checkpoint
-    from models.presets import preset
-    import torch
-
+    """The preset's random bf16 shards, written once, in a child process: a child's peak RSS counts
+    its parent's resident memory at the fork, so this process must stay small."""
     folder = cache / f"{name}-bf16-seed0"
     if not folder.exists():
         print(f"bench_export: writing the {name} checkpoint to {folder} ...", flush=True)
-        write_random_checkpoint(preset(name), folder, 0, torch.bfloat16)
+        code = ("import sys, torch; from models.presets import preset; "
+                "from models.random_weights import write_random_checkpoint; "
+                "write_random_checkpoint(preset(sys.argv[1]), sys.argv[2], 0, torch.bfloat16)")
+        subprocess.run([sys.executable, "-c", code, name, str(folder)], cwd=ROOT, check=True)
     return folder
 
 
