@@ -22,9 +22,13 @@ class TemplateMismatch(ValueError):
     """Blocks 1 and 2 of the traced graph are not the same graph; trace the whole depth."""
 
 
-def layer_of(node) -> int | None:
+def _scopes(node) -> list[str]:
+    return ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+
+
+def layer_of(node, scopes: list[str] | None = None) -> int | None:
     """The block a traced node belongs to, from its name scope."""
-    for scope in ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]")):
+    for scope in _scopes(node) if scopes is None else scopes:
         if scope.startswith("model.layers."):
             return int(scope.split(".")[2])
     return None
@@ -37,8 +41,8 @@ def block_of(graph) -> dict:
     owner = {value: _layer_index(value.name or "") for value in graph.inputs}  # each block's past
     blocks = {}
     for node in graph:  # in order: producers first
-        layer = layer_of(node)
-        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        scopes = _scopes(node)
+        layer = layer_of(node, scopes)
         if layer is None and scopes and all(scope in ("", "model") for scope in scopes[:-1]):
             found = [owner[v] for v in node.inputs if v is not None and owner.get(v) is not None]
             layer = max(found) if found else None
