@@ -33,8 +33,12 @@ demo: setup
 		--max-new-tokens 24 --json $(DEMO_DIR)/generate.json
 	@$(PY) -m runtime.commands.demo_summary $(DEMO_DIR)
 
+# Two workers on a 2-core machine: most slow tests wait on subprocesses (servers, exports, signals).
+# A file's tests stay on one worker, so module fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # On the accelerator, after staging the GPU wheels (see docs/gpu-verification.md).
 # The GPU tests live in tests/gpu: collecting only them needs none of the serving wheels.

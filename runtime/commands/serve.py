@@ -13,6 +13,8 @@ from pathlib import Path
 from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, gpu_selection, limit_changes,
                      model_request, positive_float, run_main, write_json)
 
+FRONT_END_STOP_S = 10  # after generate has drained, how long the OpenAI front end may take to exit
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`generate`: streaming over HTTP (POST /v2/models/generate/generate_stream, server-sent "
                     "events) and gRPC (tritonclient stream_infer), requests joining and leaving the running "
                     "batch between decode steps, readiness at /v2/health/ready, Prometheus metrics. SIGTERM or "
-                    "Ctrl-C stops accepting, lets in-flight requests finish (--exit-timeout) and exits 0.",
+                    "Ctrl-C stops accepting, lets running streams finish (within --exit-timeout) and exits 0.",
     )
     parser.add_argument("model", nargs="?", metavar="MODEL",
                         help="a repository from export-triton, an .onnx graph (--with-past or --static-cache) or "
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["fp32", "fp16"],
                         help="without MODEL: graph precision (default fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--exit-timeout", type=int, default=30, metavar="S",
-                        help="on SIGTERM, how long in-flight requests may still run (default 30)")
+                        help="on SIGTERM, how long the stop may take: streams run on until 5 s before it ends, then are "
+                             "failed with a retry message (default 30)")
     parser.add_argument("--start-timeout", type=positive_float, default=300.0, metavar="S",
                         help="how long starting the server and loading the model may take (default 300)")
     parser.add_argument("--log", metavar="PATH", help="tritonserver's log (default: a temporary file, removed after a clean stop and kept "
@@ -175,9 +178,13 @@ def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.
             if args.json:
                 write_json(args.json, {"ready": True, **where, "repository": str(repository)})
 
-        run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout, args.start_timeout,
-                   log, before_stop=lambda graceful: [server.stop(args.exit_timeout if graceful else 0) for server in front],
-                   log=_say)
+        try:  # at a stop the front end refuses new requests first; its streams end as generate drains
+            run_server(repository, endpoints, Path(work), override, stop, ready, args.exit_timeout,
+                       args.start_timeout, log, log=_say, before_stop=lambda graceful: [
+                           server.stop_accepting() if graceful else server.stop(0) for server in front])
+        finally:
+            for server in front:
+                server.stop(FRONT_END_STOP_S)
 
 
 def _write_static_graph(args: argparse.Namespace, work: Path, precision: str) -> str:

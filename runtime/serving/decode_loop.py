@@ -9,6 +9,8 @@ processes as there are instances. Tests and library users run the same loop in a
 (Scheduler(decoder, ...)).
 
 Messages in: ("submit", id, prompt, settings fields), ("cancel", id), ("close", seconds).
+SIGTERM to the process fails every request it holds or gets later with SHUTDOWN (serve sends it
+when the drain at shutdown is over); it ends as usual, when its drivers have left.
 Messages out: ("ready", decoder facts) to a driver that connects to the process; then per step
 ("events", [(id, token, finish, error, cause)], rows decoded, step seconds, rows running, requests
 waiting, publishes), and last ("closed", ids abandoned). Request ids are each driver's own. Step
@@ -32,6 +34,7 @@ from ..decoding.settings import GenerationSettings
 WAIT_S = 0.5  # an idle loop re-checks for messages this often
 FIRST_DRIVER_S = 600.0  # the process ends if no driver connects within this
 AUTHKEY_VARIABLE = "ROTARY_DECODE_AUTHKEY"
+SHUTDOWN = "the server shut down before this request finished; retry it"
 
 
 def settings_fields(settings: GenerationSettings) -> tuple:
@@ -88,12 +91,13 @@ class Arrivals:
         return taken
 
 
-def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None) -> None:
+def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None,
+                 stopping: threading.Event | None = None) -> None:
     """Step `engine` while it has work, taking requests from the drivers between steps and sending
     each driver its events. Starts with `conn` (None: wait for the first of `arrivals`) and takes
     on every connection that arrives; a driver leaves after ("close", seconds) once its requests are
     done or the seconds are over (what is left is reported abandoned), or when it goes away. Returns
-    once every driver has left."""
+    once every driver has left. Once `stopping` is set, every request is failed with SHUTDOWN."""
     drivers = [_Driver(conn)] if conn is not None else []
     owners: dict[int, tuple[_Driver, int]] = {}  # engine handle -> (driver, request id)
     came, started = bool(drivers), time.monotonic()
@@ -110,6 +114,9 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None) -> None
             driver = next((d for d in drivers if d.conn is ready), None)
             if driver is not None:
                 _read(driver, engine, owners)
+        if stopping is not None and stopping.is_set():
+            for driver in drivers:
+                _fail_all(driver, engine, owners)
         rows, seconds = 0, 0.0
         if not engine.idle:
             step_started = time.perf_counter()
@@ -163,6 +170,14 @@ def _leave(driver: _Driver, engine: Engine, owners: dict) -> None:
         driver.conn.close()
 
 
+def _fail_all(driver: _Driver, engine: Engine, owners: dict) -> None:
+    for request, handle in driver.handles.items():
+        engine.cancel(handle)
+        del owners[handle]
+        driver.out.append((request, None, FAILED, SHUTDOWN, None))
+    driver.handles = {}
+
+
 def _take(message: tuple, engine: Engine, driver: _Driver, owners: dict) -> None:
     out, handles = driver.out, driver.handles
     kind = message[0]
@@ -193,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..decoding.open import open_decoder
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server ends it (its drivers leave), not Ctrl-C
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     spec = json.loads((argv or sys.argv[1:])[0])
     key = bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE))
     try:
@@ -205,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS))
         engine.warm_up()
         with Listener(spec["address"], authkey=key) as listener:  # the socket appears once the decoder is ready
-            serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)))
+            serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)), stopping)
     shutil.rmtree(os.path.dirname(spec["address"]), ignore_errors=True)  # the rendezvous folder (its key)
     return 0
 

@@ -1,5 +1,6 @@
 """The OpenAI-compatible app (openai_api) served by uvicorn in processes of its own: started once
-`generate` is ready, stopped first at shutdown, so open streams finish before Triton drains."""
+`generate` is ready; at shutdown it stops accepting first, its open streams end as `generate`
+drains, then it exits."""
 from __future__ import annotations
 
 import ipaddress
@@ -81,11 +82,16 @@ class OpenAIProcess:
                 raise ServerError(f"the OpenAI endpoint did not answer on {self.where} within {timeout:.0f} s")
             time.sleep(0.1)
 
+    def stop_accepting(self) -> None:
+        """Refuse new connections; open streams go on (they end as generate drains)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float) -> None:
         """Stop accepting; open streams may finish within `timeout` seconds (0: none, after a failure
         nothing waits for the workers' shutdown); then nothing is left."""
         if timeout > 0 and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.stop_accepting()
             try:
                 self.process.wait(timeout + 10.0)
             except subprocess.TimeoutExpired:

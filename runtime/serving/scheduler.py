@@ -27,7 +27,7 @@ from typing import Callable
 
 from ..decoding.base import Decoder
 from ..decoding.engine import CANCELLED, FAILED, PREFILL_TOKENS, Engine
-from .decode_loop import AUTHKEY_VARIABLE, decoder_facts, serve_engine, settings_fields
+from .decode_loop import AUTHKEY_VARIABLE, SHUTDOWN, decoder_facts, serve_engine, settings_fields
 from .limits import Limits
 from .metrics import ServingMetrics
 from .requests import GenerateRequest
@@ -227,12 +227,11 @@ class Scheduler:
         self.metrics.tokens(len(batch))
 
     def _abandon(self, request_ids: list[int]) -> None:
-        message = "the server shut down before this request finished; retry it"
         self.abandoned = len(request_ids)
         for request_id in request_ids:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
-                self._responder.fail(stream, message)
+                self._responder.fail(stream, SHUTDOWN)
 
     def _gone(self, stream: Stream) -> None:
         """A sender could not deliver to `stream`: cancel its request."""

@@ -73,7 +73,7 @@ def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: 
                log: Callable[[str], None] = lambda message: None) -> int:
     """Serve until `stop` is set (or the server or one of its model processes dies); returns
     tritonserver's exit code. `before_stop(graceful)` runs first at shutdown (the OpenAI front end
-    finishes its open streams); after a failure nothing waits for a drain that cannot come."""
+    stops accepting); after a failure nothing waits for a drain that cannot come."""
     server = TritonServer(repository, endpoints, workdir, exit_timeout, log_path)
     graceful = False
     try:

@@ -1,7 +1,7 @@
 """The tritonserver that nvidia-pytriton bundles, run on a model repository: found in the installed
 package, given its python backend and environment, started on the given address and ports, its
-`generate` model loaded and waited for, and stopped (SIGTERM: Triton stops listening, lets in-flight
-requests finish within its exit timeout, unloads; then the process group is killed if anything is left).
+`generate` model loaded and waited for, and stopped (the model unloaded, which lets its streams
+finish within the exit timeout; then SIGTERM; then the process group is killed if anything is left).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ SYS_PATH_VARIABLE = "ROTARY_SERVE_SYS_PATH"  # the stub ignores PYTHONPATH; mode
 TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding models/, export/, runtime/
 RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answers only requests carrying it
 POLL_S = 0.1
+DRAIN_MARGIN_S = 5  # of the exit timeout, left for unloading after the streams' drain
 
 
 class ServerError(ToolkitError):
@@ -101,6 +102,7 @@ class TritonServer:
                  log_path: Path | None = None):
         root = bundled_root()
         self.endpoints, self.exit_timeout = endpoints, exit_timeout
+        self.loaded: list[str] = []
         self.key = secrets.token_hex(16)
         self.log_path = log_path or workdir / "tritonserver.log"
         e = endpoints
@@ -108,7 +110,7 @@ class TritonServer:
                    f"--backend-directory={backend_directory(root, workdir)}", "--model-control-mode=explicit",
                    f"--http-address={e.host}", f"--http-port={e.http}", f"--grpc-address={e.host}",
                    f"--grpc-port={e.grpc}", f"--metrics-address={e.host}", f"--metrics-port={e.metrics}",
-                   f"--exit-timeout-secs={exit_timeout}",
+                   f"--exit-timeout-secs={min(exit_timeout, DRAIN_MARGIN_S)}",  # stop() drains first
                    f"--http-restricted-api={RESTRICTED_APIS}:{RESTRICTED_HEADER}={self.key}",
                    f"--grpc-restricted-protocol={RESTRICTED_APIS}:{RESTRICTED_HEADER}={self.key}"]
         with open(self.log_path, "ab") as log:
@@ -130,9 +132,7 @@ class TritonServer:
     def load(self, model: str, config: dict | None, timeout: float) -> None:
         """Load `model` (with `config` replacing its config.pbtxt when given) and wait until it is ready."""
         body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
-        request = urllib.request.Request(f"{self.endpoints.url}/v2/repository/models/{model}/load",
-                                         data=json.dumps(body).encode(), method="POST",
-                                         headers={RESTRICTED_HEADER: self.key, "Content-Type": "application/json"})
+        request = self._restricted(f"/v2/repository/models/{model}/load", body)
         try:
             with urllib.request.urlopen(request, timeout=timeout):
                 pass
@@ -144,6 +144,43 @@ class TritonServer:
             raise ServerError(f"loading the {model} model failed ({error}); see {self.log_path}") from None
         if http_status(f"{self.endpoints.url}/v2/models/{model}/ready") != 200:
             raise ServerError(f"the {model} model loaded but is not ready; see {self.log_path}")
+        self.loaded.append(model)
+
+    def unload(self, model: str) -> bool:
+        """Unload `model`, which Triton does once its streams have finished; streams still running
+        after the exit timeout (less DRAIN_MARGIN_S) are failed with a retry message (SIGTERM to the
+        decode processes). Unloading before SIGTERM matters: at SIGTERM Triton first waits for every
+        open HTTP connection, idle keep-alive ones too, for its whole exit timeout, and then has no
+        time left to unload. False when the model was not gone in time."""
+        decoders = set(self.model_processes()) - set(processes_below(self.process.pid, depth=1))
+        try:
+            with urllib.request.urlopen(self._restricted(f"/v2/repository/models/{model}/unload", {}), timeout=10):
+                pass  # Triton answers at once and unloads in the background
+            if self._gone(model, max(self.exit_timeout - DRAIN_MARGIN_S, 0)):
+                return True
+            for pid in decoders:  # the drain is over: fail what is left
+                _signal(pid, signal.SIGTERM)
+            return self._gone(model, DRAIN_MARGIN_S + 10)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
+            return False
+
+    def _gone(self, model: str, within: float) -> bool:
+        """Whether `model` is unloaded within `within` seconds (Triton's repository index)."""
+        deadline = time.monotonic() + within
+        while self.running():
+            with urllib.request.urlopen(self._restricted("/v2/repository/index", {}), timeout=5) as response:
+                states = {entry.get("state") for entry in json.load(response) if entry.get("name") == model}
+            if not states & {"READY", "LOADING", "UNLOADING"}:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return False
+
+    def _restricted(self, path: str, body: dict) -> urllib.request.Request:
+        """A POST to one of the APIs only serve's key opens."""
+        return urllib.request.Request(f"{self.endpoints.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                      headers={RESTRICTED_HEADER: self.key, "Content-Type": "application/json"})
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -168,13 +205,15 @@ class TritonServer:
                               f"({_last_error(self.log_path)}); see {self.log_path}")
 
     def stop(self, graceful: bool = True) -> int | None:
-        """SIGTERM, wait for Triton's drain and unload, then kill whatever of its group is left (at
-        once when not `graceful`). Returns tritonserver's exit code (None if it had to be killed)."""
+        """Unload the models (their streams drain), SIGTERM, then kill whatever of the group is left
+        (at once when not `graceful`). Returns tritonserver's exit code (None if it had to be killed)."""
         code = None
         if graceful and self.running():
+            for model in reversed(self.loaded):
+                self.unload(model)
             self.process.send_signal(signal.SIGTERM)
             try:
-                code = self.process.wait(self.exit_timeout + 15)
+                code = self.process.wait(DRAIN_MARGIN_S + 15)
             except subprocess.TimeoutExpired:
                 pass
         _kill_group(self.process.pid)
@@ -215,6 +254,13 @@ def processes_below(pid: int, depth: int) -> dict[int, str]:
                 below.append(child)
         level = below
     return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_group(pgid: int) -> None:

@@ -81,5 +81,7 @@ def triton_server(tmp_path_factory, serving_graph):
                           ["--generate-instances", "2", "--openai-workers", "2"])
     yield server
     if server.process.poll() is None:
+        # every test's streams ended or were cancelled: a row or queue entry left now is a leak
+        assert server.settled(), f"rows or queued requests left after the tests: {server.load()}"
         assert server.terminate() == 0, server.log.read_text()[-2000:]
     assert server.leftovers() == ([], [])

@@ -99,6 +99,21 @@ class ServeProcess:
         assert values, f"metric {name} {labels} not found"
         return sum(values)  # summed over generate's instances
 
+    def load(self) -> dict[str, float]:
+        """Active rows and queued requests, summed over generate's instances."""
+        return {name: self.metric(f"rotary_generate_{name}") for name in ("active_rows", "queue_length")}
+
+    def settled(self, timeout: float = 30.0) -> bool:
+        """Whether no row is active and nothing queued within `timeout` (gauges publish every 0.25 s)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while any(self.load().values()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
+
     def terminate(self, timeout: float = 60) -> int:
         import signal
 

@@ -61,6 +61,50 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     assert server.leftovers() == ([], [])
 
 
+def test_streams_longer_than_the_exit_timeout_are_cut_and_serve_still_exits_0(serving_graph, tmp_path):
+    """--exit-timeout 6 leaves the streams 1 s to drain (5 s go to unloading); a 15,000-token stream
+    (over ten seconds) over Triton's HTTP and one over the OpenAI API are then failed with a retry
+    message. A client holding an idle keep-alive connection, which kept Triton waiting for its whole
+    exit timeout and made it exit 1, does not hold the stop either."""
+    import http.client
+
+    import openai
+
+    server = ServeProcess(serving_graph, tmp_path, ["--exit-timeout", "6"])
+    idle = http.client.HTTPConnection("127.0.0.1", server.http, timeout=30)
+    idle.request("GET", "/v2/health/live")
+    assert idle.getresponse().read() == b""  # answered; the connection stays open
+    openai_error: list[Exception] = []
+    openai_first = threading.Event()
+
+    def read_openai() -> None:
+        client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60)
+        try:
+            for _ in client.completions.create(model="rotary", prompt=[1, 2, 3], max_tokens=LONG_STREAM, stream=True):
+                openai_first.set()
+        except openai.APIError as error:
+            openai_error.append(error)
+
+    try:
+        thread, result, received, first_token = start_stream(server.url, LONG_STREAM)
+        openai_thread = threading.Thread(target=read_openai)
+        openai_thread.start()
+        assert first_token.wait(30) and openai_first.wait(30), "no token within 30 s"
+        code = server.terminate()
+        thread.join(60)
+        openai_thread.join(60)
+    finally:
+        idle.close()
+        if server.process.poll() is None:
+            server.process.kill()
+    assert code == 0, server.log.read_text()[-2000:]
+    stream = result["stream"]
+    assert len(stream.tokens) < LONG_STREAM
+    assert "the server shut down before this request finished; retry it" in stream.error
+    assert openai_error and "the server shut down before this request finished" in str(openai_error[0])
+    assert server.leftovers() == ([], [])
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.onnx"], "model not found: missing.onnx"),
     (["{tmp}"], "is not a repository written by export-triton"),
@@ -121,8 +165,8 @@ def test_a_missing_openai_dependency_is_named_before_any_work(capsys, monkeypatc
 
 
 def test_sigterm_lets_an_open_openai_stream_finish(serving_graph, tmp_path):
-    """The OpenAI front end stops first and waits for its open server-sent-event streams, which
-    Triton is still serving; then Triton drains and serve exits 0."""
+    """The OpenAI front end stops accepting first; its open server-sent-event stream runs on while
+    generate drains, then serve exits 0."""
     import openai
 
     server = ServeProcess(serving_graph, tmp_path)

@@ -143,6 +143,36 @@ def test_a_drain_that_times_out_fails_what_is_left(tiny_static_onnx):
     assert scheduler.metrics.requests["failed"] == 2
 
 
+def test_a_stopped_decode_loop_fails_its_requests_with_the_retry_message(tiny_static_onnx):
+    """What SIGTERM does in the decode process once serve's drain is over: every request the loop
+    holds, and any that still arrives, ends FAILED with the retry message; the loop ends when its
+    driver leaves."""
+    import threading
+    from multiprocessing import Pipe
+
+    from runtime.decoding.engine import FAILED, Engine
+    from runtime.serving.decode_loop import SHUTDOWN, serve_engine, settings_fields
+
+    ours, theirs = Pipe()
+    stopping = threading.Event()
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as decoder:
+        loop = threading.Thread(target=serve_engine, args=(theirs, Engine(decoder, rows=2), None, stopping))
+        ours.send(("submit", 7, [3, 4], settings_fields(GenerationSettings(90))))
+        loop.start()
+        assert ours.poll(WAIT_S) and ours.recv()[0] == "events"  # decoding
+        stopping.set()
+        ours.send(("submit", 8, [5], settings_fields(GenerationSettings(5))))
+        failed = []
+        while len(failed) < 2 and ours.poll(WAIT_S):
+            failed += [event for event in ours.recv()[1] if event[2] == FAILED]
+        ours.send(("close", 0.0))
+        while ours.poll(WAIT_S) and (message := ours.recv())[0] != "closed":
+            pass
+        loop.join(WAIT_S)
+    assert sorted(failed) == [(7, None, FAILED, SHUTDOWN, None), (8, None, FAILED, SHUTDOWN, None)]
+    assert message == ("closed", []) and not loop.is_alive()
+
+
 class RefusingStream(FakeStream):
     """Triton refuses responses once the client has gone: send raises after `after` responses."""
 
