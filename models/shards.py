@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .errors import ToolkitError
+from .files import new_file_mode
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -106,7 +107,9 @@ def write_shards(tensors: Iterable[tuple[str, Tensor]], folder: str | os.PathLik
 
         def flush() -> None:
             if current:
-                save_file(current, str(staging / f"part-{len(shards):05d}"), metadata=metadata)
+                part = staging / f"part-{len(shards):05d}"
+                save_file(current, str(part), metadata=metadata)
+                os.chmod(part, new_file_mode())  # safetensors creates its files 0600
                 shards.append(list(current))
                 current.clear()
 

@@ -122,10 +122,29 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+SECRET_FLAGS = ("--api-key",)  # their values never reach a result file
+SECRET_SETTINGS = ("api_key",)
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """`argv` with the values of SECRET_FLAGS (`--flag VALUE` or `--flag=VALUE`) replaced."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] in SECRET_FLAGS:
+            arg = REDACTED
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            arg = arg.split("=", 1)[0] + "=" + REDACTED
+        out.append(arg)
+    return out
+
+
 def provenance(command: Sequence[str] | None, settings: dict | None = None) -> dict:
     """The block a result file carries (see the module docstring). `command`: the program and its
-    arguments as run; `settings`: what defines the result's columns (a command's parsed flags)."""
-    argv = list(command) if command is not None else None
+    arguments as run; `settings`: what defines the result's columns (a command's parsed flags).
+    Secrets (an API key) are replaced by REDACTED in both."""
+    argv = redact_argv(list(command)) if command is not None else None
+    settings = {key: REDACTED if key in SECRET_SETTINGS and value else value for key, value in (settings or {}).items()}
     return {"schema": SCHEMA,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **source_revision(),

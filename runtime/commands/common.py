@@ -127,6 +127,10 @@ def check_files(files: Files) -> None:
         if resolved in inputs:
             raise ToolkitError(f"{flag} {path} is also the {inputs[resolved]} input; writing it would destroy "
                                "the input, so choose another path")
+        folder = next((folder for folder in inputs if folder.is_dir() and resolved.parent == folder), None)
+        if folder is not None and resolved.exists():  # e.g. a shard of a sharded --checkpoint
+            raise ToolkitError(f"{flag} {path} is a file of the {inputs[folder]} folder {folder}; writing it would "
+                               "change that input, so choose a path outside it")
         claimed[resolved] = flag
 
 

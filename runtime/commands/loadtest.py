@@ -99,10 +99,14 @@ def url_list(text: str) -> list[str]:
     """--url's comma-separated list of http(s) addresses."""
     from urllib.parse import urlsplit
 
-    urls = [part.strip() for part in text.split(",") if part.strip()]
+    urls = [part.strip() for part in text.split(",")]
     bad = [url for url in urls if urlsplit(url).scheme not in ("http", "https")]
-    if not urls or bad:
-        raise argparse.ArgumentTypeError(f"must be http:// or https:// addresses, got {bad[0] if bad else text!r}")
+    if bad:
+        raise argparse.ArgumentTypeError(f"must be http:// or https:// addresses separated by commas, got "
+                                         f"{bad[0] or 'an empty entry'!r} in {text!r}")
+    seen = {url.rstrip("/") for url in urls}
+    if len(seen) < len(urls):  # a server listed twice would have its counters summed twice
+        raise argparse.ArgumentTypeError(f"names a server more than once: {text!r}; list each server once")
     return urls
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, gpu_selection, limit_changes,
@@ -111,6 +110,13 @@ def _check(args: argparse.Namespace) -> None:
         if args.device == "cpu":
             raise ServerError("--gpus places generate on GPUs; drop --device cpu (or --gpus)")
         args.gpus = resolve_gpus(args.gpus, _gpu_count())
+    elif args.model and (Path(args.model) / "generate" / "config.pbtxt").is_file():
+        from runtime.serving.gpus import placed_gpus, resolve_gpus
+
+        placed = placed_gpus((Path(args.model) / "generate" / "config.pbtxt").read_text())
+        if placed is not None:
+            resolve_gpus(placed, _gpu_count(), f"{args.model} (written by export-triton --gpus)",
+                         "serve it on a GPU machine, or export a repository without --gpus for this one")
 
 
 def public_triton_warning(host: str) -> str | None:
@@ -140,7 +146,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr, flush=True)
     endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
     front: list = []  # the OpenAI-compatible server, once generate is ready
-    stop = threading.Event()
+    from runtime.serving.signal_flag import SignalFlag
+
+    stop = SignalFlag()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     log = Path(args.log) if args.log else None
@@ -159,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_on(args: argparse.Namespace, endpoints, front: list, stop: threading.Event, log: Path) -> None:
+def _serve_on(args: argparse.Namespace, endpoints, front: list, stop, log: Path) -> None:
     from runtime.serving.service import repository_for, run_server
 
     with tempfile.TemporaryDirectory(prefix="rotary-serve-") as work:

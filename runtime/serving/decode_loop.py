@@ -30,6 +30,7 @@ from multiprocessing.connection import Pipe, wait
 
 from ..decoding.engine import CANCELLED, FAILED, PREFILL_TOKENS, Engine
 from ..decoding.settings import GenerationSettings
+from .signal_flag import SignalFlag
 
 WAIT_S = 0.5  # an idle loop re-checks for messages this often
 FIRST_DRIVER_S = 600.0  # the process ends if no driver connects within this
@@ -91,13 +92,13 @@ class Arrivals:
         return taken
 
 
-def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None,
-                 stopping: threading.Event | None = None) -> None:
+def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stopping=None) -> None:
     """Step `engine` while it has work, taking requests from the drivers between steps and sending
     each driver its events. Starts with `conn` (None: wait for the first of `arrivals`) and takes
     on every connection that arrives; a driver leaves after ("close", seconds) once its requests are
     done or the seconds are over (what is left is reported abandoned), or when it goes away. Returns
-    once every driver has left. Once `stopping` is set, every request is failed with SHUTDOWN."""
+    once every driver has left. Once `stopping` (anything with is_set(), e.g. a SignalFlag) is set,
+    every request is failed with SHUTDOWN."""
     drivers = [_Driver(conn)] if conn is not None else []
     owners: dict[int, tuple[_Driver, int]] = {}  # engine handle -> (driver, request id)
     came, started = bool(drivers), time.monotonic()
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..decoding.open import open_decoder
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server ends it (its drivers leave), not Ctrl-C
-    stopping = threading.Event()
+    stopping = SignalFlag()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     spec = json.loads((argv or sys.argv[1:])[0])
     key = bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE))

@@ -41,17 +41,32 @@ def parse_gpus(text: str) -> str | tuple[int, ...]:
     return ids
 
 
-def resolve_gpus(selection: str | tuple[int, ...], available: int) -> tuple[int, ...]:
-    """The GPU ids on a machine with `available` GPUs; refused (one sentence) when one is missing."""
+def resolve_gpus(selection: str | tuple[int, ...], available: int, source: str = "--gpus",
+                 fix: str = "drop --gpus to serve on the CPU") -> tuple[int, ...]:
+    """The GPU ids on a machine with `available` GPUs; refused (one sentence) when one is missing.
+    `source` names where the selection came from, `fix` what to do when there is no GPU."""
     if available < 1:
-        raise GpuSelectionError("--gpus needs a GPU, and this machine has none that PyTorch can see; drop --gpus "
-                                "to serve on the CPU")
+        raise GpuSelectionError(f"{source} needs a GPU, and this machine has none that PyTorch can see; {fix}")
     ids = tuple(range(available)) if selection == ALL else selection
     missing = [gpu for gpu in ids if gpu >= available]
     if missing:
-        raise GpuSelectionError(f"--gpus names GPU {missing[0]}, but this machine has {available} "
+        raise GpuSelectionError(f"{source} names GPU {missing[0]}, but this machine has {available} "
                                 f"(ids 0 to {available - 1})")
     return ids
+
+
+def placed_gpus(config_text: str) -> str | tuple[int, ...] | None:
+    """Where a `generate` config.pbtxt places its instances: None on the CPU, else ALL or the ids."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_text, model_config_pb2.ModelConfig())
+    gpu_groups = [group for group in config.instance_group
+                  if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    if not gpu_groups:
+        return None
+    ids = sorted({gpu for group in gpu_groups for gpu in group.gpus})
+    return tuple(ids) if all(group.gpus for group in gpu_groups) else ALL
 
 
 def instance_group(selection: str | tuple[int, ...] | None, count: int) -> dict:

@@ -17,6 +17,7 @@ come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 import asyncio
 import itertools
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .clients import grpc_inputs
 
 GENERATE = "generate"
 MAX_STOPS = 4
+INT64 = (-(1 << 63), (1 << 63) - 1)  # the range of generate's integer inputs
 SETTINGS_VARIABLE = "ROTARY_OPENAI_SETTINGS"  # the app's settings, for uvicorn's worker processes
 # field -> the values that are supported (anything else is refused, naming the field)
 UNSUPPORTED = {
@@ -57,7 +59,7 @@ def triton_error(message: str) -> ApiError:
     """The generate model's one-sentence refusals, with the status an OpenAI client expects."""
     if "the server is busy" in message:
         return ApiError(429, message, code="server_busy", kind="rate_limit_error")
-    if "shutting down" in message or "has stopped" in message:
+    if "shutting down" in message or "shut down" in message or "has stopped" in message:
         return ApiError(503, message, code="unavailable", kind="server_error")
     if "prompt" in message and ("over this server's limit" in message or "capacity" in message):
         return ApiError(413, message, param="prompt", code="prompt_too_long")
@@ -125,7 +127,11 @@ def _prompt(value: Any, vocab_size: int) -> list[int]:
     if isinstance(value, str):
         if not value:
             raise ApiError(400, "the prompt is empty; send at least one character", param="prompt")
-        return encode_text(value, vocab_size)
+        try:
+            return encode_text(value, vocab_size)
+        except UnicodeEncodeError:
+            raise ApiError(400, "the prompt is not valid Unicode text (it holds an unpaired surrogate)",
+                           param="prompt") from None
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         if min(value) < 0 or max(value) >= vocab_size:
             raise ApiError(400, f"prompt token ids must be in 0..{vocab_size - 1}", param="prompt")
@@ -139,6 +145,10 @@ def _number(body: dict, name: str, default, kind, low=None, high=None):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=name)
+    if not math.isfinite(value):
+        raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
+    if kind is int and not INT64[0] <= value <= INT64[1]:
+        raise ApiError(400, f"{name} must fit in 64 bits, got {value!r}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise ApiError(400, f"{name} must be {bounds}, got {value!r}", param=name)

@@ -2,7 +2,6 @@
 engine), start the bundled tritonserver on it, load `generate`, serve until told to stop, stop cleanly."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +10,7 @@ from models.progress import phase
 
 from ..registry import ENGINE_SUFFIXES
 from .limits import Limits
+from .signal_flag import SignalFlag
 from .repository import GENERATE, RepositoryOptions, export_repository
 from .tritonserver import Endpoints, ServerError, TritonServer
 
@@ -67,7 +67,7 @@ def generate_override(repository: Path, limits: dict, device: str | None, instan
     return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 
-def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: dict | None, stop: threading.Event,
+def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: dict | None, stop: SignalFlag,
                on_ready: Callable[[], None], exit_timeout: int, start_timeout: float, log_path: Path | None,
                before_stop: Callable[[bool], None] = lambda graceful: None,
                log: Callable[[str], None] = lambda message: None) -> int:

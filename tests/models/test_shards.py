@@ -103,3 +103,19 @@ def test_export_model_takes_a_sharded_checkpoint(shards, tmp_path, capsys):
     assert main(["--checkpoint", str(shards), "--output", str(tmp_path / "m.onnx"), "--no-verify"]) == 0, \
         capsys.readouterr().err
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_export_model_refuses_to_write_over_a_file_of_the_checkpoint_folder(shards, capsys):
+    from runtime.commands.export_model import main
+
+    shard = sorted(shards.glob("*.safetensors"))[0]
+    before = shard.read_bytes()
+    assert main(["--checkpoint", str(shards), "--output", str(shard), "--no-verify"]) == 2
+    assert f"--output {shard} is a file of the --checkpoint folder" in capsys.readouterr().err
+    assert shard.read_bytes() == before
+
+
+def test_shards_get_the_permissions_of_any_new_file(shards):
+    from models.files import new_file_mode
+
+    assert {path.stat().st_mode & 0o777 for path in shards.iterdir()} == {new_file_mode()}

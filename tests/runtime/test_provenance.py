@@ -85,3 +85,13 @@ def test_a_script_writes_its_result_atomically_with_provenance(tmp_path):
     data = json.loads(target.read_text())
     _check_block(data["provenance"], ["python3", "scripts/x.py", "--seq", "64"])
     assert data["top1"] == 0.99 and list(tmp_path.iterdir()) == [target]
+
+
+def test_an_api_key_never_reaches_a_result_file():
+    from runtime.provenance import provenance
+
+    block = provenance(["loadtest", "--api-key", "s3cr3t", "--url", "http://x", "--api-key=k2"],
+                       {"api_key": "s3cr3t", "url": "http://x", "other": None})
+    assert "s3cr3t" not in json.dumps(block) and "k2" not in json.dumps(block)
+    assert block["argv"] == ["loadtest", "--api-key", "<redacted>", "--url", "http://x", "--api-key=<redacted>"]
+    assert block["settings"]["api_key"] == "<redacted>" and block["settings"]["url"] == "http://x"

@@ -114,10 +114,12 @@ class ServeProcess:
             time.sleep(0.25)
         return True
 
-    def terminate(self, timeout: float = 60) -> int:
+    def terminate(self, timeout: float = 60, signals: tuple = ("SIGTERM",)) -> int:
+        """Send `signals` back to back, then wait for the exit."""
         import signal
 
-        self.process.send_signal(signal.SIGTERM)
+        for name in signals:
+            self.process.send_signal(getattr(signal, name))
         return self.process.wait(timeout)
 
     def leftovers(self) -> tuple[list[int], list[int]]:

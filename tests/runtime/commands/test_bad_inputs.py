@@ -180,7 +180,11 @@ MATRIX = [
     ("serve", ["{root}/missing.onnx"], ["model not found"], 2),
     # loadtest (refused before it contacts any server)
     ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["argument --url: must be http:// or https:// addresses"], 2),
-    ("loadtest", ["--url", "http://127.0.0.1:9,x"], ["argument --url: must be http:// or https:// addresses, got 'x'"], 2),
+    ("loadtest", ["--url", "http://127.0.0.1:9,x"], ["argument --url: must be http:// or https:// addresses separated "
+                                                     "by commas, got 'x'"], 2),
+    ("loadtest", ["--url", "http://127.0.0.1:9,"], ["got 'an empty entry' in 'http://127.0.0.1:9,'"], 2),
+    ("loadtest", ["--url", "http://127.0.0.1:9,http://127.0.0.1:9/"], ["argument --url: names a server more than once"],
+     2),
     ("loadtest", ["--url", "http://127.0.0.1:9,http://127.0.0.1:10", "--grpc-url", "127.0.0.1:11"],
      ["--grpc-url names one server's address; with several --url"], 2),
     *[("loadtest", ["--url", "http://127.0.0.1:9", "--timeout", value], ["argument --timeout"], 2)

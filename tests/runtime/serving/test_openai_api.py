@@ -3,6 +3,8 @@
 OpenAI's error shape with its status."""
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -81,12 +83,26 @@ def test_a_stop_string_ends_the_completion_before_it(client, offline_tokens, ser
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens must be at least 1"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop must be a string or a list of up to 4"),
     ({"prompt": "x" * 5000, "max_tokens": 2}, 413, "prompt", "over this server's limit"),
+    ({"prompt": "hi", "seed": 1 << 64}, 400, "seed", "seed must fit in 64 bits"),
+    ({"prompt": "hi", "max_tokens": 10 ** 23}, 400, "max_tokens", "max_tokens must fit in 64 bits"),
+    ({"prompt": "hi", "temperature": float("nan")}, 400, "temperature", "temperature must be a finite number"),
+    ({"prompt": "\ud800"}, 400, "prompt", "the prompt is not valid Unicode text"),
 ])
 def test_refusals_come_in_openais_shape_with_their_status(api, body, status, param, words):
-    response = api.post("/v1/completions", json={"model": MODEL, **body}, headers={"Authorization": "Bearer sekrit"})
+    # json.dumps writes NaN and escapes a lone surrogate, as clients other than httpx send them
+    response = api.post("/v1/completions", content=json.dumps({"model": MODEL, **body}),
+                        headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["param"] == param and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_stream_cut_at_shutdown_is_a_server_error_to_retry():
+    from runtime.serving.decode_loop import SHUTDOWN
+    from runtime.serving.openai_api import triton_error
+
+    error = triton_error(SHUTDOWN)
+    assert (error.status, error.kind, error.code) == (503, "server_error", "unavailable")
 
 
 def test_chat_says_to_use_completions_and_a_wrong_key_is_401(api):
