@@ -72,6 +72,8 @@ def _check(args: argparse.Namespace) -> int:
     metadata = read_model_metadata(args.model)
     spec = decoder_spec(args.model, args.backend)  # a static-cache graph is refused by TensorRT here
     _check_model_file(args.model, args.backend)
+    if metadata.kind in STATIC_KINDS and args.seq:
+        _check_static_lengths(args.seq, metadata.max_cache)
     with phase(log, "checking", ""):  # the sweeps log each case; this adds a line while a long step runs
         source = reference_source(metadata, args.model, model_request(args))
         prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work
@@ -131,6 +133,17 @@ def _prompts(args, vocab: int) -> list[list[int]]:
     if not all(args.prompt):
         raise DecodingError("--prompt is empty; give at least one byte of text")
     return [encode_text(text, vocab) for text in args.prompt]
+
+
+def _check_static_lengths(lengths: list[int], max_cache: int) -> None:
+    """Each --seq prompt and its decode steps must fit a static-cache graph's rows."""
+    from models.errors import ToolkitError
+    from runtime.verify.decoding import DECODE_STEPS
+
+    longest = max_cache - DECODE_STEPS
+    if max(lengths) > longest:
+        raise ToolkitError(f"--seq {max(lengths)} does not fit this graph's {max_cache}-token static cache with the "
+                           f"sweep's {DECODE_STEPS} decode steps; use --seq up to {longest}")
 
 
 def _check_sizes(args, metadata, row, device: str) -> None:

@@ -16,6 +16,8 @@ from ..decoding.engine import Engine
 from ..decoding.generation import GenerationResult, GenerationSettings, generate
 from .tensors import Case, CaseResult, ParityReport, compare_outputs
 
+DECODE_STEPS = 8  # teacher-forced decode steps after each prompt of the decoder sweep
+
 
 def ragged_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """`batch` random prompts: the first `length` tokens long, the others shorter (ragged rows)."""
@@ -53,7 +55,7 @@ def _check_one(model: Transformer, decoder: Decoder, report: ParityReport, lengt
                                           f"logits ({steps} decode steps)"))
 
 
-def check_decoder(model: Transformer, make_decoder, batches: list[int], lengths: list[int], steps: int = 8,
+def check_decoder(model: Transformer, make_decoder, batches: list[int], lengths: list[int], steps: int = DECODE_STEPS,
                   precision: str = "fp32", tolerance: Tolerance | None = None, seed: int = 0,
                   device: str = "cpu", progress=None) -> ParityReport:
     """For each batch x prompt length: prefill ragged prompts, then feed `steps` random tokens one

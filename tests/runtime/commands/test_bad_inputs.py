@@ -114,6 +114,8 @@ MATRIX = [
     ("check-parity", ["{root}/list-sidecar.engine", "--backend", "tensorrt"], ["sidecar", "expected a JSON object"], 2),
     ("check-parity", ["{root}/no-sidecar.engine", "--backend", "tensorrt"], ["sidecar", "is missing"], 2),
     ("check-parity", ["{root}/static.onnx", "--backend", "tensorrt"], ["static-cache graphs run on ONNX Runtime"], 2),
+    ("check-parity", ["{root}/static.onnx", "--seq", "17,100"],
+     ["--seq 100 does not fit this graph's 96-token static cache with the sweep's 8 decode steps; use --seq up to 88"], 2),
     # generate
     ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--temperature", "nan"],
      ["argument --temperature", "finite"], 2),
