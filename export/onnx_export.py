@@ -213,6 +213,8 @@ def trace_to_onnx(weights: ModelWeights, opset: int, precision: str, with_past: 
             program.optimize()
         except UnboundInitializer as error:
             raise ExportError(str(error)) from None
+        except ToolkitError:  # e.g. non-finite weights, named by the reader
+            raise
         except Exception as error:
             raise _exporter_error(error, log) from None
     return program.model, signature, examples

@@ -190,7 +190,8 @@ def reference_source(metadata: GraphMetadata, where: str, request: ModelRequest 
     recorded = metadata.weights.sha256
     if recorded and recorded != source.sha256:
         raise WeightsMismatch(
-            f"the reference weights ({source.description}) are not those {where} was exported from "
-            f"(sha256 {recorded[:12]}...); pass the checkpoint used for the export"
+            f"the reference weights ({source.description}) are not the files {where} was exported from "
+            f"(sha256 {recorded[:12]}...); pass the checkpoint used for the export, as it was stored (the sha256 is "
+            f"of its files: the same weights in other shards or in one file differ)"
         )
     return source

@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .errors import ToolkitError
+
+
+class NonFiniteWeights(ToolkitError):
+    """A checkpoint tensor holds NaN or infinite values."""
 
 
 class LazyTensors(Mapping):
@@ -21,7 +26,12 @@ class LazyTensors(Mapping):
         self._readers, self.shapes, self.dtypes = dict(readers), dict(shapes), dict(dtypes)
 
     def __getitem__(self, name: str) -> Tensor:
-        return self._readers[name]()
+        tensor = self._readers[name]()
+        # a float64 sum is finite exactly when every value is (and allocates nothing the size of the tensor)
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+            raise NonFiniteWeights(f"the weights' tensor {name} holds NaN or infinite values (did training diverge?); "
+                                   "use a checkpoint whose weights are finite")
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._readers)

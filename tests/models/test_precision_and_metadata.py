@@ -73,7 +73,7 @@ def test_foreign_or_damaged_metadata_is_refused_in_one_sentence(tiny_config, cha
 def test_reference_weights_are_rebuilt_from_the_record_and_their_hash_checked(tiny_config, tiny_source):
     recorded = _metadata(tiny_config, weights=tiny_source.record)
     assert reference_source(recorded, "m.onnx").sha256 == tiny_source.sha256
-    with pytest.raises(WeightsMismatch, match="are not those m.onnx was exported from"):
+    with pytest.raises(WeightsMismatch, match="are not the files m.onnx was exported from"):
         reference_source(recorded, "m.onnx", ModelRequest(preset="tiny", seed=1))
     unknown = _metadata(tiny_config, weights=WeightsRecord("ck.pt", "cd" * 32))
     with pytest.raises(WeightsMismatch, match="does not record a preset"):

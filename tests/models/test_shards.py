@@ -119,3 +119,22 @@ def test_shards_get_the_permissions_of_any_new_file(shards):
     from models.files import new_file_mode
 
     assert {path.stat().st_mode & 0o777 for path in shards.iterdir()} == {new_file_mode()}
+
+
+def test_non_finite_weights_are_named_by_every_reader(tiny_model, tmp_path, capsys):
+    import copy
+
+    from models.weights import NonFiniteWeights
+    from runtime.commands.export_model import main
+
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.layers[0].attn.to_out.weight[0, 0] = float("nan")
+    folder = save_checkpoint_shards(broken, tmp_path / "nan", max_shard_bytes=64 << 10)
+    with pytest.raises(NonFiniteWeights, match="tensor layers.0.attn.to_out.weight holds NaN or infinite values"):
+        load_checkpoint(folder).model
+    assert main(["--checkpoint", str(folder), "--output", str(tmp_path / "m.onnx"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export-model: error: the weights' tensor layers.0.attn.to_out.weight holds NaN") and \
+        "torch.onnx.export failed" not in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -110,7 +110,7 @@ MATRIX = [
     ("check-parity", ["{root}/model.onnx", "--json", "{root}/model.onnx"], ["is also the MODEL input"], 2),
     ("check-parity", ["{root}/model.onnx", "--json", "{readonly}/p.json"], ["cannot write --json"], 2),
     ("check-parity", ["{root}/model.onnx", "--backend", "tflite"], ["argument --backend", "invalid choice"], 2),
-    ("check-parity", ["{root}/model.onnx", "--preset", "tiny", "--init-seed", "3"], ["not those", "sha256"], 2),
+    ("check-parity", ["{root}/model.onnx", "--preset", "tiny", "--init-seed", "3"], ["are not the files", "sha256"], 2),
     ("check-parity", ["{root}/list-sidecar.engine", "--backend", "tensorrt"], ["sidecar", "expected a JSON object"], 2),
     ("check-parity", ["{root}/no-sidecar.engine", "--backend", "tensorrt"], ["sidecar", "is missing"], 2),
     ("check-parity", ["{root}/static.onnx", "--backend", "tensorrt"], ["static-cache graphs run on ONNX Runtime"], 2),

@@ -42,7 +42,7 @@ def test_check_parity_refuses_other_seed(capsys, tiny_onnx, tmp_path):
     flag = seed_flag(parity_cli.build_parser())
     code = parity_cli.main([str(tiny_onnx), "--preset", "tiny", flag, "1", "--json", str(report_path)])
     assert code == 2
-    assert_one_line_error(capsys, "check-parity", "not those", "sha256")
+    assert_one_line_error(capsys, "check-parity", "are not the files", "sha256")
     assert not report_path.exists()
 
 
