@@ -12,6 +12,9 @@ from models.signature import GraphSignature
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+# the input positions that hold axes or steps, not sizes
+AXES_INPUTS = {"Slice": (3, 4), "Unsqueeze": (1,), "Squeeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,),
+               "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,)}
 
 
 @dataclass
@@ -104,6 +107,10 @@ def lint_graph(model: onnx.ModelProto, signature: GraphSignature, example_sizes:
     report.findings += dequantize_findings(graph)
     frozen = {size: name for name, size in example_sizes.items()}
     scales = {name for node in graph.node if node.op_type in QDQ for name in node.input[1:]}
+    # integers a node reads as axes or steps (Slice's axes [3], Unsqueeze's axes [1]) are no sizes
+    uses = [(name, position in AXES_INPUTS.get(node.op_type, ())) for node in graph.node
+            for position, name in enumerate(node.input)]
+    axes_only = {name for name, axes in uses if axes} - {name for name, axes in uses if not axes}
     for name, tensor in _constants(graph):
         if name in scales:
             continue
@@ -114,7 +121,8 @@ def lint_graph(model: onnx.ModelProto, signature: GraphSignature, example_sizes:
                     f"constant {name!r} of shape {tuple(tensor.dims)} is sized to the traced {frozen[hits[0]]} size {hits[0]} "
                     "(a rotary table or mask folded at export?)"
                 )
-        elif tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1:
+        elif tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1 \
+                and name not in axes_only:
             values = numpy_helper.to_array(tensor).reshape(-1)
             if values.size <= 8:
                 hits = sorted({frozen[int(v)] for v in values if int(v) in frozen})

@@ -33,7 +33,8 @@ def rotate_pairs(x: Tensor, pairing: str) -> Tensor:
         x = x.unflatten(-1, (-1, 2))  # (..., d/2, 2)
         first, second = x[..., 0], x[..., 1]
         return torch.stack((-second, first), dim=-1).flatten(-2)
-    first, second = x.chunk(2, dim=-1)
+    half = x.shape[-1] // 2  # slices, not chunk: chunk exports as Split, which opset 17 cannot express here
+    first, second = x[..., :half], x[..., half:]
     return torch.cat((-second, first), dim=-1)
 
 

@@ -198,6 +198,16 @@ def test_lint_flags_control_flow():
     assert not report
 
 
+def test_lint_does_not_take_an_axis_for_a_frozen_size():
+    """Slice's axes input [3] (the last axis of (b, h, n, d)) equals a traced size of 3 by chance."""
+    axes = numpy_helper.from_array(np.array([3], np.int64), "axes")
+    starts, ends = (numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "starts"), (8, "ends")))
+    node = helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"], name="half")
+    assert lint_graph(_graph([node], [axes, starts, ends]), SIGNATURE, {"logits_positions": 3}).findings == []
+    shape = helper.make_node("Reshape", ["x", "axes"], ["z"], name="reshape")  # used as a size too: flagged
+    assert len(lint_graph(_graph([node, shape], [axes, starts, ends]), SIGNATURE, {"logits_positions": 3}).findings) == 1
+
+
 def test_lint_flags_sequence_ops():
     node = helper.make_node("SequenceConstruct", ["a", "b"], ["seq"], name="seq_node")
     report = lint_graph(_graph([node]), SIGNATURE, EXAMPLES)
@@ -374,3 +384,17 @@ def test_failed_reexport_keeps_the_previous_external_data_export(tmp_path, tiny_
         export_onnx(tiny_model, output, verify=failing, log=lambda *_: None)
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
     ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])  # the earlier export still loads
+
+
+def test_half_rotary_pairing_exports_at_opset_17_and_matches_pytorch(tiny_config, tmp_path):
+    """rotate_pairs slices instead of chunking: chunk traced to Split, which opset 17 could not
+    express here, so a half-paired model (as Llama checkpoints pair) needed --opset 18."""
+    from export.onnx_export import export_onnx
+    from models.transformer import build_model
+    from runtime.verify.exported import verify_export
+
+    model = build_model(tiny_config.replace(rotary_pairing="half"), seed=2)
+    path = tmp_path / "half.onnx"
+    result = export_onnx(model, path, opset=17, with_past=True, log=lambda _: None)
+    assert result.opset == 17
+    assert verify_export(path, model, log=lambda _: None, with_past=True)

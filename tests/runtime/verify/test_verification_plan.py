@@ -73,3 +73,21 @@ def test_export_model_refuses_before_exporting_when_not_even_a_truncated_copy_fi
     err = capsys.readouterr().err
     assert code != 0 and "cannot verify this export" in err and "--no-verify" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bf16_static_graph_is_not_verified_on_the_cpu_and_says_why(tiny_portable_static_onnx, tiny_model):
+    """As with a bf16 graph with past: ONNX Runtime's CPU provider has no bfloat16 MatMul, so the
+    export skips its verification with the reason (it had failed to load the graph, naming a
+    staging path). The graph here is the fp32 one relabelled bf16: the check reads only the label."""
+    import onnx
+
+    from runtime.verify.exported import verify_static_export
+
+    proto = onnx.load(str(tiny_portable_static_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == "precision":
+            prop.value = "bfloat16"
+    said = []
+    assert verify_static_export(proto.SerializeToString(), tiny_model, 96, log=said.append) is None
+    assert said == ["verify skipped: ONNX Runtime's CPU provider cannot run bfloat16 MatMul; verify on a GPU with "
+                    "check-parity --backend onnxruntime-cuda"]
