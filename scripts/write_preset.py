@@ -1,11 +1,13 @@
-"""Write a preset (or any config) with random weights as a sharded checkpoint, one tensor at a time:
-the large presets (1b, 7b) never have to fit in memory. Pass the folder to any --checkpoint.
+"""Write a preset with random weights as a sharded checkpoint, one tensor at a time: the large
+presets (1b, 7b) never have to fit in memory. Pass the folder to any --checkpoint. (For any other
+config: models.random_weights.write_random_checkpoint.)
 
 Usage: python scripts/write_preset.py NAME FOLDER [--seed 0] [--dtype fp32|fp16|bf16] [--max-shard-mib 2048]
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         config = preset(args.name)
         if args.max_shard_mib < 1:
             raise ToolkitError("--max-shard-mib must be at least 1")
+        if args.seed < 0:
+            raise ToolkitError(f"--seed must be 0 or more, got {args.seed}")
         count = parameter_count(config)
+        needed, parent = count * dtypes[args.dtype].itemsize, Path(args.folder).resolve().parent
+        if parent.is_dir() and shutil.disk_usage(parent).free < needed:
+            raise ToolkitError(f"{args.name} in {args.dtype} needs {needed / 2**30:.1f} GiB and {parent} has "
+                               f"{shutil.disk_usage(parent).free / 2**30:.1f} GiB free; choose another folder")
         print(f"write_preset: {args.name}, {count / 1e9:.2f}B parameters, "
               f"{count * dtypes[args.dtype].itemsize / 2**30:.1f} GiB in {args.dtype}", flush=True)
         started = time.perf_counter()

@@ -54,6 +54,22 @@ def test_the_script_writes_a_checkpoint_every_command_loads(tmp_path):
     assert torch.equal(loaded.model.state_dict()["norm.weight"], expected["norm.weight"].float())
 
 
+def test_the_script_refuses_a_negative_seed_and_a_folder_without_the_room(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import write_preset
+
+    assert write_preset.main(["tiny", str(tmp_path / "a"), "--seed", "-1"]) == 2
+    assert "write_preset: error: --seed must be 0 or more, got -1" in capsys.readouterr().err
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    assert write_preset.main(["7b", str(tmp_path / "b"), "--dtype", "fp16"]) == 2
+    assert f"GiB and {tmp_path} has 0.0 GiB free; choose another folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built():
     check_buildable(PRESETS["small"], "small", memory_bytes=64 << 30)
     with pytest.raises(ConfigError, match=r"preset 7b has 5.9B parameters \(22 GiB in fp32\), more than half of "
