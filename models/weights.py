@@ -17,6 +17,16 @@ class NonFiniteWeights(ToolkitError):
     """A checkpoint tensor holds NaN or infinite values."""
 
 
+FINITE_CHUNK = 1 << 20  # elements checked at a time: a 1 MiB mask, whatever the tensor's size
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every value is finite, in chunks (a whole-tensor mask or float64 copy would cost
+    memory the size of the tensor, which a streamed export of a large model does not have)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(FINITE_CHUNK))
+
+
 class LazyTensors(Mapping):
     """Tensors by name, each made by its reader when asked (nothing is cached); shapes and dtypes
     are known without reading."""
@@ -27,8 +37,7 @@ class LazyTensors(Mapping):
 
     def __getitem__(self, name: str) -> Tensor:
         tensor = self._readers[name]()
-        # a float64 sum is finite exactly when every value is (and allocates nothing the size of the tensor)
-        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise NonFiniteWeights(f"the weights' tensor {name} holds NaN or infinite values (did training diverge?); "
                                    "use a checkpoint whose weights are finite")
         return tensor
