@@ -202,8 +202,7 @@ def trace_to_onnx(weights: ModelWeights, opset: int, precision: str, with_past: 
             program, examples = _trace(config, row, opset, with_past, static_cache)
     else:
         program, examples = _trace(config, row, opset, with_past, static_cache)
-    signature = (static_cache_signature(config, static_cache, row.dtype, portable=True) if static_cache is not None
-                 else graph_signature(config, with_past, row.dtype))
+    signature = _signature(config, row, with_past, static_cache)
     with _quiet_exporter() as log:
         try:
             aliases = {"head": WeightRecipe("to_logits.weight", dtype=torch.float32)} if static_cache else None
@@ -224,11 +223,10 @@ def _trace(config: ModelConfig, row: Precision, opset: int, with_past: bool, sta
     """(torch.onnx program, example sizes) of the model of `config` on the meta device, unoptimized."""
     model = meta_skeleton(config, row)
     sizes = example_sizes(config, static_cache)
+    signature = _signature(config, row, with_past, static_cache)
     if static_cache is not None:
-        signature = static_cache_signature(config, static_cache, row.dtype, portable=True)
         module, args, dynamic_shapes, examples = _static_example_inputs(model, signature, sizes, row, static_cache)
     else:
-        signature = graph_signature(config, with_past, row.dtype)
         module, args, dynamic_shapes, examples = _example_inputs(model, signature, sizes, row)
     with _quiet_exporter() as log:
         try:
@@ -240,6 +238,12 @@ def _trace(config: ModelConfig, row: Precision, opset: int, with_past: bool, sta
         except Exception as error:
             raise _exporter_error(error, log) from None
     return program, examples
+
+
+def _signature(config: ModelConfig, row: Precision, with_past: bool, static_cache: int | None) -> GraphSignature:
+    if static_cache is not None:
+        return static_cache_signature(config, static_cache, row.dtype, portable=True)
+    return graph_signature(config, with_past, row.dtype)
 
 
 def _exporter_error(error: Exception, log) -> ExportError:
