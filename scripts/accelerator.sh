@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
-#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | aiperf
+#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | aiperf | hbm
 #   | export-large | bench-large
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
@@ -10,7 +10,7 @@
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
 # and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|aiperf|export-large|bench-large}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|aiperf|hbm|export-large|bench-large}
 if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
   commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
   src=/tmp/rotary-src/$commit
@@ -61,7 +61,7 @@ parity)
   done
   ;;
 bench-static)  # the static decoders side by side, batch 1, 8, 32
-  bench static --backend onnxruntime-cuda-static,onnxruntime-cuda-static-portable,onnxruntime-cuda,torch --batch 1,8,32
+  bench static --backend ${BACKENDS:-onnxruntime-cuda-static,onnxruntime-cuda-static-portable,onnxruntime-cuda,torch} --batch 1,8,32
   ;;
 bench-compile)  # the gpt-fast recipe (compiles once per batch size)
   bench compile-static --backend torch-compile-static --batch ${BATCHES:-1,8,32}
@@ -88,6 +88,9 @@ trt)
   run py -m runtime.commands.build_engine "$small" --output "$work/small-fp16-past.engine" --batch 1:1:8 \
     --seq 1:128:1024 --past 0:128:1024 --no-cache --json "$results/build-past.json" 2>&1 | tail -3
   ;;
+hbm)  # the bandwidth a batch-1 step can reach at best: a copy, each 7b GEMV, their chain in one CUDA graph
+  run py scripts/hbm_bandwidth.py --preset ${PRESET:-7b} --json "$results/hbm-bandwidth.json"
+  ;;
 profile)  # a served step's time split without Triton: decoder alone, engine, driver with timed sends
   run py scripts/profile_engine.py --batches 1,8,32 --steps 300 --serve-seconds 2 --senders ${SENDERS:-1,4} \
     --json "$results/profile-engine.json" 2>&1 | grep -E "^batch|^prefill|^engine churn|^served|error"
@@ -111,7 +114,19 @@ serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 
   else
     tail -30 "$results/tritonserver${TAG:-}.log"
   fi
-  kill -TERM $server 2>/dev/null; wait $server; echo "serve exit $?"; tail -3 "$results/serve${TAG:-}.log"
+  if [ -n "${CUT:-}" ] && [ -f "$results/serve-ready${TAG:-}.json" ]; then  # SIGTERM while CUT clients stream
+    py -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --concurrency $CUT --requests-per-client 20 \
+      --workers 8 --max-prompt-tokens 128 --max-new-tokens 512 --timeout 60 --json "$results/loadtest-cut${TAG:-}.json" \
+      > "$results/loadtest-cut${TAG:-}.log" 2>&1 &
+    client=$!; sleep ${CUT_AFTER:-4}
+  fi
+  t0=$(date +%s.%N); kill -TERM $server 2>/dev/null; wait $server; rc=$?
+  echo "serve exit $rc, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s after SIGTERM"; tail -3 "$results/serve${TAG:-}.log"
+  if [ -n "${client:-}" ]; then
+    timeout 90 tail --pid=$client -f /dev/null; kill $client 2>/dev/null
+    py -c "import json; l = json.load(open('$results/loadtest-cut${TAG:-}.json'))['levels'][0]; \
+print('cut:', l['requests'], 'requests,', l['tokens'], 'tokens,', l['errors'], 'errors:', l['error_messages'])" 2>&1 | tail -3
+  fi
   ;;
 aiperf)  # aiperf at 32 concurrency against serve's OpenAI API (staged by scripts/stage_aiperf.sh), then loadtest
   rm -f "$results/serve-ready.json"

@@ -1,0 +1,89 @@
+"""What fraction of the GPU's datasheet bandwidth a batch-1 decode can reach at best: a device copy,
+each matrix-vector product of a preset's step alone (PyTorch's cuBLAS choice, M = 1), and the whole
+step's chain of them (every layer's weights, distinct buffers, replayed as one CUDA graph, no
+attention, norms or sampling). The chain is the ceiling for any graph built from cuBLAS GEMVs.
+
+Usage: python3 scripts/hbm_bandwidth.py [--preset 7b] [--iters 50] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed_ms(run, iters: int) -> float:
+    """Median ms of `run()` over `iters` calls, each timed with CUDA events."""
+    import torch
+
+    times = []
+    for _ in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times[3:])[iters // 2]
+
+
+def measure(preset_name: str, iters: int) -> dict:
+    import torch
+
+    from models.presets import preset
+    from runtime.bench.floors import matmul_shapes, peaks_for
+
+    name = torch.cuda.get_device_name()
+    peak = peaks_for(name).bandwidth
+    config = preset(preset_name)
+    source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    copy_ms = timed_ms(lambda: target.copy_(source), iters)
+    shapes = matmul_shapes(config)
+    weights = [torch.randn(out, inp, dtype=torch.float16, device="cuda") * 0.01 for inp, out in shapes]
+    vectors = {inp: torch.randn(1, inp, dtype=torch.float16, device="cuda") for inp, _ in shapes}
+    single = {}
+    for (inp, out), weight in zip(shapes[:4] + shapes[-1:], weights[:4] + weights[-1:]):
+        ms = timed_ms(lambda: torch.nn.functional.linear(vectors[inp], weight), iters)
+        single[f"{inp}x{out}"] = {"ms": ms, "fraction_of_peak": inp * out * 2 / (ms * 1e-3) / peak}
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for (inp, _), weight in zip(shapes, weights):  # warm cuBLAS outside the capture
+            torch.nn.functional.linear(vectors[inp], weight)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for (inp, _), weight in zip(shapes, weights):
+                torch.nn.functional.linear(vectors[inp], weight)
+    torch.cuda.synchronize()
+    chain_ms = timed_ms(graph.replay, iters)
+    chain_bytes = sum(inp * out * 2 for inp, out in shapes)
+    return {"device": name, "datasheet_bandwidth": peak, "preset": preset_name,
+            "copy_gb_per_s": 2 * (2 << 30) / (copy_ms * 1e-3) / 1e9,
+            "copy_fraction_of_peak": 2 * (2 << 30) / (copy_ms * 1e-3) / peak,
+            "gemv": single, "chain_kernels": len(shapes), "chain_bytes": chain_bytes, "chain_ms": chain_ms,
+            "chain_fraction_of_peak": chain_bytes / (chain_ms * 1e-3) / peak}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="7b", help="whose matrix shapes (default 7b)")
+    parser.add_argument("--iters", type=int, default=50, help="timed repetitions, median reported (default 50)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    args = parser.parse_args()
+    result = measure(args.preset, args.iters)
+    print(f"{result['device']}: copy {result['copy_gb_per_s']:.0f} GB/s ({result['copy_fraction_of_peak']:.1%} "
+          f"of the datasheet); {result['chain_kernels']} GEMVs of {args.preset} in one graph: "
+          f"{result['chain_ms']:.3f} ms, {result['chain_fraction_of_peak']:.1%}")
+    for shape, figures in result["gemv"].items():
+        print(f"  {shape}: {figures['ms'] * 1e3:.1f} us, {figures['fraction_of_peak']:.1%}")
+    if args.json:
+        from runtime.provenance import write_result
+
+        write_result(args.json, result, sys.argv, vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
