@@ -203,7 +203,8 @@ def summed_counters(addresses: list[str]) -> dict | None:
 
 
 def step_summary(before: dict | None, after: dict | None) -> dict | None:
-    """The server's decode steps during one level: how many, mean rows per step, mean step time."""
+    """The server's decode steps during one level: how many, mean rows per step, mean step time; and
+    how many also admitted requests (their prefill is in their time), the mean of the steps that did not."""
     if before is None or after is None:
         return None
     steps = after["rotary_generate_steps_total"] - before["rotary_generate_steps_total"]
@@ -211,12 +212,20 @@ def step_summary(before: dict | None, after: dict | None) -> dict | None:
         return None
     rows = after["rotary_generate_step_rows_total"] - before["rotary_generate_step_rows_total"]
     seconds = after["rotary_generate_step_seconds_total"] - before["rotary_generate_step_seconds_total"]
-    return {"steps": int(steps), "mean_rows": rows / steps, "mean_step_ms": seconds / steps * 1e3}
+    admits = after["rotary_generate_admit_steps_total"] - before["rotary_generate_admit_steps_total"]
+    admit_seconds = (after["rotary_generate_admit_step_seconds_total"]
+                     - before["rotary_generate_admit_step_seconds_total"])
+    decode_only = (seconds - admit_seconds) / (steps - admits) * 1e3 if steps > admits else None
+    return {"steps": int(steps), "mean_rows": rows / steps, "mean_step_ms": seconds / steps * 1e3,
+            "admit_steps": int(admits), "decode_only_step_ms": decode_only}
 
 
 def _steps(summary: dict | None) -> str:
-    return "" if summary is None else (f"  server: {summary['steps']} steps of {summary['mean_rows']:.1f} rows, "
-                                       f"{summary['mean_step_ms']:.2f} ms")
+    if summary is None:
+        return ""
+    decode_only = summary["decode_only_step_ms"]
+    return (f"  server: {summary['steps']} steps of {summary['mean_rows']:.1f} rows, {summary['mean_step_ms']:.2f} ms"
+            + ("" if decode_only is None else f" ({decode_only:.2f} ms without admissions)"))
 
 
 def _per_response(value: float | None) -> str:

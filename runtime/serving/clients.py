@@ -218,7 +218,8 @@ def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
         connection.close()
 
 
-STEP_COUNTERS = ("rotary_generate_steps_total", "rotary_generate_step_rows_total", "rotary_generate_step_seconds_total")
+STEP_COUNTERS = ("rotary_generate_steps_total", "rotary_generate_step_rows_total", "rotary_generate_step_seconds_total",
+                 "rotary_generate_admit_steps_total", "rotary_generate_admit_step_seconds_total")
 
 
 def read_step_counters(metrics_url: str, timeout: float = 10.0) -> dict[str, float] | None:

@@ -12,8 +12,8 @@ Messages in: ("submit", id, prompt, settings fields), ("cancel", id), ("close", 
 SIGTERM to the process fails every request it holds or gets later with SHUTDOWN (serve sends it
 when the drain at shutdown is over); it ends as usual, when its drivers have left.
 Messages out: ("ready", decoder facts) to a driver that connects to the process; then per step
-("events", [(id, token, finish, error, cause)], rows decoded, step seconds, rows running, requests
-waiting, publishes), and last ("closed", ids abandoned). Request ids are each driver's own. Step
+("events", [(id, token, finish, error, cause)], rows decoded, step seconds, requests admitted, rows
+running, requests waiting, publishes), and last ("closed", ids abandoned). Request ids are each driver's own. Step
 figures go to one driver at a time (`publishes`), so metrics summed over instances count a step once.
 """
 from __future__ import annotations
@@ -118,11 +118,11 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
         if stopping is not None and stopping.is_set():
             for driver in drivers:
                 _fail_all(driver, engine, owners)
-        rows, seconds = 0, 0.0
+        rows, seconds, admitted = 0, 0.0, 0
         if not engine.idle:
             step_started = time.perf_counter()
             events = engine.step()
-            seconds, rows = time.perf_counter() - step_started, engine.stats.rows
+            seconds, rows, admitted = time.perf_counter() - step_started, engine.stats.rows, engine.stats.admitted
             for event in events:
                 driver, request = owners[event.request]
                 if event.finish:
@@ -135,7 +135,7 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
             if driver.out or (publishes and (rows or state != published)):
                 published = state if publishes else published
                 _send(driver, ("events", driver.out, rows if publishes else 0, seconds if publishes else 0.0,
-                               engine.running, engine.waiting, publishes))
+                               admitted if publishes else 0, engine.running, engine.waiting, publishes))
                 driver.out = []
             if driver.conn is None or (driver.deadline is not None and
                                        (not driver.handles or time.monotonic() > driver.deadline)):

@@ -12,7 +12,8 @@ from typing import Protocol
 
 OUTCOMES = ("completed", "cancelled", "rejected", "failed")
 PUBLISH_S = 0.25
-COUNTERS = ("tokens", "steps", "step_rows", "step_seconds", "send_seconds")  # published as increments
+COUNTERS = ("tokens", "steps", "step_rows", "step_seconds", "admit_steps", "admit_step_seconds",
+            "send_seconds")  # published as increments
 GAUGES = ("tokens_per_second", "active_rows", "queue_length")  # published as values
 
 
@@ -25,6 +26,7 @@ class ServingMetrics:
         self.sink, self.window_s = sink, window_s
         self.tokens_total, self.active, self.queued = 0, 0, 0
         self.steps, self.step_rows, self.step_seconds = 0, 0, 0.0  # decode steps: count, rows summed, time
+        self.admit_steps, self.admit_step_seconds = 0, 0.0  # those that also admitted (prefilled) requests
         self.send_seconds = 0.0  # time the responder spent handing responses to the server
         self.requests = dict.fromkeys(OUTCOMES, 0)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -50,12 +52,16 @@ class ServingMetrics:
                 self._recent.popleft()
             return sum(count for _, count in self._recent) / self.window_s
 
-    def step(self, rows: int, seconds: float) -> None:
-        """One decode step of `rows` rows took `seconds` (decoder, sampling and queuing the tokens)."""
+    def step(self, rows: int, seconds: float, admitted: int = 0) -> None:
+        """One decode step of `rows` rows took `seconds` (decoder, sampling and queuing the tokens;
+        with the prefill of the `admitted` requests it started)."""
         with self._lock:
             self.steps += 1
             self.step_rows += rows
             self.step_seconds += seconds
+            if admitted:
+                self.admit_steps += 1
+                self.admit_step_seconds += seconds
 
     def sent(self, seconds: float) -> None:
         with self._lock:
@@ -71,6 +77,7 @@ class ServingMetrics:
     def snapshot(self) -> dict:
         return {"tokens_total": self.tokens_total, "tokens_per_second": self.tokens_per_second(),
                 "steps": self.steps, "step_rows": self.step_rows, "step_seconds": self.step_seconds,
+                "admit_steps": self.admit_steps, "admit_step_seconds": self.admit_step_seconds,
                 "send_seconds": self.send_seconds, "active_rows": self.active, "queue_length": self.queued,
                 "requests": dict(self.requests)}
 
@@ -80,7 +87,8 @@ class ServingMetrics:
             return
         with self._lock:
             totals = {"tokens": self.tokens_total, "steps": self.steps, "step_rows": self.step_rows,
-                      "step_seconds": self.step_seconds, "send_seconds": self.send_seconds,
+                      "step_seconds": self.step_seconds, "admit_steps": self.admit_steps,
+                      "admit_step_seconds": self.admit_step_seconds, "send_seconds": self.send_seconds,
                       **{("requests", outcome): count for outcome, count in self.requests.items()}}
         for key, total in totals.items():
             name, outcome = key if isinstance(key, tuple) else (key, None)

@@ -192,10 +192,10 @@ class Scheduler:
                 if message[0] == "closed":
                     self._abandon(message[1])
                     break
-                _, events, rows, seconds, running, waiting, publishes = message
+                _, events, rows, seconds, admitted, running, waiting, publishes = message
                 self._deliver(events)
                 if rows:
-                    self.metrics.step(rows, seconds)
+                    self.metrics.step(rows, seconds, admitted)
                 with self._send_lock:
                     self._queued = waiting  # requests sent since the loop counted are counted at its next step
                     self._running = running

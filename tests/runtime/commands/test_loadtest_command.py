@@ -30,6 +30,8 @@ def test_concurrent_grpc_streams_report_latency_and_no_errors(triton_server, tmp
         steps = level["server_steps"]  # the server's own decode-step counters over the level
         assert steps["steps"] > 0 and steps["mean_step_ms"] > 0
         assert 1.0 <= steps["mean_rows"] <= level["concurrency"]
+        assert 0 <= steps["admit_steps"] <= min(8, steps["steps"])  # each of the 8 requests is admitted once
+        assert (steps["decode_only_step_ms"] is None) == (steps["admit_steps"] == steps["steps"])
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tokens/s" in capsys.readouterr().out
 

@@ -46,3 +46,21 @@ def test_publish_hands_the_sink_counter_increments_and_the_tokens_per_second_gau
         assert second["tokens"] == 4 and second["tokens_per_second"] == pytest.approx(12 / 2.0)
     finally:
         metrics.close()
+
+
+def test_steps_that_admitted_requests_are_counted_apart_too():
+    sink = RecordingSink()
+    metrics = ServingMetrics(sink, publish_s=3600)
+    try:
+        metrics.step(32, 0.001)
+        metrics.step(31, 0.002, admitted=2)
+        metrics.step(32, 0.001, admitted=0)
+        metrics.publish()
+        published = {name: value for name, value, _ in sink.published}
+        assert published["steps"] == 3 and published["step_rows"] == 95
+        assert published["step_seconds"] == pytest.approx(0.004)
+        assert published["admit_steps"] == 1 and published["admit_step_seconds"] == pytest.approx(0.002)
+        snapshot = metrics.snapshot()
+        assert (snapshot["admit_steps"], snapshot["admit_step_seconds"]) == (1, pytest.approx(0.002))
+    finally:
+        metrics.close()

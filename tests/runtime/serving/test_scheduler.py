@@ -200,6 +200,7 @@ def test_a_refused_response_frees_the_row_and_counts_as_cancelled(tiny_static_on
     assert len(refused.responses) == 2 and len(after.tokens) == 4
     assert scheduler.metrics.requests == {"completed": 1, "cancelled": 1, "rejected": 0, "failed": 0}
     assert scheduler.metrics.steps > 0 and scheduler.metrics.step_rows >= scheduler.metrics.steps
+    assert scheduler.metrics.admit_step_seconds <= scheduler.metrics.step_seconds
 
 
 def test_closing_a_scheduler_that_never_started_fails_what_it_holds(tiny_static_onnx):
