@@ -1,9 +1,11 @@
 """The codebase's shape: no import cycles (function-level imports and the registry's lazy loaders
-count), no function over 60 lines, and facts spelled in one place."""
+count), no function over 60 lines, facts spelled in one place, and clients that stay light."""
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,3 +141,13 @@ def test_result_files_are_written_only_through_the_provenance_helper():
                     f"{relative}:prompts" in allowed and "held_out_prompts" in line):
                 found.append(f"{relative}:{number}")
     assert found == []
+
+
+def test_the_client_side_of_serving_never_imports_torch():
+    """loadtest's worker processes and the OpenAI API workers load these modules each: torch would
+    cost seconds per process (on a GPU machine with CUDA, long enough to miss a timed cut)."""
+    modules = ["runtime.serving.loadtest", "runtime.serving.clients", "runtime.serving.openai_api",
+               "runtime.serving.requests", "runtime.commands.loadtest"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]"

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def wait_until_ready(url: str, seconds: float) -> None:
     """Until the generate model answers ready at `url`, at most `seconds`; then say what is wrong."""
-    from runtime.serving.repository import GENERATE
+    from runtime.serving.requests import GENERATE
     from runtime.serving.tritonserver import http_status
 
     deadline, answered = time.monotonic() + seconds, False
@@ -84,7 +84,7 @@ def wait_until_ready(url: str, seconds: float) -> None:
 def server_limits(url: str) -> dict[str, int]:
     """The generate model's declared limits, vocabulary and capacity, read from its config."""
     from runtime.serving.clients import get_json
-    from runtime.serving.repository import GENERATE
+    from runtime.serving.requests import GENERATE
 
     try:
         config = get_json(url, f"/v2/models/{GENERATE}/config")

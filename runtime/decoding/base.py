@@ -14,11 +14,8 @@ import torch
 from torch import Tensor
 
 from models.config import ModelConfig
-from models.errors import ToolkitError
 
-
-class DecodingError(ToolkitError, ValueError):
-    """Bad prompts, rows or settings for decoding."""
+from .errors import DecodingError
 
 
 class Decoder(abc.ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import DecodingError
+from .errors import DecodingError
 
 
 @dataclass

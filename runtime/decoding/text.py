@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import codecs
 
-from .base import DecodingError
+from .errors import DecodingError
 
 
 def encode_text(text: str, vocab_size: int) -> list[int]:

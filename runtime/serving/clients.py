@@ -13,8 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .repository import GENERATE
-from .requests import INPUTS
+from .requests import GENERATE, INPUTS
 from .tritonserver import error_text
 
 NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32,

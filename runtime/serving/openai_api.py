@@ -27,8 +27,8 @@ import numpy as np
 
 from ..decoding.text import TextPieces, encode_text
 from .clients import grpc_inputs
+from .requests import GENERATE
 
-GENERATE = "generate"
 MAX_STOPS = 4
 INT64 = (-(1 << 63), (1 << 63) - 1)  # the range of generate's integer inputs
 SETTINGS_VARIABLE = "ROTARY_OPENAI_SETTINGS"  # the app's settings, for uvicorn's worker processes

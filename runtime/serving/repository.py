@@ -25,9 +25,8 @@ from ..registry import ENGINE_SUFFIXES
 from .gpus import instance_group
 from .limits import Limits
 from .pbtxt import Enum, parameters, render
-from .requests import INPUTS, OUTPUTS
+from .requests import GENERATE, INPUTS, OUTPUTS
 
-GENERATE = "generate"
 VERSION = "1"
 TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
                 "bfloat16": "TYPE_BF16"}

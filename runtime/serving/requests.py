@@ -20,6 +20,8 @@ from .limits import Limits
 # in `text_output`.
 # Integers are INT64: Triton's HTTP front end wraps a JSON number that overflows an INT32 input
 # (4294967304 arrived as 8), so a 32-bit field could not be checked as the number the client sent.
+GENERATE = "generate"  # the served model's name in Triton
+
 INPUTS = {
     "prompt": ("TYPE_STRING", [1], "text prompt, byte-level tokens"),
     "prompt_ids": ("TYPE_INT64", [-1], "prompt token ids"),
