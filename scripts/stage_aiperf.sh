@@ -6,7 +6,7 @@
 #   On the GPU machine, one run per part, carrying .gpu/aiperf/pK:    scripts/stage_aiperf.sh stage K N
 #   The last one (K = N) installs into /tmp/aiperf/site; run aiperf as
 #       PYTHONPATH=/tmp/aiperf/site python3 -m aiperf profile ...      (scripts/accelerator.sh aiperf does)
-# Untested on the GPU machine as of 2026-12-03 (written when no device time was left).
+# Ran on the H200 on 2026-12-03: 4 parts, then aiperf 0.13.0 against serve's OpenAI API (docs/benchmarks.md).
 set -euo pipefail
 version=${AIPERF_VERSION:-0.13.0}
 case "${1:?usage: stage_aiperf.sh pack | stage K N}" in
