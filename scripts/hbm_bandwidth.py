@@ -1,7 +1,7 @@
 """What fraction of the GPU's datasheet bandwidth a batch-1 decode can reach at best: a device copy,
 each matrix-vector product of a preset's step alone (PyTorch's cuBLAS choice, M = 1), and the whole
 step's chain of them (every layer's weights, distinct buffers, replayed as one CUDA graph, no
-attention, norms or sampling). The chain is the ceiling for any graph built from cuBLAS GEMVs.
+attention, norms or sampling): what those kernels reach with nothing else in the step.
 
 Usage: python3 scripts/hbm_bandwidth.py [--preset 7b] [--iters 50] [--json PATH]
 """
@@ -36,6 +36,8 @@ def measure(preset_name: str, iters: int) -> dict:
     from runtime.bench.floors import matmul_shapes, peaks_for
 
     name = torch.cuda.get_device_name()
+    if peaks_for(name) is None:
+        raise SystemExit(f"hbm_bandwidth: no datasheet bandwidth is on record for {name} (runtime/bench/floors.py)")
     peak = peaks_for(name).bandwidth
     config = preset(preset_name)
     source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")

@@ -148,6 +148,7 @@ def test_the_client_side_of_serving_never_imports_torch():
     cost seconds per process (on a GPU machine with CUDA, long enough to miss a timed cut)."""
     modules = ["runtime.serving.loadtest", "runtime.serving.clients", "runtime.serving.openai_api",
                "runtime.serving.requests", "runtime.commands.loadtest"]
-    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"

@@ -13,8 +13,9 @@ SIGTERM to the process fails every request it holds or gets later with SHUTDOWN 
 when the drain at shutdown is over); it ends as usual, when its drivers have left.
 Messages out: ("ready", decoder facts) to a driver that connects to the process; then per step
 ("events", [(id, token, finish, error, cause)], rows decoded, step seconds, requests admitted, rows
-running, requests waiting, publishes), and last ("closed", ids abandoned). Request ids are each driver's own. Step
-figures go to one driver at a time (`publishes`), so metrics summed over instances count a step once.
+running, requests waiting, publishes), and last ("closed", ids abandoned). Request ids are each
+driver's own. Step figures go to one driver at a time (`publishes`), so metrics summed over
+instances count a step once.
 """
 from __future__ import annotations
 
