@@ -114,18 +114,33 @@ serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 
   else
     tail -30 "$results/tritonserver${TAG:-}.log"
   fi
+  client=
   if [ -n "${CUT:-}" ] && [ -f "$results/serve-ready${TAG:-}.json" ]; then  # SIGTERM while CUT clients stream
-    py -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --concurrency $CUT --requests-per-client 20 \
+    python3 -m runtime.commands.loadtest --url http://127.0.0.1:${PORT:-8000} --concurrency $CUT --requests-per-client 20 \
       --workers 8 --max-prompt-tokens 128 --max-new-tokens 512 --timeout 60 --json "$results/loadtest-cut${TAG:-}.json" \
       > "$results/loadtest-cut${TAG:-}.log" 2>&1 &
-    client=$!; sleep ${CUT_AFTER:-4}
+    client=$!  # python3 itself, so that kill reaches it
+    # CUT_AFTER counts from when half the clients stream (the server's active rows), not from the start
+    python3 -c "
+import time, urllib.request
+for _ in range(600):
+    text = urllib.request.urlopen('http://127.0.0.1:$((${PORT:-8000} + 2))/metrics', timeout=5).read().decode()
+    rows = sum(float(l.rsplit(' ', 1)[-1]) for l in text.splitlines() if l.startswith('rotary_generate_active_rows{'))
+    if rows >= $CUT / 2:
+        print('cut: active rows', rows); break
+    time.sleep(0.1)
+else:
+    print('cut: the clients never reached', $CUT / 2, 'active rows')"
+    sleep ${CUT_AFTER:-2}
   fi
   t0=$(date +%s.%N); kill -TERM $server 2>/dev/null; wait $server; rc=$?
-  echo "serve exit $rc, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s after SIGTERM"; tail -3 "$results/serve${TAG:-}.log"
-  if [ -n "${client:-}" ]; then
+  echo "serve exit $rc, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s after SIGTERM" | tee -a "$results/serve${TAG:-}.log"
+  tail -3 "$results/serve${TAG:-}.log"
+  if [ -n "$client" ]; then
     timeout 90 tail --pid=$client -f /dev/null; kill $client 2>/dev/null
     py -c "import json; l = json.load(open('$results/loadtest-cut${TAG:-}.json'))['levels'][0]; \
-print('cut:', l['requests'], 'requests,', l['tokens'], 'tokens,', l['errors'], 'errors:', l['error_messages'])" 2>&1 | tail -3
+print('cut:', l['requests'], 'requests,', l['tokens'], 'tokens,', l['errors'], 'errors:', l['error_messages'])" 2>/dev/null \
+      || tail -5 "$results/loadtest-cut${TAG:-}.log"
   fi
   ;;
 aiperf)  # aiperf at 32 concurrency against serve's OpenAI API (staged by scripts/stage_aiperf.sh), then loadtest

@@ -148,7 +148,11 @@ def test_the_client_side_of_serving_never_imports_torch():
     cost seconds per process (on a GPU machine with CUDA, long enough to miss a timed cut)."""
     modules = ["runtime.serving.loadtest", "runtime.serving.clients", "runtime.serving.openai_api",
                "runtime.serving.requests", "runtime.commands.loadtest"]
-    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+    calls = ("from runtime.serving.clients import grpc_inputs, openai_body\n"  # what a worker runs per request
+             "from runtime.serving.openai_api import create_app\n"
+             "request = {'prompt_ids': [1, 2], 'max_new_tokens': 4, 'temperature': 0.8, 'filter_thres': 0.9}\n"
+             "openai_body(request, 256); grpc_inputs(request); create_app('127.0.0.1:1', 'm', 256, 64)\n")
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n{calls}"
             "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"

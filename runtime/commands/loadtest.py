@@ -193,18 +193,21 @@ def summed_counters(addresses: list[str]) -> dict | None:
     from runtime.serving.clients import read_step_counters
 
     total: dict = {}
+    shared = None  # the counters every server has (an older server has no admission counters)
     for address in addresses:
         counters = read_step_counters(address)
         if counters is None:
             return None
+        shared = set(counters) if shared is None else shared & set(counters)
         for key, value in counters.items():
             total[key] = total.get(key, 0) + value
-    return total
+    return {key: value for key, value in total.items() if key in shared}
 
 
 def step_summary(before: dict | None, after: dict | None) -> dict | None:
     """The server's decode steps during one level: how many, mean rows per step, mean step time; and
-    how many also admitted requests (their prefill is in their time), the mean of the steps that did not."""
+    (servers that count them) how many also admitted requests, their prefill in their time, and the
+    mean of the steps that did not. Steps that only admitted, with no row running, are not decode steps."""
     if before is None or after is None:
         return None
     steps = after["rotary_generate_steps_total"] - before["rotary_generate_steps_total"]
@@ -212,12 +215,16 @@ def step_summary(before: dict | None, after: dict | None) -> dict | None:
         return None
     rows = after["rotary_generate_step_rows_total"] - before["rotary_generate_step_rows_total"]
     seconds = after["rotary_generate_step_seconds_total"] - before["rotary_generate_step_seconds_total"]
-    admits = after["rotary_generate_admit_steps_total"] - before["rotary_generate_admit_steps_total"]
-    admit_seconds = (after["rotary_generate_admit_step_seconds_total"]
-                     - before["rotary_generate_admit_step_seconds_total"])
-    decode_only = (seconds - admit_seconds) / (steps - admits) * 1e3 if steps > admits else None
-    return {"steps": int(steps), "mean_rows": rows / steps, "mean_step_ms": seconds / steps * 1e3,
-            "admit_steps": int(admits), "decode_only_step_ms": decode_only}
+    summary = {"steps": int(steps), "mean_rows": rows / steps, "mean_step_ms": seconds / steps * 1e3,
+               "admit_steps": None, "decode_only_step_ms": None}
+    if "rotary_generate_admit_steps_total" in before and "rotary_generate_admit_steps_total" in after:
+        admits = after["rotary_generate_admit_steps_total"] - before["rotary_generate_admit_steps_total"]
+        admit_seconds = (after["rotary_generate_admit_step_seconds_total"]
+                         - before["rotary_generate_admit_step_seconds_total"])
+        summary["admit_steps"] = int(admits)
+        if steps > admits:
+            summary["decode_only_step_ms"] = (seconds - admit_seconds) / (steps - admits) * 1e3
+    return summary
 
 
 def _steps(summary: dict | None) -> str:

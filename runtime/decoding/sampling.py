@@ -15,23 +15,17 @@ ahead, so a request gives the same tokens alone, in a busy server batch and offl
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .settings import GenerationSettings
+from .settings import GenerationSettings, kept_count
 from .transfer import to_device
 
 _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
-
-
-def kept_count(filter_thres: float, vocab_size: int) -> int:
-    """How many logits survive the top-k filter (at least one), float rounding as upstream."""
-    return max(1, math.ceil((1.0 - filter_thres) * vocab_size))
 
 
 def _mix(x):

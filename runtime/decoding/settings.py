@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from .errors import DecodingError
 
 
+def kept_count(filter_thres: float, vocab_size: int) -> int:
+    """How many logits survive the top-k filter (at least one), float rounding as upstream."""
+    return max(1, math.ceil((1.0 - filter_thres) * vocab_size))
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64

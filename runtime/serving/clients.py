@@ -159,8 +159,7 @@ def openai_body(request: dict, vocab_size: int) -> dict:
     """A generate request (Triton input names) as the /v1/completions body that asks for the same
     tokens: filter_thres becomes the top_k it keeps, greedy is temperature 0, and each chunk
     carries its token ids (return_token_ids) so tokens are counted exactly."""
-    from ..decoding.sampling import kept_count
-    from ..decoding.settings import GenerationSettings
+    from ..decoding.settings import GenerationSettings, kept_count
 
     defaults = GenerationSettings()
     temperature = request.get("temperature", defaults.temperature)
@@ -217,13 +216,13 @@ def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
         connection.close()
 
 
-STEP_COUNTERS = ("rotary_generate_steps_total", "rotary_generate_step_rows_total", "rotary_generate_step_seconds_total",
-                 "rotary_generate_admit_steps_total", "rotary_generate_admit_step_seconds_total")
+STEP_COUNTERS = ("rotary_generate_steps_total", "rotary_generate_step_rows_total", "rotary_generate_step_seconds_total")
+ADMIT_COUNTERS = ("rotary_generate_admit_steps_total", "rotary_generate_admit_step_seconds_total")  # servers since 91f6ec3
 
 
 def read_step_counters(metrics_url: str, timeout: float = 10.0) -> dict[str, float] | None:
-    """The generate model's decode-step counters from Triton's Prometheus /metrics, or None when the
-    server does not publish them."""
+    """The generate model's decode-step counters from Triton's Prometheus /metrics (the admission
+    counters too where the server has them), or None when the server does not publish them."""
     host, port = split_url(metrics_url, 8002)
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -236,6 +235,6 @@ def read_step_counters(metrics_url: str, timeout: float = 10.0) -> dict[str, flo
     values = {}
     for line in text.splitlines():
         name, _, rest = line.partition("{")
-        if name in STEP_COUNTERS:
+        if name in STEP_COUNTERS or name in ADMIT_COUNTERS:
             values[name] = values.get(name, 0.0) + float(rest.rsplit(" ", 1)[-1])
-    return values if len(values) == len(STEP_COUNTERS) else None
+    return values if all(name in values for name in STEP_COUNTERS) else None

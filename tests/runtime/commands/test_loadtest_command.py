@@ -113,3 +113,23 @@ def test_several_urls_spread_the_clients_over_several_servers(triton_server, ser
     finally:
         assert second.terminate() == 0
     assert second.leftovers() == ([], [])
+
+
+def test_step_summary_splits_off_admitting_steps_and_reads_older_servers_too(monkeypatch):
+    from runtime.commands import loadtest
+
+    before = {"rotary_generate_steps_total": 10, "rotary_generate_step_rows_total": 100,
+              "rotary_generate_step_seconds_total": 0.010, "rotary_generate_admit_steps_total": 2,
+              "rotary_generate_admit_step_seconds_total": 0.004}
+    after = {"rotary_generate_steps_total": 20, "rotary_generate_step_rows_total": 400,
+             "rotary_generate_step_seconds_total": 0.025, "rotary_generate_admit_steps_total": 4,
+             "rotary_generate_admit_step_seconds_total": 0.008}
+    summary = loadtest.step_summary(before, after)
+    assert summary["steps"] == 10 and summary["mean_rows"] == 30 and summary["mean_step_ms"] == pytest.approx(1.5)
+    assert summary["admit_steps"] == 2 and summary["decode_only_step_ms"] == pytest.approx((0.015 - 0.004) / 8 * 1e3)
+    old = {key: value for key, value in after.items() if "admit" not in key}  # a server before the admit counters
+    older = loadtest.step_summary({key: value for key, value in before.items() if "admit" not in key}, old)
+    assert older["steps"] == 10 and older["admit_steps"] is None and older["decode_only_step_ms"] is None
+    servers = {"a": after, "b": old}  # two servers, one older: only the counters both have are summed
+    monkeypatch.setattr("runtime.serving.clients.read_step_counters", lambda address: servers[address])
+    assert loadtest.summed_counters(["a", "b"]) == {key: 2 * value for key, value in old.items()}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.decoding.sampling import RowSettings, choose, kept_count, next_tokens, seed_key, uniform_noise
+from runtime.decoding.sampling import RowSettings, choose, next_tokens, seed_key, uniform_noise
+from runtime.decoding.settings import kept_count
 from runtime.decoding.settings import GenerationSettings
 
 
