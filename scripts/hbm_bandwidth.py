@@ -1,7 +1,9 @@
 """What fraction of the GPU's datasheet bandwidth a batch-1 decode can reach at best: a device copy,
 each matrix-vector product of a preset's step alone (PyTorch's cuBLAS choice, M = 1), and the whole
 step's chain of them (every layer's weights, distinct buffers, replayed as one CUDA graph, no
-attention, norms or sampling): what those kernels reach with nothing else in the step.
+attention, norms or sampling): what those kernels reach with nothing else in the step. Each
+single GEMV is timed over one buffer again and again, so the smaller ones may be served partly
+from L2; the chain is not.
 
 Usage: python3 scripts/hbm_bandwidth.py [--preset 7b] [--iters 50] [--json PATH]
 """
