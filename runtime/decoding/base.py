@@ -16,6 +16,7 @@ from torch import Tensor
 from models.config import ModelConfig
 
 from .errors import DecodingError
+from .transfer import to_device
 
 
 class Decoder(abc.ABC):
@@ -32,6 +33,7 @@ class Decoder(abc.ABC):
         self.closed = False
         self.owner = None  # what was opened for this decoder alone (runtime.decoding.open), closed with it
         self.mode = "cache"  # how it decodes, for humans
+        self._index: tuple[tuple[int, ...], Tensor | None] = ((), None)  # the active rows and their device index
 
     @property
     def vocab_size(self) -> int:
@@ -57,20 +59,49 @@ class Decoder(abc.ABC):
         """Append one token to each active row (`tokens`: (len(active),), in `active` order); return
         the next-token logits (len(active), vocab). The result may be an output buffer that the
         next call overwrites: read or copy it first."""
+        tokens = self._check_step(tokens, len(self.lengths), "step() takes one token per active row")
+        logits = self._step(tokens.to(self.device))
+        self._advance()
+        return logits
+
+    def step_every_row(self, tokens: Tensor) -> Tensor:
+        """`step` with a token for each of the decoder's rows, in row order (an inactive row's is
+        ignored), returning logits for each row (an inactive row's are meaningless; read only the
+        active ones). The static-cache decoders compute every row anyway, so this skips `step`'s
+        gather and scatter: the engine steps this way, so rows stay in place as requests come and go."""
+        tokens = self._check_step(tokens, self.rows, "step_every_row() takes one token per row")
+        logits = self._step_every_row(tokens.to(self.device))
+        self._advance()
+        return logits
+
+    def _check_step(self, tokens: Tensor, expected: int, rule: str) -> Tensor:
         self._check_open()
-        active = self.active
-        if not active:
+        if not self.lengths:
             raise DecodingError("no active rows: start() some rows before step()")
         tokens = tokens.reshape(-1)
-        if tokens.numel() != len(active):
-            raise DecodingError(f"step() takes one token per active row ({len(active)}), got {tokens.numel()}")
+        if tokens.numel() != expected:
+            raise DecodingError(f"{rule} ({expected}), got {tokens.numel()}")
         longest = max(self.lengths.values())
         if self.max_length is not None and longest >= self.max_length:
             raise DecodingError(f"a row holds {longest} tokens and is full ({self.capacity_hint})")
-        logits = self._step(tokens.to(self.device))
-        for row in active:
+        return tokens
+
+    def _advance(self) -> None:
+        for row in self.lengths:
             self.lengths[row] += 1
-        return logits
+
+    def _active_index(self) -> Tensor:
+        """The active rows as a device index, made when they change, not every step."""
+        active = tuple(self.active)
+        if self._index[0] != active or self._index[1] is None:
+            self._index = (active, to_device(active, torch.int64, self.device))
+        return self._index[1]
+
+    def _step_every_row(self, tokens: Tensor) -> Tensor:
+        """By default: `_step` over the active rows' tokens, its logits scattered back to their rows."""
+        index = self._active_index()
+        logits = self._step(tokens.index_select(0, index))
+        return logits.new_zeros((self.rows, logits.shape[-1])).index_copy_(0, index, logits)
 
     def release(self, rows: Iterable[int]) -> None:
         """Free rows; their slots can be started again."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import Decoder, DecodingError
+from .row_table import RowTable
 from .sampling import RowSettings, choose
 from .settings import GenerationSettings
 from .transfer import to_device
@@ -86,7 +87,7 @@ class Engine:
         self._free = list(range(self.rows))
         self._next_handle = 0
         self._inputs = torch.zeros(decoder.rows, dtype=torch.int64, device=decoder.device)  # each row's next token
-        self._batch: tuple[tuple[int, ...], RowSettings, Tensor] | None = None  # settings of the running rows
+        self._table = RowTable(decoder.rows, decoder.vocab_size, decoder.device)
         self._host: Tensor | None = None  # pinned buffer the ids are copied into (CUDA)
         self._copied = None  # the CUDA event that copy is waited on, made once
         self.stats = StepStats()
@@ -145,35 +146,31 @@ class Engine:
         """Decode one token for every running row, then admit and prefill waiting requests (each
         gets its first token); return the step's events, running rows first."""
         self.stats = StepStats()
-        picked: list[Tensor] = []  # device ids: the decode step's, then the new rows' first tokens
-        reported: list[_Request] = []  # whose token each id is
+        picked: list[Tensor] = []  # device ids: the decode step's (one per decoder row), then the new rows' first
+        reported: list[tuple[_Request, int]] = []  # each request given a token, and where its id is in `picked`
         failed: list[TokenEvent] = []
         stepping = [request for _, request in sorted(self._running.items())]
         if stepping:
             try:
                 picked.append(self._decode(stepping))
-                reported += stepping
+                reported += [(request, request.row) for request in stepping]
             except Exception as error:
                 failed = self._fail(stepping, error)
         self.stats.rows = len(reported)
         admitted = self._admit()
         if admitted:
             try:
-                logits = self.decoder.start({r.row: r.prompt for r in admitted})
-                ids = self._pick([r.handle for r in admitted], logits,
-                                 RowSettings.of([r.settings for r in admitted], [0] * len(admitted),
-                                                self.decoder.vocab_size, self.decoder.device))
-                self._feed(admitted, ids)
-                picked.append(ids)
-                reported += admitted
+                picked.append(self._start(admitted))
+                offset = self.decoder.rows if len(picked) > 1 else 0
+                reported += [(request, offset + i) for i, request in enumerate(admitted)]
             except Exception as error:
                 failed += self._fail(admitted, error)
         if not picked:
             return failed
         tokens = self._to_host(torch.cat(picked) if len(picked) > 1 else picked[0])
         events, done = [], []
-        for request, token in zip(reported, tokens):
-            index = request.produced
+        for request, place in reported:
+            token, index = tokens[place], request.produced
             request.produced += 1
             finish = None
             if request.settings.eos_id is not None and token == request.settings.eos_id:
@@ -218,33 +215,34 @@ class Engine:
         return admitted
 
     def _decode(self, stepping: list[_Request]) -> Tensor:
-        """One decoder step over the running rows (in row order)."""
-        order = tuple(r.handle for r in stepping)
-        if self._batch is None or self._batch[0] != order:
+        """One decoder step over every row, in place (an idle row's pick is never read); the ids of
+        every row."""
+        logits = self.decoder.step_every_row(self._inputs)
+        if self.on_logits is not None:
             rows = to_device([r.row for r in stepping], torch.int64, self.decoder.device)
-            self._batch = (order, RowSettings.of([r.settings for r in stepping], [r.produced for r in stepping],
-                                                 self.decoder.vocab_size, self.decoder.device), rows)
-        _, settings, rows = self._batch  # choose() moves the counters on
-        whole = len(stepping) == self.decoder.rows  # every row, in row order
-        logits = self.decoder.step(self._inputs if whole else self._inputs.index_select(0, rows))
-        ids = self._pick(list(order), logits, settings)
-        self._feed(stepping, ids, None if whole else rows)
+            self.on_logits([r.handle for r in stepping], logits.index_select(0, rows))
+        ids = choose(logits, self._table.settings)
+        self._inputs.copy_(ids)
+        self._force(stepping)
         return ids
 
-    def _pick(self, handles: list[int], logits: Tensor, settings: RowSettings) -> Tensor:
+    def _start(self, admitted: list[_Request]) -> Tensor:
+        """Prefill the admitted requests' rows and pick their first tokens; their ids, in order."""
+        logits = self.decoder.start({r.row: r.prompt for r in admitted})
+        settings = [r.settings for r in admitted]
+        fresh = RowSettings.of(settings, [0] * len(admitted), self.decoder.vocab_size, self.decoder.device)
         if self.on_logits is not None:
-            self.on_logits(handles, logits)
-        return choose(logits, settings)
+            self.on_logits([r.handle for r in admitted], logits)
+        ids = choose(logits, fresh)
+        rows = [r.row for r in admitted]
+        index = to_device(rows, torch.int64, self.decoder.device)
+        self._inputs.index_copy_(0, index, ids)
+        self._force(admitted)
+        self._table.join(rows, index, fresh, settings)
+        return ids
 
-    def _feed(self, requests: list[_Request], ids: Tensor, rows: Tensor | None = None) -> None:
-        """Store each row's next input (`rows`: their row numbers on the device; None: every row, in
-        order): the picked id, or when teacher forcing the forced one (fed after new token i: forced[i])."""
-        if rows is None and len(requests) == self.decoder.rows:
-            self._inputs.copy_(ids)
-        else:
-            if rows is None:
-                rows = to_device([r.row for r in requests], torch.int64, self.decoder.device)
-            self._inputs.index_copy_(0, rows, ids)
+    def _force(self, requests: list[_Request]) -> None:
+        """Teacher forcing: after new token i, feed forced[i] in place of the picked one."""
         for request in requests:
             if request.forced is not None and request.produced < len(request.forced):
                 self._inputs[request.row] = request.forced[request.produced]
@@ -257,8 +255,8 @@ class Engine:
             self._by_handle.pop(request.handle, None)
         if rows:
             self.decoder.release(rows)
+            self._table.leave(rows)
             self._free = sorted(self._free + rows)
-            self._batch = None
 
     def _fail(self, requests: list[_Request], error: Exception) -> list[TokenEvent]:
         """A decoder failure ends the requests involved, never the engine."""

@@ -58,6 +58,11 @@ def gumbel_noise(keys: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
     return -torch.log(-torch.log(uniform_noise(keys, counters, vocab_size)))
 
 
+def row_kept(settings: GenerationSettings, vocab_size: int) -> int:
+    """How many logits a request's filters keep (filter_thres, then top_k)."""
+    return min(kept_count(settings.filter_thres, vocab_size), settings.top_k or vocab_size)
+
+
 @dataclass
 class RowSettings:
     """The sampling settings of a batch's rows as device tensors, built once per batch layout."""
@@ -72,15 +77,14 @@ class RowSettings:
     @classmethod
     def of(cls, settings: Sequence[GenerationSettings], counters: Sequence[int], vocab_size: int,
            device: torch.device) -> "RowSettings":
-        kept = [min(kept_count(s.filter_thres, vocab_size), s.top_k or vocab_size) for s in settings]
+        kept = [row_kept(s, vocab_size) for s in settings]
         sampled = [k for k, s in zip(kept, settings) if s.temperature > 0]
         nucleus = any(s.top_p < 1.0 for s in settings if s.temperature > 0)
-        return cls(to_device([s.temperature for s in settings], torch.float32, device),
-                   to_device(kept, torch.int64, device),
-                   to_device([seed_key(s.seed) for s in settings], torch.int64, device),
-                   to_device(list(counters), torch.int64, device),
-                   max(sampled, default=0),
-                   to_device([s.top_p for s in settings], torch.float64, device) if nucleus else None)
+        # one copy to the device: every field is exact in float64 (keys < 2**32, counts < 2**53)
+        packed = to_device([[s.temperature, k, seed_key(s.seed), c, s.top_p]
+                            for s, k, c in zip(settings, kept, counters)], torch.float64, device).reshape(-1, 5)
+        return cls(packed[:, 0].float(), packed[:, 1].long(), packed[:, 2].long(), packed[:, 3].long(),
+                   max(sampled, default=0), packed[:, 4].contiguous() if nucleus else None)
 
 
 def choose(logits: Tensor, rows: RowSettings) -> Tensor:

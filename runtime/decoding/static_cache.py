@@ -252,7 +252,6 @@ class StaticCacheDecoder(Decoder):
         self.caches = {name: self.cache_block[i] for i, name in enumerate(names)}
         self.held = torch.zeros(rows, dtype=torch.int64, device=device)  # tokens each row holds
         self.row_active = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.active_index: Tensor | None = None  # None when every row is active
         self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)
         self.step_logits = torch.zeros(rows, 1, c.num_tokens, dtype=torch.float32, device=device)
         feeds = {"input_ids": self.step_ids, "logits_index": torch.zeros(rows, 1, dtype=torch.int64, device=device)}
@@ -344,7 +343,6 @@ class StaticCacheDecoder(Decoder):
             logits = torch.empty(len(prompts), self.config.num_tokens, dtype=torch.float32, device=self.device)
             for i, (row, prompt) in enumerate(prompts.items()):
                 self._prefill_staged(row, prompt, logits[i])
-            self._update_active(set(self.lengths) | set(prompts))
             return logits
         return self._start_batched(prompts, all_logits)
 
@@ -354,34 +352,35 @@ class StaticCacheDecoder(Decoder):
             logits = self._prefill_run(run, prompts, all_logits)
             for i, row in enumerate(run):
                 per_row[row] = logits[i, : len(prompts[row])] if all_logits else logits[i, -1]
-        self._update_active(set(self.lengths) | set(prompts))
         if all_logits:
             return [per_row[row] for row in prompts]
         return torch.stack([per_row[row] for row in prompts])
 
-    def _update_active(self, active: set[int]) -> None:
-        self.active_index = None if len(active) == self.rows else to_device(sorted(active), torch.int64, self.device)
+    def _step_every_row(self, tokens: Tensor) -> Tensor:
+        self.step_ids.copy_(tokens.reshape(self.rows, 1))
+        return self._run_step()
 
     def _step(self, tokens: Tensor) -> Tensor:
-        if self.active_index is None:
-            self.step_ids.copy_(tokens.reshape(self.rows, 1))
-        else:
-            self.step_ids.index_copy_(0, self.active_index, tokens.reshape(-1, 1))
+        if len(self.lengths) == self.rows:
+            return self._step_every_row(tokens)
+        index = self._active_index()
+        self.step_ids.index_copy_(0, index, tokens.reshape(-1, 1))
+        return self._run_step().index_select(0, index)
+
+    def _run_step(self) -> Tensor:
+        """One step over every row (an inactive row's position does not advance); (rows, vocab) logits."""
         total = None
         if self.graph.kind == STATIC_CACHE:
             self.seqlens.copy_(self.held)  # tokens held before the step = tokens after it minus 1
             total = np.array(max(self.lengths.values()) + 1, dtype=np.int32)
         self.runner.step(total)
         self.held.add_(self.row_active)
-        if self.active_index is None:
-            return self.step_logits[:, 0]
-        return self.step_logits[:, 0].index_select(0, self.active_index)
+        return self.step_logits[:, 0]
 
     def _release(self, rows: list[int]) -> None:
         index = to_device(rows, torch.int64, self.device)
         self.row_active.index_fill_(0, index, 0)
         self.held.index_fill_(0, index, 0)
-        self._update_active(set(self.lengths) - set(rows))
 
     def close(self) -> None:
         super().close()

@@ -39,7 +39,6 @@ class TorchStaticDecoder(Decoder):
         self.positions = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.row_active = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.step_ids = torch.zeros(rows, 1, dtype=torch.int64, device=self.device)
-        self._active: tuple[tuple[int, ...], Tensor | None] = ((), None)  # the active rows and their index
         self.decode, self.prefill = self.module, self.module.prefill
         if compile:
             # a server admits requests into any rows: each new (first row, run length) may compile
@@ -83,17 +82,22 @@ class TorchStaticDecoder(Decoder):
         return torch.stack([per_row[row] for row in prompts])
 
     @torch.inference_mode()
+    def _step_every_row(self, tokens: Tensor) -> Tensor:
+        self.step_ids.copy_(tokens.reshape(self.rows, 1))
+        return self._run_step()
+
+    @torch.inference_mode()
     def _step(self, tokens: Tensor) -> Tensor:
-        rows = tuple(self.active)
-        if self._active[0] != rows:  # made when the rows change, not every step
-            self._active = (rows, to_device(rows, torch.int64, self.device))
-        active = self._active[1]
-        self.step_ids.index_copy_(0, active, tokens.reshape(-1, 1))
+        index = self._active_index()
+        self.step_ids.index_copy_(0, index, tokens.reshape(-1, 1))
+        return self._run_step().index_select(0, index)
+
+    def _run_step(self) -> Tensor:
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.decode(self.step_ids, self.positions)
         self.positions.add_(self.row_active)
-        return logits[:, 0].index_select(0, active)
+        return logits[:, 0]
 
     def _release(self, rows: list[int]) -> None:
         index = to_device(rows, torch.int64, self.device)

@@ -37,9 +37,11 @@ def test_sampled_tokens_equal_pytorch_for_the_same_seed(open_cpu_decoder, torch_
     assert first != other_seed and len(set(first[0])) > 1
 
 
-def test_rows_join_and_leave_between_steps_at_their_own_positions(open_cpu_decoder, tiny_model):
+@pytest.mark.parametrize("every_row", [False, True], ids=["step", "step_every_row"])
+def test_rows_join_and_leave_between_steps_at_their_own_positions(open_cpu_decoder, tiny_model, every_row):
     """Row 0 decodes alone, row 2 joins mid-way, row 0 leaves and is restarted with a new prompt;
-    every step of every row equals PyTorch's full forward pass over that row's tokens."""
+    every step of every row equals PyTorch's full forward pass over that row's tokens. With
+    `step_every_row` the idle row 1 gets a token too, which must change nothing."""
     rng = np.random.default_rng(3)
     history = {0: [11, 12, 13, 14, 15, 16, 17]}
     with open_cpu_decoder(3) as decoder:
@@ -55,11 +57,18 @@ def test_rows_join_and_leave_between_steps_at_their_own_positions(open_cpu_decod
                 history[0] = [7, 8]
                 decoder.start({0: history[0]})
             assert decoder.active == sorted(history) and decoder.lengths == {r: len(t) for r, t in history.items()}
-            tokens = [int(t) for t in rng.integers(0, 256, size=len(history))]
-            logits = decoder.step(torch.tensor(tokens)).clone().numpy()
-            for index, row in enumerate(decoder.active):
-                history[row].append(tokens[index])
-                np.testing.assert_allclose(logits[index], full_forward(tiny_model, history[row])[-1], atol=1e-4,
+            if every_row:
+                tokens = [int(t) for t in rng.integers(0, 256, size=decoder.rows)]
+                logits = decoder.step_every_row(torch.tensor(tokens)).clone().numpy()
+                places = {row: row for row in decoder.active}
+            else:
+                tokens = [int(t) for t in rng.integers(0, 256, size=len(history))]
+                logits = decoder.step(torch.tensor(tokens)).clone().numpy()
+                places = {row: index for index, row in enumerate(decoder.active)}
+            assert logits.shape[0] == (decoder.rows if every_row else len(places))
+            for row, place in places.items():
+                history[row].append(tokens[place])
+                np.testing.assert_allclose(logits[place], full_forward(tiny_model, history[row])[-1], atol=1e-4,
                                            err_msg=f"row {row} at step {step}")
 
 
@@ -81,6 +90,8 @@ def test_all_logits_cover_every_prompt_position(open_cpu_decoder, tiny_model):
     (lambda d: d.step(torch.tensor([1])), "no active rows: start\\(\\) some rows before step\\(\\)"),
     (lambda d: (d.start({0: [1], 1: [2]}), d.step(torch.tensor([1])))[-1],
      "step\\(\\) takes one token per active row \\(2\\), got 1"),
+    (lambda d: (d.start({0: [1]}), d.step_every_row(torch.tensor([1])))[-1],
+     "step_every_row\\(\\) takes one token per row \\(2\\), got 1"),
     (lambda d: generate(d, [[1], [2], [3]], GenerationSettings(4)), "3 prompts but the decoder has 2 rows"),
     (lambda d: generate(d, [[1]], GenerationSettings(4, temperature=float("nan"))),
      "--temperature must be a finite number, got nan"),
