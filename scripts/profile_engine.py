@@ -20,13 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def open_static(backend: str, preset: str, dtype: str, rows: int, cache: int):
+def open_static(backend: str, preset: str, dtype: str, rows: int, cache: int, overlap_prefill: bool = False):
     from models.source import resolve_model
     from runtime.commands.targets import decoder_target
     from runtime.decoding.open import open_decoder
 
     target = decoder_target(resolve_model(preset_name=preset), backend, cache, dtype)
-    return open_decoder(target, backend, rows=rows, precision=dtype, max_cache=cache)
+    return open_decoder(target, backend, rows=rows, precision=dtype, max_cache=cache, overlap_prefill=overlap_prefill)
 
 
 def sync(decoder) -> None:
@@ -135,6 +135,15 @@ def engine_churn(decoder, clients: int, seconds: float, seed: int = 0) -> dict:
             "step_ms_p99": step_times[int(len(step_times) * 0.99)] * 1e3, "admissions_per_step": admitted / max(steps, 1)}
 
 
+def churn_runs(decoder, batches: list[int], seconds: float, prefills: str) -> list[dict]:
+    results = [engine_churn(decoder, clients, seconds) for clients in batches]
+    for result in results:
+        print(f"engine churn, prefills {prefills}, {result['clients']:3d} clients: {result['tokens_per_s']:.0f} tokens/s, "
+              f"{result['rows_per_step']:.1f} rows, step mean {result['step_ms_mean']:.3f} p50 {result['step_ms_p50']:.3f} "
+              f"p99 {result['step_ms_p99']:.3f} ms, {result['admissions_per_step']:.3f} admissions/step", flush=True)
+    return results
+
+
 class TimedStream:
     """A stream whose send waits `send_s` without the GIL, as a python-backend send does."""
 
@@ -228,11 +237,11 @@ def main() -> int:
             print(text.getvalue()[-4000:])
     prefill = prefill_ms(decoder, [w for w in (1, 16, 64, 128, 512) if w <= args.cache])
     print("prefill, one row: " + ", ".join(f"{w} ids {ms:.3f} ms" for w, ms in prefill.items()), flush=True)
-    churn = [engine_churn(decoder, clients, args.serve_seconds) for clients in batches]
-    for result in churn:
-        print(f"engine churn, {result['clients']:3d} clients: {result['tokens_per_s']:.0f} tokens/s, {result['rows_per_step']:.1f} rows, "
-              f"step mean {result['step_ms_mean']:.3f} p50 {result['step_ms_p50']:.3f} p99 {result['step_ms_p99']:.3f} ms, "
-              f"{result['admissions_per_step']:.3f} admissions/step", flush=True)
+    churn = churn_runs(decoder, batches, args.serve_seconds, "in line")
+    decoder.close()
+    # what the server opens: prefills on a second session beside the step (runtime.decoding.side_prefill)
+    decoder = open_static(args.backend, args.preset, args.dtype, args.rows, args.cache, overlap_prefill=True)
+    churn_beside = churn_runs(decoder, batches, args.serve_seconds, "beside the step")
     serving = []
     for senders, clients in ((s, c) for s in (int(n) for n in args.senders.split(",")) for c in batches):
         result = {"senders": senders, **served(decoder, clients, args.serve_seconds, args.send_ms / 1e3, senders)}
@@ -243,7 +252,8 @@ def main() -> int:
     if args.json:
         from runtime.provenance import script_command, write_result
 
-        write_result(args.json, {"steps": rows, "prefill_ms": prefill, "churn": churn, "served": serving}, script_command(sys.argv), vars(args))
+        write_result(args.json, {"steps": rows, "prefill_ms": prefill, "churn": churn, "churn_beside": churn_beside,
+                                 "served": serving}, script_command(sys.argv), vars(args))
     return 0
 
 

@@ -8,7 +8,7 @@ batching needs; `generate` and the benchmark use the same three calls.
 from __future__ import annotations
 
 import abc
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -54,6 +54,31 @@ class Decoder(abc.ABC):
         result = self._start(prompts, all_logits)
         self.lengths.update({row: len(prompt) for row, prompt in prompts.items()})
         return result
+
+    def start_beside(self, prompts: Mapping[int, Sequence[int]]) -> Callable[[], Tensor] | None:
+        """Begin starting idle rows so that their prefill runs beside the next step: returns the call
+        that completes the start once that step is queued (it returns what start() returns; the rows
+        are active from then on, idle until then), or None where this decoder prefills in line (then
+        call start())."""
+        self._check_open()
+        prompts = {row: list(prompt) for row, prompt in prompts.items()}
+        self.check_prompts(prompts)
+        busy = sorted(set(prompts) & set(self.lengths))
+        if busy:
+            raise DecodingError(f"start_beside() starts idle rows only; row {busy[0]} is active")
+        finish = self._start_beside(prompts)
+        if finish is None:
+            return None
+
+        def complete() -> Tensor:
+            logits = finish()
+            self.lengths.update({row: len(prompt) for row, prompt in prompts.items()})
+            return logits
+
+        return complete
+
+    def _start_beside(self, prompts: dict[int, list[int]]) -> Callable[[], Tensor] | None:
+        return None
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token to each active row (`tokens`: (len(active),), in `active` order); return

@@ -2,9 +2,10 @@
 and the server all run.
 
 It holds the waiting requests, the row table and the admission policy, and `step()` does one round:
-decode one token for every running row, then admit waiting requests into free rows (prompt tokens
-up to a per-step budget, so a burst of long prompts cannot stall running streams for a whole
-admission), prefill them and pick their first tokens, and report the tokens as events. Tokens are picked
+admit waiting requests into free rows (prompt tokens up to a per-step budget, so a burst of long
+prompts cannot stall running streams for a whole admission), decode one token for every running
+row, prefill the admitted rows (beside the decode step where the decoder can: `start_beside`) and
+pick their first tokens, and report the tokens as events. Tokens are picked
 on the device (`sampling.choose`) and fed back to the decoder there; the step's one device-to-host
 copy is the ids it reports. No threads, no I/O, no clocks: a caller drives it (the server from its
 decode thread) and decides what to do with the events.
@@ -150,17 +151,23 @@ class Engine:
         reported: list[tuple[_Request, int]] = []  # each request given a token, and where its id is in `picked`
         failed: list[TokenEvent] = []
         stepping = [request for _, request in sorted(self._running.items())]
+        admitted = self._admit()
+        beside = None  # the admitted rows' prefill, running beside the decode step where the decoder can
+        if admitted:
+            try:
+                beside = self.decoder.start_beside({r.row: r.prompt for r in admitted})
+            except Exception as error:
+                failed, admitted = self._fail(admitted, error), []
         if stepping:
             try:
                 picked.append(self._decode(stepping))
                 reported += [(request, request.row) for request in stepping]
             except Exception as error:
-                failed = self._fail(stepping, error)
+                failed += self._fail(stepping, error)
         self.stats.rows = len(reported)
-        admitted = self._admit()
         if admitted:
             try:
-                picked.append(self._start(admitted))
+                picked.append(self._start(admitted, beside))
                 offset = self.decoder.rows if len(picked) > 1 else 0
                 reported += [(request, offset + i) for i, request in enumerate(admitted)]
             except Exception as error:
@@ -226,9 +233,10 @@ class Engine:
         self._force(stepping)
         return ids
 
-    def _start(self, admitted: list[_Request]) -> Tensor:
-        """Prefill the admitted requests' rows and pick their first tokens; their ids, in order."""
-        logits = self.decoder.start({r.row: r.prompt for r in admitted})
+    def _start(self, admitted: list[_Request], beside: Callable[[], Tensor] | None) -> Tensor:
+        """Prefill the admitted requests' rows (or complete the prefill begun `beside` the step) and
+        pick their first tokens; their ids, in order."""
+        logits = beside() if beside is not None else self.decoder.start({r.row: r.prompt for r in admitted})
         settings = [r.settings for r in admitted]
         fresh = RowSettings.of(settings, [0] * len(admitted), self.decoder.vocab_size, self.decoder.device)
         if self.on_logits is not None:

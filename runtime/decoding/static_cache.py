@@ -36,6 +36,7 @@ from ..backends.onnxruntime_backend import (_import_onnxruntime, binding_type, o
                                             session_metadata)
 from ..resources import cache_bytes, logits_bytes, require
 from .base import Decoder, DecodingError
+from .side_prefill import SidePrefill
 from .transfer import to_device
 
 
@@ -82,13 +83,15 @@ def length_feeds(graph: GraphMetadata, start: Tensor, after: Tensor, total: int)
 class BoundRunner:
     """ONNX Runtime with the cache buffers bound in place (and CUDA-graph replay on CUDA)."""
 
-    def __init__(self, model: str | Path | bytes, provider: str, cuda_graph: bool | None):
+    def __init__(self, model: str | Path | bytes, provider: str, cuda_graph: bool | None, stream=None):
+        """`stream`: the PyTorch CUDA stream it runs on (default: the current one)."""
         self.on_cuda = provider == "cuda"
         self.cuda_graph = self.on_cuda if cuda_graph is None else cuda_graph
         options = {"enable_cuda_graph": str(int(self.cuda_graph))}
         self.torch_stream = provider == "cuda"
         if self.torch_stream:  # run on PyTorch's stream: ordered with our tensors, no sync before a run
-            stream = {"has_user_compute_stream": "1", "user_compute_stream": str(torch.cuda.current_stream().cuda_stream)}
+            handle = (stream or torch.cuda.current_stream()).cuda_stream
+            stream = {"has_user_compute_stream": "1", "user_compute_stream": str(handle)}
             try:
                 self.session = self._open(model, provider, {**options, **stream})
             except BackendError as error:  # a build that refuses a user stream with CUDA graphs: synchronise instead
@@ -212,10 +215,12 @@ class StaticCacheDecoder(Decoder):
     `provider`), or a Backend that runs one. Not thread-safe: one decoder owns its buffers."""
 
     def __init__(self, model: str | Path | bytes | Backend, rows: int = 1, provider: str = "cuda",
-                 cuda_graph: bool | None = None, staged_prefill: bool | None = None):
+                 cuda_graph: bool | None = None, staged_prefill: bool | None = None, overlap_prefill: bool = False):
         """`staged_prefill`: start prompts one row at a time through fixed buffers (default: when the
         steps replay CUDA graphs, so the prefills do too); logits at every prompt position (parity)
-        always take the batched prefill."""
+        always take the batched prefill. `overlap_prefill` (with staged prefills): run them on a second
+        ONNX Runtime session, in a thread of their own and on a CUDA stream of their own, so that
+        `start_beside` prefills while a step decodes (the graph's weights are then held twice)."""
         if isinstance(model, Backend):
             runner, where, device, name = BackendRunner(model), model.name, model.device, model.name
         else:
@@ -234,6 +239,12 @@ class StaticCacheDecoder(Decoder):
         self.pad_prefill = self.device.type == "cuda"  # CUDA: prompts run at the widths warmed at open
         self.staged_prefill = isinstance(runner, BoundRunner) and (self.cuda_graph if staged_prefill is None
                                                                    else staged_prefill)
+        self.beside = None  # overlap_prefill's second session
+        if overlap_prefill and self.staged_prefill:
+            self.beside = SidePrefill(provider == "cuda", lambda stream: BoundRunner(model, provider, runner.cuda_graph, stream))
+            self.mode = "static cache, prefills beside the step"
+        self.stage_runner = runner if self.beside is None else self.beside.runner
+        self._parked: set[int] = set()  # rows whose prefill runs beside the step
         started = time.perf_counter()
         self._allocate()
         self._warm_up()
@@ -281,7 +292,7 @@ class StaticCacheDecoder(Decoder):
                 lengths = {"seqlens_k": self.stage_seqlens, "total_sequence_length": np.array(width, dtype=np.int32)}
             else:
                 lengths = {"positions": self.stage_start}
-            self.runner.prepare_staged(width, {"input_ids": self.stage_ids[:, :width], "logits_index": self.stage_last,
+            self.stage_runner.prepare_staged(width, {"input_ids": self.stage_ids[:, :width], "logits_index": self.stage_last,
                                                **lengths}, {n: self.stage_block[i] for i, n in enumerate(names)},
                                        self.stage_logits)
 
@@ -295,7 +306,7 @@ class StaticCacheDecoder(Decoder):
         for length in warm_up_lengths(self.max_cache):
             self._start_batched({0: [0] * length}, False)
             for _ in range(3 if self.staged_prefill else 0):  # ONNX Runtime captures a graph id's third run
-                self._prefill_staged(0, [0] * length)
+                self._start_staged({0: [0] * length}, park=False)()
         self.lengths[0] = 1
         self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
         self.lengths.clear()
@@ -322,28 +333,61 @@ class StaticCacheDecoder(Decoder):
         self.row_active[rows] = 1
         return logits
 
-    def _prefill_staged(self, row: int, prompt: list[int], logits: Tensor | None = None) -> None:
+    def _prefill_staged(self, row: int, prompt: list[int], logits: Tensor) -> None:
         """One row's prompt through the staging row (a CUDA graph replay of its width on CUDA), then
-        into the row's cache; its next-token logits go to `logits` (vocab,) when given."""
+        into the row's cache; its next-token logits go to `logits` (vocab,)."""
         length = len(prompt)
         width = prefill_width(length, self.max_cache)  # one of the widths bound at open
         self.stage_ids[0, :length].copy_(to_device(prompt, torch.int64, self.device))
         self.stage_last.fill_(length - 1)
         if self.graph.kind == STATIC_CACHE:
             self.stage_seqlens.fill_(length - 1)
-        self.runner.prefill_staged(width)
+        self.stage_runner.prefill_staged(width)
         self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
-        self.held[row] = length
-        self.row_active[row] = 1
-        if logits is not None:  # copied out now: the next staged prefill overwrites the buffer
-            logits.copy_(self.stage_logits[0, 0])
+        logits.copy_(self.stage_logits[0, 0])  # now: the next staged prefill overwrites the buffer
+
+    def _start_staged(self, prompts: dict[int, list[int]], park: bool):
+        """Prefill `prompts` through the staging row, beside the caller's next step when the decoder
+        has a side session; returns the call that activates the rows and gives their logits. `park`:
+        the rows are idle through a step meanwhile (see _park)."""
+        logits = torch.empty(len(prompts), self.config.num_tokens, dtype=torch.float32, device=self.device)
+        if park:
+            self._park(list(prompts))
+
+        def prefill_all():
+            for i, (row, prompt) in enumerate(prompts.items()):
+                self._prefill_staged(row, prompt, logits[i])
+
+        wait = self.beside.run(prefill_all) if self.beside is not None else prefill_all()
+
+        def finish() -> Tensor:
+            try:
+                if wait is not None:
+                    wait()
+            finally:
+                self._parked.difference_update(prompts)
+            for row, prompt in prompts.items():
+                self.held[row] = len(prompt)
+                self.row_active[row] = 1
+            return logits
+
+        return finish
+
+    def _park(self, rows: list[int]) -> None:
+        """An idle row still goes through every step, which writes its keys and values at the row's
+        held position: hold it at the last one while its prompt lands in front of it. A row started
+        beside a step wants at least one new token, so its prompt ends before that position."""
+        self._parked.update(rows)
+        self.held.index_fill_(0, to_device(rows, torch.int64, self.device), self.max_cache - 1)
+
+    def _start_beside(self, prompts: dict[int, list[int]]):
+        if self.beside is None or max(len(p) for p in prompts.values()) >= self.max_cache:
+            return None
+        return self._start_staged(prompts, park=True)
 
     def _start(self, prompts: dict[int, list[int]], all_logits: bool):
         if self.staged_prefill and not all_logits:
-            logits = torch.empty(len(prompts), self.config.num_tokens, dtype=torch.float32, device=self.device)
-            for i, (row, prompt) in enumerate(prompts.items()):
-                self._prefill_staged(row, prompt, logits[i])
-            return logits
+            return self._start_staged(prompts, park=False)()
         return self._start_batched(prompts, all_logits)
 
     def _start_batched(self, prompts: dict[int, list[int]], all_logits: bool):
@@ -372,7 +416,8 @@ class StaticCacheDecoder(Decoder):
         total = None
         if self.graph.kind == STATIC_CACHE:
             self.seqlens.copy_(self.held)  # tokens held before the step = tokens after it minus 1
-            total = np.array(max(self.lengths.values()) + 1, dtype=np.int32)
+            longest = self.max_cache - 1 if self._parked else max(self.lengths.values())
+            total = np.array(longest + 1, dtype=np.int32)
         self.runner.step(total)
         self.held.add_(self.row_active)
         return self.step_logits[:, 0]
@@ -384,13 +429,15 @@ class StaticCacheDecoder(Decoder):
 
     def close(self) -> None:
         super().close()
+        if self.beside is not None:
+            self.beside.close()
         if self.runner is not None:
             self.runner.close()
-        self.runner = None
+        self.runner = self.stage_runner = self.beside = None
         self.caches, self.cache_block, self.stage_block = {}, None, None
 
 
-def open_static_cache(target, spec, rows: int = 1, **_options) -> StaticCacheDecoder:
+def open_static_cache(target, spec, rows: int = 1, overlap_prefill: bool = False, **_options) -> StaticCacheDecoder:
     """The registry's opener for the *-static backends: `target` is a static-cache graph (a path, or
     serialized bytes; runtime.commands.targets writes one from weights)."""
-    return StaticCacheDecoder(target, rows, spec.device)
+    return StaticCacheDecoder(target, rows, spec.device, overlap_prefill=overlap_prefill)

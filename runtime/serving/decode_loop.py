@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv or sys.argv[1:])[0])
     key = bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE))
     try:
-        decoder = open_decoder(spec["model"], spec["backend"], rows=spec["rows"])
+        # a static-cache graph's prefills run beside the decode step (a second session); others ignore it
+        decoder = open_decoder(spec["model"], spec["backend"], rows=spec["rows"], overlap_prefill=True)
     except Exception as error:
         with open(spec["error_file"], "w") as file:
             file.write(f"{type(error).__name__}: {error}")

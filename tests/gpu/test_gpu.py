@@ -356,3 +356,34 @@ def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path
         alone = [run(decoder, [request])[0] for request in requests]
     assert together == alone
     assert len({tuple(t) for t in alone}) == len(alone)
+
+
+@needs_ort_cuda
+def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
+    """What the server opens (overlap_prefill): admitted rows are prefilled by a second session,
+    replaying its CUDA graphs on a stream of its own while the step replays the step's graph; each
+    request's tokens equal those with every prefill in line (greedy and sampled, prompts of many
+    widths, rows freed and taken again while others decode)."""
+    from export.static_cache_graph import export_static_cache
+    from runtime.decoding.engine import Engine
+    from runtime.decoding.open import open_decoder
+    from runtime.decoding.settings import GenerationSettings
+
+    source, _ = tiny
+    path = tmp_path / "static.onnx"
+    export_static_cache(source.model, path, 256, "fp16", source.record, log=lambda _: None)
+    requests = [([(7 * i + j) % 256 for j in range(1 + (37 * i) % 120)],
+                 GenerationSettings(5 + (11 * i) % 40, [0.0, 0.9][i % 2], 0.5, seed=i)) for i in range(40)]
+    tokens = []
+    for overlap in (False, True):
+        with open_decoder(path, "onnxruntime-cuda", rows=8, overlap_prefill=overlap) as decoder:
+            assert (decoder.beside is not None) == overlap and decoder.cuda_graph
+            engine, got = Engine(decoder, prefill_tokens=64), {}
+            handles = [engine.submit(prompt, settings) for prompt, settings in requests]
+            while not engine.idle:
+                for event in engine.step():
+                    assert event.token is not None, event.error
+                    got.setdefault(event.request, []).append(event.token)
+            tokens.append([got[h] for h in handles])
+    assert tokens[0] == tokens[1]
+    assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]

@@ -114,6 +114,53 @@ def test_staged_prefills_land_in_their_rows_with_the_logits_of_the_batched_prefi
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_prefills_beside_a_step_give_the_logits_of_prefills_in_line(tiny_model, portable):
+    """overlap_prefill: rows started with start_beside are prefilled by a second session in a thread
+    of its own while the step runs (on the CPU too, truly concurrently: ONNX Runtime drops the GIL),
+    into the same cache block; the stepping row and the started rows see what they would in line."""
+    from export.onnx_export import build_portable_static_graph
+
+    build = build_portable_static_graph if portable else build_static_cache_graph
+    data = build(tiny_model, 64, "fp32").SerializeToString()
+    prompts = {2: [3, 1, 4] * 9, 1: [2, 7, 1, 8, 2]}
+    outputs = []
+    for overlap in (False, True):
+        with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True, overlap_prefill=overlap) as decoder:
+            logits = [decoder.start({0: [9, 2, 6, 5, 3, 5, 8, 9, 7]})]
+            for token in (7, 9):  # row 0 steps while rows 1 and 2 are prefilled beside it (twice: row 2 again)
+                finish = decoder.start_beside(prompts)
+                assert (finish is None) == (not overlap) and decoder.active == [0]
+                logits.append(decoder.step_every_row(torch.tensor([token, 0, 0]))[:1].clone())
+                logits.append(finish() if overlap else decoder.start(prompts))
+                assert decoder.lengths == {0: 10 if token == 7 else 12, 1: 5, 2: 27}
+                logits.append(decoder.step(torch.tensor([token, token + 1, token + 2])))
+                decoder.release([1, 2])
+            with pytest.raises(DecodingError, match="start_beside\\(\\) starts idle rows only; row 0 is active"):
+                decoder.start_beside({0: [1]})
+        outputs.append(torch.cat([x.reshape(-1, x.shape[-1]) for x in logits]))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_the_engine_gives_the_same_tokens_with_prefills_beside_its_steps(tiny_model):
+    from runtime.decoding.engine import Engine
+
+    data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
+    requests = [([1 + i, 2 * i + 3, 5] * (1 + i % 4), GenerationSettings(3 + 2 * i % 7, 0.9 * (i % 2), 0.5, seed=i))
+                for i in range(10)]
+    tokens = []
+    for overlap in (False, True):
+        with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True, overlap_prefill=overlap) as decoder:
+            engine = Engine(decoder, prefill_tokens=8)  # joined a few per step, beside running rows
+            handles = [engine.submit(prompt, settings) for prompt, settings in requests]
+            got = {handle: [] for handle in handles}
+            while not engine.idle:
+                for event in engine.step():
+                    got[event.request].append(event.token)
+            tokens.append([got[handle] for handle in handles])
+    assert tokens[0] == tokens[1] and all(tokens[0])
+
+
 def test_the_runtime_opens_static_graphs_and_never_writes_one_from_weights(tiny_source):
     """Writing the graph is the command's step (runtime.commands.targets): given weights, the
     static-cache backend refuses with the two ways to write one."""

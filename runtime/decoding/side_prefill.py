@@ -1,0 +1,57 @@
+"""Prefills that run beside the decode step: a second ONNX Runtime session of the same graph, a
+thread that calls it and, on CUDA, a stream of its own.
+
+A small model's decode step and a one-row prefill each replay a CUDA graph of short kernels that
+leave most of the GPU idle, and each ONNX Runtime run blocks its calling thread until its stream is
+done (without the GIL). So a prefill called from this thread while the decode thread steps runs
+concurrently on the GPU, where in line it would add its whole time to the step. The caller orders
+the two: what it queued before `run` happens first, and what it queues after the returned wait
+happens after the prefill.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+
+class SidePrefill:
+    def __init__(self, on_cuda: bool, open_runner: Callable):
+        """`open_runner(stream)`: the second session, running on `stream` (None off CUDA)."""
+        self.on_cuda = on_cuda
+        self.stream = torch.cuda.Stream() if on_cuda else None
+        self.runner = open_runner(self.stream)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="side-prefill")
+
+    def run(self, work: Callable[[], None]) -> Callable[[], None]:
+        """Start `work` in the side thread (on the side stream, after everything the caller queued);
+        returns the call that waits for it and orders the caller's later work after it."""
+        ready = self._record(None)
+        future = self._thread.submit(self._work, work, ready)
+
+        def wait() -> None:
+            done = future.result()  # re-raises what the work raised
+            if done is not None:
+                torch.cuda.current_stream().wait_event(done)
+
+        return wait
+
+    def _work(self, work: Callable[[], None], ready):
+        with torch.cuda.stream(self.stream) if self.on_cuda else contextlib.nullcontext():
+            if ready is not None:
+                self.stream.wait_event(ready)
+            work()
+            return self._record(self.stream)
+
+    def _record(self, stream):
+        if not self.on_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.runner.close()
