@@ -46,8 +46,6 @@ def open_session(model: str | Path | bytes, provider: str, cuda_options: dict[st
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
-    elif provider == "cuda":  # the GPU does the work: a pool of spinning CPU threads per session only takes
-        options.intra_op_num_threads = 1  # cores from the Python threads that feed it (and from a server)
     provider_options = {"device_id": "0", "use_tf32": "0", **(cuda_options or {})} if provider == "cuda" else {}
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
