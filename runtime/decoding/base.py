@@ -34,6 +34,7 @@ class Decoder(abc.ABC):
         self.owner = None  # what was opened for this decoder alone (runtime.decoding.open), closed with it
         self.mode = "cache"  # how it decodes, for humans
         self._index: tuple[tuple[int, ...], Tensor | None] = ((), None)  # the active rows and their device index
+        self._starting: set[int] = set()  # rows whose start_beside() is not completed yet
 
     @property
     def vocab_size(self) -> int:
@@ -63,14 +64,19 @@ class Decoder(abc.ABC):
         self._check_open()
         prompts = {row: list(prompt) for row, prompt in prompts.items()}
         self.check_prompts(prompts)
-        busy = sorted(set(prompts) & set(self.lengths))
+        busy = sorted(set(prompts) & (set(self.lengths) | self._starting))
         if busy:
-            raise DecodingError(f"start_beside() starts idle rows only; row {busy[0]} is active")
+            raise DecodingError(f"start_beside() starts idle rows only; row {busy[0]} is active or starting")
         finish = self._start_beside(prompts)
         if finish is None:
             return None
+        self._starting.update(prompts)
 
         def complete() -> Tensor:
+            if not self._starting.issuperset(prompts):
+                raise DecodingError("this start_beside() was completed already")
+            self._starting.difference_update(prompts)
+            self._check_open()
             logits = finish()
             self.lengths.update({row: len(prompt) for row, prompt in prompts.items()})
             return logits

@@ -144,8 +144,8 @@ class Engine:
 
     # ---- one step ----
     def step(self) -> list[TokenEvent]:
-        """Decode one token for every running row, then admit and prefill waiting requests (each
-        gets its first token); return the step's events, running rows first."""
+        """Admit waiting requests, decode one token for every running row, prefill the admitted
+        ones (each gets its first token); return the step's events, running rows first."""
         self.stats = StepStats()
         picked: list[Tensor] = []  # device ids: the decode step's (one per decoder row), then the new rows' first
         reported: list[tuple[_Request, int]] = []  # each request given a token, and where its id is in `picked`

@@ -65,7 +65,8 @@ def row_kept(settings: GenerationSettings, vocab_size: int) -> int:
 
 @dataclass
 class RowSettings:
-    """The sampling settings of a batch's rows as device tensors, built once per batch layout."""
+    """The sampling settings of a batch's rows as device tensors (the engine keeps one for every
+    row: runtime.decoding.row_table)."""
 
     temperature: Tensor  # (rows,) float32; <= 0 greedy
     kept: Tensor  # (rows,) int64, logits kept per row

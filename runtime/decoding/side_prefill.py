@@ -32,18 +32,25 @@ class SidePrefill:
         future = self._thread.submit(self._work, work, ready)
 
         def wait() -> None:
-            done = future.result()  # re-raises what the work raised
-            if done is not None:
+            done, error = future.result()
+            if done is not None:  # also after a failure: what was queued may still write the caller's memory
                 torch.cuda.current_stream().wait_event(done)
+            if error is not None:
+                raise error
 
         return wait
 
     def _work(self, work: Callable[[], None], ready):
+        """(the event after the work, the exception it raised or None)."""
+        error = None
         with torch.cuda.stream(self.stream) if self.on_cuda else contextlib.nullcontext():
             if ready is not None:
                 self.stream.wait_event(ready)
-            work()
-            return self._record(self.stream)
+            try:
+                work()
+            except Exception as raised:
+                error = raised
+            return self._record(self.stream), error
 
     def _record(self, stream):
         if not self.on_cuda:
@@ -54,4 +61,6 @@ class SidePrefill:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self.stream is not None:  # its copies may still run into buffers the decoder frees next
+            self.stream.synchronize()
         self.runner.close()

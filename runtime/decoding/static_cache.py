@@ -308,7 +308,10 @@ class StaticCacheDecoder(Decoder):
             for _ in range(3 if self.staged_prefill else 0):  # ONNX Runtime captures a graph id's third run
                 self._start_staged({0: [0] * length}, park=False)()
         self.lengths[0] = 1
-        self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
+        # ONNX Runtime captures the step on its third run: with prefills beside the step, now, not
+        # while the side session runs (a capture is global to the process)
+        for _ in range(3 if self.beside is not None else 1):
+            self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
         self.lengths.clear()
         self._release([0])
         torch.cuda.synchronize()
@@ -361,11 +364,13 @@ class StaticCacheDecoder(Decoder):
         wait = self.beside.run(prefill_all) if self.beside is not None else prefill_all()
 
         def finish() -> Tensor:
+            self._parked.difference_update(prompts)
             try:
                 if wait is not None:
                     wait()
-            finally:
-                self._parked.difference_update(prompts)
+            except BaseException:  # the rows stay idle: back to an idle row's position
+                self.held.index_fill_(0, to_device(list(prompts), torch.int64, self.device), 0)
+                raise
             for row, prompt in prompts.items():
                 self.held[row] = len(prompt)
                 self.row_active[row] = 1

@@ -210,3 +210,40 @@ def test_warming_up_leaves_the_engine_as_it_was():
     engine.warm_up()
     handle = engine.submit([2], GenerationSettings(max_new_tokens=3))
     assert run(engine)[0][handle] == expected_greedy([2], 3)
+
+
+def test_a_step_whose_decode_fails_still_starts_the_requests_it_admitted():
+    decoder = FakeDecoder(rows=2, fail_step=1)
+    engine = Engine(decoder, prefill_tokens=1)  # one admission per step: the second joins as the first steps
+    first = engine.submit([1], GenerationSettings(max_new_tokens=5))
+    engine.step()
+    second = engine.submit([4, 2], GenerationSettings(max_new_tokens=3))
+    events = engine.step()  # the decoder's first step raises; the admission in the same step goes on
+    assert [(e.request, e.finish) for e in events if e.finish == FAILED] == [(first, FAILED)]
+    assert [(e.request, e.token) for e in events if e.token is not None] == [(second, expected_greedy([4, 2], 1)[0])]
+    later = [e.token for _ in range(10) for e in engine.step()]
+    assert [events[0].token] + later == expected_greedy([4, 2], 3) and engine.idle
+
+
+class BesideFails(FakeDecoder):
+    """A decoder that offers prefills beside the step and cannot begin one for a prompt holding 9."""
+
+    def _start_beside(self, prompts):
+        if any(9 in prompt for prompt in prompts.values()):
+            raise RuntimeError("no side stream")
+        return None  # the others prefill in line
+
+
+def test_a_prefill_that_cannot_begin_fails_its_requests_and_the_running_rows_go_on():
+    decoder = BesideFails(rows=2)
+    engine = Engine(decoder)
+    running = engine.submit([3], GenerationSettings(max_new_tokens=4))
+    got = [e.token for e in engine.step()]
+    bad = engine.submit([9], GenerationSettings(max_new_tokens=4))
+    events = engine.step()
+    assert [(e.request, e.finish) for e in events if e.token is None] == [(bad, FAILED)]
+    assert "no side stream" in [e.error for e in events if e.token is None][0]
+    assert [e.request for e in events if e.token is not None] == [running]
+    later = [e.token for _ in range(10) for e in engine.step()]
+    assert got + [events[0].token] + later == expected_greedy([3], 4)
+    assert decoder.lengths == {} and engine.idle

@@ -48,3 +48,19 @@ def test_the_widest_kept_count_and_the_nucleus_follow_the_running_rows():
     assert table.settings.widest == 40 and table.settings.top_p is None
     table.leave([2])
     assert table.settings.widest == 0
+
+
+def test_a_row_taken_over_from_a_nucleus_request_keeps_its_whole_distribution():
+    """Row 0's nucleus request leaves and a plain sampled one joins it while row 1 still runs a
+    nucleus: the table must not keep row 0's old top_p."""
+    cpu = torch.device("cpu")
+    table = RowTable(2, VOCAB, cpu)
+    nucleus = [GenerationSettings(8, 1.0, 0.0, seed=1, top_p=0.2), GenerationSettings(8, 1.0, 0.0, seed=2, top_p=0.5)]
+    table.join([0, 1], torch.tensor([0, 1]), RowSettings.of(nucleus, [1, 1], VOCAB, cpu), nucleus)
+    table.leave([0])
+    plain = GenerationSettings(8, 1.0, 0.0, seed=3)
+    table.join([0], torch.tensor([0]), RowSettings.of([plain], [1], VOCAB, cpu), [plain])
+    assert table.settings.top_p.tolist() == [1.0, 0.5]
+    logits = torch.linspace(0.0, 8.0, VOCAB).expand(2, VOCAB)  # a leftover top_p of 0.2 would keep two tokens
+    draws = {int(choose(logits, table.settings)[0]) for _ in range(200)}
+    assert len(draws) > 4

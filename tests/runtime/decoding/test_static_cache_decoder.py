@@ -142,6 +142,30 @@ def test_prefills_beside_a_step_give_the_logits_of_prefills_in_line(tiny_model, 
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
 
 
+def test_a_start_beside_is_completed_once_and_a_failed_one_leaves_its_rows_idle(tiny_model):
+    data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
+    with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True, overlap_prefill=True) as decoder:
+        decoder.start({0: [5, 6, 7]})
+        finish = decoder.start_beside({1: [1, 2, 3]})
+        with pytest.raises(DecodingError, match="row 1 is active or starting"):
+            decoder.start_beside({1: [4]})
+        decoder.step_every_row(torch.tensor([1, 0, 0]))
+        finish()
+        with pytest.raises(DecodingError, match="completed already"):
+            finish()
+        assert decoder.lengths == {0: 4, 1: 3} and decoder.held.tolist() == [4, 3, 0]
+
+        def broken(width):
+            raise RuntimeError("the side session fell over")
+
+        decoder.stage_runner.prefill_staged = broken
+        finish = decoder.start_beside({2: [8, 9]})
+        assert decoder.held.tolist() == [4, 3, 63]  # parked while it lands
+        with pytest.raises(RuntimeError, match="the side session fell over"):
+            finish()
+        assert decoder.lengths == {0: 4, 1: 3} and decoder.held.tolist() == [4, 3, 0] and not decoder._parked
+
+
 def test_the_engine_gives_the_same_tokens_with_prefills_beside_its_steps(tiny_model):
     from runtime.decoding.engine import Engine
 
