@@ -105,6 +105,21 @@ class Decoder(abc.ABC):
         self._advance()
         return logits
 
+    def step_and_pick(self, tokens: Tensor, pick: Callable[[Tensor], Tensor],
+                      key: str | None = None) -> tuple[Tensor, Tensor]:
+        """`step_every_row(tokens)`, then `pick(logits)`: the caller's device work on the logits
+        (choosing the ids, writing them into `tokens` for the next step), which returns the ids.
+        Returns (logits, ids). A decoder that records both as one CUDA graph (prepare_pick) replays
+        that instead; `key` names the variant of `pick` (one graph each; None: never recorded)."""
+        logits = self.step_every_row(tokens)
+        return logits, pick(logits)
+
+    def prepare_pick(self, tokens: Tensor, pick: Callable[[Tensor], Tensor], key: str) -> bool:
+        """Record step_and_pick(tokens, pick, key) as one CUDA graph now (nothing runs); False where
+        this decoder does not record one. `tokens` and everything `pick` touches must keep their
+        memory: the graph reads and writes those addresses."""
+        return False
+
     def _check_step(self, tokens: Tensor, expected: int, rule: str) -> Tensor:
         self._check_open()
         if not self.lengths:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .base import Decoder, DecodingError
 from .row_table import RowTable
-from .sampling import RowSettings, choose
+from .sampling import GREEDY, OPS, RowSettings, choice_kind, choose
 from .settings import GenerationSettings
 from .transfer import to_device
 
@@ -91,6 +91,7 @@ class Engine:
         self._table = RowTable(decoder.rows, decoder.vocab_size, decoder.device)
         self._host: Tensor | None = None  # pinned buffer the ids are copied into (CUDA)
         self._copied = None  # the CUDA event that copy is waited on, made once
+        self._picks = {}  # choice kind -> the pick step_and_pick runs on the logits (one object each: a graph key)
         self.stats = StepStats()
 
     def warm_up(self) -> None:
@@ -98,7 +99,10 @@ class Engine:
         kernel is compiled on first use: seconds)."""
         settings = GenerationSettings(max_new_tokens=1, temperature=1.0)
         logits = torch.zeros(1, self.decoder.vocab_size, device=self.decoder.device)
-        choose(logits, RowSettings.of([settings], [0], self.decoder.vocab_size, self.decoder.device))
+        rows = RowSettings.of([settings], [0], self.decoder.vocab_size, self.decoder.device)
+        choose(logits, rows)
+        for kind in {GREEDY, choice_kind(self.decoder.device, rows)} - {OPS}:  # record the step's graphs now
+            self.decoder.prepare_pick(self._inputs, self._pick(kind), kind)
 
     # ---- requests in and out ----
     def check(self, prompt: Sequence[int], settings: GenerationSettings) -> None:
@@ -222,16 +226,28 @@ class Engine:
         return admitted
 
     def _decode(self, stepping: list[_Request]) -> Tensor:
-        """One decoder step over every row, in place (an idle row's pick is never read); the ids of
-        every row."""
-        logits = self.decoder.step_every_row(self._inputs)
-        if self.on_logits is not None:
+        """One decoder step over every row, in place (an idle row's pick is never read), and the
+        pick of every row's next token (one CUDA graph with the step where the decoder records one);
+        the ids of every row."""
+        kind = choice_kind(self.decoder.device, self._table.settings)
+        logits, ids = self.decoder.step_and_pick(self._inputs, self._pick(kind), None if kind == OPS else kind)
+        if self.on_logits is not None:  # the pick left the logits as they were
             rows = to_device([r.row for r in stepping], torch.int64, self.decoder.device)
             self.on_logits([r.handle for r in stepping], logits.index_select(0, rows))
-        ids = choose(logits, self._table.settings)
-        self._inputs.copy_(ids)
         self._force(stepping)
         return ids
+
+    def _pick(self, kind: str) -> Callable[[Tensor], Tensor]:
+        """The device work on a step's logits for choice `kind`: every row's id, fed back as its next
+        input. The same object each time (a recorded graph's key), reading the row table's tensors."""
+        if kind not in self._picks:
+            def pick(logits: Tensor) -> Tensor:
+                ids = choose(logits, self._table.settings, None if kind == OPS else kind)
+                self._inputs.copy_(ids)
+                return ids
+
+            self._picks[kind] = pick
+        return self._picks[kind]
 
     def _start(self, admitted: list[_Request], beside: Callable[[], Tensor] | None) -> Tensor:
         """Prefill the admitted requests' rows (or complete the prefill begun `beside` the step) and

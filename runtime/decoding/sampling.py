@@ -88,20 +88,42 @@ class RowSettings:
                    max(sampled, default=0), packed[:, 4].contiguous() if nucleus else None)
 
 
-def choose(logits: Tensor, rows: RowSettings) -> Tensor:
+GREEDY, FUSED, OPS = "greedy", "fused", "ops"  # how choose() picks: argmax, the fused kernel, PyTorch ops
+
+
+def choice_kind(device: torch.device, rows: RowSettings) -> str:
+    """How `choose` picks for these settings: GREEDY when no row samples, FUSED on CUDA with the
+    fused kernel and no nucleus row, else OPS (whose shapes depend on rows.widest)."""
+    if rows.widest == 0:
+        return GREEDY
+    if device.type == "cuda" and rows.top_p is None:
+        from .sampling_kernel import fused_available
+
+        if fused_available():
+            return FUSED
+    return OPS
+
+
+def choose(logits: Tensor, rows: RowSettings, kind: str | None = None) -> Tensor:
     """(rows, vocab) logits -> (rows,) int64 token ids on the logits' device, each row by its own
     settings, and every row's counter moves on by one; no host synchronisation. On CUDA with
     Triton the noise, the filter and both argmaxes are one fused kernel (sampling_kernel); a batch
-    with a nucleus (top_p) row takes the PyTorch ops, which the kernel does not cover yet."""
-    if rows.widest == 0:
+    with a nucleus (top_p) row takes the PyTorch ops, which the kernel does not cover yet. `kind`
+    (choice_kind's) is kept to exactly, for work recorded in a CUDA graph: FUSED without the
+    kernel raises instead of falling back to ops whose shapes would be frozen into the graph."""
+    exact = kind is not None
+    kind = kind or choice_kind(logits.device, rows)
+    if kind == GREEDY:
         rows.counters.add_(1)
         return logits.argmax(-1)
-    if logits.is_cuda and rows.top_p is None:
+    if kind == FUSED:
         from .sampling_kernel import fused_choose
 
         chosen = fused_choose(logits, rows)
         if chosen is not None:
             return chosen
+        if exact:
+            raise RuntimeError("the fused sampling kernel is not available")
     logits = logits.float()
     threshold = torch.topk(logits, rows.widest, dim=-1).values.gather(-1, (rows.kept.clamp(max=rows.widest) - 1)[:, None])
     greedy = logits.argmax(-1)

@@ -35,6 +35,11 @@ def _kernel():
     return triton, choose_kernel
 
 
+def fused_available() -> bool:
+    """Whether Triton and the kernel's source import (a kernel that failed to build is then off)."""
+    return _kernel() is not None
+
+
 def fused_choose(logits: Tensor, rows) -> Tensor | None:
     """`choose` for CUDA logits in one launch (rows: sampling.RowSettings); None without Triton."""
     found = _kernel()

@@ -36,6 +36,7 @@ from ..backends.onnxruntime_backend import (_import_onnxruntime, binding_type, o
                                             session_metadata)
 from ..resources import cache_bytes, logits_bytes, require
 from .base import Decoder, DecodingError
+from .captured_step import CapturedSteps
 from .side_prefill import SidePrefill
 from .transfer import to_device
 
@@ -103,7 +104,10 @@ class BoundRunner:
         self.where = "the serialized graph" if isinstance(model, bytes) else str(model)
         self.graph = session_metadata(self.session, self.where)
         self.inputs, self.outputs = session_io(self.session)
-        self.run_options = {"prefill": self._options(-1), "step": self._options(1)}  # prefill: any shape, no graph
+        self.stream = stream if self.torch_stream else None  # None: the stream current at open
+        self.run_options = {"prefill": self._options(-1), "step": self._options(1),  # prefill: any shape, no graph
+                            "recorded": self._options(-1)}  # the step as PyTorch records it (captured_step)
+        self.run_options["recorded"].add_run_config_entry("disable_synchronize_execution_providers", "1")
         # Not "disable_synchronize_execution_providers": without ONNX Runtime's end-of-run
         # synchronisation the steps of this graph decoded wrong tokens on the H200 (parity failed)
         self.step_binding = None
@@ -148,7 +152,13 @@ class BoundRunner:
     def _run(self, binding, options) -> None:
         if self.on_cuda and not self.torch_stream:  # ONNX Runtime's own stream: wait for ours first
             torch.cuda.current_stream().synchronize()
-        self.session.run_with_iobinding(binding, options)
+        current = torch.cuda.current_stream() if self.stream is not None else None
+        if current is not None and current != self.stream:  # a stream of its own: ordered with the caller's
+            self.stream.wait_stream(current)
+            self.session.run_with_iobinding(binding, options)
+            current.wait_stream(self.stream)
+        else:
+            self.session.run_with_iobinding(binding, options)
 
     def prefill(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
         self._run(self._binding(feeds, caches, logits), self.run_options["prefill"])
@@ -172,6 +182,11 @@ class BoundRunner:
         if total is not None and not self.cuda_graph:  # without a graph, attend only to the longest row
             self.step_binding.bind_cpu_input("total_sequence_length", total)
         self._run(self.step_binding, self.run_options["step"])
+
+    def step_unsynchronised(self) -> None:
+        """The step as a plain run that returns once queued, on the session's stream: what a PyTorch
+        CUDA graph records (captured_step), never replayed by ONNX Runtime itself."""
+        self.session.run_with_iobinding(self.step_binding, self.run_options["recorded"])
 
     def close(self) -> None:
         self.session = self.step_binding = self.step_feeds = None
@@ -215,16 +230,23 @@ class StaticCacheDecoder(Decoder):
     `provider`), or a Backend that runs one. Not thread-safe: one decoder owns its buffers."""
 
     def __init__(self, model: str | Path | bytes | Backend, rows: int = 1, provider: str = "cuda",
-                 cuda_graph: bool | None = None, staged_prefill: bool | None = None, overlap_prefill: bool = False):
+                 cuda_graph: bool | None = None, staged_prefill: bool | None = None, overlap_prefill: bool = False,
+                 record_step: bool | None = None):
         """`staged_prefill`: start prompts one row at a time through fixed buffers (default: when the
         steps replay CUDA graphs, so the prefills do too); logits at every prompt position (parity)
         always take the batched prefill. `overlap_prefill` (with staged prefills): run them on a second
         ONNX Runtime session, in a thread of their own and on a CUDA stream of their own, so that
-        `start_beside` prefills while a step decodes (the graph's weights are then held twice)."""
+        `start_beside` prefills while a step decodes (the graph's weights are then held twice).
+        `record_step` (CUDA, default on without overlap_prefill): the session runs on a stream of its
+        own, so that step_and_pick records the step and the caller's pick as one PyTorch CUDA graph
+        (runtime.decoding.captured_step)."""
+        stream = None
         if isinstance(model, Backend):
             runner, where, device, name = BackendRunner(model), model.name, model.device, model.name
         else:
-            runner = BoundRunner(model, provider, cuda_graph)
+            if provider == "cuda" and cuda_graph is not False and record_step is not False and not overlap_prefill:
+                stream = torch.cuda.Stream()
+            runner = BoundRunner(model, provider, cuda_graph, stream)
             where, device, name = runner.where, "cuda" if provider == "cuda" else "cpu", f"onnxruntime-{provider}"
             if runner.graph.kind not in STATIC_KINDS:
                 raise BackendError(f"{where} is not a static-cache graph (export it with export-model --static-cache N)")
@@ -244,6 +266,9 @@ class StaticCacheDecoder(Decoder):
             self.beside = SidePrefill(provider == "cuda", lambda stream: BoundRunner(model, provider, runner.cuda_graph, stream))
             self.mode = "static cache, prefills beside the step"
         self.stage_runner = runner if self.beside is None else self.beside.runner
+        self.recorded = CapturedSteps(stream) if stream is not None and runner.stream is not None else None
+        if self.recorded is not None:
+            self.mode = "static cache, step and sampling as one CUDA graph"
         self._parked: set[int] = set()  # rows whose prefill runs beside the step
         started = time.perf_counter()
         self._allocate()
@@ -312,6 +337,10 @@ class StaticCacheDecoder(Decoder):
         # while the side session runs (a capture is global to the process)
         for _ in range(3 if self.beside is not None else 1):
             self._step(torch.zeros(len(self.active), dtype=torch.int64, device=self.device))
+        if self.recorded is not None:  # the plain run a recording makes: its kernels chosen, its scratch held
+            torch.cuda.synchronize()
+            with torch.cuda.stream(self.recorded.stream):
+                self._device_step(torch.zeros(self.rows, dtype=torch.int64, device=self.device), unsynchronised=True)
         self.lengths.clear()
         self._release([0])
         torch.cuda.synchronize()
@@ -406,8 +435,26 @@ class StaticCacheDecoder(Decoder):
         return torch.stack([per_row[row] for row in prompts])
 
     def _step_every_row(self, tokens: Tensor) -> Tensor:
+        return self._device_step(tokens)
+
+    def _device_step(self, tokens: Tensor, unsynchronised: bool = False) -> Tensor:
         self.step_ids.copy_(tokens.reshape(self.rows, 1))
-        return self._run_step()
+        return self._run_step(unsynchronised)
+
+    def prepare_pick(self, tokens: Tensor, pick, key: str) -> bool:
+        if self.recorded is None or key is None or tokens.device != self.device or tokens.numel() != self.rows:
+            return False
+        if self.recorded.ready(key, tokens, pick):
+            return True
+        return self.recorded.record(key, tokens, pick, lambda: pick(self._device_step(tokens, unsynchronised=True)))
+
+    def step_and_pick(self, tokens: Tensor, pick, key: str | None = None) -> tuple[Tensor, Tensor]:
+        if self.closed or not self.prepare_pick(tokens, pick, key):
+            return super().step_and_pick(tokens, pick, key)
+        self._check_step(tokens, self.rows, "step_and_pick() takes one token per row")
+        ids = self.recorded.replay(key)
+        self._advance()
+        return self.step_logits[:, 0], ids
 
     def _step(self, tokens: Tensor) -> Tensor:
         if len(self.lengths) == self.rows:
@@ -416,16 +463,24 @@ class StaticCacheDecoder(Decoder):
         self.step_ids.index_copy_(0, index, tokens.reshape(-1, 1))
         return self._run_step().index_select(0, index)
 
-    def _run_step(self) -> Tensor:
-        """One step over every row (an inactive row's position does not advance); (rows, vocab) logits."""
-        total = None
+    def _run_step(self, unsynchronised: bool = False) -> Tensor:
+        """One step over every row (an inactive row's position does not advance); (rows, vocab) logits.
+        `unsynchronised`: as a PyTorch CUDA graph records it."""
         if self.graph.kind == STATIC_CACHE:
             self.seqlens.copy_(self.held)  # tokens held before the step = tokens after it minus 1
-            longest = self.max_cache - 1 if self._parked else max(self.lengths.values())
-            total = np.array(longest + 1, dtype=np.int32)
-        self.runner.step(total)
+        if unsynchronised:  # a graph: attends to the whole window, whatever the rows hold now
+            self.runner.step_unsynchronised()
+        else:
+            self.runner.step(self._attended())
         self.held.add_(self.row_active)
         return self.step_logits[:, 0]
+
+    def _attended(self) -> np.ndarray | None:
+        """GroupQueryAttention's total_sequence_length for a step without a CUDA graph: the longest row."""
+        if self.graph.kind != STATIC_CACHE:
+            return None
+        longest = self.max_cache - 1 if self._parked else max(self.lengths.values())
+        return np.array(longest + 1, dtype=np.int32)
 
     def _release(self, rows: list[int]) -> None:
         index = to_device(rows, torch.int64, self.device)
@@ -434,6 +489,8 @@ class StaticCacheDecoder(Decoder):
 
     def close(self) -> None:
         super().close()
+        if self.recorded is not None:
+            self.recorded.close()
         if self.beside is not None:
             self.beside.close()
         if self.runner is not None:
@@ -442,7 +499,8 @@ class StaticCacheDecoder(Decoder):
         self.caches, self.cache_block, self.stage_block = {}, None, None
 
 
-def open_static_cache(target, spec, rows: int = 1, overlap_prefill: bool = False, **_options) -> StaticCacheDecoder:
+def open_static_cache(target, spec, rows: int = 1, overlap_prefill: bool = False, record_step: bool | None = None,
+                      **_options) -> StaticCacheDecoder:
     """The registry's opener for the *-static backends: `target` is a static-cache graph (a path, or
     serialized bytes; runtime.commands.targets writes one from weights)."""
-    return StaticCacheDecoder(target, rows, spec.device, overlap_prefill=overlap_prefill)
+    return StaticCacheDecoder(target, rows, spec.device, overlap_prefill=overlap_prefill, record_step=record_step)

@@ -215,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv or sys.argv[1:])[0])
     key = bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE))
     try:
-        # prefills beside the step (a second session) measured slower on the H200: in line unless asked
+        # prefills beside the step (a second session) measured slower on the H200: in line unless
+        # asked; ROTARY_RECORD_STEP=0 replays ONNX Runtime's own step graph (for comparisons)
         decoder = open_decoder(spec["model"], spec["backend"], rows=spec["rows"],
-                               overlap_prefill=os.environ.get("ROTARY_OVERLAP_PREFILL") == "1")
+                               overlap_prefill=os.environ.get("ROTARY_OVERLAP_PREFILL") == "1",
+                               record_step=False if os.environ.get("ROTARY_RECORD_STEP") == "0" else None)
     except Exception as error:
         with open(spec["error_file"], "w") as file:
             file.write(f"{type(error).__name__}: {error}")

@@ -387,3 +387,40 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
             tokens.append([got[h] for h in handles])
     assert tokens[0] == tokens[1]
     assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]
+
+
+@needs_ort_cuda
+def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny, tmp_path):
+    """The engine's step and pick recorded as one PyTorch CUDA graph (record_step, the default on
+    CUDA) give each request the tokens that ONNX Runtime's own step graph and a separate pick give:
+    greedy, sampled (the fused kernel) and nucleus rows (PyTorch ops, not recorded) in one batch,
+    rows freed and taken again. Both graphs were recorded, and nothing fell back."""
+    from export.static_cache_graph import export_static_cache
+    from runtime.decoding.engine import Engine
+    from runtime.decoding.open import open_decoder
+    from runtime.decoding.sampling import FUSED, GREEDY
+    from runtime.decoding.settings import GenerationSettings
+
+    source, _ = tiny
+    path = tmp_path / "static.onnx"
+    export_static_cache(source.model, path, 256, "fp16", source.record, log=lambda _: None)
+    requests = [([(5 * i + j) % 256 for j in range(1 + (29 * i) % 100)],
+                 GenerationSettings(4 + (13 * i) % 40, [0.0, 0.9, 0.7][i % 3], 0.5, seed=i,
+                                    top_p=0.8 if i % 9 == 8 else 1.0)) for i in range(36)]
+    tokens = []
+    for record in (False, True):
+        with open_decoder(path, "onnxruntime-cuda", rows=8, record_step=record) as decoder:
+            engine, got = Engine(decoder, prefill_tokens=64), {}
+            engine.warm_up()
+            handles = [engine.submit(prompt, settings) for prompt, settings in requests]
+            while not engine.idle:
+                for event in engine.step():
+                    assert event.token is not None, event.error
+                    got.setdefault(event.request, []).append(event.token)
+            tokens.append([got[h] for h in handles])
+            if record:
+                assert decoder.recorded.broken is None and set(decoder.recorded.graphs) == {GREEDY, FUSED}
+            else:
+                assert decoder.recorded is None
+    assert tokens[0] == tokens[1]
+    assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]

@@ -247,3 +247,47 @@ def test_a_prefill_that_cannot_begin_fails_its_requests_and_the_running_rows_go_
     later = [e.token for _ in range(10) for e in engine.step()]
     assert got + [events[0].token] + later == expected_greedy([3], 4)
     assert decoder.lengths == {} and engine.idle
+
+
+class Recording(FakeDecoder):
+    """Plays a decoder that records step_and_pick as a graph: what was recorded at prepare_pick is
+    what every later step of that key runs, so a pick that was not the recorded one, or tokens at
+    another address, would replay stale work."""
+
+    def __init__(self, rows: int):
+        super().__init__(rows)
+        self.recorded: dict[str, tuple] = {}
+        self.keys: list[str | None] = []
+
+    def prepare_pick(self, tokens, pick, key):
+        self.recorded[key] = (tokens.data_ptr(), pick)
+        return True
+
+    def step_and_pick(self, tokens, pick, key=None):
+        self.keys.append(key)
+        if key is None:
+            return super().step_and_pick(tokens, pick, key)
+        address, recorded = self.recorded[key]
+        assert (address, recorded) == (tokens.data_ptr(), pick)
+        logits = self.step_every_row(tokens)
+        return logits, recorded(logits)
+
+
+def test_the_engine_records_one_pick_per_choice_and_keeps_its_buffers():
+    decoder = Recording(rows=2)
+    engine = Engine(decoder, prefill_tokens=2)
+    engine.warm_up()
+    assert set(decoder.recorded) == {"greedy"}  # on the CPU a sampled batch takes PyTorch ops: not recorded
+    greedy = engine.submit([5], GenerationSettings(6))
+    sampled = engine.submit([5, 1], GenerationSettings(3, 1.0, 0.0, seed=3))
+    tokens, _, _ = run(engine)
+    assert tokens[greedy] == expected_greedy([5], 6)
+    # greedy alone, then next to the sampled row (a choice by PyTorch ops) while it lasts, then alone
+    assert decoder.keys == ["greedy", None, None, "greedy", "greedy"]
+    assert tokens[sampled] == run_alone([5, 1], GenerationSettings(3, 1.0, 0.0, seed=3))
+
+
+def run_alone(prompt: list[int], settings: GenerationSettings) -> list[int]:
+    engine = Engine(FakeDecoder(rows=1))
+    handle = engine.submit(prompt, settings)
+    return run(engine)[0][handle]

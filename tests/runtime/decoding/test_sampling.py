@@ -116,3 +116,17 @@ def test_rows_with_top_k_and_top_p_draw_the_same_alone_and_batched():
             for i in range(5)]
     alone = [int(choose(logits[i:i + 1], RowSettings.of([s], [7], 64, logits.device))[0]) for i, s in enumerate(rows)]
     assert choose(logits, RowSettings.of(rows, [7] * 5, 64, logits.device)).tolist() == alone
+
+
+def test_the_choice_kind_follows_the_settings_and_an_exact_kind_never_falls_back(monkeypatch):
+    from runtime.decoding import sampling_kernel
+    from runtime.decoding.sampling import FUSED, GREEDY, OPS, choice_kind
+
+    logits = torch.randn(2, 50)
+    greedy = RowSettings.of([GenerationSettings(), GenerationSettings()], [0, 0], 50, logits.device)
+    sampled = RowSettings.of([GenerationSettings(), GenerationSettings(temperature=1.0)], [0, 0], 50, logits.device)
+    assert choice_kind(logits.device, greedy) == GREEDY and choice_kind(logits.device, sampled) == OPS  # no kernel off CUDA
+    assert torch.equal(choose(logits, greedy, GREEDY), logits.argmax(-1)) and greedy.counters.tolist() == [1, 1]
+    monkeypatch.setattr(sampling_kernel, "fused_choose", lambda logits, rows: None)  # a kernel that cannot run
+    with pytest.raises(RuntimeError, match="the fused sampling kernel is not available"):
+        choose(logits, sampled, FUSED)

@@ -90,11 +90,11 @@ class FailingOnce:
     def __getattr__(self, name):
         return getattr(self.decoder, name)
 
-    def step_every_row(self, tokens: torch.Tensor) -> torch.Tensor:  # the engine's step
+    def step_and_pick(self, tokens: torch.Tensor, pick, key=None):  # the engine's step
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device lost")
-        return self.decoder.step_every_row(tokens)
+        return self.decoder.step_and_pick(tokens, pick, key)
 
 
 def test_a_decoder_failure_fails_those_rows_only_and_serving_goes_on(tiny_static_onnx):

@@ -1,0 +1,69 @@
+"""A decode step and the engine's work on its logits, recorded as one PyTorch CUDA graph.
+
+ONNX Runtime replays its own CUDA graph of the step, then synchronises its stream before `run`
+returns (CUDAGraphManager::Replay). So the host waits for the whole step before it can queue the
+sampling kernel, the copy of the ids into the next step's input and the copy to the host, and the
+GPU idles while it does. Here the step's kernels are recorded by PyTorch instead: ONNX Runtime runs
+the step once, unsynchronised, on a stream PyTorch is capturing, together with the engine's
+sampling, into one graph whose replay returns at once. The host then waits only for the ids.
+
+Everything the graph touches keeps its address: the decoder's bound buffers, the engine's input and
+row-table tensors. ONNX Runtime's scratch for the step comes from its arena, which does not give
+memory back, so the recorded addresses stay valid; the decoder's other runs on that session
+(prefills) reuse them only in stream order, before or after a replay.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+class CapturedSteps:
+    """The recorded graphs of one decoder, one per key (a variant of the caller's pick)."""
+
+    def __init__(self, stream: "torch.cuda.Stream"):
+        """`stream`: the non-default stream the decoder's ONNX Runtime session runs on."""
+        self.stream = stream
+        # key -> (graph, tokens, pick, ids); holding tokens and pick (and so what pick reads) keeps
+        # the recorded addresses theirs, where a newer caller's tensors might reuse freed memory
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, Tensor, Callable, Tensor]] = {}
+        self.broken: str | None = None  # why recording failed once (then nothing is recorded again)
+
+    def ready(self, key: str, tokens: Tensor, pick: Callable) -> bool:
+        """Whether the graph of `key` was recorded with these very `tokens` and `pick`."""
+        graph = self.graphs.get(key)
+        return graph is not None and graph[1] is tokens and graph[2] is pick
+
+    def record(self, key: str, tokens: Tensor, pick: Callable, work: Callable[[], Tensor]) -> bool:
+        """Record `work()` (the step, then `pick` on its logits; returns the ids) as the graph of
+        `key`; nothing runs. False, with a warning the first time, where it cannot be recorded."""
+        if self.broken is not None:
+            return False
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        try:
+            # relaxed: ONNX Runtime may still grow its arena (cudaMalloc) while it is recorded
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="relaxed"):
+                ids = work()
+        except Exception as error:  # e.g. a provider that synchronises inside its run
+            self.broken = f"{type(error).__name__}: {error}"
+            warnings.warn(f"the decode step could not be recorded as a CUDA graph ({self.broken}); "
+                          "replaying ONNX Runtime's own graph instead")
+            torch.cuda.synchronize()
+            return False
+        current.wait_stream(self.stream)
+        self.graphs[key] = (graph, tokens, pick, ids)
+        return True
+
+    def replay(self, key: str) -> Tensor:
+        """Queue the graph of `key` on the current stream; its ids (a buffer the next replay reuses)."""
+        graph, _, _, ids = self.graphs[key]
+        graph.replay()
+        return ids
+
+    def close(self) -> None:
+        self.graphs.clear()
