@@ -92,9 +92,9 @@ class BoundRunner:
         self.torch_stream = provider == "cuda"
         if self.torch_stream:  # run on PyTorch's stream: ordered with our tensors, no sync before a run
             handle = (stream or torch.cuda.current_stream()).cuda_stream
-            stream = {"has_user_compute_stream": "1", "user_compute_stream": str(handle)}
+            user_stream = {"has_user_compute_stream": "1", "user_compute_stream": str(handle)}
             try:
-                self.session = self._open(model, provider, {**options, **stream})
+                self.session = self._open(model, provider, {**options, **user_stream})
             except BackendError as error:  # a build that refuses a user stream with CUDA graphs: synchronise instead
                 if "CUDA graph" in str(error):
                     raise
