@@ -139,10 +139,10 @@ def engine_churn(decoder, clients: int, seconds: float, seed: int = 0) -> dict:
             "step_ms_p99": step_times[int(len(step_times) * 0.99)] * 1e3, "admissions_per_step": admitted / max(steps, 1)}
 
 
-def churn_runs(decoder, batches: list[int], seconds: float, prefills: str) -> list[dict]:
+def churn_runs(decoder, batches: list[int], seconds: float, label: str) -> list[dict]:
     results = [engine_churn(decoder, clients, seconds) for clients in batches]
     for result in results:
-        print(f"engine churn, prefills {prefills}, {result['clients']:3d} clients: {result['tokens_per_s']:.0f} tokens/s, "
+        print(f"engine churn, {label}, {result['clients']:3d} clients: {result['tokens_per_s']:.0f} tokens/s, "
               f"{result['rows_per_step']:.1f} rows, step mean {result['step_ms_mean']:.3f} p50 {result['step_ms_p50']:.3f} "
               f"p99 {result['step_ms_p99']:.3f} ms, {result['admissions_per_step']:.3f} admissions/step", flush=True)
     return results

@@ -442,7 +442,7 @@ class StaticCacheDecoder(Decoder):
         return self._run_step(unsynchronised)
 
     def prepare_pick(self, tokens: Tensor, pick, key: str) -> bool:
-        if self.recorded is None or key is None or tokens.device != self.device or tokens.numel() != self.rows:
+        if self.recorded is None or key is None or not tokens.is_cuda or tokens.numel() != self.rows:
             return False
         if self.recorded.ready(key, tokens, pick):
             return True
