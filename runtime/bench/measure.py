@@ -11,7 +11,7 @@ from torch import Tensor
 from models.config import ModelConfig
 from models.precision import Precision
 
-from ..decoding.base import Decoder
+from ..decoding.base import Decoder, DecodingError
 from ..decoding.engine import Engine
 from ..decoding.settings import GenerationSettings
 from .floors import GpuPeaks, decode_floor_seconds, prefill_flops, prefill_floor_seconds
@@ -102,12 +102,20 @@ def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, n
                  timer: "StepTimer") -> list[float]:
     """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
     after `warmup` untimed steps: the decode loop `generate` and the server run."""
+    decoder.release(list(decoder.lengths))  # the prefill measurements left rows started: the engine starts its own
     engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()))
     settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)
     handles = [engine.submit(prompts[row], settings) for row in sorted(prompts)]
     try:
-        engine.step()  # admission: every row prefilled, its first token picked
-        return [timer(engine.step)[0] for _ in range(warmup + new_tokens)][warmup:]
+        times = []
+        for step in range(1 + warmup + new_tokens):  # step 0 admits: every row prefilled, its first token picked
+            seconds, events = timer(engine.step)
+            decoded = [event for event in events if event.token is not None]
+            if len(decoded) != len(prompts):  # a step that decoded nothing would time as a very fast one
+                failure = next((event.error for event in events if event.error), "no token")
+                raise DecodingError(f"decode step {step} gave {len(decoded)} of {len(prompts)} tokens ({failure})")
+            times.append(seconds)
+        return times[1 + warmup:]
     finally:
         for handle in handles:
             engine.cancel(handle)

@@ -1,0 +1,48 @@
+"""The benchmark's decode timing: every timed step decodes every row, or the measurement fails."""
+import pytest
+import torch
+
+from models.config import ModelConfig
+from runtime.bench.measure import StepTimer, decode_steps
+from runtime.decoding.base import Decoder, DecodingError
+
+VOCAB = 8
+
+
+class Counting(Decoder):
+    """Every row's logits are zeros; steps are counted, and can be made to fail."""
+
+    def __init__(self, rows: int, fail: bool = False):
+        super().__init__("counting", "cpu", ModelConfig(num_tokens=VOCAB, dim=8, depth=1, heads=1, dim_head=8), rows,
+                         None, "unbounded rows")
+        self.steps, self.fail = 0, fail
+
+    def _start(self, prompts, all_logits):
+        if all_logits:
+            return [torch.zeros(len(prompt), VOCAB) for prompt in prompts.values()]
+        return torch.zeros(len(prompts), VOCAB)
+
+    def _step(self, tokens):
+        self.steps += 1
+        if self.fail:
+            raise RuntimeError("the device fell over")
+        return torch.zeros(len(tokens), VOCAB)
+
+    def _release(self, rows):
+        pass
+
+
+PROMPTS = {0: [1, 2], 1: [3], 2: [4, 5, 6]}
+
+
+def test_decode_steps_decode_every_row_after_the_prefill_measurements_left_rows_started():
+    decoder = Counting(3)
+    decoder.start(PROMPTS)  # what the time-to-first-token measurement leaves behind
+    times = decode_steps(decoder, PROMPTS, warmup=2, new_tokens=5, timer=StepTimer(decoder.device))
+    assert len(times) == 5 and decoder.steps == 7 and not decoder.lengths
+
+
+def test_steps_that_decode_nothing_are_refused_not_timed():
+    with pytest.raises(DecodingError, match=r"decode step 1 gave 0 of 3 tokens \(decoding failed \(RuntimeError: "
+                                            r"the device fell over\)\)"):
+        decode_steps(Counting(3, fail=True), PROMPTS, warmup=1, new_tokens=4, timer=StepTimer(torch.device("cpu")))
