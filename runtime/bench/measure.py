@@ -102,7 +102,6 @@ def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, n
                  timer: "StepTimer") -> list[float]:
     """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
     after `warmup` untimed steps: the decode loop `generate` and the server run."""
-    decoder.release(list(decoder.lengths))  # the prefill measurements left rows started: the engine starts its own
     engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()))
     settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)
     handles = [engine.submit(prompts[row], settings) for row in sorted(prompts)]

@@ -82,6 +82,9 @@ class Engine:
             raise DecodingError(f"the prefill budget must be at least 1 token, got {prefill_tokens}")
         self.decoder, self.prefill_tokens, self.on_logits = decoder, prefill_tokens, on_logits
         self.rows = min(rows or decoder.rows, decoder.rows)
+        # the engine's rows are its own: any a caller left started (decoder.start) are freed, or
+        # every request admitted into one would fail (start_beside starts idle rows only)
+        decoder.release([row for row in decoder.lengths if row < self.rows])
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: dict[int, _Request] = {}  # row -> request
         self._by_handle: dict[int, _Request] = {}
