@@ -358,6 +358,21 @@ def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path
     assert len({tuple(t) for t in alone}) == len(alone)
 
 
+def _engine_tokens(decoder, requests) -> list[list[int]]:
+    """Every (prompt, settings) request through one engine (8 rows, 64 prompt tokens a step): the
+    tokens of each, in order; no request may fail."""
+    from runtime.decoding.engine import Engine
+
+    engine, got = Engine(decoder, prefill_tokens=64), {}
+    engine.warm_up()
+    handles = [engine.submit(prompt, settings) for prompt, settings in requests]
+    while not engine.idle:
+        for event in engine.step():
+            assert event.token is not None, event.error
+            got.setdefault(event.request, []).append(event.token)
+    return [got[h] for h in handles]
+
+
 @needs_ort_cuda
 def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
     """What the server opens (overlap_prefill): admitted rows are prefilled by a second session,
@@ -365,7 +380,6 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
     request's tokens equal those with every prefill in line (greedy and sampled, prompts of many
     widths, rows freed and taken again while others decode)."""
     from export.static_cache_graph import export_static_cache
-    from runtime.decoding.engine import Engine
     from runtime.decoding.open import open_decoder
     from runtime.decoding.settings import GenerationSettings
 
@@ -378,13 +392,7 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
     for overlap in (False, True):
         with open_decoder(path, "onnxruntime-cuda", rows=8, overlap_prefill=overlap) as decoder:
             assert (decoder.beside is not None) == overlap and decoder.cuda_graph
-            engine, got = Engine(decoder, prefill_tokens=64), {}
-            handles = [engine.submit(prompt, settings) for prompt, settings in requests]
-            while not engine.idle:
-                for event in engine.step():
-                    assert event.token is not None, event.error
-                    got.setdefault(event.request, []).append(event.token)
-            tokens.append([got[h] for h in handles])
+            tokens.append(_engine_tokens(decoder, requests))
     assert tokens[0] == tokens[1]
     assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]
 
@@ -396,7 +404,6 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
     greedy, sampled (the fused kernel) and nucleus rows (PyTorch ops, not recorded) in one batch,
     rows freed and taken again. Both graphs were recorded, and nothing fell back."""
     from export.static_cache_graph import export_static_cache
-    from runtime.decoding.engine import Engine
     from runtime.decoding.open import open_decoder
     from runtime.decoding.sampling import FUSED, GREEDY
     from runtime.decoding.settings import GenerationSettings
@@ -410,14 +417,7 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
     tokens = []
     for record in (False, True):
         with open_decoder(path, "onnxruntime-cuda", rows=8, record_step=record) as decoder:
-            engine, got = Engine(decoder, prefill_tokens=64), {}
-            engine.warm_up()
-            handles = [engine.submit(prompt, settings) for prompt, settings in requests]
-            while not engine.idle:
-                for event in engine.step():
-                    assert event.token is not None, event.error
-                    got.setdefault(event.request, []).append(event.token)
-            tokens.append([got[h] for h in handles])
+            tokens.append(_engine_tokens(decoder, requests))
             if record:
                 assert decoder.recorded.broken is None and set(decoder.recorded.graphs) == {GREEDY, FUSED}
             else:
