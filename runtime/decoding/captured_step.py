@@ -24,24 +24,45 @@ from torch import Tensor
 class CapturedSteps:
     """The recorded graphs of one decoder, one per key (a variant of the caller's pick)."""
 
-    def __init__(self, stream: "torch.cuda.Stream"):
+    def __init__(self, stream: "torch.cuda.Stream | None"):
         """`stream`: the non-default stream the decoder's ONNX Runtime session runs on."""
         self.stream = stream
         # key -> (graph, tokens, pick, ids); holding tokens and pick (and so what pick reads) keeps
         # the recorded addresses theirs, where a newer caller's tensors might reuse freed memory
-        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, Tensor, Callable, Tensor]] = {}
-        self.broken: str | None = None  # why recording failed once (then nothing is recorded again)
+        self.graphs: dict[str, tuple] = {}
+        self.broken: dict[str, str] = {}  # key -> why recording it failed (it is not tried again)
+        self._ran: dict[str, tuple[Tensor, Callable]] = {}  # key -> the tokens and pick that last ran unrecorded
 
     def ready(self, key: str, tokens: Tensor, pick: Callable) -> bool:
         """Whether the graph of `key` was recorded with these very `tokens` and `pick`."""
         graph = self.graphs.get(key)
         return graph is not None and graph[1] is tokens and graph[2] is pick
 
+    def ran(self, key: str, tokens: Tensor, pick: Callable) -> bool:
+        """Note that `pick` ran once unrecorded with `tokens`; whether it had already (then its kernels
+        are loaded and compiled, which must not happen while a graph is recorded)."""
+        before = self._ran.get(key)
+        self._ran[key] = (tokens, pick)
+        return before is not None and before[0] is tokens and before[1] is pick
+
     def record(self, key: str, tokens: Tensor, pick: Callable, work: Callable[[], Tensor]) -> bool:
         """Record `work()` (the step, then `pick` on its logits; returns the ids) as the graph of
-        `key`; nothing runs. False, with a warning the first time, where it cannot be recorded."""
-        if self.broken is not None:
+        `key`; nothing runs. False, with a warning, where it cannot be recorded."""
+        if key in self.broken:
             return False
+        try:
+            graph, ids = self._capture(work, tokens)
+        except Exception as error:  # e.g. a provider that synchronises inside its run
+            self.broken[key] = f"{type(error).__name__}: {error}"
+            warnings.warn(f"the decode step could not be recorded as a CUDA graph ({self.broken[key]}); "
+                          "replaying ONNX Runtime's own graph instead")
+            return False
+        self.graphs[key] = (graph, tokens, pick, ids)
+        self._ran.pop(key, None)
+        return True
+
+    def _capture(self, work: Callable[[], Tensor], tokens: Tensor) -> tuple:
+        """(a graph of `work` on the session's stream, the ids it writes)."""
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream()
         self.stream.wait_stream(current)
@@ -49,15 +70,11 @@ class CapturedSteps:
             # relaxed: ONNX Runtime may still grow its arena (cudaMalloc) while it is recorded
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="relaxed"):
                 ids = work()
-        except Exception as error:  # e.g. a provider that synchronises inside its run
-            self.broken = f"{type(error).__name__}: {error}"
-            warnings.warn(f"the decode step could not be recorded as a CUDA graph ({self.broken}); "
-                          "replaying ONNX Runtime's own graph instead")
+        except BaseException:
             torch.cuda.synchronize()
-            return False
+            raise
         current.wait_stream(self.stream)
-        self.graphs[key] = (graph, tokens, pick, ids)
-        return True
+        return graph, ids
 
     def replay(self, key: str) -> Tensor:
         """Queue the graph of `key` on the current stream; its ids (a buffer the next replay reuses)."""
@@ -66,4 +83,8 @@ class CapturedSteps:
         return ids
 
     def close(self) -> None:
+        """Wait for any replay still queued, then drop the graphs (their memory goes back)."""
+        if self.graphs and self.stream is not None:
+            torch.cuda.synchronize()
         self.graphs.clear()
+        self._ran.clear()

@@ -77,14 +77,15 @@ class Engine:
     def __init__(self, decoder: Decoder, rows: int | None = None, prefill_tokens: int = PREFILL_TOKENS,
                  on_logits: Callable[[list[int], Tensor], None] | None = None):
         """`rows`: how many of the decoder's rows to use (default all); `on_logits(handles, logits)`
-        sees every (rows, vocab) batch of logits before tokens are picked (parity records them)."""
+        sees every (rows, vocab) batch of logits a step gives (parity records them; the pick leaves them as they are)."""
         if prefill_tokens < 1:
             raise DecodingError(f"the prefill budget must be at least 1 token, got {prefill_tokens}")
         self.decoder, self.prefill_tokens, self.on_logits = decoder, prefill_tokens, on_logits
         self.rows = min(rows or decoder.rows, decoder.rows)
-        # the engine's rows are its own: any a caller left started (decoder.start) are freed, or
-        # every request admitted into one would fail (start_beside starts idle rows only)
-        decoder.release([row for row in decoder.lengths if row < self.rows])
+        # the decoder's rows are the engine's: any a caller left started (decoder.start) are freed,
+        # or a request admitted into one would fail (start_beside starts idle rows only), and one
+        # past `rows` would still be stepped (every row is) until it was full
+        decoder.release(list(decoder.lengths))
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: dict[int, _Request] = {}  # row -> request
         self._by_handle: dict[int, _Request] = {}
@@ -103,8 +104,10 @@ class Engine:
         settings = GenerationSettings(max_new_tokens=1, temperature=1.0)
         logits = torch.zeros(1, self.decoder.vocab_size, device=self.decoder.device)
         rows = RowSettings.of([settings], [0], self.decoder.vocab_size, self.decoder.device)
-        choose(logits, rows)
-        for kind in {GREEDY, choice_kind(self.decoder.device, rows)} - {OPS}:  # record the step's graphs now
+        kinds = {GREEDY, choice_kind(self.decoder.device, rows)} - {OPS}
+        for kind in kinds:  # each pick runs once (kernels loaded, compiled), then is recorded with the step
+            choose(logits, rows, kind)
+        for kind in kinds:
             self.decoder.prepare_pick(self._inputs, self._pick(kind), kind)
 
     # ---- requests in and out ----

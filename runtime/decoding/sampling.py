@@ -104,14 +104,20 @@ def choice_kind(device: torch.device, rows: RowSettings) -> str:
     return OPS
 
 
+def recording(logits: Tensor) -> bool:
+    """Whether work on `logits` is being recorded into a CUDA graph now."""
+    return logits.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def choose(logits: Tensor, rows: RowSettings, kind: str | None = None) -> Tensor:
     """(rows, vocab) logits -> (rows,) int64 token ids on the logits' device, each row by its own
     settings, and every row's counter moves on by one; no host synchronisation. On CUDA with
     Triton the noise, the filter and both argmaxes are one fused kernel (sampling_kernel); a batch
-    with a nucleus (top_p) row takes the PyTorch ops, which the kernel does not cover yet. `kind`
-    (choice_kind's) is kept to exactly, for work recorded in a CUDA graph: FUSED without the
-    kernel raises instead of falling back to ops whose shapes would be frozen into the graph."""
-    exact = kind is not None
+    with a nucleus (top_p) row takes the PyTorch ops, which the kernel does not cover yet. `kind`:
+    choice_kind's, given by a caller that records this in a CUDA graph; FUSED without the kernel
+    then raises while a graph is recorded, where falling back to the ops would freeze their
+    shapes into it (otherwise it falls back)."""
+    kind_given = kind is not None
     kind = kind or choice_kind(logits.device, rows)
     if kind == GREEDY:
         rows.counters.add_(1)
@@ -122,7 +128,7 @@ def choose(logits: Tensor, rows: RowSettings, kind: str | None = None) -> Tensor
         chosen = fused_choose(logits, rows)
         if chosen is not None:
             return chosen
-        if exact:
+        if kind_given and recording(logits):
             raise RuntimeError("the fused sampling kernel is not available")
     logits = logits.float()
     threshold = torch.topk(logits, rows.widest, dim=-1).values.gather(-1, (rows.kept.clamp(max=rows.widest) - 1)[:, None])

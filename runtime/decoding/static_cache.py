@@ -341,6 +341,7 @@ class StaticCacheDecoder(Decoder):
             torch.cuda.synchronize()
             with torch.cuda.stream(self.recorded.stream):
                 self._device_step(torch.zeros(self.rows, dtype=torch.int64, device=self.device), unsynchronised=True)
+            torch.cuda.synchronize()
         self.lengths.clear()
         self._release([0])
         torch.cuda.synchronize()
@@ -442,17 +443,22 @@ class StaticCacheDecoder(Decoder):
         return self._run_step(unsynchronised)
 
     def prepare_pick(self, tokens: Tensor, pick, key: str) -> bool:
-        if self.recorded is None or key is None or not tokens.is_cuda or tokens.numel() != self.rows:
+        if self.recorded is None or key is None or tokens.device.type != self.device.type or tokens.numel() != self.rows:
             return False
         if self.recorded.ready(key, tokens, pick):
             return True
         return self.recorded.record(key, tokens, pick, lambda: pick(self._device_step(tokens, unsynchronised=True)))
 
     def step_and_pick(self, tokens: Tensor, pick, key: str | None = None) -> tuple[Tensor, Tensor]:
-        if self.closed or not self.prepare_pick(tokens, pick, key):
+        recorded = self.recorded
+        if self.closed or recorded is None or key is None:
+            return super().step_and_pick(tokens, pick, key)
+        # a pick not recorded yet runs once as it is (its kernels load and compile), then is recorded
+        if not recorded.ready(key, tokens, pick) and not (recorded.ran(key, tokens, pick)
+                                                          and self.prepare_pick(tokens, pick, key)):
             return super().step_and_pick(tokens, pick, key)
         self._check_step(tokens, self.rows, "step_and_pick() takes one token per row")
-        ids = self.recorded.replay(key)
+        ids = recorded.replay(key)
         self._advance()
         return self.step_logits[:, 0], ids
 

@@ -293,11 +293,13 @@ def run_alone(prompt: list[int], settings: GenerationSettings) -> list[int]:
     return run(engine)[0][handle]
 
 
-def test_rows_a_caller_left_started_are_the_engines_to_start_again():
-    decoder = FakeDecoder(rows=2)
-    decoder.start({0: [1, 1], 1: [2]})  # e.g. a benchmark's time-to-first-token measurement
-    engine = Engine(decoder)
-    assert decoder.lengths == {} and ("release", [0, 1]) in decoder.calls
+@pytest.mark.parametrize("rows", [None, 2])
+def test_rows_a_caller_left_started_are_the_engines_to_start_again(rows):
+    """Also a row past the engine's `rows`: it would be stepped with the others until full."""
+    decoder = FakeDecoder(rows=3, max_length=8)
+    decoder.start({0: [1, 1], 1: [2], 2: [5] * 5})  # e.g. a benchmark's time-to-first-token measurement
+    engine = Engine(decoder, rows=rows)
+    assert decoder.lengths == {} and ("release", [0, 1, 2]) in decoder.calls
     handles = [engine.submit([3], GenerationSettings(4)), engine.submit([4, 4], GenerationSettings(2))]
     tokens, finish, _ = run(engine)
     assert [tokens[h] for h in handles] == [expected_greedy([3], 4), expected_greedy([4, 4], 2)]

@@ -118,15 +118,19 @@ def test_rows_with_top_k_and_top_p_draw_the_same_alone_and_batched():
     assert choose(logits, RowSettings.of(rows, [7] * 5, 64, logits.device)).tolist() == alone
 
 
-def test_the_choice_kind_follows_the_settings_and_an_exact_kind_never_falls_back(monkeypatch):
-    from runtime.decoding import sampling_kernel
+def test_the_choice_kind_follows_the_settings_and_a_recorded_choice_never_falls_back(monkeypatch):
+    from runtime.decoding import sampling, sampling_kernel
     from runtime.decoding.sampling import FUSED, GREEDY, OPS, choice_kind
 
     logits = torch.randn(2, 50)
     greedy = RowSettings.of([GenerationSettings(), GenerationSettings()], [0, 0], 50, logits.device)
-    sampled = RowSettings.of([GenerationSettings(), GenerationSettings(temperature=1.0)], [0, 0], 50, logits.device)
-    assert choice_kind(logits.device, greedy) == GREEDY and choice_kind(logits.device, sampled) == OPS  # no kernel off CUDA
+    sampled = [GenerationSettings(), GenerationSettings(temperature=1.0)]
+    rows = RowSettings.of(sampled, [0, 0], 50, logits.device)
+    assert choice_kind(logits.device, greedy) == GREEDY and choice_kind(logits.device, rows) == OPS  # no kernel off CUDA
     assert torch.equal(choose(logits, greedy, GREEDY), logits.argmax(-1)) and greedy.counters.tolist() == [1, 1]
     monkeypatch.setattr(sampling_kernel, "fused_choose", lambda logits, rows: None)  # a kernel that cannot run
+    # not recorded: the PyTorch ops pick what they pick without a kind
+    assert torch.equal(choose(logits, rows, FUSED), choose(logits, RowSettings.of(sampled, [0, 0], 50, logits.device)))
+    monkeypatch.setattr(sampling, "recording", lambda logits: True)
     with pytest.raises(RuntimeError, match="the fused sampling kernel is not available"):
-        choose(logits, sampled, FUSED)
+        choose(logits, rows, FUSED)

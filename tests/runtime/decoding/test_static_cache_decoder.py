@@ -11,6 +11,7 @@ from export.static_cache_graph import build_static_cache_graph
 from models.transformer import build_model
 from runtime.backends import BackendError
 from runtime.decoding.base import DecodingError
+from runtime.decoding.captured_step import CapturedSteps
 from runtime.decoding.generation import GenerationSettings, generate
 from runtime.decoding.static_cache import StaticCacheDecoder, contiguous_runs, prefill_width, warm_up_lengths
 from runtime.verify.decoding import check_decoder
@@ -183,6 +184,63 @@ def test_the_engine_gives_the_same_tokens_with_prefills_beside_its_steps(tiny_mo
                     got[event.request].append(event.token)
             tokens.append([got[handle] for handle in handles])
     assert tokens[0] == tokens[1] and all(tokens[0])
+
+
+class PlayedSteps(CapturedSteps):
+    """The recorded graphs played on the CPU: recording keeps the work and runs nothing, a replay runs
+    it into the ids buffer, as a CUDA graph replays its kernels into the addresses it recorded."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.captures: list[tuple[str, bool]] = []  # (key, whether its pick had run unrecorded first)
+
+    def record(self, key, tokens, pick, work):
+        self.captures.append((key, key in self._ran))
+        return super().record(key, tokens, pick, work)
+
+    def _capture(self, work, tokens):
+        ids = torch.zeros_like(tokens)
+        return type("Graph", (), {"replay": lambda graph: ids.copy_(work())})(), ids
+
+
+def _served(decoder, requests, seen: list) -> list[list[int]]:
+    """The requests' tokens through one engine; `seen` gets each step's logits and the rows' lengths."""
+    from runtime.decoding.engine import Engine
+
+    def record(handles, logits):
+        seen.append((logits.clone(), dict(decoder.lengths)))
+
+    engine = Engine(decoder, prefill_tokens=8, on_logits=record)
+    handles = [engine.submit(prompt, settings, forced) for prompt, settings, forced in requests]
+    got = {handle: [] for handle in handles}
+    while not engine.idle:
+        for event in engine.step():
+            assert event.token is not None, event.error
+            got[event.request].append(event.token)
+    return [got[handle] for handle in handles]
+
+
+def test_a_recorded_step_and_pick_give_what_the_step_then_the_pick_give(tiny_model):
+    """The recorded path's host side (what is recorded when, replays, the rows' lengths, teacher
+    forcing and on_logits after a replay, a second engine on the same decoder recording anew) with
+    the graphs played on the CPU, against the decoder that steps and then picks."""
+    data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
+    greedy = GenerationSettings(6)
+    requests = [([1 + i, 2 * i + 3, 5] * (1 + i % 3), greedy if i % 3 else GenerationSettings(4, 0.9, 0.5, seed=i),
+                 [7, 8, 9, 10, 11] if i == 4 else None) for i in range(8)]
+    runs = []
+    for played in (False, True):
+        with StaticCacheDecoder(data, 3, "cpu") as decoder:
+            if played:
+                decoder.recorded = PlayedSteps()
+            seen: list = []
+            runs.append((_served(decoder, requests, seen), _served(decoder, requests[1:3], seen), seen))
+            if played:  # greedy only (sampling on the CPU takes the PyTorch ops): once per engine, on its second use
+                assert decoder.recorded.captures == [("greedy", True)] * 2 and set(decoder.recorded.graphs) == {"greedy"}
+    (plain_first, plain_second, plain_seen), (first, second, seen) = runs
+    assert first == plain_first and second == plain_second and all(first)
+    assert len(seen) == len(plain_seen)
+    assert all(torch.equal(a, b) and lengths == plain for (a, lengths), (b, plain) in zip(seen, plain_seen))
 
 
 def test_the_runtime_opens_static_graphs_and_never_writes_one_from_weights(tiny_source):
