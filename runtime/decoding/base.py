@@ -109,15 +109,17 @@ class Decoder(abc.ABC):
                       key: str | None = None) -> tuple[Tensor, Tensor]:
         """`step_every_row(tokens)`, then `pick(logits)`: the caller's device work on the logits
         (choosing the ids, writing them into `tokens` for the next step), which returns the ids.
-        Returns (logits, ids). A decoder that records both as one CUDA graph (prepare_pick) replays
-        that instead; `key` names the variant of `pick` (one graph each; None: never recorded)."""
+        Returns (logits, ids). A decoder that records both as one CUDA graph replays that instead,
+        from the second call with the same tokens and pick (the first runs them as they are) or after
+        prepare_pick; `key` names the variant of `pick` (one graph each; None: never recorded)."""
         logits = self.step_every_row(tokens)
         return logits, pick(logits)
 
     def prepare_pick(self, tokens: Tensor, pick: Callable[[Tensor], Tensor], key: str) -> bool:
         """Record step_and_pick(tokens, pick, key) as one CUDA graph now (nothing runs); False where
-        this decoder does not record one. `tokens` and everything `pick` touches must keep their
-        memory: the graph reads and writes those addresses."""
+        this decoder does not record one. `pick`'s kernels must have run once (loaded, compiled), and
+        `tokens` and everything `pick` touches must keep their memory: the graph reads and writes
+        those addresses."""
         return False
 
     def _check_step(self, tokens: Tensor, expected: int, rule: str) -> Tensor:

@@ -108,8 +108,9 @@ class BoundRunner:
         self.run_options = {"prefill": self._options(-1), "step": self._options(1),  # prefill: any shape, no graph
                             "recorded": self._options(-1)}  # the step as PyTorch records it (captured_step)
         self.run_options["recorded"].add_run_config_entry("disable_synchronize_execution_providers", "1")
-        # Not "disable_synchronize_execution_providers": without ONNX Runtime's end-of-run
-        # synchronisation the steps of this graph decoded wrong tokens on the H200 (parity failed)
+        # The step and the prefills keep ONNX Runtime's end-of-run synchronisation: without it the
+        # steps of this graph decoded wrong tokens on the H200 (parity failed at f78f0a8). The
+        # "recorded" step runs unsynchronised only while PyTorch records it; replays are stream-ordered.
         self.step_binding = None
         self.staged: dict[int, tuple] = {}  # prefill width -> (binding, run options, feeds kept alive)
 
