@@ -103,6 +103,7 @@ def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, n
     """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
     after `warmup` untimed steps: the decode loop `generate` and the server run."""
     engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()))
+    engine.warm_up()  # kernels loaded and the step recorded before any step is timed
     settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)
     handles = [engine.submit(prompts[row], settings) for row in sorted(prompts)]
     try:

@@ -38,12 +38,15 @@ class CapturedSteps:
         graph = self.graphs.get(key)
         return graph is not None and graph[1] is tokens and graph[2] is pick
 
-    def ran(self, key: str, tokens: Tensor, pick: Callable) -> bool:
-        """Note that `pick` ran once unrecorded with `tokens`; whether it had already (then its kernels
-        are loaded and compiled, which must not happen while a graph is recorded)."""
+    def warm(self, key: str, tokens: Tensor, pick: Callable) -> bool:
+        """Whether `pick` has run unrecorded with `tokens` (its kernels are loaded and compiled, which
+        must not happen while a graph is recorded)."""
         before = self._ran.get(key)
-        self._ran[key] = (tokens, pick)
         return before is not None and before[0] is tokens and before[1] is pick
+
+    def ran(self, key: str, tokens: Tensor, pick: Callable) -> None:
+        """Note that `pick` ran, unrecorded and to the end, with `tokens`."""
+        self._ran[key] = (tokens, pick)
 
     def record(self, key: str, tokens: Tensor, pick: Callable, work: Callable[[], Tensor]) -> bool:
         """Record `work()` (the step, then `pick` on its logits; returns the ids) as the graph of
@@ -70,7 +73,8 @@ class CapturedSteps:
             # relaxed: ONNX Runtime may still grow its arena (cudaMalloc) while it is recorded
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="relaxed"):
                 ids = work()
-        except BaseException:
+        except BaseException:  # a failed capture_end can leave the capture stream current
+            torch.cuda.set_stream(current)
             torch.cuda.synchronize()
             raise
         current.wait_stream(self.stream)

@@ -247,9 +247,11 @@ class Engine:
         """The device work on a step's logits for choice `kind`: every row's id, fed back as its next
         input. The same object each time (a recorded graph's key), reading the row table's tensors."""
         if kind not in self._picks:
+            settings, inputs = self._table.settings, self._inputs  # not self: a recorded graph holds its pick
+
             def pick(logits: Tensor) -> Tensor:
-                ids = choose(logits, self._table.settings, None if kind == OPS else kind)
-                self._inputs.copy_(ids)
+                ids = choose(logits, settings, None if kind == OPS else kind)
+                inputs.copy_(ids)
                 return ids
 
             self._picks[kind] = pick

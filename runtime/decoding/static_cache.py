@@ -455,9 +455,11 @@ class StaticCacheDecoder(Decoder):
         if self.closed or recorded is None or key is None:
             return super().step_and_pick(tokens, pick, key)
         # a pick not recorded yet runs once as it is (its kernels load and compile), then is recorded
-        if not recorded.ready(key, tokens, pick) and not (recorded.ran(key, tokens, pick)
+        if not recorded.ready(key, tokens, pick) and not (recorded.warm(key, tokens, pick)
                                                           and self.prepare_pick(tokens, pick, key)):
-            return super().step_and_pick(tokens, pick, key)
+            result = super().step_and_pick(tokens, pick, key)
+            recorded.ran(key, tokens, pick)
+            return result
         self._check_step(tokens, self.rows, "step_and_pick() takes one token per row")
         ids = recorded.replay(key)
         self._advance()

@@ -192,10 +192,10 @@ class PlayedSteps(CapturedSteps):
 
     def __init__(self):
         super().__init__(None)
-        self.captures: list[tuple[str, bool]] = []  # (key, whether its pick had run unrecorded first)
+        self.captures: list[tuple[str, bool]] = []  # (key, whether this pick had run unrecorded first)
 
     def record(self, key, tokens, pick, work):
-        self.captures.append((key, key in self._ran))
+        self.captures.append((key, self._ran.get(key, (None, None))[1] is pick))
         return super().record(key, tokens, pick, work)
 
     def _capture(self, work, tokens):
