@@ -5,7 +5,9 @@ returns (CUDAGraphManager::Replay). So the host waits for the whole step before 
 sampling kernel, the copy of the ids into the next step's input and the copy to the host, and the
 GPU idles while it does. Here the step's kernels are recorded by PyTorch instead: ONNX Runtime runs
 the step once, unsynchronised, on a stream PyTorch is capturing, together with the engine's
-sampling, into one graph whose replay returns at once. The host then waits only for the ids.
+sampling, into one graph whose replay returns at once. The host then waits only for the ids. Each
+staged prefill width is recorded the same way, with the copy into its cache row, so an admission
+does not wait for the step queued before it either.
 
 Everything the graph touches keeps its address: the decoder's bound buffers, the engine's input and
 row-table tensors. ONNX Runtime's scratch for the step comes from its arena, which does not give
@@ -49,15 +51,15 @@ class CapturedSteps:
         self._ran[key] = (tokens, pick)
 
     def record(self, key: str, tokens: Tensor, pick: Callable, work: Callable[[], Tensor]) -> bool:
-        """Record `work()` (the step, then `pick` on its logits; returns the ids) as the graph of
-        `key`; nothing runs. False, with a warning, where it cannot be recorded."""
+        """Record `work()` (the step, then `pick` on its logits, returning the ids; or a staged prefill,
+        returning None, with `tokens` its row index) as the graph of `key`; nothing runs. False, with a warning, where it cannot be recorded."""
         if key in self.broken:
             return False
         try:
             graph, ids = self._capture(work, tokens)
         except Exception as error:  # e.g. a provider that synchronises inside its run
             self.broken[key] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"the decode step could not be recorded as a CUDA graph ({self.broken[key]}); "
+            warnings.warn(f"the {key!r} graph could not be recorded as a CUDA graph ({self.broken[key]}); "
                           "replaying ONNX Runtime's own graph instead")
             return False
         self.graphs[key] = (graph, tokens, pick, ids)

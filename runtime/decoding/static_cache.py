@@ -173,6 +173,11 @@ class BoundRunner:
         binding, options, _ = self.staged[width]
         self._run(binding, options)
 
+    def prefill_staged_unsynchronised(self, width: int) -> None:
+        """A staged prefill as a plain run that returns once queued, on the current stream's capture:
+        what a PyTorch CUDA graph records (as step_unsynchronised)."""
+        self.session.run_with_iobinding(self.staged[width][0], self.run_options["recorded"])
+
     def prepare_step(self, feeds: dict, caches: dict[str, Tensor], logits: Tensor) -> None:
         """Bind the step's fixed buffers once: every later step replays with the same addresses (the
         feeds are kept referenced here, so their memory outlives the binding)."""
@@ -308,6 +313,7 @@ class StaticCacheDecoder(Decoder):
                                        device=device)
         self.stage_ids = torch.zeros(1, self.max_cache, dtype=torch.int64, device=device)
         self.stage_last = torch.zeros(1, 1, dtype=torch.int64, device=device)  # logits_index: the last position
+        self.stage_row = torch.zeros(1, dtype=torch.int64, device=device)  # the cache row a recorded prefill fills
         self.stage_logits = torch.zeros(1, 1, c.num_tokens, dtype=torch.float32, device=device)
         if self.graph.kind == STATIC_CACHE:
             self.stage_seqlens = torch.zeros(1, dtype=torch.int32, device=device)  # the prompt's length - 1
@@ -343,6 +349,8 @@ class StaticCacheDecoder(Decoder):
             with torch.cuda.stream(self.recorded.stream):
                 self._device_step(torch.zeros(self.rows, dtype=torch.int64, device=self.device), unsynchronised=True)
             torch.cuda.synchronize()
+            if self.staged_prefill:
+                self._record_prefills()
         self.lengths.clear()
         self._release([0])
         torch.cuda.synchronize()
@@ -376,9 +384,39 @@ class StaticCacheDecoder(Decoder):
         self.stage_last.fill_(length - 1)
         if self.graph.kind == STATIC_CACHE:
             self.stage_seqlens.fill_(length - 1)
-        self.stage_runner.prefill_staged(width)
-        self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
+        key = f"prefill {width}"
+        if self.recorded is not None and self.recorded.ready(key, self.stage_row, None):
+            self.stage_row.fill_(row)
+            self.recorded.replay(key)  # queued: no wait for the step before it, nor for the prefill
+        else:
+            self.stage_runner.prefill_staged(width)
+            self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
         logits.copy_(self.stage_logits[0, 0])  # now: the next staged prefill overwrites the buffer
+
+    def _staged_work(self, width: int):
+        """A staged prefill of `width` and the copy of its window into the cache row `stage_row` names,
+        unsynchronised: what _record_prefills records. The window's positions past the prompt hold the
+        padding's keys and values until the row's steps overwrite them; no step attends to them first."""
+        window = (slice(None), slice(None), slice(None), slice(None, width))
+
+        def work() -> None:
+            self.stage_runner.prefill_staged_unsynchronised(width)
+            self.cache_block[window].index_copy_(1, self.stage_row, self.stage_block[window])
+
+        return work
+
+    def _record_prefills(self) -> None:
+        """Record each staged width's prefill, with its copy into the cache, as a graph of its own
+        (CUDA, with a recorded step; called at open): an admission then queues one replay where ONNX
+        Runtime's replay of its own graph waited for the step before it and for the prefill."""
+        for width in self.stage_runner.staged:
+            work = self._staged_work(width)
+            if self.device.type == "cuda":  # the plain run first: its kernels loaded, its scratch held
+                torch.cuda.synchronize()
+                with torch.cuda.stream(self.recorded.stream):
+                    work()
+                torch.cuda.synchronize()
+            self.recorded.record(f"prefill {width}", self.stage_row, None, work)
 
     def _start_staged(self, prompts: dict[int, list[int]], park: bool):
         """Prefill `prompts` through the staging row, beside the caller's next step when the decoder

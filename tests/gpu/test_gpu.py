@@ -402,11 +402,13 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
     """The engine's step and pick recorded as one PyTorch CUDA graph (record_step, the default on
     CUDA) give each request the tokens that ONNX Runtime's own step graph and a separate pick give:
     greedy, sampled (the fused kernel) and nucleus rows (PyTorch ops, not recorded) in one batch,
-    rows freed and taken again. Both graphs were recorded, and nothing fell back."""
+    rows freed and taken again, prompts of every prefill width up to 128 (each width's prefill
+    recorded too). Every graph was recorded, and nothing fell back."""
     from export.static_cache_graph import export_static_cache
     from runtime.decoding.open import open_decoder
     from runtime.decoding.sampling import FUSED, GREEDY
     from runtime.decoding.settings import GenerationSettings
+    from runtime.decoding.static_cache import warm_up_lengths
 
     source, _ = tiny
     path = tmp_path / "static.onnx"
@@ -419,7 +421,8 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
         with open_decoder(path, "onnxruntime-cuda", rows=8, record_step=record) as decoder:
             tokens.append(_engine_tokens(decoder, requests))
             if record:
-                assert decoder.recorded.broken is None and set(decoder.recorded.graphs) == {GREEDY, FUSED}
+                prefills = {f"prefill {width}" for width in warm_up_lengths(256)}
+                assert not decoder.recorded.broken and set(decoder.recorded.graphs) == {GREEDY, FUSED, *prefills}
             else:
                 assert decoder.recorded is None
     assert tokens[0] == tokens[1]

@@ -193,14 +193,25 @@ class PlayedSteps(CapturedSteps):
     def __init__(self):
         super().__init__(None)
         self.captures: list[tuple[str, bool]] = []  # (key, whether this pick had run unrecorded first)
+        self.replays: list[str] = []
 
     def record(self, key, tokens, pick, work):
         self.captures.append((key, self._ran.get(key, (None, None))[1] is pick))
         return super().record(key, tokens, pick, work)
 
+    def replay(self, key):
+        self.replays.append(key)
+        return super().replay(key)
+
     def _capture(self, work, tokens):
         ids = torch.zeros_like(tokens)
-        return type("Graph", (), {"replay": lambda graph: ids.copy_(work())})(), ids
+
+        def play(graph):
+            written = work()  # a staged prefill writes the cache and returns nothing
+            if written is not None:
+                ids.copy_(written)
+
+        return type("Graph", (), {"replay": play})(), ids
 
 
 def _served(decoder, requests, seen: list) -> list[list[int]]:
@@ -230,13 +241,20 @@ def test_a_recorded_step_and_pick_give_what_the_step_then_the_pick_give(tiny_mod
                  [7, 8, 9, 10, 11] if i == 4 else None) for i in range(8)]
     runs = []
     for played in (False, True):
-        with StaticCacheDecoder(data, 3, "cpu") as decoder:
-            if played:
+        with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True) as decoder:
+            if played:  # the staged prefills recorded as at open, one graph per width
                 decoder.recorded = PlayedSteps()
+                decoder._record_prefills()
+                widths = [f"prefill {width}" for width in decoder.stage_runner.staged]
+                assert [key for key, _ in decoder.recorded.captures] == widths
             seen: list = []
             runs.append((_served(decoder, requests, seen), _served(decoder, requests[1:3], seen), seen))
             if played:  # greedy only (sampling on the CPU takes the PyTorch ops): once per engine, on its second use
-                assert decoder.recorded.captures == [("greedy", True)] * 2 and set(decoder.recorded.graphs) == {"greedy"}
+                assert decoder.recorded.captures[len(widths):] == [("greedy", True)] * 2
+                assert set(decoder.recorded.graphs) == {"greedy", *widths}
+                prefills = [key for key in decoder.recorded.replays if key.startswith("prefill")]
+                lengths = [len(prompt) for prompt, _, _ in requests + requests[1:3]]
+                assert sorted(prefills) == sorted(f"prefill {prefill_width(n, 64)}" for n in lengths)
     (plain_first, plain_second, plain_seen), (first, second, seen) = runs
     assert first == plain_first and second == plain_second and all(first)
     assert len(seen) == len(plain_seen)
