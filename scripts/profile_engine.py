@@ -1,6 +1,6 @@
 """Where a served decode step's time goes, without Triton: the decoder's step alone, the engine's step
 (sampling and the id copy added; recorded with the step as one CUDA graph, and not), the engine
-under churn, and the server's driver (scheduler, responder threads) over streams whose sends cost
+under churn (also with the admitted rows' recorded prefills queued beside the step), and the server's driver (scheduler, responder threads) over streams whose sends cost
 what a python-backend send costs (a GIL-free wait of --send-ms).
 
 Usage: python3 scripts/profile_engine.py [--backend onnxruntime-cuda-static] [--preset small] [--dtype fp16] [--rows 32] [--cache 1024]
@@ -251,6 +251,9 @@ def main() -> int:
     churn = churn_runs(decoder, batches, args.serve_seconds, "step recorded")
     churn_unrecorded = churn_runs(plain, batches, args.serve_seconds, "step not recorded")
     plain.close()
+    beside = open_static(args.backend, args.preset, args.dtype, args.rows, args.cache, overlap_prefill=True)
+    churn_beside = churn_runs(beside, batches, args.serve_seconds, "prefills beside")
+    beside.close()
     serving = []
     for senders, clients in ((s, c) for s in (int(n) for n in args.senders.split(",")) for c in batches):
         result = {"senders": senders, **served(decoder, clients, args.serve_seconds, args.send_ms / 1e3, senders)}
@@ -262,6 +265,7 @@ def main() -> int:
         from runtime.provenance import script_command, write_result
 
         write_result(args.json, {"steps": rows, "prefill_ms": prefill, "churn": churn, "churn_unrecorded": churn_unrecorded,
+                                 "churn_beside": churn_beside,
                                  "served": serving}, script_command(sys.argv), vars(args))
     return 0
 

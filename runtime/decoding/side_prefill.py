@@ -40,6 +40,27 @@ class SidePrefill:
 
         return wait
 
+    def queue(self, work: Callable[[], None]) -> Callable[[], None]:
+        """`work` that only queues (recorded graphs' replays) on the side stream, in this thread, after
+        everything the caller queued; returns the wait, as `run` does."""
+        error, current = None, torch.cuda.current_stream() if self.on_cuda else None
+        if current is not None:
+            self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream) if self.on_cuda else contextlib.nullcontext():
+            try:
+                work()
+            except Exception as raised:
+                error = raised
+        done = self._record(self.stream)
+
+        def wait() -> None:
+            if done is not None:
+                current.wait_event(done)
+            if error is not None:
+                raise error
+
+        return wait
+
     def _work(self, work: Callable[[], None], ready):
         """(the event after the work, the exception it raised or None)."""
         error = None

@@ -241,16 +241,17 @@ class StaticCacheDecoder(Decoder):
         """`staged_prefill`: start prompts one row at a time through fixed buffers (default: when the
         steps replay CUDA graphs, so the prefills do too); logits at every prompt position (parity)
         always take the batched prefill. `overlap_prefill` (with staged prefills): run them on a second
-        ONNX Runtime session, in a thread of their own and on a CUDA stream of their own, so that
-        `start_beside` prefills while a step decodes (the graph's weights are then held twice).
-        `record_step` (CUDA, default on without overlap_prefill): the session runs on a stream of its
-        own, so that step_and_pick records the step and the caller's pick as one PyTorch CUDA graph
-        (runtime.decoding.captured_step)."""
+        ONNX Runtime session and a CUDA stream of their own, so that `start_beside` prefills while a
+        step decodes (the graph's weights are then held twice); recorded prefills are queued there
+        from the caller's thread, others run in a thread of their own. `record_step` (CUDA, default
+        on): the session runs on a stream of its own, so that step_and_pick records the step and the
+        caller's pick as one PyTorch CUDA graph (runtime.decoding.captured_step), and each staged
+        prefill width is recorded as a graph too."""
         stream = None
         if isinstance(model, Backend):
             runner, where, device, name = BackendRunner(model), model.name, model.device, model.name
         else:
-            if provider == "cuda" and cuda_graph is not False and record_step is not False and not overlap_prefill:
+            if provider == "cuda" and cuda_graph is not False and record_step is not False:
                 stream = torch.cuda.Stream()
             runner = BoundRunner(model, provider, cuda_graph, stream)
             where, device, name = runner.where, "cuda" if provider == "cuda" else "cpu", f"onnxruntime-{provider}"
@@ -273,8 +274,12 @@ class StaticCacheDecoder(Decoder):
             self.mode = "static cache, prefills beside the step"
         self.stage_runner = runner if self.beside is None else self.beside.runner
         self.recorded = CapturedSteps(stream) if stream is not None and runner.stream is not None else None
+        # with a recorded step, each staged prefill width is recorded too, on its session's stream
+        self.prefills = None
+        if self.recorded is not None and self.staged_prefill and self.stage_runner.stream is not None:
+            self.prefills = CapturedSteps(self.stage_runner.stream)
         if self.recorded is not None:
-            self.mode = "static cache, step and sampling as one CUDA graph"
+            self.mode = "static cache, step and sampling as one CUDA graph" + (", prefills beside it" if self.beside else "")
         self._parked: set[int] = set()  # rows whose prefill runs beside the step
         started = time.perf_counter()
         self._allocate()
@@ -349,8 +354,8 @@ class StaticCacheDecoder(Decoder):
             with torch.cuda.stream(self.recorded.stream):
                 self._device_step(torch.zeros(self.rows, dtype=torch.int64, device=self.device), unsynchronised=True)
             torch.cuda.synchronize()
-            if self.staged_prefill:
-                self._record_prefills()
+        if self.prefills is not None:
+            self._record_prefills()
         self.lengths.clear()
         self._release([0])
         torch.cuda.synchronize()
@@ -385,9 +390,9 @@ class StaticCacheDecoder(Decoder):
         if self.graph.kind == STATIC_CACHE:
             self.stage_seqlens.fill_(length - 1)
         key = f"prefill {width}"
-        if self.recorded is not None and self.recorded.ready(key, self.stage_row, None):
+        if self._recorded_prefill(width):
             self.stage_row.fill_(row)
-            self.recorded.replay(key)  # queued: no wait for the step before it, nor for the prefill
+            self.prefills.replay(key)  # queued: no wait for the step before it, nor for the prefill
         else:
             self.stage_runner.prefill_staged(width)
             self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
@@ -413,10 +418,13 @@ class StaticCacheDecoder(Decoder):
             work = self._staged_work(width)
             if self.device.type == "cuda":  # the plain run first: its kernels loaded, its scratch held
                 torch.cuda.synchronize()
-                with torch.cuda.stream(self.recorded.stream):
+                with torch.cuda.stream(self.prefills.stream):
                     work()
                 torch.cuda.synchronize()
-            self.recorded.record(f"prefill {width}", self.stage_row, None, work)
+            self.prefills.record(f"prefill {width}", self.stage_row, None, work)
+
+    def _recorded_prefill(self, width: int) -> bool:
+        return self.prefills is not None and self.prefills.ready(f"prefill {width}", self.stage_row, None)
 
     def _start_staged(self, prompts: dict[int, list[int]], park: bool):
         """Prefill `prompts` through the staging row, beside the caller's next step when the decoder
@@ -430,7 +438,12 @@ class StaticCacheDecoder(Decoder):
             for i, (row, prompt) in enumerate(prompts.items()):
                 self._prefill_staged(row, prompt, logits[i])
 
-        wait = self.beside.run(prefill_all) if self.beside is not None else prefill_all()
+        if self.beside is None:
+            wait = prefill_all()
+        elif all(self._recorded_prefill(prefill_width(len(p), self.max_cache)) for p in prompts.values()):
+            wait = self.beside.queue(prefill_all)  # replays: queued on the side stream, no thread needed
+        else:
+            wait = self.beside.run(prefill_all)
 
         def finish() -> Tensor:
             self._parked.difference_update(prompts)
@@ -536,8 +549,9 @@ class StaticCacheDecoder(Decoder):
 
     def close(self) -> None:
         super().close()
-        if self.recorded is not None:
-            self.recorded.close()
+        for graphs in (self.recorded, self.prefills):
+            if graphs is not None:
+                graphs.close()
         if self.beside is not None:
             self.beside.close()
         if self.runner is not None:

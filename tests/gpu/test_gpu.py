@@ -375,10 +375,10 @@ def _engine_tokens(decoder, requests) -> list[list[int]]:
 
 @needs_ort_cuda
 def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
-    """What the server opens (overlap_prefill): admitted rows are prefilled by a second session,
-    replaying its CUDA graphs on a stream of its own while the step replays the step's graph; each
-    request's tokens equal those with every prefill in line (greedy and sampled, prompts of many
-    widths, rows freed and taken again while others decode)."""
+    """overlap_prefill: admitted rows are prefilled by a second session, its recorded prefill graphs
+    queued on a stream of its own while the step's recorded graph replays; each request's tokens
+    equal those with every prefill in line (greedy and sampled, prompts of many widths, rows freed
+    and taken again while others decode), and no prefill took the side thread."""
     from export.static_cache_graph import export_static_cache
     from runtime.decoding.open import open_decoder
     from runtime.decoding.settings import GenerationSettings
@@ -392,6 +392,13 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
     for overlap in (False, True):
         with open_decoder(path, "onnxruntime-cuda", rows=8, overlap_prefill=overlap) as decoder:
             assert (decoder.beside is not None) == overlap and decoder.cuda_graph
+            if overlap:
+                assert decoder.prefills.stream is decoder.beside.stream and decoder.recorded is not None
+
+                def threaded(work):
+                    raise AssertionError("a recorded prefill ran in the side thread")
+
+                decoder.beside.run = threaded
             tokens.append(_engine_tokens(decoder, requests))
     assert tokens[0] == tokens[1]
     assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]
@@ -422,7 +429,8 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
             tokens.append(_engine_tokens(decoder, requests))
             if record:
                 prefills = {f"prefill {width}" for width in warm_up_lengths(256)}
-                assert not decoder.recorded.broken and set(decoder.recorded.graphs) == {GREEDY, FUSED, *prefills}
+                assert not decoder.recorded.broken and set(decoder.recorded.graphs) == {GREEDY, FUSED}
+                assert not decoder.prefills.broken and set(decoder.prefills.graphs) == prefills
             else:
                 assert decoder.recorded is None
     assert tokens[0] == tokens[1]

@@ -233,32 +233,34 @@ def _served(decoder, requests, seen: list) -> list[list[int]]:
 
 def test_a_recorded_step_and_pick_give_what_the_step_then_the_pick_give(tiny_model):
     """The recorded path's host side (what is recorded when, replays, the rows' lengths, teacher
-    forcing and on_logits after a replay, a second engine on the same decoder recording anew) with
-    the graphs played on the CPU, against the decoder that steps and then picks."""
+    forcing and on_logits after a replay, a second engine on the same decoder recording anew, each
+    prefill width recorded, in line or queued beside the step) with the graphs played on the CPU,
+    against the decoder that steps and then picks and prefills through ONNX Runtime."""
     data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
     greedy = GenerationSettings(6)
     requests = [([1 + i, 2 * i + 3, 5] * (1 + i % 3), greedy if i % 3 else GenerationSettings(4, 0.9, 0.5, seed=i),
                  [7, 8, 9, 10, 11] if i == 4 else None) for i in range(8)]
     runs = []
-    for played in (False, True):
-        with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True) as decoder:
+    for played, beside in ((False, False), (True, False), (True, True)):  # beside: prefills queued on a side session
+        with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True, overlap_prefill=beside) as decoder:
             if played:  # the staged prefills recorded as at open, one graph per width
-                decoder.recorded = PlayedSteps()
+                if beside:
+                    decoder.beside.run = None  # recorded prefills are queued, never run in the side thread
+                decoder.recorded, decoder.prefills = PlayedSteps(), PlayedSteps()
                 decoder._record_prefills()
                 widths = [f"prefill {width}" for width in decoder.stage_runner.staged]
-                assert [key for key, _ in decoder.recorded.captures] == widths
+                assert [key for key, _ in decoder.prefills.captures] == widths
             seen: list = []
             runs.append((_served(decoder, requests, seen), _served(decoder, requests[1:3], seen), seen))
             if played:  # greedy only (sampling on the CPU takes the PyTorch ops): once per engine, on its second use
-                assert decoder.recorded.captures[len(widths):] == [("greedy", True)] * 2
-                assert set(decoder.recorded.graphs) == {"greedy", *widths}
-                prefills = [key for key in decoder.recorded.replays if key.startswith("prefill")]
+                assert decoder.recorded.captures == [("greedy", True)] * 2 and set(decoder.recorded.graphs) == {"greedy"}
                 lengths = [len(prompt) for prompt, _, _ in requests + requests[1:3]]
-                assert sorted(prefills) == sorted(f"prefill {prefill_width(n, 64)}" for n in lengths)
-    (plain_first, plain_second, plain_seen), (first, second, seen) = runs
-    assert first == plain_first and second == plain_second and all(first)
-    assert len(seen) == len(plain_seen)
-    assert all(torch.equal(a, b) and lengths == plain for (a, lengths), (b, plain) in zip(seen, plain_seen))
+                assert sorted(decoder.prefills.replays) == sorted(f"prefill {prefill_width(n, 64)}" for n in lengths)
+    (plain_first, plain_second, plain_seen), *played_runs = runs
+    for first, second, seen in played_runs:
+        assert first == plain_first and second == plain_second and all(first)
+        assert len(seen) == len(plain_seen)
+        assert all(torch.equal(a, b) and lengths == plain for (a, lengths), (b, plain) in zip(seen, plain_seen))
 
 
 def test_the_runtime_opens_static_graphs_and_never_writes_one_from_weights(tiny_source):
