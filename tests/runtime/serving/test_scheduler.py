@@ -211,3 +211,26 @@ def test_closing_a_scheduler_that_never_started_fails_what_it_holds(tiny_static_
         scheduler.close(0.0)
         assert decoder.active == []
     assert waiting.done.is_set() and waiting.error is not None
+
+
+def test_the_decode_process_prefills_beside_the_step_by_default_only_where_a_second_copy_fits(tmp_path, monkeypatch):
+    """ROTARY_OVERLAP_PREFILL decides when set; by default a graph whose files (external data
+    included) take under an eighth of the GPU's memory is prefilled beside the step, a larger one
+    and anything off CUDA in line."""
+    from runtime.serving.decode_loop import prefills_beside
+
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"x" * 100)
+    (tmp_path / "model.onnx.data").write_bytes(b"x" * 900)
+    (tmp_path / "other.onnx").write_bytes(b"x" * 10**6)
+    monkeypatch.setenv("ROTARY_OVERLAP_PREFILL", "1")
+    assert prefills_beside(str(graph))
+    monkeypatch.setenv("ROTARY_OVERLAP_PREFILL", "0")
+    assert not prefills_beside(str(graph))
+    monkeypatch.delenv("ROTARY_OVERLAP_PREFILL")
+    assert not prefills_beside(str(graph))  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for total, beside in ((8001, True), (8000, False)):  # 1,000 bytes of graph: beside below an eighth
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, total=total: type("P", (), {"total_memory": total}))
+        assert prefills_beside(str(graph)) is beside
+    assert not prefills_beside(str(tmp_path / "missing.onnx"))
