@@ -43,9 +43,9 @@ class SidePrefill:
     def queue(self, work: Callable[[], None]) -> Callable[[], None]:
         """`work` that only queues (recorded graphs' replays) on the side stream, in this thread, after
         everything the caller queued; returns the wait, as `run` does."""
-        error, current = None, torch.cuda.current_stream() if self.on_cuda else None
-        if current is not None:
-            self.stream.wait_stream(current)
+        error = None
+        if self.on_cuda:
+            self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream) if self.on_cuda else contextlib.nullcontext():
             try:
                 work()
@@ -55,7 +55,7 @@ class SidePrefill:
 
         def wait() -> None:
             if done is not None:
-                current.wait_event(done)
+                torch.cuda.current_stream().wait_event(done)
             if error is not None:
                 raise error
 

@@ -401,7 +401,9 @@ class StaticCacheDecoder(Decoder):
     def _staged_work(self, width: int):
         """A staged prefill of `width` and the copy of its window into the cache row `stage_row` names,
         unsynchronised: what _record_prefills records. The window's positions past the prompt hold the
-        padding's keys and values until the row's steps overwrite them; no step attends to them first."""
+        padding's keys and values until the row's steps overwrite them; no step attends to them first.
+        Beside the step, a full-window copy and the step's write of a parked row's last position may
+        race on that position: both are padding, overwritten before the row attends to it."""
         window = (slice(None), slice(None), slice(None), slice(None, width))
 
         def work() -> None:
@@ -441,6 +443,8 @@ class StaticCacheDecoder(Decoder):
         if self.beside is None:
             wait = prefill_all()
         elif all(self._recorded_prefill(prefill_width(len(p), self.max_cache)) for p in prompts.values()):
+            if self.device.type == "cuda":  # written there: not reused before the side stream is past it
+                logits.record_stream(self.beside.stream)
             wait = self.beside.queue(prefill_all)  # replays: queued on the side stream, no thread needed
         else:
             wait = self.beside.run(prefill_all)
@@ -549,11 +553,11 @@ class StaticCacheDecoder(Decoder):
 
     def close(self) -> None:
         super().close()
+        if self.beside is not None:  # first: its thread may still replay a prefill graph (a fallback's)
+            self.beside.close()
         for graphs in (self.recorded, self.prefills):
             if graphs is not None:
                 graphs.close()
-        if self.beside is not None:
-            self.beside.close()
         if self.runner is not None:
             self.runner.close()
         self.runner = self.stage_runner = self.beside = None

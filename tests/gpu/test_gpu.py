@@ -393,7 +393,8 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
         with open_decoder(path, "onnxruntime-cuda", rows=8, overlap_prefill=overlap) as decoder:
             assert (decoder.beside is not None) == overlap and decoder.cuda_graph
             if overlap:
-                assert decoder.prefills.stream is decoder.beside.stream and decoder.recorded is not None
+                assert decoder.prefills.stream is decoder.beside.stream and not decoder.prefills.broken
+                assert decoder.recorded is not None
 
                 def threaded(work):
                     raise AssertionError("a recorded prefill ran in the side thread")
@@ -409,8 +410,8 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
     """The engine's step and pick recorded as one PyTorch CUDA graph (record_step, the default on
     CUDA) give each request the tokens that ONNX Runtime's own step graph and a separate pick give:
     greedy, sampled (the fused kernel) and nucleus rows (PyTorch ops, not recorded) in one batch,
-    rows freed and taken again, prompts of every prefill width up to 128 (each width's prefill
-    recorded too). Every graph was recorded, and nothing fell back."""
+    rows freed and taken again, prompts of every prefill width up to the whole 256-token window
+    (each width's prefill recorded too). Every graph was recorded, and nothing fell back."""
     from export.static_cache_graph import export_static_cache
     from runtime.decoding.open import open_decoder
     from runtime.decoding.sampling import FUSED, GREEDY
@@ -423,6 +424,7 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
     requests = [([(5 * i + j) % 256 for j in range(1 + (29 * i) % 100)],
                  GenerationSettings(4 + (13 * i) % 40, [0.0, 0.9, 0.7][i % 3], 0.5, seed=i,
                                     top_p=0.8 if i % 9 == 8 else 1.0)) for i in range(36)]
+    requests.append(([(3 * j) % 256 for j in range(200)], GenerationSettings(40, 0.9, 0.5, seed=99)))  # the whole window
     tokens = []
     for record in (False, True):
         with open_decoder(path, "onnxruntime-cuda", rows=8, record_step=record) as decoder:

@@ -231,15 +231,22 @@ def _served(decoder, requests, seen: list) -> list[list[int]]:
     return [got[handle] for handle in handles]
 
 
-def test_a_recorded_step_and_pick_give_what_the_step_then_the_pick_give(tiny_model):
+@pytest.mark.parametrize("portable", [False, True])
+def test_a_recorded_step_and_pick_give_what_the_step_then_the_pick_give(tiny_model, portable):
     """The recorded path's host side (what is recorded when, replays, the rows' lengths, teacher
     forcing and on_logits after a replay, a second engine on the same decoder recording anew, each
-    prefill width recorded, in line or queued beside the step) with the graphs played on the CPU,
-    against the decoder that steps and then picks and prefills through ONNX Runtime."""
-    data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
+    prefill width recorded, in line or queued beside the step, windows up to the whole cache) with
+    the graphs played on the CPU, against the decoder that steps and then picks and prefills
+    through ONNX Runtime."""
+    from export.onnx_export import build_portable_static_graph
+
+    data = (build_portable_static_graph if portable else build_static_cache_graph)(tiny_model, 64, "fp32")
+    data = data.SerializeToString()
     greedy = GenerationSettings(6)
     requests = [([1 + i, 2 * i + 3, 5] * (1 + i % 3), greedy if i % 3 else GenerationSettings(4, 0.9, 0.5, seed=i),
                  [7, 8, 9, 10, 11] if i == 4 else None) for i in range(8)]
+    # windows of 64: the copy reaches the row's last position, past the prompt's padding
+    requests += [([(3 * j + n) % 50 + 1 for j in range(n)], GenerationSettings(new), None) for n, new in ((33, 5), (40, 9), (63, 1))]
     runs = []
     for played, beside in ((False, False), (True, False), (True, True)):  # beside: prefills queued on a side session
         with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True, overlap_prefill=beside) as decoder:
@@ -261,6 +268,31 @@ def test_a_recorded_step_and_pick_give_what_the_step_then_the_pick_give(tiny_mod
         assert first == plain_first and second == plain_second and all(first)
         assert len(seen) == len(plain_seen)
         assert all(torch.equal(a, b) and lengths == plain for (a, lengths), (b, plain) in zip(seen, plain_seen))
+
+
+def test_a_recorded_prefill_that_fails_beside_the_step_leaves_its_rows_idle(tiny_model):
+    """A replay that raises while it is queued beside the step fails its request alone: the row is
+    idle again (held 0, not parked) and the running request decodes on."""
+    from runtime.decoding.engine import FAILED, Engine
+
+    data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
+    with StaticCacheDecoder(data, 3, "cpu", staged_prefill=True, overlap_prefill=True) as decoder:
+        decoder.recorded, decoder.prefills = PlayedSteps(), PlayedSteps()
+        decoder._record_prefills()
+        engine = Engine(decoder)
+        first = engine.submit([1, 2, 3], GenerationSettings(4))
+        engine.step()
+
+        def broken(key):
+            raise RuntimeError("the replay fell over")
+
+        decoder.prefills.replay = broken
+        second = engine.submit([4, 5], GenerationSettings(3))
+        events = engine.step()
+        assert [(e.finish, e.error) for e in events if e.request == second] == [
+            (FAILED, "decoding failed (RuntimeError: the replay fell over)")]
+        assert [e.token is not None for e in events if e.request == first] == [True]
+        assert decoder.held.tolist() == [4, 0, 0] and not decoder._parked and decoder.lengths == {0: 4}
 
 
 def test_the_runtime_opens_static_graphs_and_never_writes_one_from_weights(tiny_source):

@@ -215,8 +215,8 @@ def test_closing_a_scheduler_that_never_started_fails_what_it_holds(tiny_static_
 
 def test_the_decode_process_prefills_beside_the_step_by_default_only_where_a_second_copy_fits(tmp_path, monkeypatch):
     """ROTARY_OVERLAP_PREFILL decides when set; by default a graph whose files (external data
-    included) take under an eighth of the GPU's memory is prefilled beside the step, a larger one
-    and anything off CUDA in line."""
+    included) take under an eighth of the GPU's free memory is prefilled beside the step, a larger
+    one and anything off CUDA in line."""
     from runtime.serving.decode_loop import prefills_beside
 
     graph = tmp_path / "model.onnx"
@@ -228,9 +228,10 @@ def test_the_decode_process_prefills_beside_the_step_by_default_only_where_a_sec
     monkeypatch.setenv("ROTARY_OVERLAP_PREFILL", "0")
     assert not prefills_beside(str(graph))
     monkeypatch.delenv("ROTARY_OVERLAP_PREFILL")
-    assert not prefills_beside(str(graph))  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not prefills_beside(str(graph))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for total, beside in ((8001, True), (8000, False)):  # 1,000 bytes of graph: beside below an eighth
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, total=total: type("P", (), {"total_memory": total}))
+    for free, beside in ((8001, True), (8000, False)):  # 1,000 bytes of graph: beside below an eighth of the free memory
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda free=free: (free, 10**12))
         assert prefills_beside(str(graph)) is beside
     assert not prefills_beside(str(tmp_path / "missing.onnx"))
