@@ -92,5 +92,6 @@ def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: 
         before_stop(graceful)
         code = server.stop(graceful)
     if code != 0:
-        raise ToolkitError(f"tritonserver did not stop cleanly (exit code {code}); see {server.log_path}")
+        why = f"; {server.stop_problem}" if server.stop_problem else ""
+        raise ToolkitError(f"tritonserver did not stop cleanly (exit code {code}{why}); see {server.log_path}")
     return code

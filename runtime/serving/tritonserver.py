@@ -29,6 +29,7 @@ SYS_PATH_VARIABLE = "ROTARY_SERVE_SYS_PATH"  # the stub ignores PYTHONPATH; mode
 TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding models/, export/, runtime/
 RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answers only requests carrying it
 POLL_S = 0.1
+UNLOAD_REQUEST_S = 10.0  # how long an unload request is repeated while Triton does not answer
 DRAIN_MARGIN_S = 5  # of the exit timeout, left for unloading after the streams' drain
 
 
@@ -103,6 +104,7 @@ class TritonServer:
         root = bundled_root()
         self.endpoints, self.exit_timeout = endpoints, exit_timeout
         self.loaded: list[str] = []
+        self.stop_problem: str | None = None  # why a graceful stop could not unload a model
         self.key = secrets.token_hex(16)
         self.log_path = log_path or workdir / "tritonserver.log"
         e = endpoints
@@ -154,22 +156,43 @@ class TritonServer:
         time left to unload. False when the model was not gone in time."""
         decoders = set(self.model_processes()) - set(processes_below(self.process.pid, depth=1))
         try:
-            with urllib.request.urlopen(self._restricted(f"/v2/repository/models/{model}/unload", {}), timeout=10):
-                pass  # Triton answers at once and unloads in the background
-            if self._gone(model, max(self.exit_timeout - DRAIN_MARGIN_S, 0)):
-                return True
-            for pid in decoders:  # the drain is over: fail what is left
-                _signal(pid, signal.SIGTERM)
-            return self._gone(model, DRAIN_MARGIN_S + 10)
-        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
+            self._request_unload(model)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as error:
+            self.stop_problem = f"the request to unload {model} failed ({error})"
             return False
+        if self._gone(model, max(self.exit_timeout - DRAIN_MARGIN_S, 0)):
+            return True
+        for pid in decoders:  # the drain is over: fail what is left
+            _signal(pid, signal.SIGTERM)
+        if self._gone(model, DRAIN_MARGIN_S + 10):
+            return True
+        self.stop_problem = f"{model} was still loaded {DRAIN_MARGIN_S + 10} s after its decode processes were stopped"
+        return False
+
+    def _request_unload(self, model: str) -> None:
+        """Ask Triton to unload `model` (it answers at once and unloads in the background), again
+        while it does not answer for up to UNLOAD_REQUEST_S: a loaded machine can be slow to."""
+        deadline = time.monotonic() + UNLOAD_REQUEST_S
+        while True:
+            try:
+                with urllib.request.urlopen(self._restricted(f"/v2/repository/models/{model}/unload", {}), timeout=10):
+                    return
+            except urllib.error.HTTPError:
+                raise  # an answer: asking again changes nothing
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                if time.monotonic() > deadline or not self.running():
+                    raise
+            time.sleep(POLL_S)
 
     def _gone(self, model: str, within: float) -> bool:
         """Whether `model` is unloaded within `within` seconds (Triton's repository index)."""
         deadline = time.monotonic() + within
         while self.running():
-            with urllib.request.urlopen(self._restricted("/v2/repository/index", {}), timeout=5) as response:
-                states = {entry.get("state") for entry in json.load(response) if entry.get("name") == model}
+            try:
+                with urllib.request.urlopen(self._restricted("/v2/repository/index", {}), timeout=5) as response:
+                    states = {entry.get("state") for entry in json.load(response) if entry.get("name") == model}
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                states = {"UNLOADING"}  # no answer in time: not known to be gone, ask again until the deadline
             if not states & {"READY", "LOADING", "UNLOADING"}:
                 return True
             if time.monotonic() > deadline:
