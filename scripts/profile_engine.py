@@ -1,7 +1,8 @@
 """Where a served decode step's time goes, without Triton: the decoder's step alone, the engine's step
 (sampling and the id copy added; recorded with the step as one CUDA graph, and not), the engine
-under churn (also with the admitted rows' recorded prefills queued beside the step), and the server's driver (scheduler, responder threads) over streams whose sends cost
-what a python-backend send costs (a GIL-free wait of --send-ms).
+under churn (also with the admitted rows' recorded prefills queued beside the step), and the
+server's driver (scheduler, responder threads) over streams whose sends cost what a python-backend
+send costs (a GIL-free wait of --send-ms).
 
 Usage: python3 scripts/profile_engine.py [--backend onnxruntime-cuda-static] [--preset small] [--dtype fp16] [--rows 32] [--cache 1024]
        [--batches 1,8,32] [--steps 300] [--send-ms 0.2] [--cprofile] [--json PATH]

@@ -52,7 +52,8 @@ class CapturedSteps:
 
     def record(self, key: str, tokens: Tensor, pick: Callable, work: Callable[[], Tensor]) -> bool:
         """Record `work()` (the step, then `pick` on its logits, returning the ids; or a staged prefill,
-        returning None, with `tokens` its row index) as the graph of `key`; nothing runs. False, with a warning, where it cannot be recorded."""
+        returning None, with `tokens` its row index) as the graph of `key`; nothing runs. False, with
+        a warning, where it cannot be recorded."""
         if key in self.broken:
             return False
         try:

@@ -191,8 +191,8 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(self._restricted("/v2/repository/index", {}), timeout=5) as response:
                     states = {entry.get("state") for entry in json.load(response) if entry.get("name") == model}
-            except (urllib.error.URLError, TimeoutError, ConnectionError):
-                states = {"UNLOADING"}  # no answer in time: not known to be gone, ask again until the deadline
+            except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
+                states = {"UNLOADING"}  # no (readable) answer in time: not known to be gone, ask again until the deadline
             if not states & {"READY", "LOADING", "UNLOADING"}:
                 return True
             if time.monotonic() > deadline:
