@@ -62,6 +62,11 @@ def warm_up_lengths(max_cache: int) -> list[int]:
                                reverse=True)]
 
 
+def prefill_key(width: int) -> str:
+    """The name of a staged prefill width's recorded graph."""
+    return f"prefill {width}"
+
+
 def contiguous_runs(rows: list[int]) -> list[list[int]]:
     """[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]]: rows whose cache buffers form one slice."""
     runs: list[list[int]] = []
@@ -389,10 +394,9 @@ class StaticCacheDecoder(Decoder):
         self.stage_last.fill_(length - 1)
         if self.graph.kind == STATIC_CACHE:
             self.stage_seqlens.fill_(length - 1)
-        key = f"prefill {width}"
         if self._recorded_prefill(width):
             self.stage_row.fill_(row)
-            self.prefills.replay(key)  # queued: no wait for the step before it, nor for the prefill
+            self.prefills.replay(prefill_key(width))  # queued: no wait for the step before it, nor for the prefill
         else:
             self.stage_runner.prefill_staged(width)
             self.cache_block[:, row, :, :length].copy_(self.stage_block[:, 0, :, :length])
@@ -423,10 +427,10 @@ class StaticCacheDecoder(Decoder):
                 with torch.cuda.stream(self.prefills.stream):
                     work()
                 torch.cuda.synchronize()
-            self.prefills.record(f"prefill {width}", self.stage_row, None, work)
+            self.prefills.record(prefill_key(width), self.stage_row, None, work)
 
     def _recorded_prefill(self, width: int) -> bool:
-        return self.prefills is not None and self.prefills.ready(f"prefill {width}", self.stage_row, None)
+        return self.prefills is not None and self.prefills.ready(prefill_key(width), self.stage_row, None)
 
     def _start_staged(self, prompts: dict[int, list[int]], park: bool):
         """Prefill `prompts` through the staging row, beside the caller's next step when the decoder
