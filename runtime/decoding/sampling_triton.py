@@ -25,32 +25,43 @@ def _mix(x):
 
 
 @triton.jit
+def _order(logits):
+    """Order-preserving 32-bit keys of float32 logits."""
+    raw = logits.to(tl.uint32, bitcast=True)
+    return tl.where((raw >> 31) != 0, ~raw, raw | _u32(0x80000000))
+
+
+@triton.jit
 def choose_kernel(logits_ptr, stride, kept_ptr, temperature_ptr, key_ptr, counter_ptr, out_ptr, vocab,
                   BLOCK: tl.constexpr):
     row = tl.program_id(0)
     ids = tl.arange(0, BLOCK)
     inside = ids < vocab
-    logits = tl.load(logits_ptr + row * stride + ids, mask=inside, other=float("-inf")).to(tl.float32)
+    pointers = logits_ptr + row * stride + ids
     temperature = tl.load(temperature_ptr + row)
     counter = tl.load(counter_ptr + row)
     if temperature > 0:
-        key = _mix(tl.load(key_ptr + row).to(tl.uint32) + counter.to(tl.uint32) * _u32(0x9E3779B9))
-        bits = _mix(_mix(key + ids.to(tl.uint32) * _u32(0x85EBCA6B)) ^ key)
-        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        gumbel = -tl.log(-tl.log(uniform))
         # the kept set: logits at or above the k-th largest, found by bisecting on order-preserving
-        # keys (the largest t with at least k keys >= t, bit by bit), which needs no sort
-        raw = logits.to(tl.uint32, bitcast=True)
-        order = tl.where((raw >> 31) != 0, ~raw, raw | _u32(0x80000000))
+        # keys (the largest t with at least k keys >= t, bit by bit), which needs no sort. Only the
+        # keys live through the 32 passes: with the logits and the noise held too, a 32k-token row
+        # spilled out of registers and every pass read it back from local memory. The logits are
+        # read again afterwards (from L2).
         kept = tl.load(kept_ptr + row).to(tl.int32)
         threshold = tl.zeros((), dtype=tl.uint32)
         if kept < vocab:
+            order = _order(tl.load(pointers, mask=inside, other=float("-inf")).to(tl.float32))
             for bit in tl.static_range(31, -1, -1):
                 candidate = threshold | _u32(1 << bit)
                 enough = tl.sum((order >= candidate).to(tl.int32), 0) >= kept
                 threshold = tl.where(enough, candidate, threshold)
-        scaled = tl.where(inside & (order >= threshold), logits / temperature + gumbel, float("-inf"))
+        logits = tl.load(pointers, mask=inside, other=float("-inf")).to(tl.float32)
+        key = _mix(tl.load(key_ptr + row).to(tl.uint32) + counter.to(tl.uint32) * _u32(0x9E3779B9))
+        bits = _mix(_mix(key + ids.to(tl.uint32) * _u32(0x85EBCA6B)) ^ key)
+        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        gumbel = -tl.log(-tl.log(uniform))
+        scaled = tl.where(inside & (_order(logits) >= threshold), logits / temperature + gumbel, float("-inf"))
         tl.store(out_ptr + row, tl.argmax(scaled, 0, tie_break_left=True).to(tl.int64))
     else:
+        logits = tl.load(pointers, mask=inside, other=float("-inf")).to(tl.float32)
         tl.store(out_ptr + row, tl.argmax(logits, 0, tie_break_left=True).to(tl.int64))
     tl.store(counter_ptr + row, counter + 1)

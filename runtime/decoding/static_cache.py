@@ -461,9 +461,12 @@ class StaticCacheDecoder(Decoder):
             except BaseException:  # the rows stay idle: back to an idle row's position
                 self.held.index_fill_(0, to_device(list(prompts), torch.int64, self.device), 0)
                 raise
-            for row, prompt in prompts.items():
-                self.held[row] = len(prompt)
-                self.row_active[row] = 1
+            # index_copy_, not `held[row] = n`: a Python number set into one element of a CUDA
+            # tensor is copied from the host and waited for, which held the host (and the GPU
+            # after it) until the step and the prefill had run, once per admitted row
+            rows = to_device(list(prompts), torch.int64, self.device)
+            self.held.index_copy_(0, rows, to_device([len(p) for p in prompts.values()], torch.int64, self.device))
+            self.row_active.index_fill_(0, rows, 1)
             return logits
 
         return finish

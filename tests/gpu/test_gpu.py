@@ -437,3 +437,39 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
                 assert decoder.recorded is None
     assert tokens[0] == tokens[1]
     assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-line", "beside"])
+def test_engine_steps_that_admit_and_release_rows_never_wait_for_the_gpu(tiny, tmp_path, overlap):
+    """Once warm, a step waits only for its ids (an event): nothing it queues for an admission, a
+    first pick or a release copies from the host and waits (a Python number set into one element
+    of a CUDA tensor did, twice per admitted row). PyTorch's sync debug mode raises at any such wait."""
+    from export.static_cache_graph import export_static_cache
+    from runtime.decoding.engine import Engine
+    from runtime.decoding.open import open_decoder
+    from runtime.decoding.settings import GenerationSettings
+
+    source, _ = tiny
+    path = tmp_path / "static.onnx"
+    export_static_cache(source.model, path, 256, "fp16", source.record, log=lambda _: None)
+    requests = [([(3 * i + j) % 256 for j in range(1 + (23 * i) % 90)],
+                 GenerationSettings(2 + (7 * i) % 12, [0.0, 0.9][i % 2], 0.5, seed=i)) for i in range(24)]
+    with open_decoder(path, "onnxruntime-cuda", rows=4, overlap_prefill=overlap) as decoder:
+        engine = Engine(decoder)
+        engine.warm_up()
+        for prompt, settings in requests[:4]:  # the first steps record nothing new, but run unchecked
+            engine.submit(prompt, settings)
+        engine.step()
+        for prompt, settings in requests[4:]:
+            engine.submit(prompt, settings)
+        admitted = 0
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            while not engine.idle:
+                events = engine.step()
+                admitted += engine.stats.admitted
+                assert all(e.token is not None for e in events), [e.error for e in events if e.error]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert admitted == len(requests) - 4
