@@ -65,3 +65,43 @@ def choose_kernel(logits_ptr, stride, kept_ptr, temperature_ptr, key_ptr, counte
         logits = tl.load(pointers, mask=inside, other=float("-inf")).to(tl.float32)
         tl.store(out_ptr + row, tl.argmax(logits, 0, tie_break_left=True).to(tl.int64))
     tl.store(counter_ptr + row, counter + 1)
+
+
+@triton.jit
+def threshold_kernel(logits_ptr, stride, kept_ptr, temperature_ptr, threshold_ptr, vocab, BLOCK: tl.constexpr):
+    """choose_kernel's filter alone: each sampled row's threshold key (0 keeps every logit)."""
+    row = tl.program_id(0)
+    kept = tl.load(kept_ptr + row).to(tl.int32)
+    threshold = tl.zeros((), dtype=tl.uint32)
+    if tl.load(temperature_ptr + row) > 0:
+        if kept < vocab:
+            ids = tl.arange(0, BLOCK)
+            order = _order(tl.load(logits_ptr + row * stride + ids, mask=ids < vocab, other=float("-inf")).to(tl.float32))
+            for bit in tl.static_range(31, -1, -1):
+                candidate = threshold | _u32(1 << bit)
+                enough = tl.sum((order >= candidate).to(tl.int32), 0) >= kept
+                threshold = tl.where(enough, candidate, threshold)
+    tl.store(threshold_ptr + row, threshold.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def pick_kernel(logits_ptr, stride, threshold_ptr, temperature_ptr, key_ptr, counter_ptr, out_ptr, vocab,
+                BLOCK: tl.constexpr):
+    """choose_kernel after threshold_kernel: the noise, both argmaxes and the counter's advance."""
+    row = tl.program_id(0)
+    ids = tl.arange(0, BLOCK)
+    inside = ids < vocab
+    logits = tl.load(logits_ptr + row * stride + ids, mask=inside, other=float("-inf")).to(tl.float32)
+    temperature = tl.load(temperature_ptr + row)
+    counter = tl.load(counter_ptr + row)
+    if temperature > 0:
+        threshold = tl.load(threshold_ptr + row).to(tl.uint32, bitcast=True)
+        key = _mix(tl.load(key_ptr + row).to(tl.uint32) + counter.to(tl.uint32) * _u32(0x9E3779B9))
+        bits = _mix(_mix(key + ids.to(tl.uint32) * _u32(0x85EBCA6B)) ^ key)
+        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        gumbel = -tl.log(-tl.log(uniform))
+        scaled = tl.where(inside & (_order(logits) >= threshold), logits / temperature + gumbel, float("-inf"))
+        tl.store(out_ptr + row, tl.argmax(scaled, 0, tie_break_left=True).to(tl.int64))
+    else:
+        tl.store(out_ptr + row, tl.argmax(logits, 0, tie_break_left=True).to(tl.int64))
+    tl.store(counter_ptr + row, counter + 1)
