@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 
-NUM_WARPS = 16  # 4 (Triton's default) spills a 32k-token row out of registers
+NUM_WARPS = 16  # fewer spill a 32k-token row's keys out of registers in the filter's passes
+CHUNK = 4096  # logits per pass of the pick (the noise of a whole row at once spilled)
 
 
 @functools.cache
@@ -50,7 +51,8 @@ def fused_choose(logits: Tensor, rows) -> Tensor | None:
     out = torch.empty(count, dtype=torch.int64, device=logits.device)
     try:
         kernel[(count,)](logits, logits.stride(0), rows.kept, rows.temperature, rows.keys,
-                         rows.counters, out, vocab, BLOCK=triton.next_power_of_2(vocab), num_warps=NUM_WARPS)
+                         rows.counters, out, vocab, BLOCK=triton.next_power_of_2(vocab),
+                         CHUNK=min(CHUNK, triton.next_power_of_2(vocab)), num_warps=NUM_WARPS)
     except Exception as error:  # a Triton that cannot build it: the PyTorch ops give the same tokens
         _kernel.cache_clear()
         globals()["_kernel"] = lambda: None
