@@ -449,7 +449,7 @@ class StaticCacheDecoder(Decoder):
         elif all(self._recorded_prefill(prefill_width(len(p), self.max_cache)) for p in prompts.values()):
             if self.device.type == "cuda":  # written there: not reused before the side stream is past it
                 logits.record_stream(self.beside.stream)
-            wait = self.beside.queue(prefill_all)  # replays: queued on the side stream, no thread needed
+            wait = self.beside.queue(prefill_all)  # replays, queued on the side stream once the step is: no thread
         else:
             wait = self.beside.run(prefill_all)
 
