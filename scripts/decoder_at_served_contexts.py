@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profile_engine import open_static  # noqa: E402  (scripts/ is on the path when run as a script)
+from profile_engine import decoder_arguments, open_static  # noqa: E402  (scripts/ is on the path when run as a script)
 
 
 def served_lengths(rows: int, vocab: int, moments: int, warm_steps: int = 2000, every: int = 97) -> list[list[int]]:
@@ -58,11 +58,7 @@ def step_ms(decoder, lengths: list[int], steps: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="onnxruntime-cuda-static", help="a static-cache decoder backend")
-    parser.add_argument("--preset", default="small", help="the model preset (random weights from its seed)")
-    parser.add_argument("--dtype", default="fp16", help="the graph's precision")
-    parser.add_argument("--rows", type=int, default=32, help="rows decoding (the served batch)")
-    parser.add_argument("--cache", type=int, default=1024, help="the static cache's length")
+    decoder_arguments(parser, "rows decoding (the served batch)")
     parser.add_argument("--moments", type=int, default=8, help="sets of served lengths timed")
     parser.add_argument("--steps", type=int, default=24, help="steps timed per set")
     parser.add_argument("--json", metavar="PATH", help="write the results here")

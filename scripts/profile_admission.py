@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profile_engine import open_static  # noqa: E402  (scripts/ is on the path when run as a script)
+from profile_engine import decoder_arguments, open_static  # noqa: E402  (scripts/ is on the path when run as a script)
 
 PHASES = ("_admit", "_decode", "_start", "_to_host")
 
@@ -100,11 +100,7 @@ def gpu_work(engine, width: int, steps: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="onnxruntime-cuda-static", help="a static-cache decoder backend")
-    parser.add_argument("--preset", default="small", help="the model preset (random weights from its seed)")
-    parser.add_argument("--dtype", default="fp16", help="the graph's precision")
-    parser.add_argument("--rows", type=int, default=32, help="the decoder's rows; all but one keep decoding")
-    parser.add_argument("--cache", type=int, default=1024, help="the static cache's length")
+    decoder_arguments(parser, "the decoder's rows; all but one keep decoding")
     parser.add_argument("--widths", default="1,16,128", help="prompt lengths admitted, comma-separated")
     parser.add_argument("--repeats", type=int, default=40, help="admitting steps timed per width and setting")
     parser.add_argument("--beside", action="store_true", help="prefill beside the decode step (a second session)")

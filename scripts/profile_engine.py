@@ -33,6 +33,15 @@ def open_static(backend: str, preset: str, dtype: str, rows: int, cache: int, ov
                         record_step=record_step)
 
 
+def decoder_arguments(parser: argparse.ArgumentParser, rows_help: str = "the decoder's rows") -> None:
+    """What open_static takes, as options: --backend, --preset, --dtype, --rows, --cache."""
+    parser.add_argument("--backend", default="onnxruntime-cuda-static", help="a static-cache decoder backend")
+    parser.add_argument("--preset", default="small", help="the model preset (random weights from its seed)")
+    parser.add_argument("--dtype", default="fp16", help="the graph's precision")
+    parser.add_argument("--rows", type=int, default=32, help=rows_help)
+    parser.add_argument("--cache", type=int, default=1024, help="the static cache's length")
+
+
 def sync(decoder) -> None:
     import torch
 
@@ -213,11 +222,7 @@ def served(decoder, clients: int, seconds: float, send_s: float, senders: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="onnxruntime-cuda-static")
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--dtype", default="fp16")
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--cache", type=int, default=1024)
+    decoder_arguments(parser)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--send-ms", type=float, default=0.2)
