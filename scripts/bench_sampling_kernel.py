@@ -69,7 +69,7 @@ def main() -> int:
     if args.json:
         from runtime.provenance import script_command, write_result
 
-        write_result(args.json, {"results": results}, script_command(sys.argv), vars(args))
+        write_result(args.json, {"results": results}, script_command(None), vars(args))
     return 0
 
 

@@ -110,7 +110,7 @@ def main() -> int:
     from runtime.decoding.engine import Engine
 
     decoder = open_static(args.backend, args.preset, args.dtype, args.rows, args.cache, overlap_prefill=args.beside)
-    engine = Engine(decoder)
+    engine = Engine(decoder, prefill_tokens=16 * args.rows)  # the first step admits every filling row
     engine.warm_up()
     widths = [int(w) for w in args.widths.split(",")]
     fill(engine, args.rows - 1, 2 * args.repeats * len(widths) * 2 + args.trace_steps + 8)
@@ -131,7 +131,7 @@ def main() -> int:
     if args.json:
         from runtime.provenance import script_command, write_result
 
-        write_result(args.json, {"admissions": results, "gpu_work": work}, script_command(sys.argv), vars(args))
+        write_result(args.json, {"admissions": results, "gpu_work": work}, script_command(None), vars(args))
     return 0
 
 

@@ -272,7 +272,7 @@ def main() -> int:
 
         write_result(args.json, {"steps": rows, "prefill_ms": prefill, "churn": churn, "churn_unrecorded": churn_unrecorded,
                                  "churn_beside": churn_beside,
-                                 "served": serving}, script_command(sys.argv), vars(args))
+                                 "served": serving}, script_command(None), vars(args))
     return 0
 
 

@@ -275,9 +275,11 @@ class Engine:
 
     def _force(self, requests: list[_Request]) -> None:
         """Teacher forcing: after new token i, feed forced[i] in place of the picked one."""
-        for request in requests:
-            if request.forced is not None and request.produced < len(request.forced):
-                self._inputs[request.row] = request.forced[request.produced]
+        forced = [(r.row, r.forced[r.produced]) for r in requests if r.forced is not None and r.produced < len(r.forced)]
+        if forced:  # index_copy_: a Python number set into one element of a CUDA tensor waits for the GPU
+            rows, tokens = zip(*forced)
+            device = self.decoder.device
+            self._inputs.index_copy_(0, to_device(rows, torch.int64, device), to_device(tokens, torch.int64, device))
 
     def _release(self, requests: list[_Request]) -> None:
         rows = [r.row for r in requests if self._running.get(r.row) is r]

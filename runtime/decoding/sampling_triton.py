@@ -67,7 +67,7 @@ def choose_kernel(logits_ptr, stride, kept_ptr, temperature_ptr, key_ptr, counte
             gumbel = -tl.log(-tl.log(uniform))
             logits = tl.where(inside & (_order(logits) >= threshold), logits / temperature + gumbel, float("-inf"))
         value, index = tl.max(logits, 0, return_indices=True, return_indices_tie_break_left=True)
-        if (value > best) | (start == 0):
+        if value > best:  # an all -inf row keeps index 0, as one argmax gives
             best = value
             chosen = start + index
     tl.store(out_ptr + row, chosen.to(tl.int64))

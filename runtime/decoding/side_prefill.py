@@ -24,6 +24,8 @@ class SidePrefill:
         self.stream = torch.cuda.Stream() if on_cuda else None
         self.runner = open_runner(self.stream)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="side-prefill")
+        self._unlaunched: list[Callable[[], None]] = []  # queue()'s work not launched yet
+        self.closed = False
 
     def run(self, work: Callable[[], None]) -> Callable[[], None]:
         """Start `work` in the side thread (on the side stream, after everything the caller queued);
@@ -43,12 +45,19 @@ class SidePrefill:
     def queue(self, work: Callable[[], None]) -> Callable[[], None]:
         """`work` that only queues (recorded graphs' replays), ordered on the side stream after
         everything the caller has queued so far; returns the call that queues it there, in this
-        thread, and orders the caller's later work after it. The caller makes that call once it has
-        queued its step: launching a prefill graph holds the host for a while (about 0.3 ms on the
-        H200), and launched first it held back the step's own launch, so the two barely overlapped."""
+        thread, if it is not yet, and orders the caller's later work after it. The caller makes that
+        call once it has queued its step: launching a prefill graph holds the host for a while, and
+        launched first it held back the step's own launch. A step that blocks the host until it has
+        run (one not replayed as a recorded graph) calls launch_queued() first, so that the prefill
+        still runs beside it."""
         ready = self._record(None)
+        outcome: list = []  # once launched: [the event after the work or None, its exception or None]
 
-        def wait() -> None:
+        def launch() -> None:
+            if outcome:
+                return
+            if self.closed:
+                raise RuntimeError("the side prefill was closed before its work was queued")
             error = None
             if ready is not None:
                 self.stream.wait_event(ready)
@@ -57,13 +66,27 @@ class SidePrefill:
                     work()
                 except Exception as raised:
                     error = raised
-            done = self._record(self.stream)
+            outcome.extend((self._record(self.stream), error))
+
+        def wait() -> None:
+            if launch in self._unlaunched:
+                self._unlaunched.remove(launch)
+            launch()
+            done, error = outcome
             if done is not None:
                 torch.cuda.current_stream().wait_event(done)
             if error is not None:
                 raise error
 
+        self._unlaunched.append(launch)
         return wait
+
+    def launch_queued(self) -> None:
+        """Queue now, on the side stream, the work queue() took that no wait has queued yet (its
+        errors surface at its wait)."""
+        launches, self._unlaunched = self._unlaunched, []
+        for launch in launches:
+            launch()
 
     def _work(self, work: Callable[[], None], ready):
         """(the event after the work, the exception it raised or None)."""
@@ -85,6 +108,7 @@ class SidePrefill:
         return event
 
     def close(self) -> None:
+        self.closed, self._unlaunched = True, []
         self._thread.shutdown(wait=True)
         if self.stream is not None:  # its copies may still run into buffers the decoder frees next
             self.stream.synchronize()

@@ -542,6 +542,8 @@ class StaticCacheDecoder(Decoder):
         if unsynchronised:  # a graph: attends to the whole window, whatever the rows hold now
             self.runner.step_unsynchronised()
         else:
+            if self.beside is not None:  # this run holds the host until it is done: prefills queued beside it go first
+                self.beside.launch_queued()
             self.runner.step(self._attended())
         self.held.add_(self.row_active)
         return self.step_logits[:, 0]

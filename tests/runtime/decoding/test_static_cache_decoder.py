@@ -295,6 +295,46 @@ def test_a_recorded_prefill_that_fails_beside_the_step_leaves_its_rows_idle(tiny
         assert decoder.held.tolist() == [4, 0, 0] and not decoder._parked and decoder.lengths == {0: 4}
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded step", "synchronous step"])
+def test_a_prefill_beside_the_step_is_launched_after_a_recorded_step_and_before_a_blocking_one(tiny_model, recorded):
+    """Beside the step, an admission's recorded prefill is launched once the step's replay is (its
+    launch holds the host); a step that blocks the host until it has run (no recorded step, e.g. a
+    nucleus row's) launches it first, so the two still overlap. Tokens are those of prefills in line."""
+    from runtime.decoding.engine import Engine
+
+    data = build_static_cache_graph(tiny_model, 64, "fp32").SerializeToString()
+    requests = [([1 + i, 2 * i + 3, 5] * (1 + i % 3), GenerationSettings(3 + i % 4)) for i in range(6)]
+    tokens = []
+    for beside in (False, True):
+        with StaticCacheDecoder(data, 2, "cpu", staged_prefill=True, overlap_prefill=beside) as decoder:
+            order: list[str] = []
+            decoder.recorded, decoder.prefills = (PlayedSteps() if recorded else None), PlayedSteps()
+            decoder._record_prefills()
+            if beside:
+                decoder.beside.run = None  # recorded prefills are queued, never run in the side thread
+                replay, step = decoder.prefills.replay, decoder.runner.step
+                decoder.prefills.replay = lambda key: (order.append("prefill"), replay(key))[1]
+                decoder.runner.step = lambda total: (order.append("step"), step(total))[1]
+                if recorded:
+                    decoder.recorded.replay = (lambda original: lambda key: (order.append("step"), original(key))[1])(
+                        decoder.recorded.replay)
+            engine = Engine(decoder)
+            handles = [engine.submit(prompt, settings) for prompt, settings in requests]
+            got, checked = {handle: [] for handle in handles}, 0
+            while not engine.idle:
+                before = len(order)
+                for event in engine.step():
+                    got[event.request].append(event.token)
+                if beside and "prefill" in order[before:] and "step" in order[before:]:
+                    step_order = [name for name in order[before:] if name in ("step", "prefill")]
+                    assert step_order[0] == ("step" if recorded else "prefill"), step_order
+                    checked += 1
+            tokens.append([got[h] for h in handles])
+            if beside:
+                assert order.count("prefill") == len(requests) and checked >= 2
+    assert tokens[0] == tokens[1]
+
+
 def test_the_runtime_opens_static_graphs_and_never_writes_one_from_weights(tiny_source):
     """Writing the graph is the command's step (runtime.commands.targets): given weights, the
     static-cache backend refuses with the two ways to write one."""
