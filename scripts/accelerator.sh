@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
-#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | admission | aiperf | hbm
+#   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | admission | reference | aiperf | hbm
 #   | export-large | bench-large
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
@@ -10,7 +10,7 @@
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
 # and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|admission|aiperf|hbm|export-large|bench-large}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|admission|reference|aiperf|hbm|export-large|bench-large}
 if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
   commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
   src=/tmp/rotary-src/$commit
@@ -98,6 +98,11 @@ profile)  # a served step's time split without Triton: decoder alone, engine, dr
 admission)  # what one admission adds to a step of 31 decoding rows, in line and beside the step
   run py scripts/profile_admission.py --widths ${WIDTHS:-1,16,128} --json "$results/admission-inline.json" 2>&1 | grep -vE "^$|plugin EP"
   run py scripts/profile_admission.py --widths ${WIDTHS:-1,16,128} --beside --json "$results/admission-beside.json" 2>&1 | grep -vE "^$|plugin EP"
+  run py scripts/profile_admission.py --widths ${WIDTHS:-1,16,128} --beside --nucleus --trace-steps 0 \
+    --json "$results/admission-beside-nucleus.json" 2>&1 | grep -vE "^$|plugin EP"
+  ;;
+reference)  # the decoder alone at the lengths a served batch holds: the served step ratio's reference (run beside `serve`)
+  run py scripts/decoder_at_served_contexts.py --json "$results/decoder-served-contexts.json" 2>&1 | grep -vE "^$|plugin EP"
   ;;
 serve)  # `small` fp16 served (static-cache graph, CUDA graphs), then loaded at 1, 8, 32 and 64 clients (GPUS: --gpus)
   rm -f "$results/serve-ready${TAG:-}.json"  # python3 itself in the background, so $! is serve and SIGTERM reaches it

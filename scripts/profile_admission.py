@@ -6,7 +6,7 @@ Each admitted request asks for one new token, so it leaves in the step that admi
 measured step runs the same rows. Prompts of each width in --widths, greedy and sampled.
 
 Usage: python3 scripts/profile_admission.py [--preset small] [--dtype fp16] [--rows 32] [--cache 1024]
-       [--widths 1,16,128] [--repeats 40] [--beside] [--trace-steps 12] [--json PATH]
+       [--widths 1,16,128] [--repeats 40] [--beside] [--nucleus] [--trace-steps 12] [--json PATH]
 """
 from __future__ import annotations
 
@@ -45,12 +45,14 @@ def timed_phases(engine) -> dict[str, list[float]]:
     return spent
 
 
-def fill(engine, rows: int, steps: int) -> None:
-    """`rows` greedy requests long enough to outlast the run, admitted and stepped once."""
+def fill(engine, rows: int, steps: int, nucleus: bool) -> None:
+    """`rows` requests long enough to outlast the run, admitted and stepped once: greedy, or with
+    `nucleus` sampled with top_p (whose steps are not recorded: they hold the host until done)."""
     from runtime.decoding.settings import GenerationSettings
 
+    settings = GenerationSettings(steps, 0.8, 0.9, top_p=0.9) if nucleus else GenerationSettings(steps, 0.0)
     for row in range(rows):
-        engine.submit([1 + row] * 16, GenerationSettings(steps, 0.0))
+        engine.submit([1 + row] * 16, settings)
     engine.step()
 
 
@@ -104,6 +106,7 @@ def main() -> int:
     parser.add_argument("--widths", default="1,16,128", help="prompt lengths admitted, comma-separated")
     parser.add_argument("--repeats", type=int, default=40, help="admitting steps timed per width and setting")
     parser.add_argument("--beside", action="store_true", help="prefill beside the decode step (a second session)")
+    parser.add_argument("--nucleus", action="store_true", help="the decoding rows sample with top_p (steps not recorded)")
     parser.add_argument("--trace-steps", type=int, default=12, help="admitting steps under PyTorch's profiler (0: none)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args()
@@ -113,7 +116,7 @@ def main() -> int:
     engine = Engine(decoder, prefill_tokens=16 * args.rows)  # the first step admits every filling row
     engine.warm_up()
     widths = [int(w) for w in args.widths.split(",")]
-    fill(engine, args.rows - 1, 2 * args.repeats * len(widths) * 2 + args.trace_steps + 8)
+    fill(engine, args.rows - 1, 2 * args.repeats * len(widths) * 2 + args.trace_steps + 8, args.nucleus)
     spent = timed_phases(engine)
     results = []
     for width in widths:
