@@ -58,15 +58,7 @@ class SidePrefill:
                 return
             if self.closed:
                 raise RuntimeError("the side prefill was closed before its work was queued")
-            error = None
-            if ready is not None:
-                self.stream.wait_event(ready)
-            with torch.cuda.stream(self.stream) if self.on_cuda else contextlib.nullcontext():
-                try:
-                    work()
-                except Exception as raised:
-                    error = raised
-            outcome.extend((self._record(self.stream), error))
+            outcome.extend(self._work(work, ready))  # as the side thread runs it, here in this thread
 
         def wait() -> None:
             if launch in self._unlaunched:
