@@ -88,8 +88,8 @@ trt)
   run py -m runtime.commands.build_engine "$small" --output "$work/small-fp16-past.engine" --batch 1:1:8 \
     --seq 1:128:1024 --past 0:128:1024 --no-cache --json "$results/build-past.json" 2>&1 | tail -3
   ;;
-hbm)  # the bandwidth a batch-1 step can reach at best: a copy, each 7b GEMV, their chain in one CUDA graph
-  run py scripts/hbm_bandwidth.py --preset ${PRESET:-7b} --json "$results/hbm-bandwidth.json"
+hbm)  # the bandwidth a batch-1 step can reach at best: a copy, each 7b GEMV, their chain in one CUDA graph (cuBLAS, and the candidate Triton GEMV)
+  run py scripts/hbm_bandwidth.py --preset ${PRESET:-7b} --triton --json "$results/hbm-bandwidth.json"
   ;;
 profile)  # a served step's time split without Triton: decoder alone, engine, driver with timed sends
   run py scripts/profile_engine.py --batches 1,8,32 --steps 300 --serve-seconds 2 --senders ${SENDERS:-1,4} \

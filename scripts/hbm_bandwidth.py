@@ -5,7 +5,11 @@ attention, norms or sampling): what those kernels reach with nothing else in the
 single GEMV is timed over one buffer again and again, so the smaller ones may be served partly
 from L2; the chain is not.
 
-Usage: python3 scripts/hbm_bandwidth.py [--preset 7b] [--iters 50] [--json PATH]
+`--triton` also measures a candidate Triton GEMV (runtime/bench/gemv_kernel.py): every one of its
+configurations on each shape, over all of that shape's weights in turn (so not from L2), against
+cuBLAS timed the same way, then the chain again with the fastest configuration of each shape.
+
+Usage: python3 scripts/hbm_bandwidth.py [--preset 7b] [--iters 50] [--triton] [--json PATH]
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def timed_ms(run, iters: int) -> float:
     return sorted(times[3:])[iters // 2]
 
 
-def measure(preset_name: str, iters: int) -> dict:
+def measure(preset_name: str, iters: int, triton: bool = False) -> dict:
     import torch
 
     from models.presets import preset
@@ -52,36 +56,96 @@ def measure(preset_name: str, iters: int) -> dict:
     for (inp, out), weight in zip(shapes[:4] + shapes[-1:], weights[:4] + weights[-1:]):
         ms = timed_ms(lambda: torch.nn.functional.linear(vectors[inp], weight), iters)
         single[f"{inp}x{out}"] = {"ms": ms, "fraction_of_peak": inp * out * 2 / (ms * 1e-3) / peak}
+    cublas = [lambda inp=inp, weight=weight: torch.nn.functional.linear(vectors[inp], weight)
+              for (inp, _), weight in zip(shapes, weights)]
+    chain_ms = timed_ms(graphed(cublas), iters)
+    chain_bytes = sum(inp * out * 2 for inp, out in shapes)
+    result = {"device": name, "datasheet_bandwidth": peak, "preset": preset_name,
+              "copy_gb_per_s": 2 * (2 << 30) / (copy_ms * 1e-3) / 1e9,
+              "copy_fraction_of_peak": 2 * (2 << 30) / (copy_ms * 1e-3) / peak,
+              "gemv": single, "chain_kernels": len(shapes), "chain_bytes": chain_bytes, "chain_ms": chain_ms,
+              "chain_fraction_of_peak": chain_bytes / (chain_ms * 1e-3) / peak}
+    if triton:
+        result["triton"] = measure_triton(shapes, weights, vectors, peak, iters)
+    return result
+
+
+def graphed(calls: list):
+    """`calls` captured once as a CUDA graph (run once before, so cuBLAS and Triton pick and
+    compile outside the capture); returns its replay."""
+    import torch
+
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        for (inp, _), weight in zip(shapes, weights):  # warm cuBLAS outside the capture
-            torch.nn.functional.linear(vectors[inp], weight)
+        for call in calls:
+            call()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            for (inp, _), weight in zip(shapes, weights):
-                torch.nn.functional.linear(vectors[inp], weight)
+            for call in calls:
+                call()
     torch.cuda.synchronize()
-    chain_ms = timed_ms(graph.replay, iters)
+    return graph.replay
+
+
+def measure_triton(shapes: list, weights: list, vectors: dict, peak: float, iters: int) -> dict:
+    """Per shape: cuBLAS and every Triton configuration over all of that shape's weights in turn;
+    then the chain with the fastest configuration of each shape."""
+    import torch
+
+    from runtime.bench.gemv_kernel import CONFIGS, gemv
+
+    by_shape: dict[tuple, list] = {}
+    for shape, weight in zip(shapes, weights):
+        by_shape.setdefault(shape, []).append(weight)
+    outs = {out: torch.empty(1, out, dtype=torch.float16, device="cuda") for _, out in shapes}
+    per_shape, best = {}, {}
+    for (inp, out), group in by_shape.items():
+        moved = inp * out * 2 * len(group)
+
+        def fraction(ms: float) -> float:
+            return moved / (ms * 1e-3) / peak
+
+        cublas_ms = timed_ms(lambda: [torch.nn.functional.linear(vectors[inp], w) for w in group], iters)
+        tried = {}
+        for config in CONFIGS:
+            def run(config=config):
+                return [gemv(w, vectors[inp], config, outs[out]) for w in group]
+
+            run()  # compiles
+            tried[config] = timed_ms(run, max(iters // 5, 5))
+        best[(inp, out)] = min(tried, key=tried.get)
+        triton_ms = timed_ms(lambda: [gemv(w, vectors[inp], best[(inp, out)], outs[out]) for w in group], iters)
+        per_shape[f"{inp}x{out}"] = {"weights": len(group), "cublas_fraction_of_peak": fraction(cublas_ms),
+                                      "triton_fraction_of_peak": fraction(triton_ms),
+                                      "triton_config": best[(inp, out)]._asdict(),
+                                      "configs_ms": {"/".join(map(str, c)): ms / len(group) for c, ms in tried.items()}}
+    calls = [lambda inp=inp, out=out, weight=weight: gemv(weight, vectors[inp], best[(inp, out)], outs[out])
+             for (inp, out), weight in zip(shapes, weights)]
+    chain_ms = timed_ms(graphed(calls), iters)
     chain_bytes = sum(inp * out * 2 for inp, out in shapes)
-    return {"device": name, "datasheet_bandwidth": peak, "preset": preset_name,
-            "copy_gb_per_s": 2 * (2 << 30) / (copy_ms * 1e-3) / 1e9,
-            "copy_fraction_of_peak": 2 * (2 << 30) / (copy_ms * 1e-3) / peak,
-            "gemv": single, "chain_kernels": len(shapes), "chain_bytes": chain_bytes, "chain_ms": chain_ms,
-            "chain_fraction_of_peak": chain_bytes / (chain_ms * 1e-3) / peak}
+    return {"per_shape": per_shape, "chain_ms": chain_ms, "chain_fraction_of_peak": chain_bytes / (chain_ms * 1e-3) / peak}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="7b", help="whose matrix shapes (default 7b)")
     parser.add_argument("--iters", type=int, default=50, help="timed repetitions, median reported (default 50)")
+    parser.add_argument("--triton", action="store_true",
+                        help="also measure the candidate Triton GEMV (every configuration on each shape, then the chain)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args()
-    result = measure(args.preset, args.iters)
+    result = measure(args.preset, args.iters, args.triton)
     print(f"{result['device']}: copy {result['copy_gb_per_s']:.0f} GB/s ({result['copy_fraction_of_peak']:.1%} "
           f"of the datasheet); {result['chain_kernels']} GEMVs of {args.preset} in one graph: "
           f"{result['chain_ms']:.3f} ms, {result['chain_fraction_of_peak']:.1%}")
     for shape, figures in result["gemv"].items():
         print(f"  {shape}: {figures['ms'] * 1e3:.1f} us, {figures['fraction_of_peak']:.1%}")
+    if "triton" in result:
+        found = result["triton"]
+        print(f"Triton GEMV chain: {found['chain_ms']:.3f} ms, {found['chain_fraction_of_peak']:.1%}")
+        for shape, figures in found["per_shape"].items():
+            print(f"  {shape} x{figures['weights']}: cuBLAS {figures['cublas_fraction_of_peak']:.1%}, Triton "
+                  f"{figures['triton_fraction_of_peak']:.1%} ({figures['triton_config']})")
     if args.json:
         from runtime.provenance import write_result
 

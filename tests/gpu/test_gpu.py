@@ -331,6 +331,19 @@ def test_the_fused_sampling_kernel_draws_what_the_pytorch_ops_draw():
     assert torch.equal(on_cuda[greedy], logits.float().argmax(-1)[greedy])
 
 
+def test_the_candidate_gemv_kernel_computes_the_product_in_fp16():
+    """What scripts/hbm_bandwidth.py --triton times must compute weight @ vector: against a
+    float32 product, within fp16 rounding of the result, for every configuration."""
+    from runtime.bench.gemv_kernel import CONFIGS, gemv
+
+    weight = torch.randn(6144 + 7, 4096 + 64, device="cuda", dtype=torch.float16) * 0.02
+    vector = torch.randn(1, 4096 + 64, device="cuda", dtype=torch.float16)
+    reference = (weight.float() @ vector.float().t()).t()
+    for config in CONFIGS:
+        got = gemv(weight, vector, config).float()
+        assert torch.allclose(got, reference, rtol=1e-2, atol=2e-3), (config, (got - reference).abs().max().item())
+
+
 @pytest.mark.parametrize("kind", CUDA_DECODERS)
 def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path, kind):
     """The engine on each CUDA decoder: greedy and seeded-sampled requests decoded four at a time
