@@ -12,7 +12,7 @@ from ..registry import ENGINE_SUFFIXES
 from .limits import Limits
 from .signal_flag import SignalFlag
 from .repository import GENERATE, RepositoryOptions, export_repository
-from .tritonserver import Endpoints, ServerError, TritonServer
+from .tritonserver import HELD_NOTE, Endpoints, ServerError, TritonServer
 
 
 def repository_for(model: str, workdir: Path, limits: dict, device: str | None, log: Callable[[str], None],
@@ -91,6 +91,16 @@ def run_server(repository: Path, endpoints: Endpoints, workdir: Path, override: 
     finally:
         before_stop(graceful)
         code = server.stop(graceful)
+    return stop_outcome(server, code, log)
+
+
+def stop_outcome(server: TritonServer, code: int | None, log: Callable[[str], None]) -> int:
+    """tritonserver's exit code after a stop, as serve's: 0, or 1 when the only thing wrong was a
+    model tritonserver itself held with nothing in flight (noted); anything else raises."""
+    for model in server.held:
+        log(f"serve: note: {HELD_NOTE.format(model=model)}")
+    if code == 1 and server.held and not server.stop_problem:
+        return 0  # Triton's exit code for a model still loaded at its exit timeout: the held one
     if code != 0:
         why = f"; {server.stop_problem}" if server.stop_problem else ""
         raise ToolkitError(f"tritonserver did not stop cleanly (exit code {code}{why}); see {server.log_path}")

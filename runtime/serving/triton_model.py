@@ -41,6 +41,7 @@ METRICS = {
                      "time spent handing responses to the server (the responder thread)"),
     "active_rows": ("rotary_generate_active_rows", "GAUGE", "requests being decoded"),
     "queue_length": ("rotary_generate_queue_length", "GAUGE", "requests waiting for a free row"),
+    "unloading": ("rotary_generate_unloading", "GAUGE", "1 once the server has begun unloading the instance"),
     "requests": ("rotary_generate_requests_total", "COUNTER", "finished requests by outcome"),
 }
 
@@ -192,5 +193,6 @@ class GenerateModel:
                                                    "text_output" if parsed.text_output else "text", parsed.stream))
 
     def close(self) -> None:
+        self.metrics.begin_unloading()
         self.scheduler.close(DRAIN_S)
         self.metrics.close()

@@ -31,6 +31,11 @@ RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answe
 POLL_S = 0.1
 UNLOAD_REQUEST_S = 10.0  # how long an unload request is repeated while Triton does not answer
 DRAIN_MARGIN_S = 5  # of the exit timeout, left for unloading after the streams' drain
+HELD_S = 2.0  # an unload not begun this long with nothing in flight is held by tritonserver itself
+# generate's gauges (triton_model.METRICS): rows decoding, requests queued, instances being unloaded
+ACTIVE, QUEUED, UNLOADING = "rotary_generate_active_rows", "rotary_generate_queue_length", "rotary_generate_unloading"
+HELD_NOTE = ("tritonserver kept {model} loaded with no request in flight (seen after clients cancel gRPC streams: "
+             "a race in Triton 2.51, see docs/serving.md); nothing was lost, and the server was stopped anyway")
 
 
 class ServerError(ToolkitError):
@@ -48,9 +53,12 @@ class Endpoints:
     def url(self) -> str:
         return f"http://{_url_host(self.host)}:{self.http}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.metrics}/metrics"
+
     def describe(self) -> dict:
-        return {"http": self.url, "grpc": f"{_url_host(self.host)}:{self.grpc}",
-                "metrics": f"http://{_url_host(self.host)}:{self.metrics}/metrics",
+        return {"http": self.url, "grpc": f"{_url_host(self.host)}:{self.grpc}", "metrics": self.metrics_url,
                 "health": f"{self.url}/v2/models/generate/ready"}  # ready means servable: generate is loaded
 
 
@@ -105,6 +113,7 @@ class TritonServer:
         self.endpoints, self.exit_timeout = endpoints, exit_timeout
         self.loaded: list[str] = []
         self.stop_problem: str | None = None  # why a graceful stop could not unload a model
+        self.held: list[str] = []  # models tritonserver kept loaded with nothing in flight (see HELD_NOTE)
         self.key = secrets.token_hex(16)
         self.log_path = log_path or workdir / "tritonserver.log"
         e = endpoints
@@ -153,21 +162,25 @@ class TritonServer:
         after the exit timeout (less DRAIN_MARGIN_S) are failed with a retry message (SIGTERM to the
         decode processes). Unloading before SIGTERM matters: at SIGTERM Triton first waits for every
         open HTTP connection, idle keep-alive ones too, for its whole exit timeout, and then has no
-        time left to unload. False when the model was not gone in time."""
+        time left to unload. A model that stays loaded with nothing in flight is held by tritonserver
+        itself: it is noted in `held`, and nothing waits for it. False when the model was not gone
+        (or known to be held) in time."""
         decoders = set(self.model_processes()) - set(processes_below(self.process.pid, depth=1))
         try:
             self._request_unload(model)
         except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as error:
             self.stop_problem = f"the request to unload {model} failed ({error})"
             return False
-        if self._gone(model, max(self.exit_timeout - DRAIN_MARGIN_S, 0)):
-            return True
-        for pid in decoders:  # the drain is over: fail what is left
-            _signal(pid, signal.SIGTERM)
-        if self._gone(model, DRAIN_MARGIN_S + 10):
-            return True
-        self.stop_problem = f"{model} was still loaded {DRAIN_MARGIN_S + 10} s after its decode processes were stopped"
-        return False
+        state = self._wait_unloaded(model, max(self.exit_timeout - DRAIN_MARGIN_S, 0))
+        if state == "loaded":
+            for pid in decoders:  # the drain is over: fail what is left
+                _signal(pid, signal.SIGTERM)
+            state = self._wait_unloaded(model, DRAIN_MARGIN_S + 10)
+        if state == "held":
+            self.held.append(model)
+        elif state == "loaded":
+            self.stop_problem = f"{model} was still loaded {DRAIN_MARGIN_S + 10} s after its decode processes were stopped"
+        return state != "loaded"
 
     def _request_unload(self, model: str) -> None:
         """Ask Triton to unload `model` (it answers at once and unloads in the background), again
@@ -184,9 +197,12 @@ class TritonServer:
                     raise
             time.sleep(POLL_S)
 
-    def _gone(self, model: str, within: float) -> bool:
-        """Whether `model` is unloaded within `within` seconds (Triton's repository index)."""
-        deadline = time.monotonic() + within
+    def _wait_unloaded(self, model: str, within: float) -> str:
+        """Up to `within` seconds, until `model` is gone from Triton's repository index ("gone"), or
+        has stayed loaded for HELD_S with nothing in flight and none of its instances told to unload
+        ("held": tritonserver calls an instance's finalize once nothing refers to the model); else
+        "loaded"."""
+        deadline, idle_since = time.monotonic() + within, None
         while self.running():
             try:
                 with urllib.request.urlopen(self._restricted("/v2/repository/index", {}), timeout=5) as response:
@@ -194,11 +210,30 @@ class TritonServer:
             except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
                 states = {"UNLOADING"}  # no (readable) answer in time: not known to be gone, ask again until the deadline
             if not states & {"READY", "LOADING", "UNLOADING"}:
-                return True
-            if time.monotonic() > deadline:
-                return False
+                return "gone"
+            now = time.monotonic()
+            idle_since = (idle_since or now) if self._held_idle() else None
+            if idle_since is not None and now - idle_since >= HELD_S:
+                return "held"
+            if now > deadline:
+                return "loaded"
             time.sleep(POLL_S)
-        return False
+        return "loaded"
+
+    def _held_idle(self) -> bool:
+        """Whether generate's gauges on Triton's /metrics (summed over its instances) show no row
+        decoding, nothing queued and no instance being unloaded; False when they cannot be read."""
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.endpoints.metrics_url), timeout=2) as response:
+                text = response.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            return False
+        sums: dict[str, float] = {}
+        for line in text.splitlines():
+            name = line.partition("{")[0]
+            if name in (ACTIVE, QUEUED, UNLOADING):
+                sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return len(sums) == 3 and not any(sums.values())
 
     def _restricted(self, path: str, body: dict) -> urllib.request.Request:
         """A POST to one of the APIs only serve's key opens."""

@@ -83,5 +83,7 @@ def triton_server(tmp_path_factory, serving_graph):
     if server.process.poll() is None:
         # every test's streams ended or were cancelled: a row or queue entry left now is a leak
         assert server.settled(), f"rows or queued requests left after the tests: {server.load()}"
-        assert server.terminate() == 0, server.log.read_text()[-2000:]
+        code = server.terminate()
+        assert code == 0, (f"serve exited with {code}:\n{server.log.read_text()[-2000:]}\n"
+                           f"tritonserver.log ends:\n{server.triton_log.read_text(errors='replace')[-3000:]}")
     assert server.leftovers() == ([], [])

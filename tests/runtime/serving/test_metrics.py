@@ -64,3 +64,16 @@ def test_steps_that_admitted_requests_are_counted_apart_too():
         assert (snapshot["admit_steps"], snapshot["admit_step_seconds"]) == (1, pytest.approx(0.002))
     finally:
         metrics.close()
+
+
+def test_the_unloading_gauge_is_published_as_0_and_as_1_at_once_when_unloading_begins():
+    sink = RecordingSink()
+    metrics = ServingMetrics(sink, publish_s=3600)  # publish by hand only
+    try:
+        metrics.publish()
+        assert ("unloading", 0, None) in sink.published
+        sink.published.clear()
+        metrics.begin_unloading()  # no publish() by hand: serve reads it while the instance drains
+        assert ("unloading", 1, None) in sink.published and metrics.snapshot()["unloading"] == 1
+    finally:
+        metrics.close()
