@@ -51,12 +51,16 @@ def _kernel():
 def gemv(weight: Tensor, vector: Tensor, config: GemvConfig = CONFIGS[4], out: Tensor | None = None) -> Tensor:
     """weight [N, K] @ vector [K] (or [1, K]) -> [N] (or [1, N]), in the weight's dtype."""
     n, k = weight.shape
-    if vector.numel() != k or weight.stride(1) != 1 or not vector.is_contiguous():
+    if vector.numel() != k or vector.shape[-1] != k or weight.stride(1) != 1 or not vector.is_contiguous():
         raise ValueError(f"gemv takes a row-major [N, K] weight and a contiguous vector of K values; "
                          f"got {tuple(weight.shape)} (strides {weight.stride()}) and {tuple(vector.shape)}")
-    triton, kernel = _kernel()
+    shape = vector.shape[:-1] + (n,)
     if out is None:
-        out = torch.empty(vector.shape[:-1] + (n,), dtype=weight.dtype, device=weight.device)
+        out = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+    elif out.shape != shape or out.dtype != weight.dtype or out.device != weight.device or not out.is_contiguous():
+        raise ValueError(f"gemv's out must be a contiguous {tuple(shape)} {weight.dtype} tensor on {weight.device}; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    triton, kernel = _kernel()
     kernel[(triton.cdiv(n, config.block_n),)](weight, vector, out, n, k, weight.stride(0),
                                                BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                                                num_warps=config.num_warps, num_stages=config.num_stages)

@@ -1,6 +1,6 @@
 """The scheduler's counters: tokens generated, tokens/s over a sliding window, decode steps (rows
-and time), active rows, queue length, time spent sending responses, finished requests by outcome
-and whether the instance is being unloaded. Updating them costs no I/O: a sink (Triton's
+and time), active rows, queue length, open streams, time spent sending responses, finished requests
+by outcome and whether the instance is being finalized. Updating them costs no I/O: a sink (Triton's
 MetricFamily objects in the server, where each update is a message to the server process)
 receives what changed every `publish_s` seconds from a thread of its own. `snapshot()` serves
 tests and logs."""
@@ -15,7 +15,7 @@ OUTCOMES = ("completed", "cancelled", "rejected", "failed")
 PUBLISH_S = 0.25
 COUNTERS = ("tokens", "steps", "step_rows", "step_seconds", "admit_steps", "admit_step_seconds",
             "send_seconds")  # published as increments
-GAUGES = ("tokens_per_second", "active_rows", "queue_length", "unloading")  # published as values
+GAUGES = ("tokens_per_second", "active_rows", "queue_length", "open_streams", "unloading")  # published as values
 
 
 class MetricsSink(Protocol):
@@ -26,13 +26,15 @@ class ServingMetrics:
     def __init__(self, sink: MetricsSink | None = None, window_s: float = 5.0, publish_s: float = PUBLISH_S):
         self.sink, self.window_s = sink, window_s
         self.tokens_total, self.active, self.queued = 0, 0, 0
-        self.unloading = 0  # 1 once the server has begun unloading this instance
+        self.open_streams = 0  # requests handed to this instance whose final response has not gone
+        self.unloading = 0  # 1 once Triton has begun finalizing this instance
         self.steps, self.step_rows, self.step_seconds = 0, 0, 0.0  # decode steps: count, rows summed, time
         self.admit_steps, self.admit_step_seconds = 0, 0.0  # those that also admitted (prefilled) requests
         self.send_seconds = 0.0  # time the responder spent handing responses to the server
         self.requests = dict.fromkeys(OUTCOMES, 0)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()  # the publishing thread and begin_unloading() both publish
         self._published: dict = {}
         self._stop = threading.Event()
         self._thread = None
@@ -72,11 +74,23 @@ class ServingMetrics:
     def rows(self, active: int, queued: int) -> None:
         self.active, self.queued = active, queued
 
+    def stream_opened(self) -> None:
+        with self._lock:
+            self.open_streams += 1
+
+    def stream_closed(self) -> None:
+        """A request's final response went (or the request was completed without one)."""
+        with self._lock:
+            self.open_streams -= 1
+
     def begin_unloading(self) -> None:
-        """Say at once that the server is unloading this instance (serve tells a model being
-        unloaded from one that tritonserver holds by it)."""
+        """Say at once that Triton is finalizing this instance (serve tells a model being unloaded
+        from one that tritonserver holds by itself)."""
         self.unloading = 1
-        self.publish()
+        try:
+            self.publish()
+        except Exception:  # a metrics failure must never stop serving (the publishing thread tries again)
+            pass
 
     def finished(self, outcome: str) -> None:
         with self._lock:
@@ -87,12 +101,16 @@ class ServingMetrics:
                 "steps": self.steps, "step_rows": self.step_rows, "step_seconds": self.step_seconds,
                 "admit_steps": self.admit_steps, "admit_step_seconds": self.admit_step_seconds,
                 "send_seconds": self.send_seconds, "active_rows": self.active, "queue_length": self.queued,
-                "unloading": self.unloading, "requests": dict(self.requests)}
+                "open_streams": self.open_streams, "unloading": self.unloading, "requests": dict(self.requests)}
 
     def publish(self) -> None:
         """Hand the sink what changed since the last call: counters as increments, gauges as values."""
         if self.sink is None:
             return
+        with self._publish_lock:
+            self._publish()
+
+    def _publish(self) -> None:
         with self._lock:
             totals = {"tokens": self.tokens_total, "steps": self.steps, "step_rows": self.step_rows,
                       "step_seconds": self.step_seconds, "admit_steps": self.admit_steps,
@@ -104,7 +122,7 @@ class ServingMetrics:
                 self.sink.publish(name, total - self._published.get(key, 0), outcome)
                 self._published[key] = total
         gauges = {"tokens_per_second": self.tokens_per_second(), "active_rows": self.active,
-                  "queue_length": self.queued, "unloading": self.unloading}
+                  "queue_length": self.queued, "open_streams": self.open_streams, "unloading": self.unloading}
         for name, value in gauges.items():
             if value != self._published.get(name):
                 self.sink.publish(name, value)

@@ -41,7 +41,9 @@ METRICS = {
                      "time spent handing responses to the server (the responder thread)"),
     "active_rows": ("rotary_generate_active_rows", "GAUGE", "requests being decoded"),
     "queue_length": ("rotary_generate_queue_length", "GAUGE", "requests waiting for a free row"),
-    "unloading": ("rotary_generate_unloading", "GAUGE", "1 once the server has begun unloading the instance"),
+    "open_streams": ("rotary_generate_open_streams", "GAUGE", "requests not yet sent their final response"),
+    "unloading": ("rotary_generate_unloading", "GAUGE",
+                  "1 once Triton finalizes the instance (after every stream to it has ended)"),
     "requests": ("rotary_generate_requests_total", "COUNTER", "finished requests by outcome"),
 }
 
@@ -51,12 +53,15 @@ class TritonStream:
     factory once its final response is sent, and asking a freed one whether it was cancelled
     crashes the server: the lock keeps the watcher's question and the senders' last send apart."""
 
-    def __init__(self, pb_utils, sender, text: bool, text_name: str = "text", stream: bool = True):
+    def __init__(self, pb_utils, sender, text: bool, text_name: str = "text", stream: bool = True,
+                 on_final=lambda: None):
         """`text`: send each response's text as `text_name`; `stream` False: hold every token for
-        one final response (a generate-extension client asking for the whole answer)."""
+        one final response (a generate-extension client asking for the whole answer);
+        `on_final()` is called once, when the request is completed."""
         self.pb, self.sender = pb_utils, sender
         self.pieces = TextPieces() if text else None
         self.text_name, self.stream = text_name, stream
+        self.on_final = on_final
         self.held: list[int] = []
         self._lock = threading.Lock()
         self._open = True
@@ -99,13 +104,18 @@ class TritonStream:
                 if final:  # the request stays live, and `generate` cannot unload, until it is completed
                     self._complete_anyway(response is not None)
                 raise
-            self._open = not final
+            if final:
+                self._close()
         return True
+
+    def _close(self) -> None:
+        self._open = False
+        self.on_final()
 
     def _complete_anyway(self, with_response: bool) -> None:
         """A final response was refused (its client cancelled): complete the request with the bare
         final flag, or else by asking about cancellation (which completes a cancelled request)."""
-        self._open = False
+        self._close()
         try:
             if with_response:
                 self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -182,15 +192,17 @@ class GenerateModel:
     def submit(self, request) -> None:
         """Check the request and queue it; a bad request gets one error response, nothing else."""
         sender = request.get_response_sender()
+        self.metrics.stream_opened()  # until its final response: serve's stop tells a held model by these
         arrays = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         try:
             parsed = parse_request(arrays, self.facts["vocab_size"], self.limits, self.facts["max_length"])
         except RequestError as error:
             self.metrics.finished("rejected")
-            TritonStream(self.pb, sender, False).fail(str(error))
+            TritonStream(self.pb, sender, False, on_final=self.metrics.stream_closed).fail(str(error))
             return
         self.scheduler.submit(parsed, TritonStream(self.pb, sender, parsed.text,
-                                                   "text_output" if parsed.text_output else "text", parsed.stream))
+                                                   "text_output" if parsed.text_output else "text", parsed.stream,
+                                                   on_final=self.metrics.stream_closed))
 
     def close(self) -> None:
         self.metrics.begin_unloading()

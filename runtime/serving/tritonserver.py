@@ -31,11 +31,14 @@ RESTRICTED_HEADER = "rotary-serve-key"  # the repository API (load/unload) answe
 POLL_S = 0.1
 UNLOAD_REQUEST_S = 10.0  # how long an unload request is repeated while Triton does not answer
 DRAIN_MARGIN_S = 5  # of the exit timeout, left for unloading after the streams' drain
-HELD_S = 2.0  # an unload not begun this long with nothing in flight is held by tritonserver itself
-# generate's gauges (triton_model.METRICS): rows decoding, requests queued, instances being unloaded
-ACTIVE, QUEUED, UNLOADING = "rotary_generate_active_rows", "rotary_generate_queue_length", "rotary_generate_unloading"
-HELD_NOTE = ("tritonserver kept {model} loaded with no request in flight (seen after clients cancel gRPC streams: "
-             "a race in Triton 2.51, see docs/serving.md); nothing was lost, and the server was stopped anyway")
+HELD_S = 2.0  # a model still loaded this long with nothing in flight, and not finalizing, is held by tritonserver
+# what serve reads to tell: generate's gauges (triton_model.METRICS), summed over its instances, and
+# Triton's count of requests not yet handed to the model
+ACTIVE, QUEUED = "rotary_generate_active_rows", "rotary_generate_queue_length"
+OPEN, UNLOADING = "rotary_generate_open_streams", "rotary_generate_unloading"
+PENDING = "nv_inference_pending_request_count"
+HELD_NOTE = ("tritonserver kept {model} loaded after every request to it had ended (seen after clients cancel gRPC "
+             "streams: a race in Triton 2.51, see docs/serving.md); the server was stopped anyway")
 
 
 class ServerError(ToolkitError):
@@ -114,6 +117,7 @@ class TritonServer:
         self.loaded: list[str] = []
         self.stop_problem: str | None = None  # why a graceful stop could not unload a model
         self.held: list[str] = []  # models tritonserver kept loaded with nothing in flight (see HELD_NOTE)
+        self.finalizing: set[str] = set()  # models one of whose instances was seen being finalized
         self.key = secrets.token_hex(16)
         self.log_path = log_path or workdir / "tritonserver.log"
         e = endpoints
@@ -211,8 +215,11 @@ class TritonServer:
                 states = {"UNLOADING"}  # no (readable) answer in time: not known to be gone, ask again until the deadline
             if not states & {"READY", "LOADING", "UNLOADING"}:
                 return "gone"
-            now = time.monotonic()
-            idle_since = (idle_since or now) if self._held_idle() else None
+            now, gauges = time.monotonic(), self._gauges(model)
+            if gauges and gauges[UNLOADING]:  # from then on its unload goes its normal way, however long
+                self.finalizing.add(model)
+            idle = gauges is not None and model not in self.finalizing and not any(gauges.values())
+            idle_since = (idle_since or now) if idle else None
             if idle_since is not None and now - idle_since >= HELD_S:
                 return "held"
             if now > deadline:
@@ -220,20 +227,24 @@ class TritonServer:
             time.sleep(POLL_S)
         return "loaded"
 
-    def _held_idle(self) -> bool:
-        """Whether generate's gauges on Triton's /metrics (summed over its instances) show no row
-        decoding, nothing queued and no instance being unloaded; False when they cannot be read."""
+    def _gauges(self, model: str) -> dict[str, float] | None:
+        """`model`'s in-flight gauges on Triton's /metrics, each summed over its instances (see
+        PENDING and the rest above); None when any is missing or unreadable."""
         try:
             with urllib.request.urlopen(urllib.request.Request(self.endpoints.metrics_url), timeout=2) as response:
                 text = response.read().decode("utf-8", "replace")
         except (urllib.error.URLError, TimeoutError, ConnectionError):
-            return False
+            return None
         sums: dict[str, float] = {}
         for line in text.splitlines():
-            name = line.partition("{")[0]
-            if name in (ACTIVE, QUEUED, UNLOADING):
-                sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        return len(sums) == 3 and not any(sums.values())
+            name, _, rest = line.partition("{")
+            labels, _, value = rest.partition("} ")
+            if name in (ACTIVE, QUEUED, OPEN, UNLOADING) or (name == PENDING and f'model="{model}"' in labels):
+                try:
+                    sums[name] = sums.get(name, 0.0) + float(value.split()[0])
+                except (ValueError, IndexError):
+                    return None
+        return sums if len(sums) == 5 else None
 
     def _restricted(self, path: str, body: dict) -> urllib.request.Request:
         """A POST to one of the APIs only serve's key opens."""

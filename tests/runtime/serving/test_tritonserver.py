@@ -24,7 +24,7 @@ def _server(monkeypatch, answers: dict[str, list]) -> tuple[TritonServer, list[s
     exceptions to raise or JSON bodies to return, in turn; the last one repeats)."""
     server = object.__new__(TritonServer)
     server.process, server.key, server.exit_timeout, server.stop_problem = Running(), "k", 30, None
-    server.held = []
+    server.held, server.finalizing = [], set()
     server.endpoints = type("Endpoints", (), {"url": "http://127.0.0.1:1", "metrics_url": "http://127.0.0.1:1/metrics"})()
     answers.setdefault(METRICS, [busy(1)])
     asked: list[str] = []
@@ -49,33 +49,17 @@ UNLOAD, INDEX, METRICS = "/v2/repository/models/generate/unload", "/v2/repositor
 UNLOADING = [{"name": "generate", "state": "UNLOADING"}]
 
 
-def busy(rows: int, queued: int = 0, unloading: int = 0) -> str:
-    """Triton's /metrics text with generate's gauges over two instances (on the second: rows,
-    queued requests and whether it is being unloaded)."""
-    gauges = {"active_rows": rows, "queue_length": queued, "unloading": unloading}
-    return "".join(f'# HELP rotary_generate_{name} ...\n'
-                   f'rotary_generate_{name}{{instance="generate_0_0",model="generate"}} 0\n'
-                   f'rotary_generate_{name}{{instance="generate_0_1",model="generate"}} {value}\n'
-                   for name, value in gauges.items()) + 'nv_inference_count{model="generate",version="1"} 12\n'
-
-
-def test_an_unload_that_gets_no_answer_at_first_is_asked_again_and_a_slow_index_is_polled_again(monkeypatch):
-    server, asked = _server(monkeypatch, {UNLOAD: [TimeoutError("timed out"), urllib.error.URLError("refused"), {}],
-                                          INDEX: [TimeoutError("timed out"), [{"name": "generate", "state": "UNLOADING"}],
-                                                  [{"name": "generate", "state": "UNAVAILABLE"}]]})
-    assert server.unload("generate") and server.stop_problem is None and server.held == []
-    assert asked == [UNLOAD] * 3 + [INDEX, METRICS] * 2 + [INDEX]  # no decode process was stopped
-
-
-def test_an_unload_triton_refuses_or_never_answers_is_reported(monkeypatch):
-    refusal = urllib.error.HTTPError(UNLOAD, 400, "Bad Request", None, None)
-    server, asked = _server(monkeypatch, {UNLOAD: [refusal]})
-    assert not server.unload("generate") and asked == [UNLOAD]
-    assert server.stop_problem.startswith("the request to unload generate failed (HTTP Error 400")
-    monkeypatch.setattr(tritonserver, "UNLOAD_REQUEST_S", 0.0)
-    server, asked = _server(monkeypatch, {UNLOAD: [urllib.error.URLError("refused")]})
-    assert not server.unload("generate") and asked == [UNLOAD]
-    assert server.stop_problem == "the request to unload generate failed (<urlopen error refused>)"
+def busy(rows: int = 0, queued: int = 0, unloading: int = 0, open_streams: int = 0, pending: int = 0) -> str:
+    """Triton's /metrics text with generate's gauges over two instances (the values on the second)
+    and Triton's pending-request count for generate and for another model (always busy)."""
+    gauges = {"active_rows": rows, "queue_length": queued, "unloading": unloading, "open_streams": open_streams}
+    return ("".join(f'# HELP rotary_generate_{name} ...\n'
+                    f'rotary_generate_{name}{{instance="generate_0_0",model="generate"}} 0\n'
+                    f'rotary_generate_{name}{{instance="generate_0_1",model="generate"}} {value}\n'
+                    for name, value in gauges.items())
+            + f'nv_inference_pending_request_count{{model="generate",version="1"}} {pending}\n'
+            + 'nv_inference_pending_request_count{model="other",version="1"} 3\n'
+            + 'nv_inference_count{model="generate",version="1"} 12\n')
 
 
 @pytest.mark.parametrize("answer", [TimeoutError("timed out"), [{"name": "generate", "state": "READY"}]])
@@ -90,22 +74,37 @@ def test_a_model_still_there_after_the_drain_is_reported(monkeypatch, answer):
 
 def test_a_model_that_stays_loaded_with_nothing_in_flight_is_held_by_the_server(monkeypatch):
     """Triton 2.51 can keep a model loaded after clients cancelled gRPC streams: with no row
-    decoding, nothing queued and no instance unloading for HELD_S, serve stops waiting, and no
-    decode process is signalled."""
+    decoding, nothing queued, no open stream, nothing pending in Triton and no instance finalizing,
+    for HELD_S, serve stops waiting, and no decode process is signalled."""
     monkeypatch.setattr(tritonserver, "HELD_S", 0.05)
     server, asked = _server(monkeypatch, {UNLOAD: [{}], INDEX: [UNLOADING],
-                                          METRICS: [busy(2), busy(0, queued=1), busy(0)]})
+                                          METRICS: [busy(rows=2), busy(queued=1), busy()]})
     assert server.unload("generate")
     assert server.held == ["generate"] and server.stop_problem is None
     assert "signal 42" not in asked and asked.count(METRICS) >= 3
 
 
-@pytest.mark.parametrize("metrics", [[busy(1)], [busy(0, queued=2)], [busy(0, unloading=1)],
+def test_idle_for_less_than_held_s_is_not_held_and_a_busy_sample_starts_the_count_again(monkeypatch):
+    clock = iter(range(1000))  # each look at the clock: one second later
+    monkeypatch.setattr(tritonserver.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(tritonserver, "HELD_S", 2.5)
+    # idle, idle (1 s: not yet), busy, idle, idle, idle (2 s: not yet), idle (3 s: held)
+    samples = [busy(), busy(), busy(open_streams=1), busy(), busy(), busy(), busy()]
+    server, asked = _server(monkeypatch, {UNLOAD: [{}], INDEX: [UNLOADING], METRICS: samples})
+    assert server._wait_unloaded("generate", 100) == "held"
+    assert asked.count(METRICS) == 7
+
+
+@pytest.mark.parametrize("metrics", [[busy(rows=1)], [busy(queued=2)], [busy(open_streams=1)], [busy(pending=1)],
+                                     [busy(unloading=1), busy()],
                                      [urllib.error.URLError("refused")], ["# no gauges\n"],
-                                     [busy(0).replace("rotary_generate_unloading", "other")]])
-def test_a_model_in_use_being_unloaded_or_unknown_is_not_taken_as_held(monkeypatch, metrics):
-    """Rows or queued requests, an instance whose finalize has begun (the unload goes its normal
-    way, however long it takes), or gauges that cannot be read: serve waits, then fails what is left."""
+                                     [busy().replace("rotary_generate_unloading", "other")],
+                                     [busy().replace("} 0\n", "} zero\n")]])
+def test_a_model_in_use_finalizing_or_unknown_is_not_taken_as_held(monkeypatch, metrics):
+    """Rows, queued requests, a stream without its final response, a request Triton has not handed
+    over, an instance whose finalize has begun (the unload then goes its normal way, however long it
+    takes, even if the gauges look idle later), or gauges that cannot be read: serve waits, then
+    fails what is left."""
     monkeypatch.setattr(tritonserver, "HELD_S", 0.0)
     monkeypatch.setattr(tritonserver, "DRAIN_MARGIN_S", -9.99)
     server, asked = _server(monkeypatch, {UNLOAD: [{}], INDEX: [UNLOADING], METRICS: metrics})
@@ -118,7 +117,7 @@ def test_the_gauges_read_for_a_held_model_are_the_ones_generate_publishes():
     from runtime.serving.triton_model import METRICS as PUBLISHED
 
     names = {name for name, _, _ in PUBLISHED.values()}
-    assert {tritonserver.ACTIVE, tritonserver.QUEUED, tritonserver.UNLOADING} <= names
+    assert {tritonserver.ACTIVE, tritonserver.QUEUED, tritonserver.OPEN, tritonserver.UNLOADING} <= names
 
 
 @pytest.mark.parametrize("held, problem, code, outcome", [
@@ -138,6 +137,6 @@ def test_a_stop_is_clean_when_only_a_held_model_kept_tritonserver_from_exiting_0
     else:
         with pytest.raises(ToolkitError, match=r"^tritonserver did not stop cleanly \(" + re.escape(outcome)):
             stop_outcome(server, code, notes.append)
-    assert notes == (["serve: note: tritonserver kept generate loaded with no request in flight (seen after clients "
-                      "cancel gRPC streams: a race in Triton 2.51, see docs/serving.md); nothing was lost, and the "
-                      "server was stopped anyway"] if held else [])
+    assert notes == (["serve: note: tritonserver kept generate loaded after every request to it had ended (seen after "
+                      "clients cancel gRPC streams: a race in Triton 2.51, see docs/serving.md); the server was "
+                      "stopped anyway"] if held else [])
