@@ -203,9 +203,9 @@ class TritonServer:
 
     def _wait_unloaded(self, model: str, within: float) -> str:
         """Up to `within` seconds, until `model` is gone from Triton's repository index ("gone"), or
-        has stayed loaded for HELD_S with nothing in flight and none of its instances told to unload
-        ("held": tritonserver calls an instance's finalize once nothing refers to the model); else
-        "loaded"."""
+        has stayed loaded for HELD_S with nothing in flight and none of its instances ever seen
+        being finalized ("held": tritonserver finalizes the instances once nothing refers to the
+        model); else "loaded"."""
         deadline, idle_since = time.monotonic() + within, None
         while self.running():
             try:
@@ -219,7 +219,7 @@ class TritonServer:
             if gauges and gauges[UNLOADING]:  # from then on its unload goes its normal way, however long
                 self.finalizing.add(model)
             idle = gauges is not None and model not in self.finalizing and not any(gauges.values())
-            idle_since = (idle_since or now) if idle else None
+            idle_since = (now if idle_since is None else idle_since) if idle else None
             if idle_since is not None and now - idle_since >= HELD_S:
                 return "held"
             if now > deadline:
@@ -228,8 +228,8 @@ class TritonServer:
         return "loaded"
 
     def _gauges(self, model: str) -> dict[str, float] | None:
-        """`model`'s in-flight gauges on Triton's /metrics, each summed over its instances (see
-        PENDING and the rest above); None when any is missing or unreadable."""
+        """`model`'s in-flight gauges on Triton's /metrics (the five above), each summed over its
+        instances; None when any is missing or unreadable."""
         try:
             with urllib.request.urlopen(urllib.request.Request(self.endpoints.metrics_url), timeout=2) as response:
                 text = response.read().decode("utf-8", "replace")
@@ -239,7 +239,7 @@ class TritonServer:
         for line in text.splitlines():
             name, _, rest = line.partition("{")
             labels, _, value = rest.partition("} ")
-            if name in (ACTIVE, QUEUED, OPEN, UNLOADING) or (name == PENDING and f'model="{model}"' in labels):
+            if name in (ACTIVE, QUEUED, OPEN, UNLOADING, PENDING) and f'model="{model}"' in labels:
                 try:
                     sums[name] = sums.get(name, 0.0) + float(value.split()[0])
                 except (ValueError, IndexError):

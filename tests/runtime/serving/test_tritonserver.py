@@ -51,7 +51,7 @@ UNLOADING = [{"name": "generate", "state": "UNLOADING"}]
 
 def busy(rows: int = 0, queued: int = 0, unloading: int = 0, open_streams: int = 0, pending: int = 0) -> str:
     """Triton's /metrics text with generate's gauges over two instances (the values on the second)
-    and Triton's pending-request count for generate and for another model (always busy)."""
+    and Triton's pending-request count, and another model's gauges (always busy)."""
     gauges = {"active_rows": rows, "queue_length": queued, "unloading": unloading, "open_streams": open_streams}
     return ("".join(f'# HELP rotary_generate_{name} ...\n'
                     f'rotary_generate_{name}{{instance="generate_0_0",model="generate"}} 0\n'
@@ -59,6 +59,7 @@ def busy(rows: int = 0, queued: int = 0, unloading: int = 0, open_streams: int =
                     for name, value in gauges.items())
             + f'nv_inference_pending_request_count{{model="generate",version="1"}} {pending}\n'
             + 'nv_inference_pending_request_count{model="other",version="1"} 3\n'
+            + 'rotary_generate_active_rows{instance="other_0_0",model="other"} 5\n'
             + 'nv_inference_count{model="generate",version="1"} 12\n')
 
 
