@@ -8,7 +8,11 @@ competes with the loop for a GIL, and the Python work of sending responses is sp
 processes as there are instances. Tests and library users run the same loop in a thread over a Pipe
 (Scheduler(decoder, ...)).
 
-Messages in: ("submit", id, prompt, settings fields), ("cancel", id), ("close", seconds).
+Messages in: ("submit", id, prompt, settings fields, cancel key or None), ("cancel", id),
+("cancel_key", key), ("close", seconds). A cancel key names a request whichever driver submitted
+it (the instances of `generate` share this loop, and a client's cancel request may reach another
+instance than its request); a key whose request has not come yet cancels it when it comes, within
+EARLY_KEY_S.
 SIGTERM to the process fails every request it holds or gets later with SHUTDOWN (serve sends it
 when the drain at shutdown is over); it ends as usual, when its drivers have left.
 Messages out: ("ready", decoder facts) to a driver that connects to the process; then per step
@@ -38,6 +42,8 @@ WAIT_S = 0.5  # an idle loop re-checks for messages this often
 FIRST_DRIVER_S = 600.0  # the process ends if no driver connects within this
 AUTHKEY_VARIABLE = "ROTARY_DECODE_AUTHKEY"
 SHUTDOWN = "the server shut down before this request finished; retry it"
+EARLY_KEY_S = 60.0  # how long a cancel key whose request has not come yet is kept
+EARLY_KEYS = 10_000  # at most this many such keys are kept (the oldest go first)
 
 
 def settings_fields(settings: GenerationSettings) -> tuple:
@@ -59,6 +65,31 @@ class _Driver:
         self.handles: dict[int, int] = {}  # request id -> engine handle
         self.out: list[tuple] = []
         self.deadline: float | None = None
+
+
+class _Keys:
+    """Cancel keys: the engine handle each names, and keys cancelled before their request came."""
+
+    def __init__(self):
+        self.handles: dict[str, int] = {}
+        self.by_handle: dict[int, str] = {}
+        self.early: dict[str, float] = {}  # key -> until when it waits for its request
+
+    def add(self, key: str, handle: int) -> None:
+        self.handles[key], self.by_handle[handle] = handle, key
+
+    def forget(self, handle: int) -> None:
+        key = self.by_handle.pop(handle, None)
+        if key is not None:
+            del self.handles[key]
+
+    def cancelled_early(self, key: str) -> bool:
+        """Whether `key` was cancelled before its request came (it is forgotten then)."""
+        if not self.early:
+            return False
+        now = time.monotonic()
+        self.early = {k: until for k, until in self.early.items() if until > now}
+        return self.early.pop(key, None) is not None
 
 
 class Arrivals:
@@ -103,6 +134,7 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
     every request is failed with SHUTDOWN."""
     drivers = [_Driver(conn)] if conn is not None else []
     owners: dict[int, tuple[_Driver, int]] = {}  # engine handle -> (driver, request id)
+    keys = _Keys()
     came, started = bool(drivers), time.monotonic()
     published = (0, 0)  # the rows running and requests waiting the publisher last heard
     while True:
@@ -116,10 +148,10 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
         for ready in wait(sources, WAIT_S if engine.idle and not owed else 0):
             driver = next((d for d in drivers if d.conn is ready), None)
             if driver is not None:
-                _read(driver, engine, owners)
+                _read(driver, engine, owners, keys)
         if stopping is not None and stopping.is_set():
             for driver in drivers:
-                _fail_all(driver, engine, owners)
+                _fail_all(driver, engine, owners, keys)
         rows, seconds, admitted = 0, 0.0, 0
         if not engine.idle:
             step_started = time.perf_counter()
@@ -129,6 +161,7 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
                 driver, request = owners[event.request]
                 if event.finish:
                     del owners[event.request], driver.handles[request]
+                    keys.forget(event.request)
                 driver.out.append((request, event.token, event.finish, event.error, event.cause))
         publisher = drivers[0] if drivers else None
         state = (engine.running, engine.waiting)
@@ -141,14 +174,14 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
                 driver.out = []
             if driver.conn is None or (driver.deadline is not None and
                                        (not driver.handles or time.monotonic() > driver.deadline)):
-                _leave(driver, engine, owners)
+                _leave(driver, engine, owners, keys)
                 drivers.remove(driver)
 
 
-def _read(driver: _Driver, engine: Engine, owners: dict) -> None:
+def _read(driver: _Driver, engine: Engine, owners: dict, keys: _Keys) -> None:
     try:
         while driver.conn.poll(0):
-            _take(driver.conn.recv(), engine, driver, owners)
+            _take(driver.conn.recv(), engine, driver, owners, keys)
     except (EOFError, OSError):  # the driver has gone: nothing to report to
         driver.conn = None
 
@@ -162,43 +195,68 @@ def _send(driver: _Driver, message: tuple) -> None:
         driver.conn = None
 
 
-def _leave(driver: _Driver, engine: Engine, owners: dict) -> None:
+def _leave(driver: _Driver, engine: Engine, owners: dict, keys: _Keys) -> None:
     """Cancel what the driver still has running and tell it which of its requests were abandoned."""
     for request, handle in driver.handles.items():
         engine.cancel(handle)
         del owners[handle]
+        keys.forget(handle)
     _send(driver, ("closed", list(driver.handles)))
     driver.handles = {}
     if driver.conn is not None:
         driver.conn.close()
 
 
-def _fail_all(driver: _Driver, engine: Engine, owners: dict) -> None:
+def _fail_all(driver: _Driver, engine: Engine, owners: dict, keys: _Keys) -> None:
     for request, handle in driver.handles.items():
         engine.cancel(handle)
         del owners[handle]
+        keys.forget(handle)
         driver.out.append((request, None, FAILED, SHUTDOWN, None))
     driver.handles = {}
 
 
-def _take(message: tuple, engine: Engine, driver: _Driver, owners: dict) -> None:
+def _take(message: tuple, engine: Engine, driver: _Driver, owners: dict, keys: _Keys) -> None:
     out, handles = driver.out, driver.handles
     kind = message[0]
     if kind == "submit":
-        _, request, prompt, fields = message
+        _, request, prompt, fields, key = message
+        if key is not None and keys.cancelled_early(key):
+            out.append((request, None, CANCELLED, None, None))
+            return
         try:
             handle = engine.submit(prompt, GenerationSettings(*fields))
         except Exception as error:  # the server checked the request; a decoder may still refuse it
             out.append((request, None, FAILED, f"the request cannot be decoded: {error}", None))
         else:
             owners[handle], handles[request] = (driver, request), handle
+            if key is not None and key not in keys.handles:  # a key already in use names its first request
+                keys.add(key, handle)
     elif kind == "cancel":
         handle = handles.pop(message[1], None)
         if handle is not None and engine.cancel(handle):
             del owners[handle]
+            keys.forget(handle)
             out.append((message[1], None, CANCELLED, None, None))
+    elif kind == "cancel_key":
+        _cancel_key(message[1], engine, owners, keys)
     elif kind == "close":
         driver.deadline = time.monotonic() + message[1]
+
+
+def _cancel_key(key: str, engine: Engine, owners: dict, keys: _Keys) -> None:
+    """Cancel the request `key` names, whichever driver's it is; a key not known yet waits for it."""
+    handle = keys.handles.get(key)
+    if handle is None:
+        if len(keys.early) >= EARLY_KEYS:
+            del keys.early[next(iter(keys.early))]
+        keys.early[key] = time.monotonic() + EARLY_KEY_S
+        return
+    keys.forget(handle)
+    owner, request = owners.pop(handle)
+    del owner.handles[request]
+    engine.cancel(handle)
+    owner.out.append((request, None, CANCELLED, None, None))
 
 
 def prefills_beside(model: str) -> bool:

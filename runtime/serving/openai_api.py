@@ -181,45 +181,85 @@ class StopScanner:
         return out
 
 
+DRAIN_S = 30.0  # after a cancel request, how long the stream may take to end before its RPC is cancelled
+_READERS: set = set()  # the streams' reader tasks (a task nobody refers to may be collected)
+
+
 class TritonStream:
-    """One completion's tokens from the generate model over one gRPC stream (tritonclient aio)."""
+    """One completion's tokens from the generate model over one gRPC stream (tritonclient aio).
+
+    Ending a completion early (a stop string, an error, a client gone) does not cancel the gRPC
+    stream: the bundled Triton (2.51) races when a client cancels a stream while its last response
+    is on its way, which can keep `generate` loaded or crash the server (docs/serving.md). The
+    request carries a random cancel key; a cancel request holding only that key goes on the same
+    stream, which then closes its side. A task of its own reads the stream to its end, so a
+    completion whose client has gone (its handler cancelled) does not cancel the read, which in
+    grpc.aio cancels the RPC."""
 
     def __init__(self, client, request: dict, request_id: str):
-        self.client, self.request, self.request_id = client, request, request_id
-        self._done = asyncio.Event()
+        self.client, self.request_id = client, request_id
+        self.key = secrets.token_hex(16)
+        self.request = {**request, "cancel_key": self.key}
+        self._next: asyncio.Queue = asyncio.Queue()  # what the request side sends next: a request, or None to close
+        self._arrived: asyncio.Queue = asyncio.Queue()  # (result, error) as they come, an exception if the
+        # stream fails, then None
         self._responses = None
+        self._ended = False
 
     async def tokens(self) -> AsyncIterator[list[int]]:
         """Each response's token ids; an ApiError for a refusal."""
         async def requests():
             yield {"model_name": GENERATE, "inputs": grpc_inputs(self.request), "request_id": self.request_id}
-            await self._done.wait()  # keep the stream open until the completion is over
+            while (following := await self._next.get()) is not None:  # keep the stream open until the end
+                yield following
 
         self._responses = self.client.stream_infer(requests())
+        reader = asyncio.get_running_loop().create_task(self._read())
+        _READERS.add(reader)
+        reader.add_done_callback(_READERS.discard)
         expected, received = self.request["max_new_tokens"], 0
+        while (arrived := await self._arrived.get()) is not None:
+            if isinstance(arrived, Exception):  # the stream itself failed
+                raise arrived
+            result, error = arrived
+            if error is not None:  # an error response is the request's last: nothing to cancel
+                self.finish()
+                raise triton_error(error.message() if hasattr(error, "message") else str(error))
+            ids = result.as_numpy("token_id")
+            if ids is None:
+                continue
+            tokens = [int(token) for token in np.asarray(ids).reshape(-1)]
+            received += len(tokens)
+            yield tokens
+            if received >= expected:
+                return
+
+    async def _read(self) -> None:
         try:
-            async for result, error in self._responses:
-                if error is not None:
-                    raise triton_error(error.message() if hasattr(error, "message") else str(error))
-                ids = result.as_numpy("token_id")
-                if ids is None:
-                    continue
-                tokens = [int(token) for token in np.asarray(ids).reshape(-1)]
-                received += len(tokens)
-                yield tokens
-                if received >= expected:
-                    return
+            async for arrived in self._responses:
+                self._arrived.put_nowait(arrived)
+        except Exception as error:  # the stream failed: tokens() raises it
+            self._arrived.put_nowait(error)
         finally:
-            self._done.set()
+            self._arrived.put_nowait(None)
 
     def finish(self) -> None:
         """The completion is over: close our side of the stream (generate has sent its last response)."""
-        self._done.set()
+        if not self._ended:
+            self._ended = True
+            self._next.put_nowait(None)
 
     def cancel(self) -> None:
-        self._done.set()
+        """End the generate request early: a cancel request on the stream, then close our side; the
+        reader reads what is left (the RPC itself is cancelled only if that takes over DRAIN_S)."""
+        if self._ended:
+            return
+        self._ended = True
+        self._next.put_nowait({"model_name": GENERATE, "inputs": grpc_inputs({"cancel_key": self.key}),
+                               "request_id": f"{self.request_id}-cancel"})
+        self._next.put_nowait(None)
         if self._responses is not None:
-            self._responses.cancel()
+            asyncio.get_running_loop().call_later(DRAIN_S, self._responses.cancel)  # a no-op once it has ended
 
 
 def create_app(grpc_url: str, model: str, vocab_size: int, context_length: int | None, api_key: str | None = None):

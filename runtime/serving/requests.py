@@ -35,6 +35,9 @@ INPUTS = {
     "top_p": ("TYPE_FP32", [1], "nucleus sampling: keep the likeliest tokens up to this probability mass"),
     "seed": ("TYPE_INT64", [1], "sampling seed"),
     "eos_id": ("TYPE_INT64", [1], "stop after this token"),
+    "cancel_key": ("TYPE_STRING", [1], "a key of the client's choosing (8-64 letters, digits, - or _); a later "
+                                       "request holding only this input cancels this one, whichever stream it "
+                                       "comes on, without cancelling a gRPC stream"),
 }
 OUTPUTS = {
     "token_id": ("TYPE_INT64", [-1], "the new tokens: one, or all a stream had pending when the server was behind"),
@@ -56,6 +59,7 @@ class GenerateRequest:
     text: bool  # the prompt came as text
     text_output: bool = False  # answer in `text_output` (the prompt came as `text_input`)
     stream: bool = True  # False: every token in one final response
+    cancel_key: str | None = None  # a later request holding only this key cancels this one
 
 
 def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Limits,
@@ -93,7 +97,23 @@ def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Lim
         raise RequestError(f"top_p must be in (0, 1], got {top_p}")
     settings = GenerationSettings(new_tokens, temperature, filter_thres, _integer(arrays, "seed", DEFAULTS.seed),
                                   eos_id, top_k, top_p)
-    return GenerateRequest(prompt, settings, text, text_input, _flag(arrays, "stream", True))
+    return GenerateRequest(prompt, settings, text, text_input, _flag(arrays, "stream", True),
+                           _cancel_key(arrays) if "cancel_key" in arrays else None)
+
+
+def parse_cancel(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The key of a cancel request (one holding only `cancel_key`), or None for any other request."""
+    return _cancel_key(arrays) if set(arrays) == {"cancel_key"} else None
+
+
+def _cancel_key(arrays: Mapping[str, np.ndarray]) -> str:
+    values = np.asarray(arrays["cancel_key"]).reshape(-1)
+    value = values[0] if values.size == 1 else None
+    key = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if value is None or not (8 <= len(key) <= 64) or not all(c.isascii() and (c.isalnum() or c in "-_") for c in key):
+        raise RequestError("cancel_key must be one string of 8 to 64 letters, digits, - or _ (a random one per "
+                           "request, e.g. 32 hex digits)")
+    return key
 
 
 def _prompt(arrays: Mapping[str, np.ndarray], vocab_size: int) -> tuple[list[int], bool, bool]:

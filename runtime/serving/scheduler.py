@@ -156,7 +156,8 @@ class Scheduler:
                 self._streams[request_id] = stream
                 self._queued += 1
                 try:
-                    self._conn.send(("submit", request_id, request.prompt, settings_fields(request.settings)))
+                    self._conn.send(("submit", request_id, request.prompt, settings_fields(request.settings),
+                                     request.cancel_key))
                     return
                 except OSError:
                     del self._streams[request_id]
@@ -232,6 +233,15 @@ class Scheduler:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 self._responder.fail(stream, SHUTDOWN)
+
+    def cancel_key(self, key: str) -> None:
+        """Cancel the request submitted with `key`, here or through another instance (the decode loop
+        holds the keys); a key whose request has not come yet cancels it when it comes."""
+        with self._send_lock:
+            try:
+                self._conn.send(("cancel_key", key))
+            except OSError:
+                pass
 
     def _gone(self, stream: Stream) -> None:
         """A sender could not deliver to `stream`: cancel its request."""

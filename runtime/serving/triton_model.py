@@ -20,7 +20,7 @@ from ..decoding.text import TextPieces
 from ..registry import backend_on
 from .limits import Limits
 from .metrics import OUTCOMES, ServingMetrics
-from .requests import RequestError, parse_request
+from .requests import RequestError, parse_cancel, parse_request
 from .responder import SENDERS
 from .scheduler import Scheduler
 
@@ -195,6 +195,11 @@ class GenerateModel:
         self.metrics.stream_opened()  # until its final response: serve's stop tells a held model by these
         arrays = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         try:
+            key = parse_cancel(arrays)
+            if key is not None:  # a cancel request: it ends at once, the request it names soon after
+                self.scheduler.cancel_key(key)
+                TritonStream(self.pb, sender, False, on_final=self.metrics.stream_closed).end()
+                return
             parsed = parse_request(arrays, self.facts["vocab_size"], self.limits, self.facts["max_length"])
         except RequestError as error:
             self.metrics.finished("rejected")

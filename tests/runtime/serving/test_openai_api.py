@@ -152,3 +152,100 @@ def test_token_ids_are_returned_only_when_asked(api):
     assert len(ids) == 3 and asked.json()["choices"][0]["text"] == decode_bytes(ids)
     refused = api.post("/v1/completions", json={"prompt": "hi", "return_token_ids": "yes"}, headers=headers)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_token_ids"
+
+
+def test_a_stop_string_cancels_the_generate_request_with_its_key_not_by_cancelling_the_stream(
+        client, triton_server, offline_tokens, serving_graph):
+    """The completion asks for 16000 tokens and stops at a string in its first ten: the front end
+    sends a cancel request with the completion's key (the bundled Triton races when a gRPC stream is
+    cancelled), so the server ends the request as cancelled long before its 16000th token."""
+    from test_server import wait_for
+
+    from runtime.serving.metrics import PUBLISH_S
+
+    def outcome(name):
+        return triton_server.metric("rotary_generate_requests_total", outcome=name)
+
+    import time
+
+    time.sleep(2 * PUBLISH_S)  # earlier requests' counts settle
+    cancelled, tokens_before = outcome("cancelled"), triton_server.metric("rotary_generate_tokens_total")
+    stop = expected_text(offline_tokens, serving_graph, 24)[9:12]
+    result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16000, temperature=0, stop=[stop])
+    assert result.choices[0].finish_reason == "stop"
+    wait_for(lambda: outcome("cancelled") == cancelled + 1, "the generate request to end cancelled", 60)
+    assert triton_server.metric("rotary_generate_tokens_total") - tokens_before < 16000
+
+
+def test_ending_a_completion_early_sends_a_cancel_request_and_reads_the_stream_to_its_end(monkeypatch):
+    """The front end's stream against a fake tritonclient: a stop (cancel()) sends a request holding
+    only the completion's key on the same stream, closes the request side, and its reader reads
+    what is left; the RPC is cancelled only when that takes longer than DRAIN_S. A handler
+    cancelled mid-read (its client gone) does not cancel the read."""
+    import asyncio
+
+    import numpy as np
+
+    from runtime.serving import openai_api
+
+    class Result:
+        def as_numpy(self, name):
+            return np.array([7])
+
+    class Call:
+        def __init__(self, requests, ends):
+            self.requests, self.sent, self.ends = requests, [], ends
+            self.cancelled, self.finished, self.stop = False, False, asyncio.Event()
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not self.sent:
+                self.sent.append(await self.requests.__anext__())
+                return Result(), None
+            try:
+                self.sent.append(await self.requests.__anext__())  # the cancel request, then the end
+                await self.requests.__anext__()
+            except StopAsyncIteration:
+                pass
+            if not self.ends:
+                await self.stop.wait()  # a server that never ends the stream, until the RPC is cancelled
+                raise asyncio.CancelledError
+            self.finished = True
+            raise StopAsyncIteration
+
+        def cancel(self):
+            self.cancelled = not self.finished
+            self.stop.set()
+
+    class Client:
+        def __init__(self, ends):
+            self.ends, self.call = ends, None
+
+        def stream_infer(self, requests):
+            self.call = Call(requests, self.ends)
+            return self.call
+
+    async def stop_after_first_token(client, gone: bool):
+        stream = openai_api.TritonStream(client, {"prompt_ids": [1], "max_new_tokens": 50}, "cmpl-1")
+        tokens = stream.tokens()
+        await tokens.__anext__()
+        if gone:  # the handler is cancelled while it waits for the next tokens
+            waiting = asyncio.ensure_future(tokens.__anext__())
+            await asyncio.sleep(0)
+            waiting.cancel()
+        stream.cancel()
+        await asyncio.gather(*openai_api._READERS, return_exceptions=True)
+        await asyncio.sleep(0.3)  # past DRAIN_S
+        return stream
+
+    monkeypatch.setattr(openai_api, "DRAIN_S", 0.2)
+    for ends, gone in ((True, False), (True, True), (False, False)):
+        client = Client(ends)
+        stream = asyncio.run(stop_after_first_token(client, gone))
+        first, cancel = client.call.sent
+        assert [i.name() for i in first["inputs"]] == ["prompt_ids", "max_new_tokens", "cancel_key"]
+        assert [i.name() for i in cancel["inputs"]] == ["cancel_key"] and cancel["request_id"] == "cmpl-1-cancel"
+        assert stream.key.encode() in cancel["inputs"][0]._get_content() and len(stream.key) == 32
+        assert client.call.finished is ends and client.call.cancelled is (not ends)

@@ -40,7 +40,7 @@ def test_a_graph_with_past_becomes_an_onnxruntime_model_and_a_streaming_generate
     assert generate.backend == "python" and generate.model_transaction_policy.decoupled
     assert {t.name for t in generate.input} == {"prompt", "prompt_ids", "text_input", "max_new_tokens", "max_tokens",
                                                 "stream", "temperature", "filter_thres", "top_k", "top_p", "seed",
-                                                "eos_id"}
+                                                "eos_id", "cancel_key"}
     assert {t.name for t in generate.output} == {"token_id", "text", "text_output"}
     assert all(t.optional for t in generate.input) and dims(generate, "token_id") == ([-1], "TYPE_INT64")
     params = {key: value.string_value for key, value in generate.parameters.items()}

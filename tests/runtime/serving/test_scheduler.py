@@ -157,11 +157,11 @@ def test_a_stopped_decode_loop_fails_its_requests_with_the_retry_message(tiny_st
     stopping = threading.Event()
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as decoder:
         loop = threading.Thread(target=serve_engine, args=(theirs, Engine(decoder, rows=2), None, stopping))
-        ours.send(("submit", 7, [3, 4], settings_fields(GenerationSettings(90))))
+        ours.send(("submit", 7, [3, 4], settings_fields(GenerationSettings(90)), None))
         loop.start()
         assert ours.poll(WAIT_S) and ours.recv()[0] == "events"  # decoding
         stopping.set()
-        ours.send(("submit", 8, [5], settings_fields(GenerationSettings(5))))
+        ours.send(("submit", 8, [5], settings_fields(GenerationSettings(5)), None))
         failed = []
         while len(failed) < 2 and ours.poll(WAIT_S):
             failed += [event for event in ours.recv()[1] if event[2] == FAILED]
@@ -235,3 +235,46 @@ def test_the_decode_process_prefills_beside_the_step_by_default_only_where_a_sec
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda free=free: (free, 10**12))
         assert prefills_beside(str(graph)) is beside
     assert not prefills_beside(str(tmp_path / "missing.onnx"))
+
+
+def test_a_cancel_key_cancels_another_drivers_request_and_one_sent_early_waits_for_its_request(tiny_static_onnx):
+    """Two instances of generate share one loop: a client's cancel request (its key only) may reach
+    the other instance, and may come before the request it names. Either way that request ends
+    CANCELLED, reported to the driver that submitted it, and the other request goes on."""
+    import threading
+    from multiprocessing import Pipe
+
+    from runtime.decoding.engine import CANCELLED, Engine
+    from runtime.serving.decode_loop import serve_engine, settings_fields
+
+    (first, first_far), (second, second_far), (wake, _) = Pipe(), Pipe(), Pipe(duplex=False)
+
+    class Arrivals:  # the second instance's driver connects once the loop runs
+        def __init__(self):
+            self.wake, self.pending = wake, [second_far]
+
+        def take(self):
+            taken, self.pending = self.pending, []
+            return taken
+
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as decoder:
+        loop = threading.Thread(target=serve_engine, args=(first_far, Engine(decoder, rows=2), Arrivals()))
+        first.send(("submit", 1, [3, 4], settings_fields(GenerationSettings(90)), "key-of-one"))
+        first.send(("submit", 2, [5], settings_fields(GenerationSettings(90)), None))
+        loop.start()
+        assert first.poll(WAIT_S) and first.recv()[0] == "events"  # both decoding
+        second.send(("cancel_key", "key-of-one"))  # through the other instance
+        second.send(("cancel_key", "key-of-three"))  # before its request
+        first.send(("submit", 3, [6], settings_fields(GenerationSettings(90)), "key-of-three"))
+        ended, tokens_of_two = {}, 0
+        while len(ended) < 2 and first.poll(WAIT_S):
+            for request, token, finish, _, _ in first.recv()[1]:
+                if finish is not None:
+                    ended[request] = finish
+                tokens_of_two += request == 2 and token is not None
+        for driver in (first, second):
+            driver.send(("close", 0.0))
+            while driver.poll(WAIT_S) and driver.recv()[0] != "closed":
+                pass
+        loop.join(WAIT_S)
+    assert ended == {1: CANCELLED, 3: CANCELLED} and 0 < tokens_of_two < 90 and not loop.is_alive()

@@ -161,6 +161,38 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, proto
     assert seen <= generated < MAX_NEW, f"{generated} tokens generated for a client gone after {seen}"
 
 
+def test_a_cancel_request_with_its_key_ends_a_stream_that_stays_open(triton_server):
+    """A request with a cancel_key, then a request holding only that key (on another stream here,
+    so another instance may take it): the first ends with its final response, cancelled, long before
+    its MAX_NEW tokens, and no gRPC stream is cancelled; a malformed key is refused in one sentence."""
+    def cancelled():
+        return triton_server.metric("rotary_generate_requests_total", outcome="cancelled")
+
+    time.sleep(2 * PUBLISH_S)  # the server publishes its metrics every PUBLISH_S: let earlier requests' settle
+    before, key = cancelled(), "k" + "0123456789abcdef" * 2
+    streamer, other = GrpcStreamer(triton_server.grpc_url), GrpcStreamer(triton_server.grpc_url)
+    try:
+        streamer.client.async_stream_infer("generate", grpc_inputs({"prompt_ids": [9, 8], "max_new_tokens": MAX_NEW,
+                                                                   "cancel_key": key}),
+                                           request_id="long", enable_empty_final_response=True)
+        assert streamer.responses.get(timeout=TIMEOUT_S)[2] is None  # decoding
+        refused = other.generate({"cancel_key": "short"}, TIMEOUT_S)
+        assert refused.error and "cancel_key must be one string of 8 to 64 letters" in refused.error
+        assert other.generate({"cancel_key": key}, TIMEOUT_S).error is None  # the cancel request itself ends at once
+        tokens, final = 1, False
+        while not final:
+            _, response, error = streamer.responses.get(timeout=TIMEOUT_S)
+            assert error is None
+            ids = response.as_numpy("token_id")
+            tokens += 0 if ids is None else len(token_ids_of(ids))
+            final = response.get_response().parameters["triton_final_response"].bool_param
+    finally:
+        streamer.close()
+        other.close()
+    assert tokens < MAX_NEW
+    wait_for(lambda: cancelled() == before + 1, "the request to count as cancelled")
+
+
 def test_health_readiness_and_metrics_answer(triton_server):
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/generate/ready"):
         with urllib.request.urlopen(triton_server.url + path, timeout=5) as response:
