@@ -85,10 +85,9 @@ class _Keys:
 
     def cancelled_early(self, key: str) -> bool:
         """Whether `key` was cancelled before its request came (it is forgotten then)."""
-        if not self.early:
-            return False
         now = time.monotonic()
-        self.early = {k: until for k, until in self.early.items() if until > now}
+        while self.early and next(iter(self.early.values())) <= now:  # kept in the order they expire
+            del self.early[next(iter(self.early))]
         return self.early.pop(key, None) is not None
 
 
@@ -221,6 +220,10 @@ def _take(message: tuple, engine: Engine, driver: _Driver, owners: dict, keys: _
     kind = message[0]
     if kind == "submit":
         _, request, prompt, fields, key = message
+        if key is not None and key in keys.handles:
+            out.append((request, None, FAILED, "cancel_key is in use by a running request; send a new random key",
+                        None))
+            return
         if key is not None and keys.cancelled_early(key):
             out.append((request, None, CANCELLED, None, None))
             return
@@ -230,14 +233,15 @@ def _take(message: tuple, engine: Engine, driver: _Driver, owners: dict, keys: _
             out.append((request, None, FAILED, f"the request cannot be decoded: {error}", None))
         else:
             owners[handle], handles[request] = (driver, request), handle
-            if key is not None and key not in keys.handles:  # a key already in use names its first request
+            if key is not None:
                 keys.add(key, handle)
     elif kind == "cancel":
         handle = handles.pop(message[1], None)
-        if handle is not None and engine.cancel(handle):
-            del owners[handle]
+        if handle is not None:
+            owners.pop(handle, None)
             keys.forget(handle)
-            out.append((message[1], None, CANCELLED, None, None))
+            if engine.cancel(handle):
+                out.append((message[1], None, CANCELLED, None, None))
     elif kind == "cancel_key":
         _cancel_key(message[1], engine, owners, keys)
     elif kind == "close":
@@ -253,10 +257,9 @@ def _cancel_key(key: str, engine: Engine, owners: dict, keys: _Keys) -> None:
         keys.early[key] = time.monotonic() + EARLY_KEY_S
         return
     keys.forget(handle)
-    owner, request = owners.pop(handle)
-    del owner.handles[request]
-    engine.cancel(handle)
-    owner.out.append((request, None, CANCELLED, None, None))
+    owner, request = owners.pop(handle, (None, None))
+    if owner is not None and owner.handles.pop(request, None) is not None and engine.cancel(handle):
+        owner.out.append((request, None, CANCELLED, None, None))
 
 
 def prefills_beside(model: str) -> bool:

@@ -181,7 +181,9 @@ class StopScanner:
         return out
 
 
-DRAIN_S = 30.0  # after a cancel request, how long the stream may take to end before its RPC is cancelled
+DRAIN_S = 5.0  # once our side is closed, how long the stream may take to end before its RPC is cancelled
+# (a cancel request ends it in milliseconds; with several GPUs it can reach another GPU's decode
+# loop, which does not hold the key, and then this is what ends the request)
 _READERS: set = set()  # the streams' reader tasks (a task nobody refers to may be collected)
 
 
@@ -205,6 +207,7 @@ class TritonStream:
         # stream fails, then None
         self._responses = None
         self._ended = False
+        self._timer = None  # cancels the RPC if the stream has not ended DRAIN_S after our side closed
 
     async def tokens(self) -> AsyncIterator[list[int]]:
         """Each response's token ids; an ApiError for a refusal."""
@@ -242,12 +245,19 @@ class TritonStream:
             self._arrived.put_nowait(error)
         finally:
             self._arrived.put_nowait(None)
+            if self._timer is not None:
+                self._timer.cancel()
 
     def finish(self) -> None:
         """The completion is over: close our side of the stream (generate has sent its last response)."""
         if not self._ended:
             self._ended = True
             self._next.put_nowait(None)
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._responses is not None:
+            self._timer = asyncio.get_running_loop().call_later(DRAIN_S, self._responses.cancel)
 
     def cancel(self) -> None:
         """End the generate request early: a cancel request on the stream, then close our side; the
@@ -258,8 +268,7 @@ class TritonStream:
         self._next.put_nowait({"model_name": GENERATE, "inputs": grpc_inputs({"cancel_key": self.key}),
                                "request_id": f"{self.request_id}-cancel"})
         self._next.put_nowait(None)
-        if self._responses is not None:
-            asyncio.get_running_loop().call_later(DRAIN_S, self._responses.cancel)  # a no-op once it has ended
+        self._arm()
 
 
 def create_app(grpc_url: str, model: str, vocab_size: int, context_length: int | None, api_key: str | None = None):
@@ -380,7 +389,9 @@ async def _run(completion: Completion, stream: TritonStream):
             text = "".join(pieces.piece(token, final and i == len(tokens) - 1) for i, token in enumerate(tokens))
             out, stopped = scanner.add(text)
             if stopped:
-                stream.cancel()
+                complete = final  # a stop string in the last response: nothing left to cancel
+                if not final:
+                    stream.cancel()
                 yield out, "stop", produced, tokens
                 return
             if final:

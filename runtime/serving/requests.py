@@ -35,7 +35,7 @@ INPUTS = {
     "top_p": ("TYPE_FP32", [1], "nucleus sampling: keep the likeliest tokens up to this probability mass"),
     "seed": ("TYPE_INT64", [1], "sampling seed"),
     "eos_id": ("TYPE_INT64", [1], "stop after this token"),
-    "cancel_key": ("TYPE_STRING", [1], "a key of the client's choosing (8-64 letters, digits, - or _); a later "
+    "cancel_key": ("TYPE_STRING", [1], "a random key of the client's (16-64 letters, digits, - or _); a later "
                                        "request holding only this input cancels this one, whichever stream it "
                                        "comes on, without cancelling a gRPC stream"),
 }
@@ -110,8 +110,8 @@ def _cancel_key(arrays: Mapping[str, np.ndarray]) -> str:
     values = np.asarray(arrays["cancel_key"]).reshape(-1)
     value = values[0] if values.size == 1 else None
     key = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    if value is None or not (8 <= len(key) <= 64) or not all(c.isascii() and (c.isalnum() or c in "-_") for c in key):
-        raise RequestError("cancel_key must be one string of 8 to 64 letters, digits, - or _ (a random one per "
+    if value is None or not (16 <= len(key) <= 64) or not all(c.isascii() and (c.isalnum() or c in "-_") for c in key):
+        raise RequestError("cancel_key must be one string of 16 to 64 letters, digits, - or _ (a random one per "
                            "request, e.g. 32 hex digits)")
     return key
 

@@ -197,8 +197,8 @@ class GenerateModel:
         try:
             key = parse_cancel(arrays)
             if key is not None:  # a cancel request: it ends at once, the request it names soon after
-                self.scheduler.cancel_key(key)
-                TritonStream(self.pb, sender, False, on_final=self.metrics.stream_closed).end()
+                self.scheduler.cancel_key(key)  # an empty final response (Triton's generate endpoint needs one)
+                TritonStream(self.pb, sender, False, on_final=self.metrics.stream_closed).send([], final=True)
                 return
             parsed = parse_request(arrays, self.facts["vocab_size"], self.limits, self.facts["max_length"])
         except RequestError as error:

@@ -168,13 +168,18 @@ def test_a_stop_string_cancels_the_generate_request_with_its_key_not_by_cancelli
 
     import time
 
+    def triton_requests():  # Triton's own count: the cancel request is a request of its own
+        return triton_server.metric("nv_inference_request_success", model="generate")
+
     time.sleep(2 * PUBLISH_S)  # earlier requests' counts settle
     cancelled, tokens_before = outcome("cancelled"), triton_server.metric("rotary_generate_tokens_total")
+    requests_before = triton_requests()
     stop = expected_text(offline_tokens, serving_graph, 24)[9:12]
     result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16000, temperature=0, stop=[stop])
     assert result.choices[0].finish_reason == "stop"
     wait_for(lambda: outcome("cancelled") == cancelled + 1, "the generate request to end cancelled", 60)
     assert triton_server.metric("rotary_generate_tokens_total") - tokens_before < 16000
+    wait_for(lambda: triton_requests() == requests_before + 2, "the completion's request and its cancel request", 60)
 
 
 def test_ending_a_completion_early_sends_a_cancel_request_and_reads_the_stream_to_its_end(monkeypatch):

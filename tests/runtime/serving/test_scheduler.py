@@ -278,3 +278,39 @@ def test_a_cancel_key_cancels_another_drivers_request_and_one_sent_early_waits_f
                 pass
         loop.join(WAIT_S)
     assert ended == {1: CANCELLED, 3: CANCELLED} and 0 < tokens_of_two < 90 and not loop.is_alive()
+
+
+def test_a_cancel_key_in_use_is_refused_and_keys_of_ended_requests_cancel_nothing_running(tiny_static_onnx):
+    """A second running request may not take a key in use; a key whose request was cancelled by id,
+    or has finished, cancels nothing that runs (it waits, as an early key, for a request that never
+    comes) and the loop goes on."""
+    import threading
+    from multiprocessing import Pipe
+
+    from runtime.decoding.engine import CANCELLED, FAILED, Engine
+    from runtime.serving.decode_loop import serve_engine, settings_fields
+
+    ours, theirs = Pipe()
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as decoder:
+        loop = threading.Thread(target=serve_engine, args=(theirs, Engine(decoder, rows=2)))
+        ours.send(("submit", 1, [3], settings_fields(GenerationSettings(90)), "key-of-one-0123"))
+        ours.send(("submit", 2, [4], settings_fields(GenerationSettings(90)), "key-of-one-0123"))
+        ours.send(("submit", 3, [5], settings_fields(GenerationSettings(2)), "key-of-three-01"))
+        loop.start()
+        events = []
+        while not any(e[0] == 3 and e[2] is not None for e in events) and ours.poll(WAIT_S):
+            events += ours.recv()[1]
+        ours.send(("cancel", 1))
+        ours.send(("cancel_key", "key-of-one-0123"))  # its request was cancelled by id
+        ours.send(("cancel_key", "key-of-three-01"))  # its request has finished
+        ours.send(("submit", 4, [6], settings_fields(GenerationSettings(3)), None))
+        while not any(e[0] == 4 and e[2] is not None for e in events) and ours.poll(WAIT_S):
+            events += ours.recv()[1]
+        ours.send(("close", 0.0))
+        while ours.poll(WAIT_S) and ours.recv()[0] != "closed":
+            pass
+        loop.join(WAIT_S)
+    ends = {request: (finish, error) for request, _, finish, error, _ in events if finish is not None}
+    assert ends[2] == (FAILED, "cancel_key is in use by a running request; send a new random key")
+    assert ends[1] == (CANCELLED, None) and ends[3][0] != CANCELLED and ends[4][0] != CANCELLED
+    assert sum(1 for e in events if e[0] == 4 and e[1] is not None) == 3 and not loop.is_alive()

@@ -177,7 +177,7 @@ def test_a_cancel_request_with_its_key_ends_a_stream_that_stays_open(triton_serv
                                            request_id="long", enable_empty_final_response=True)
         assert streamer.responses.get(timeout=TIMEOUT_S)[2] is None  # decoding
         refused = other.generate({"cancel_key": "short"}, TIMEOUT_S)
-        assert refused.error and "cancel_key must be one string of 8 to 64 letters" in refused.error
+        assert refused.error and "cancel_key must be one string of 16 to 64 letters" in refused.error
         assert other.generate({"cancel_key": key}, TIMEOUT_S).error is None  # the cancel request itself ends at once
         tokens, final = 1, False
         while not final:
