@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .metrics import prometheus_sums
 from .requests import GENERATE, INPUTS
 from .tritonserver import error_text
 
@@ -232,9 +233,5 @@ def read_step_counters(metrics_url: str, timeout: float = 10.0) -> dict[str, flo
         return None
     finally:
         connection.close()
-    values = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition("{")
-        if name in STEP_COUNTERS or name in ADMIT_COUNTERS:
-            values[name] = values.get(name, 0.0) + float(rest.rsplit(" ", 1)[-1])
+    values = prometheus_sums(text, STEP_COUNTERS + ADMIT_COUNTERS)
     return values if all(name in values for name in STEP_COUNTERS) else None

@@ -18,6 +18,21 @@ COUNTERS = ("tokens", "steps", "step_rows", "step_seconds", "admit_steps", "admi
 GAUGES = ("tokens_per_second", "active_rows", "queue_length", "open_streams", "unloading")  # published as values
 
 
+def prometheus_sums(text: str, names, model: str | None = None) -> dict[str, float]:
+    """Each of `names` in Prometheus text (Triton's /metrics) summed over its labelled series, only
+    `model`'s where given; ValueError for a value that is not a number."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        labels, _, value = rest.partition("} ")
+        if name in names and (model is None or f'model="{model}"' in labels):
+            try:
+                sums[name] = sums.get(name, 0.0) + float(value.split()[0])
+            except IndexError:
+                raise ValueError(f"no value in the metrics line {line!r}") from None
+    return sums
+
+
 class MetricsSink(Protocol):
     def publish(self, name: str, value: float, outcome: str | None = None) -> None: ...
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from models.errors import ToolkitError
 
+from .metrics import prometheus_sums
+
 # The APIs that change the server's state (load and unload models, the log level, tracing, shared-
 # memory regions) take the key only `serve` holds; health, metadata, inference and statistics are open.
 RESTRICTED_APIS = "model-repository,logging,trace,shared-memory"
@@ -235,15 +237,10 @@ class TritonServer:
                 text = response.read().decode("utf-8", "replace")
         except (urllib.error.URLError, TimeoutError, ConnectionError):
             return None
-        sums: dict[str, float] = {}
-        for line in text.splitlines():
-            name, _, rest = line.partition("{")
-            labels, _, value = rest.partition("} ")
-            if name in (ACTIVE, QUEUED, OPEN, UNLOADING, PENDING) and f'model="{model}"' in labels:
-                try:
-                    sums[name] = sums.get(name, 0.0) + float(value.split()[0])
-                except (ValueError, IndexError):
-                    return None
+        try:
+            sums = prometheus_sums(text, (ACTIVE, QUEUED, OPEN, UNLOADING, PENDING), model)
+        except ValueError:
+            return None
         return sums if len(sums) == 5 else None
 
     def _restricted(self, path: str, body: dict) -> urllib.request.Request:
