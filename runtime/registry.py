@@ -50,6 +50,10 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
                 "gpt-fast's recipe: key/value buffers in the module, fixed shapes, the decode step compiled with "
                 "mode='reduce-overhead', fullgraph=True (CUDA graphs), prompts compiled separately",
                 "runtime.decoding.torch_static:open_torch_static", decoder=True, benchmarked_on=("cuda",)),
+    BackendSpec("triton-fused", WEIGHTS, "cuda",
+                "batch 1 only: the decode step as fused Triton kernels (norms folded into the matrix-vector "
+                "products, rotary + cache write + attention in one kernel) replayed as one CUDA graph; prompts "
+                "through PyTorch", "runtime.decoding.fused_decoder:open_fused", decoder=True),
     BackendSpec("onnxruntime", ONNX, "cpu", "ONNX Runtime, CPU execution provider",
                 "runtime.backends.onnxruntime_backend:open_onnxruntime", benchmarked_on=("cpu",)),
     BackendSpec("onnxruntime-cuda", ONNX, "cuda", "ONNX Runtime, CUDA execution provider, IO bound on the GPU",

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{default_help()}). The *-static backends write the static-cache graph from the same "
                              "weights in memory, sized for the largest context. " + described)
     add_model_arguments(parser, "default: the weights recorded in MODEL")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="precision of the PyTorch weights and of the graphs written from them (default: MODEL's, "
+                             "else fp32); with MODEL it must match MODEL's")
     parser.add_argument("--batch", type=int_list, default=[1], metavar="N,N", help="batch sizes (default 1)")
     parser.add_argument("--context", type=int_list, default=[128], metavar="N,N",
                         help="prompt / cache lengths (default 128)")
@@ -81,7 +84,13 @@ class Targets:
         return self.metadata.config if self.metadata else self.source().model.config
 
     def precision(self) -> str:
-        return self.metadata.precision if self.metadata else "fp32"
+        chosen = self.args.dtype
+        if self.metadata:
+            if chosen and chosen != self.metadata.precision:
+                raise ToolkitError(f"MODEL is {self.metadata.precision} and --dtype asks for {chosen}; drop --dtype "
+                                   "or export MODEL in that precision")
+            return self.metadata.precision
+        return chosen or "fp32"
 
     def static_graph(self) -> str | None:
         """MODEL's static-cache kind, when MODEL is a static-cache graph."""

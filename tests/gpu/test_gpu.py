@@ -486,3 +486,26 @@ def test_engine_steps_that_admit_and_release_rows_never_wait_for_the_gpu(tiny, t
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert admitted == len(requests) - 4
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype):
+    """triton-fused (its step replayed as one CUDA graph) against eager PyTorch on a model of the
+    small preset's shape with grouped key/value heads: fp32 exact greedy tokens, fp16 the forced-step
+    bars; a prompt long enough that the window's attention spans many chunks."""
+    from models.config import ModelConfig
+    from models.source import ModelSource
+    from models.transformer import build_model
+    from runtime.decoding.fused_decoder import FusedDecoder
+    from runtime.decoding.open import open_decoder
+    from runtime.verify.decoding import compare_generation, random_prompts
+
+    config = ModelConfig(num_tokens=32000, dim=768, depth=4, dim_head=64, heads=12, kv_heads=4)
+    model = build_model(config, seed=3)
+    source = ModelSource.of_model(model, "test model", "none")
+    with open_decoder(source, "torch", rows=1, device="cuda", precision=dtype) as reference, \
+            FusedDecoder(model, 512, "cuda", torch.float32 if dtype == "fp32" else torch.float16) as candidate:
+        assert candidate.graph is not None
+        result = compare_generation(reference, candidate, random_prompts(32000, batch=1, length=300), 96, dtype)
+    print("triton-fused", dtype, result.summary())
+    assert result, result.summary()

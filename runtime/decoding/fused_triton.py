@@ -1,0 +1,145 @@
+"""The Triton kernels behind fused_step (imports Triton: load it lazily).
+
+Two kernels make a layer's decode step for one row, with a third to combine attention's chunks:
+- `norm_gemv_kernel`: out = epilogue(W @ norm(x)). The pre-norm is folded into the product: the
+  program reads all of x for its rows anyway, so it sums x and x*x in the same pass, reduces
+  W @ (x * gamma) and applies the norm's scale (and LayerNorm's shift, through the precomputed
+  W @ gamma and W @ beta) at the end. Epilogues: bias, GELU (erf), residual add.
+- `attention_kernel`: for one key/value head and one chunk of the window, rotary on the query heads
+  of its group and on the new key, the new key and value written into the cache (by the chunk that
+  holds the position), and a flash-decoding pass over the chunk's keys; partial max, sum and output.
+- `combine_kernel`: each query head's chunks combined into the attention output.
+Roundings follow the PyTorch model's: a linear layer's output is rounded to the model's dtype
+before GELU or the residual add.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def norm_gemv_kernel(weight, vector, out, gamma, gamma_row_sums, beta_products, bias, residual,
+                     n, k, stride_n, eps,
+                     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        inside = cols < k
+        x = tl.load(vector + cols, mask=inside, other=0.0).to(tl.float32)
+        if NORM != 0:
+            total += x
+            squares += x * x
+            x = x * tl.load(gamma + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(weight + rows[:, None] * stride_n + cols[None, :], mask=(rows[:, None] < n) & inside[None, :],
+                    other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if NORM == 1:  # RMSNorm: x * rsqrt(mean(x^2) + eps) * gamma
+        y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+    if NORM == 2:  # LayerNorm: ((x - mean) * rstd) * gamma + beta
+        mean = tl.sum(total, axis=0) / k
+        variance = tl.maximum(tl.sum(squares, axis=0) / k - mean * mean, 0.0)
+        shift = tl.load(gamma_row_sums + rows, mask=rows < n, other=0.0)
+        y = (y - mean * shift) * tl.rsqrt(variance + eps) + tl.load(beta_products + rows, mask=rows < n, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias + rows, mask=rows < n, other=0.0).to(tl.float32)
+    if GELU:
+        y = y.to(out.dtype.element_ty).to(tl.float32)
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    if HAS_RESIDUAL:
+        y = y.to(out.dtype.element_ty).to(tl.float32)
+        y += tl.load(residual + rows, mask=rows < n, other=0.0).to(tl.float32)
+    tl.store(out + rows, y.to(out.dtype.element_ty), mask=rows < n)
+
+
+@triton.jit
+def _rotated(base, dims, angle_freqs, position, HALF_PAIRING: tl.constexpr, D: tl.constexpr):
+    """x * cos + rotate_pairs(x) * sin for the vector(s) at base + dims, float32 (models/rotary.py)."""
+    if HALF_PAIRING:
+        partner = dims - dims % D + (dims % D + D // 2) % D
+        sign = tl.where(dims % D < D // 2, -1.0, 1.0)
+        frequency = tl.load(angle_freqs + (dims % D) % (D // 2))
+    else:
+        partner = dims ^ 1
+        sign = tl.where(dims % 2 == 0, -1.0, 1.0)
+        frequency = tl.load(angle_freqs + (dims % D) // 2)
+    angle = position.to(tl.float32) * frequency
+    x = tl.load(base + dims).to(tl.float32)
+    other = tl.load(base + partner).to(tl.float32)
+    return x * tl.cos(angle) + sign * other * tl.sin(angle)
+
+
+@triton.jit
+def attention_kernel(qkv, keys, values, position_ptr, inv_freq, part_max, part_sum, part_out, window, scale,
+                     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUPS: tl.constexpr,
+                     GROUPS_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+                     HALF_PAIRING: tl.constexpr, IEEE: tl.constexpr):
+    head = tl.program_id(0)  # the key/value head
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    position = tl.load(position_ptr)
+    first = chunk * CHUNK
+    if first <= position:
+        dtype = keys.dtype.element_ty
+        group = tl.arange(0, GROUPS_PAD)
+        dims = tl.arange(0, D)
+        query_heads = group * KV_HEADS + head  # query head j reads key/value head j % KV_HEADS
+        in_group = group < GROUPS
+        q_dims = (tl.where(in_group, query_heads, 0) * D)[:, None] + dims[None, :]  # (G, D)
+        q = _rotated(qkv, q_dims, inv_freq, position, HALF_PAIRING, D)
+        q = tl.where(in_group[:, None], q, 0.0).to(dtype)
+        cache = head * window * D
+        last = tl.minimum(first + CHUNK, position)  # cached keys before the new one
+        m = tl.full((GROUPS_PAD,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((GROUPS_PAD,), dtype=tl.float32)
+        acc = tl.zeros((GROUPS_PAD, D), dtype=tl.float32)
+        if position < first + CHUNK:  # this chunk holds the new token: rotate and write its key and value
+            k_new = _rotated(qkv + HEADS * D + head * D, dims, inv_freq, position, HALF_PAIRING, D).to(dtype)
+            v_new = tl.load(qkv + (HEADS + KV_HEADS) * D + head * D + dims)
+            tl.store(keys + cache + position * D + dims, k_new)
+            tl.store(values + cache + position * D + dims, v_new)
+            m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
+            s = tl.full((GROUPS_PAD,), 1.0, dtype=tl.float32)
+            acc = tl.zeros((GROUPS_PAD, D), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        for start in range(first, last, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            valid = t < last
+            k = tl.load(keys + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(values + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale  # (G, T)
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            new_m = tl.maximum(m, tl.max(scores, axis=1))
+            correction = tl.exp(m - new_m)
+            p = tl.exp(scores - new_m[:, None])
+            s = s * correction + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * correction[:, None] + tl.dot(p.to(dtype), v, input_precision="ieee")
+            else:
+                acc = acc * correction[:, None] + tl.dot(p.to(dtype), v)
+            m = new_m
+        slot = query_heads * chunks + chunk  # partials laid out [query head, chunk]
+        tl.store(part_max + slot, m, mask=in_group)
+        tl.store(part_sum + slot, s, mask=in_group)
+        tl.store(part_out + slot[:, None] * D + dims[None, :], acc, mask=in_group[:, None])
+
+
+@triton.jit
+def combine_kernel(part_max, part_sum, part_out, position_ptr, out, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                   CHUNKS_PAD: tl.constexpr, D: tl.constexpr):
+    head = tl.program_id(0)  # the query head
+    index = tl.arange(0, CHUNKS_PAD)
+    live = index < tl.load(position_ptr) // CHUNK + 1  # the chunks up to the new token's
+    slot = head * CHUNKS + index
+    m = tl.load(part_max + slot, mask=live, other=float("-inf"))
+    s = tl.load(part_sum + slot, mask=live, other=0.0)
+    weight = tl.where(live, tl.exp(m - tl.max(m, axis=0)), 0.0)
+    dims = tl.arange(0, D)
+    o = tl.load(part_out + slot[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
+    result = tl.sum(o * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
+    tl.store(out + head * D + dims, result.to(out.dtype.element_ty))
