@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
 #   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | admission | reference | aiperf | hbm
-#   | export-large | bench-large
+#   | export-large | bench-large | fused
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see docs/gpu-verification.md).
@@ -10,7 +10,7 @@
 #     git archive -o .whl/src.tar HEAD        (on the development machine; carry .whl)
 # and this script re-runs itself from that archive with ROTARY_DEPLOY_COMMIT set from it.
 set -uo pipefail
-part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|admission|reference|aiperf|hbm|export-large|bench-large}
+part=${1:?usage: scripts/accelerator.sh tests|export|parity|bench-static|bench-compile|bench-dynamic|generate|trt|serve|profile|admission|reference|aiperf|hbm|export-large|bench-large|fused}
 if [ -f .whl/src.tar ] && [ -z "${ROTARY_FROM_ARCHIVE:-}" ]; then
   commit=$(git get-tar-commit-id < .whl/src.tar) || { echo "accelerator.sh: .whl/src.tar is not a git archive"; exit 2; }
   src=/tmp/rotary-src/$commit
@@ -190,6 +190,15 @@ bench-large)  # those graphs (exported first if missing) against the gpt-fast re
       --batch ${BATCHES:-1,32} --context 1024 --new-tokens 32 --warmup 3 --iters 5 --json "$results/bench-$preset${TAG:-}.json" \
       2>&1 | tee "$results/bench-$preset${TAG:-}.log" | grep -v "^  " | tail -12
   done
+  ;;
+fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step's profile, and at 7b batch 1 against
+  # the gpt-fast recipe on the same fp16 weights in one run
+  run py -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_gpu.py -k "fused or gemv" 2>&1 \
+    | tee "$results/pytest-fused.txt" | grep -E "parity|passed|failed"
+  run py scripts/profile_fused.py --preset ${PRESET:-7b} --json "$results/profile-fused.json" 2>&1 | grep -v -i warn | tail -12
+  run timeout ${LIMIT:-400} python3 -m runtime.commands.benchmark --preset ${PRESET:-7b} --dtype fp16 \
+    --backend ${BACKENDS:-triton-fused,torch-compile-static} --batch 1 --context 1024 --new-tokens 32 --warmup 3 --iters 5 \
+    --json "$results/bench-fused-${PRESET:-7b}.json" 2>&1 | tee "$results/bench-fused.log" | grep -v "^  " | tail -6
   ;;
 esac
 tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null

@@ -40,22 +40,57 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-def gemv_config(n: int, k: int) -> GemvConfig:
-    """Launch settings for an [n, k] weight: the fastest of scripts/hbm_bandwidth.py --triton's on the
-    7b shapes on an H200 (docs/benchmarks/h200-1204d/hbm-bandwidth.json), two rows a program except
-    square 4096 products, and every shape's block of K capped by K."""
-    block_k = min(1024, max(16, 1 << (k - 1).bit_length()))
-    block_n = 4 if n <= 4096 and k <= 4096 else 2
-    return GemvConfig(block_n, block_k, 8 if k >= 16384 else 4, 2 if block_n == 4 else 4)
+def gemv_config(n: int, k: int, normed: bool = False) -> GemvConfig:
+    """Launch settings for an [n, k] weight. A product with a folded norm re-reads x and the norm's
+    weight in every program, so it takes 8 rows a program (K in blocks of 512) to read them half as
+    often; the others 4 rows, K in blocks of 1024; 4 warps. On the 7b step on an H200 these were the
+    fastest of 10 configurations for each product (scripts/profile_fused.py --sweep,
+    docs/benchmarks/h200-1204d/profile-fused-sweep.json)."""
+    block_k = min(512 if normed else 1024, max(16, 1 << (k - 1).bit_length()))
+    return GemvConfig(8 if normed else 4, block_k, 4, 2)
 
 
 @functools.cache
-def _kernels():
+def kernels():
+    """Triton and this module's kernels, imported on first use."""
     import triton
 
     from . import fused_triton
 
     return triton, fused_triton
+
+
+def launch_gemv(weight: Tensor, vector: Tensor, out: Tensor, config: GemvConfig, eps: float = 0.0, norm: int = 0,
+                gamma: Tensor | None = None, gamma_row_sums: Tensor | None = None, beta_products: Tensor | None = None,
+                bias: Tensor | None = None, gelu: bool = False, residual: bool = False, pdl: bool = False) -> None:
+    """out = epilogue(weight @ norm(vector)) in one launch (see fused_triton.norm_gemv_kernel);
+    `residual` adds out's own values. No checks: callers pass contiguous tensors of matching sizes."""
+    triton, fused = kernels()
+    n, k = weight.shape
+    unused = weight  # never read: the flags say which pointers the kernel uses
+    fused.norm_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        weight, vector, out, unused if gamma is None else gamma, unused if gamma_row_sums is None else gamma_row_sums,
+        unused if beta_products is None else beta_products, unused if bias is None else bias,
+        out if residual else unused, n, k, weight.stride(0), eps,
+        NORM=norm, HAS_BIAS=bias is not None, GELU=gelu, HAS_RESIDUAL=residual,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, **_pdl_option(pdl))
+
+
+def _pdl_option(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or later, and a Triton that can launch with it."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda as cuda_extra
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(cuda_extra, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
 class _Product(NamedTuple):
@@ -77,7 +112,7 @@ def _product(weight: Tensor, norm=None, bias: Tensor | None = None, gelu: bool =
         sums = weight.float() @ norm.weight.float()
         products = weight.float() @ norm.bias.float()
     return _Product(weight, NORMS[kind], None if norm is None else norm.weight, sums, products, bias, gelu,
-                    gemv_config(*weight.shape))
+                    gemv_config(*weight.shape, normed=norm is not None))
 
 
 class FusedStep:
@@ -114,32 +149,23 @@ class FusedStep:
         self.part_sum = torch.zeros_like(self.part_max)
         self.part_out = torch.zeros(config.heads * self.chunks * config.dim_head, dtype=torch.float32, device=device)
         self.ieee = dtype == torch.float32
+        self.pdl = pdl_supported(device)  # the products launched with programmatic dependent launch
 
     def _gemv(self, product: _Product, vector: Tensor, out: Tensor, residual: bool = False) -> None:
-        triton, kernels = _kernels()
-        n, k = product.weight.shape
-        c = product.config
-        placeholder = product.weight  # never read: the flags say which pointers the kernel uses
-        kernels.norm_gemv_kernel[(triton.cdiv(n, c.block_n),)](
-            product.weight, vector, out, placeholder if product.gamma is None else product.gamma,
-            placeholder if product.gamma_row_sums is None else product.gamma_row_sums,
-            placeholder if product.beta_products is None else product.beta_products,
-            placeholder if product.bias is None else product.bias, out if residual else placeholder,
-            n, k, product.weight.stride(0), self.eps,
-            NORM=product.norm, HAS_BIAS=product.bias is not None, GELU=product.gelu, HAS_RESIDUAL=residual,
-            BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+        launch_gemv(product.weight, vector, out, product.config, self.eps, product.norm, product.gamma,
+                    product.gamma_row_sums, product.beta_products, product.bias, product.gelu, residual, self.pdl)
 
     def _attention(self, keys: Tensor, values: Tensor) -> None:
-        triton, kernels = _kernels()
+        triton, fused = kernels()
         config = self.config
         groups = config.heads // config.kv_heads
-        kernels.attention_kernel[(config.kv_heads, self.chunks)](
+        fused.attention_kernel[(config.kv_heads, self.chunks)](
             self.qkv, keys, values, self.position, self.inv_freq, self.part_max, self.part_sum, self.part_out,
             keys.shape[2], config.dim_head ** -0.5, HEADS=config.heads, KV_HEADS=config.kv_heads, D=config.dim_head,
             GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), CHUNK=self.chunk,
             BLOCK_T=min(64, max(16, triton.next_power_of_2(self.chunk))),
             HALF_PAIRING=config.rotary_pairing == "half", IEEE=self.ieee, num_warps=4)
-        kernels.combine_kernel[(config.heads,)](
+        fused.combine_kernel[(config.heads,)](
             self.part_max, self.part_sum, self.part_out, self.position, self.attended, CHUNK=self.chunk,
             CHUNKS=self.chunks, CHUNKS_PAD=triton.next_power_of_2(self.chunks), D=config.dim_head, num_warps=4)
 

@@ -9,6 +9,9 @@ Two kernels make a layer's decode step for one row, with a third to combine atte
   of its group and on the new key, the new key and value written into the cache (by the chunk that
   holds the position), and a flash-decoding pass over the chunk's keys; partial max, sum and output.
 - `combine_kernel`: each query head's chunks combined into the attention output.
+On Hopper and later GPUs the products are launched with programmatic dependent launch (PDL): each
+lets the next launch early and waits for the one before only once it has read its first block of
+weights, so that block loads while the kernel before drains.
 Roundings follow the PyTorch model's: a linear layer's output is rounded to the model's dtype
 before GELU or the residual add.
 """
@@ -17,25 +20,41 @@ import triton.language as tl
 
 
 @triton.jit
+def _accumulate(acc, total, squares, w, vector, gamma, cols, k, NORM: tl.constexpr):
+    """One block of columns: acc += w * (x * gamma); with a norm, x's sum and sum of squares too."""
+    inside = cols < k
+    x = tl.load(vector + cols, mask=inside, other=0.0).to(tl.float32)
+    if NORM != 0:
+        total += x
+        squares += x * x
+        x = x * tl.load(gamma + cols, mask=inside, other=0.0).to(tl.float32)
+    return acc + w.to(tl.float32) * x[None, :], total, squares
+
+
+@triton.jit
 def norm_gemv_kernel(weight, vector, out, gamma, gamma_row_sums, beta_products, bias, residual,
                      n, k, stride_n, eps,
                      NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the next kernel may launch now; its programs wait (gdc_wait) for this one to complete
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     total = tl.zeros((BLOCK_K,), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
+    # the first block of weights is read before waiting for the kernel before (weights are never written), so with
+    # PDL it streams in while that kernel finishes
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(weight + rows[:, None] * stride_n + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < k),
+                other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc, total, squares = _accumulate(acc, total, squares, w, vector, gamma, cols, k, NORM)
+    for start in range(BLOCK_K, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        inside = cols < k
-        x = tl.load(vector + cols, mask=inside, other=0.0).to(tl.float32)
-        if NORM != 0:
-            total += x
-            squares += x * x
-            x = x * tl.load(gamma + cols, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(weight + rows[:, None] * stride_n + cols[None, :], mask=(rows[:, None] < n) & inside[None, :],
+        w = tl.load(weight + rows[:, None] * stride_n + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < k),
                     other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+        acc, total, squares = _accumulate(acc, total, squares, w, vector, gamma, cols, k, NORM)
     y = tl.sum(acc, axis=1)
     if NORM == 1:  # RMSNorm: x * rsqrt(mean(x^2) + eps) * gamma
         y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
@@ -130,12 +149,11 @@ def attention_kernel(qkv, keys, values, position_ptr, inv_freq, part_max, part_s
 
 
 @triton.jit
-def combine_kernel(part_max, part_sum, part_out, position_ptr, out, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-                   CHUNKS_PAD: tl.constexpr, D: tl.constexpr):
-    head = tl.program_id(0)  # the query head
+def _combine(part_max, part_sum, part_out, out, head, chunks, used, CHUNKS_PAD: tl.constexpr, D: tl.constexpr):
+    """Query head `head`'s first `used` chunks -> its attention output."""
     index = tl.arange(0, CHUNKS_PAD)
-    live = index < tl.load(position_ptr) // CHUNK + 1  # the chunks up to the new token's
-    slot = head * CHUNKS + index
+    live = index < used
+    slot = head * chunks + index
     m = tl.load(part_max + slot, mask=live, other=float("-inf"))
     s = tl.load(part_sum + slot, mask=live, other=0.0)
     weight = tl.where(live, tl.exp(m - tl.max(m, axis=0)), 0.0)
@@ -143,3 +161,10 @@ def combine_kernel(part_max, part_sum, part_out, position_ptr, out, CHUNK: tl.co
     o = tl.load(part_out + slot[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
     result = tl.sum(o * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
     tl.store(out + head * D + dims, result.to(out.dtype.element_ty))
+
+
+@triton.jit
+def combine_kernel(part_max, part_sum, part_out, position_ptr, out, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                   CHUNKS_PAD: tl.constexpr, D: tl.constexpr):
+    _combine(part_max, part_sum, part_out, out, tl.program_id(0), CHUNKS, tl.load(position_ptr) // CHUNK + 1,
+             CHUNKS_PAD, D)

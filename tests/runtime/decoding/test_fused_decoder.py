@@ -1,0 +1,83 @@
+"""triton-fused's kernels, run by Triton's interpreter on the CPU (fp32, launched step by step rather
+than as a CUDA graph): its logits against the static-cache model's eager step, for both norms, both
+rotary pairings, both QKV layouts, grouped key/value heads and a window of several attention chunks.
+The GPU suite checks the compiled kernels and the CUDA graph against eager PyTorch."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[3]
+
+SCRIPT = r"""
+import torch
+from models.config import ModelConfig
+from models.transformer import build_model
+from runtime.decoding.fused_decoder import FusedDecoder
+from runtime.decoding.torch_static import TorchStaticDecoder
+
+for options in ({}, {"norm": "layer", "rotary_pairing": "half", "qkv": "separate"}):
+    config = ModelConfig(num_tokens=97, dim=64, depth=2, dim_head=16, heads=4, kv_heads=2, **options)
+    model = build_model(config, seed=1)
+    with torch.no_grad():  # norms that are not the identity, so folding them into the products is tested
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    reference = TorchStaticDecoder(model, 1, 48, "cpu", torch.float32, compile=False)
+    fused = FusedDecoder(model, 48, "cpu", torch.float32, graph=False, chunk=16)
+    prompt = [3, 5, 7, 11, 13, 2, 4, 6, 8, 10, 12, 14, 1, 9, 15, 16, 17, 18]
+    expected, got = reference.start({0: prompt}), fused.start({0: prompt})
+    worst = (expected - got).abs().max().item()
+    for _ in range(17):  # from position 18 to 34: the new token in the second chunk, then the third
+        token = expected.argmax(-1)
+        expected, got = reference.step(token), fused.step(token)
+        worst = max(worst, (expected - got).abs().max().item())
+    print(worst, expected.abs().max().item())
+"""
+
+
+def test_the_fused_step_computes_the_static_cache_models_logits():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")[:2]
+    for line in lines:
+        worst, scale = map(float, line.split())
+        assert scale > 0.1 and worst < 1e-5 * max(1.0, scale), line
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rows": 2}, r"decodes one row \(batch 1\), not 2; for batches use onnxruntime-cuda-static"),
+    ({"causal": False}, r"causal models only"),
+    ({"dim_head": 24}, r"dim_head a power of two of at least 16, not 24"),
+])
+def test_what_the_fused_step_cannot_run_is_refused_in_one_sentence(change, message):
+    from models.config import ModelConfig
+    from models.transformer import build_model
+    from runtime.decoding.base import DecodingError
+    from runtime.decoding.fused_decoder import FusedDecoder
+
+    rows = change.pop("rows", 1)
+    model = build_model(ModelConfig(**{"num_tokens": 32, "dim": 48, "depth": 1, "dim_head": 16, "heads": 3, **change}))
+    with pytest.raises(DecodingError, match=message):
+        FusedDecoder(model, 32, "cpu", torch.float32, rows=rows, graph=False)
+
+
+def test_benchmark_takes_a_dtype_for_weights_and_refuses_one_that_contradicts_the_graph(tmp_path):
+    import argparse
+
+    from models.errors import ToolkitError
+    from runtime.commands.benchmark import Targets
+
+    weights = Targets(argparse.Namespace(model=None, dtype="fp16"))
+    assert weights.precision() == "fp16"
+    assert Targets(argparse.Namespace(model=None, dtype=None)).precision() == "fp32"
+    graph = Targets.__new__(Targets)
+    graph.args = argparse.Namespace(model="m.onnx", dtype="bf16")
+    graph.metadata = argparse.Namespace(precision="fp16")
+    with pytest.raises(ToolkitError, match="MODEL is fp16 and --dtype asks for bf16"):
+        graph.precision()
