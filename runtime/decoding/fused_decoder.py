@@ -118,6 +118,7 @@ def _product(weight: Tensor, norm=None, bias: Tensor | None = None, gelu: bool =
 class FusedStep:
     """The decode step's launches over a StaticCacheModel of one row (its weights and buffers)."""
 
+    @torch.no_grad()  # the LayerNorm products and a separate QKV's concatenation hold no autograd graph
     def __init__(self, module: StaticCacheModel, chunk: int = CHUNK):
         model, config = module.model, module.model.config
         self.config, self.module, self.chunk = config, module, chunk
@@ -193,6 +194,15 @@ def check_fusable(config, rows: int) -> None:
         raise DecodingError(f"triton-fused needs dim_head a power of two of at least 16, not {config.dim_head}")
 
 
+def check_triton() -> None:
+    """Triton imports (it ships with PyTorch's CUDA wheels), said before any weights move."""
+    try:
+        kernels()
+    except ImportError as error:
+        raise BackendError(f"triton-fused needs Triton, which did not import ({error}); install the triton "
+                           "package that matches your PyTorch") from None
+
+
 class FusedDecoder(Decoder):
     """`graph=False` launches the kernels every step (Triton's interpreter runs them on the CPU in tests)."""
 
@@ -200,6 +210,7 @@ class FusedDecoder(Decoder):
                  rows: int = 1, graph: bool = True, chunk: int = CHUNK):
         config = model.config
         check_fusable(config, rows)
+        check_triton()
         super().__init__("triton-fused", device, config, 1, max_cache,
                          f"the {max_cache}-token static cache; ask for fewer tokens")
         require(cache_bytes(config, 1, max_cache, torch.empty((), dtype=dtype).element_size()),
@@ -257,7 +268,7 @@ class FusedDecoder(Decoder):
 def open_fused(source, spec, rows: int = 1, precision: str = "fp16", max_cache: int | None = None,
                **_options) -> FusedDecoder:
     """The registry's opener for triton-fused (weights in, a batch-1 fused decoder out)."""
-    check_fusable(source.model.config if hasattr(source, "model") else source.config, rows)
+    check_fusable(source.config, rows)  # the config only: the weights are not loaded for a refusal
     if not torch.cuda.is_available():
         raise BackendError(f"{spec.name} runs Triton kernels as a CUDA graph and needs a GPU")
     if max_cache is None:

@@ -12,7 +12,8 @@ Two kernels make a layer's decode step for one row, with a third to combine atte
 On Hopper and later GPUs the products are launched with programmatic dependent launch (PDL): each
 lets the next launch early and waits for the one before only once it has read its first block of
 weights, so that block loads while the kernel before drains.
-Roundings follow the PyTorch model's: a linear layer's output is rounded to the model's dtype
+LayerNorm's variance is E[x^2] - mean^2 in float32, which loses digits only where |mean| is hundreds of
+times x's spread. Roundings follow the PyTorch model's: a linear layer's output is rounded to the model's dtype
 before GELU or the residual add.
 """
 import triton

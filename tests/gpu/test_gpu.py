@@ -506,6 +506,7 @@ def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype):
     with open_decoder(source, "torch", rows=1, device="cuda", precision=dtype) as reference, \
             FusedDecoder(model, 512, "cuda", torch.float32 if dtype == "fp32" else torch.float16) as candidate:
         assert candidate.graph is not None
+        assert candidate.fused.pdl == (torch.cuda.get_device_capability()[0] >= 9)  # Hopper: the products use PDL
         result = compare_generation(reference, candidate, random_prompts(32000, batch=1, length=300), 96, dtype)
     print("triton-fused", dtype, result.summary())
     assert result, result.summary()

@@ -29,11 +29,14 @@ for options in ({}, {"norm": "layer", "rotary_pairing": "half", "qkv": "separate
                 parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
     reference = TorchStaticDecoder(model, 1, 48, "cpu", torch.float32, compile=False)
     fused = FusedDecoder(model, 48, "cpu", torch.float32, graph=False, chunk=16)
-    prompt = [3, 5, 7, 11, 13, 2, 4, 6, 8, 10, 12, 14, 1, 9, 15, 16, 17, 18]
+    prompt = [3, 5, 7, 11, 13, 2, 4, 6, 8, 10, 12, 14, 1, 9, 15, 16, 17, 18, 20, 22, 24, 26, 28, 30, 19, 21, 23, 25]
     expected, got = reference.start({0: prompt}), fused.start({0: prompt})
     worst = (expected - got).abs().max().item()
-    for _ in range(17):  # from position 18 to 34: the new token in the second chunk, then the third
+    for _ in range(9):  # from position 28 to 36: the new token in the second chunk, then the third
         token = expected.argmax(-1)
+        # partials of chunks past the new token's hold garbage: the combine must read only those written
+        for buffer, value in ((fused.fused.part_max, 50.0), (fused.fused.part_sum, 1.0), (fused.fused.part_out, 1e3)):
+            buffer.fill_(value)
         expected, got = reference.step(token), fused.step(token)
         worst = max(worst, (expected - got).abs().max().item())
     print(worst, expected.abs().max().item())
@@ -65,6 +68,35 @@ def test_what_the_fused_step_cannot_run_is_refused_in_one_sentence(change, messa
     model = build_model(ModelConfig(**{"num_tokens": 32, "dim": 48, "depth": 1, "dim_head": 16, "heads": 3, **change}))
     with pytest.raises(DecodingError, match=message):
         FusedDecoder(model, 32, "cpu", torch.float32, rows=rows, graph=False)
+
+
+def test_the_opener_refuses_from_the_config_without_loading_the_weights():
+    from models.config import ModelConfig
+    from runtime.decoding.base import DecodingError
+    from runtime.decoding.fused_decoder import open_fused
+    from runtime.registry import backend_spec
+
+    class Source:
+        config = ModelConfig(num_tokens=32, dim=48, depth=1, dim_head=16, heads=3)
+
+        @property
+        def model(self):
+            raise AssertionError("the weights were loaded for a refusal")
+
+    with pytest.raises(DecodingError, match=r"decodes one row \(batch 1\), not 4"):
+        open_fused(Source(), backend_spec("triton-fused"), rows=4, max_cache=64)
+
+
+def test_layer_norm_products_hold_no_autograd_graph():
+    from models.config import ModelConfig
+    from models.static_cache import StaticCacheModel
+    from models.transformer import build_model
+    from runtime.decoding.fused_decoder import FusedStep
+
+    model = build_model(ModelConfig(num_tokens=32, dim=48, depth=1, dim_head=16, heads=3, norm="layer", qkv="separate"))
+    step = FusedStep(StaticCacheModel(model, 1, 32))
+    qkv = step.layers[0][0]
+    assert not qkv.weight.requires_grad and qkv.gamma_row_sums.grad_fn is None and qkv.beta_products.grad_fn is None
 
 
 def test_benchmark_takes_a_dtype_for_weights_and_refuses_one_that_contradicts_the_graph(tmp_path):
