@@ -488,25 +488,37 @@ def test_engine_steps_that_admit_and_release_rows_never_wait_for_the_gpu(tiny, t
     assert admitted == len(requests) - 4
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype):
+FUSED_VARIANTS = [("fp32", {}), ("fp16", {}), ("bf16", {}),
+                  ("fp32", {"norm": "layer", "rotary_pairing": "half", "qkv": "separate"}),
+                  ("fp16", {"norm": "layer", "rotary_pairing": "half", "qkv": "separate"})]
+
+
+@pytest.mark.parametrize("dtype, options", FUSED_VARIANTS)
+def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype, options):
     """triton-fused (its step replayed as one CUDA graph) against eager PyTorch on a model of the
-    small preset's shape with grouped key/value heads: fp32 exact greedy tokens, fp16 the forced-step
-    bars; a prompt long enough that the window's attention spans many chunks."""
+    small preset's shape with grouped key/value heads, in each precision and with the other norm,
+    rotary pairing and QKV layout: fp32 exact greedy tokens, half precision the forced-step bars; a
+    prompt long enough that the window's attention spans many chunks."""
     from models.config import ModelConfig
+    from models.precision import precision as lookup_precision
     from models.source import ModelSource
     from models.transformer import build_model
     from runtime.decoding.fused_decoder import FusedDecoder
     from runtime.decoding.open import open_decoder
     from runtime.verify.decoding import compare_generation, random_prompts
 
-    config = ModelConfig(num_tokens=32000, dim=768, depth=4, dim_head=64, heads=12, kv_heads=4)
+    config = ModelConfig(num_tokens=32000, dim=768, depth=4, dim_head=64, heads=12, kv_heads=4, **options)
     model = build_model(config, seed=3)
+    if config.norm == "layer":  # norms that are not the identity, so that their folding is tested
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
     source = ModelSource.of_model(model, "test model", "none")
     with open_decoder(source, "torch", rows=1, device="cuda", precision=dtype) as reference, \
-            FusedDecoder(model, 512, "cuda", torch.float32 if dtype == "fp32" else torch.float16) as candidate:
+            FusedDecoder(model, 512, "cuda", lookup_precision(dtype).torch_dtype) as candidate:
         assert candidate.graph is not None
         assert candidate.fused.pdl == (torch.cuda.get_device_capability()[0] >= 9)  # Hopper: the products use PDL
         result = compare_generation(reference, candidate, random_prompts(32000, batch=1, length=300), 96, dtype)
-    print("triton-fused", dtype, result.summary())
+    print("triton-fused", dtype, options, result.summary())
     assert result, result.summary()
