@@ -11,42 +11,13 @@ Usage: python3 scripts/profile_fused.py [--preset 7b] [--context 1024] [--window
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def replay_ms(graph, iters: int = 50) -> float:
-    """Median ms of one replay of `graph`, timed with CUDA events."""
-    import torch
-
-    times = []
-    for _ in range(iters + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:])
-
-
-def record(run):
-    import torch
-
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph
-
-
-ROLES = {"qkv": (0, "x", "qkv", False), "out": (1, "attended", "x", True), "up": (2, "x", "hidden", False),
-         "down": (3, "hidden", "x", True), "head": (None, "x", "logits", False)}
+from hbm_bandwidth import graphed as record, timed_ms  # noqa: E402  (scripts/ is on the path when run as a script)
 
 
 def role_products(fused, index):
@@ -72,7 +43,7 @@ def roles(fused, at_context) -> dict:
                 launch_gemv(product.weight, vector, out, product.config)
 
         moved = sum(p.weight.numel() * p.weight.element_size() for p in products)
-        fused_ms, plain_ms = replay_ms(record(at_context(as_fused))), replay_ms(record(at_context(plain)))
+        fused_ms, plain_ms = timed_ms(record([at_context(as_fused)]), 50), timed_ms(record([at_context(plain)]), 50)
         found[role] = {"fused_ms": fused_ms, "plain_ms": plain_ms, "bytes": moved}
         print(f"  {role}: fused {fused_ms:.3f} ms, plain {plain_ms:.3f} ms ({moved / 1e9:.2f} GB)", flush=True)
     return found
@@ -101,7 +72,7 @@ def sweep(fused, at_context) -> dict:
                 for product in products:
                     fused._gemv(product, getattr(fused, vector), getattr(fused, out), residual)
 
-            timings[config] = replay_ms(record(at_context(run)), 20)
+            timings[config] = timed_ms(record([at_context(run)]), 20)
         best = min(timings, key=timings.get)
         if index is None:
             fused.head = fused.head._replace(config=best)
@@ -164,19 +135,18 @@ def main() -> int:
             for keys, values in fused.caches:
                 fused._attention(keys, values)
 
-        result["step_ms"] = replay_ms(record(at_context(fused.run)))
-        result["products_ms"] = replay_ms(record(at_context(products)))
-        result["attention_ms"] = replay_ms(record(at_context(attention)))
+        result["step_ms"] = timed_ms(record([at_context(fused.run)]), 50)
+        result["products_ms"] = timed_ms(record([at_context(products)]), 50)
+        result["attention_ms"] = timed_ms(record([at_context(attention)]), 50)
         result["pdl"] = fused.pdl
         if fused.pdl:  # the same step with every kernel launched plainly
             fused.pdl = False
-            graph = record(at_context(fused.run))
-            result["step_ms_without_pdl"] = replay_ms(graph)
-            graph.replay()
+            replay = record([at_context(fused.run)])
+            result["step_ms_without_pdl"] = timed_ms(replay, 50)
+            replay()
             plain_logits = fused.logits.clone()
             fused.pdl = True
-            graph = record(at_context(fused.run))
-            graph.replay()
+            record([at_context(fused.run)])()
             result["pdl_logits_max_abs_diff"] = (fused.logits - plain_logits).abs().max().item()
             print(f"  without programmatic dependent launch: {result['step_ms_without_pdl']:.3f} ms "
                   f"(logits differ by {result['pdl_logits_max_abs_diff']:.3g})")
@@ -194,22 +164,22 @@ def main() -> int:
                         other._attention(keys, values)
 
                 other.position.fill_(args.context)
-                result["attention_ms_by_chunk"][chunk] = replay_ms(record(attention_of))
+                result["attention_ms_by_chunk"][chunk] = timed_ms(record([attention_of]), 50)
             print("attention alone by chunk: " + ", ".join(f"{c}: {ms:.3f} ms" for c, ms in
                                                            result["attention_ms_by_chunk"].items()))
         result["roles"] = roles(fused, at_context)
         if args.sweep:
             result["sweep"] = sweep(fused, at_context)
-            result["step_ms_after_sweep"] = replay_ms(record(at_context(fused.run)))
+            result["step_ms_after_sweep"] = timed_ms(record([at_context(fused.run)]), 50)
             print(f"step with each role's fastest configuration: {result['step_ms_after_sweep']:.3f} ms", flush=True)
-        step = record(at_context(fused.run))
+        step = record([at_context(fused.run)])
         for _ in range(3):
-            step.replay()
+            step()
         torch.cuda.synchronize()
         steps = 20
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                step.replay()
+                step()
             torch.cuda.synchronize()
     kernels = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
