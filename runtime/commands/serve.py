@@ -13,6 +13,11 @@ from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, g
                      model_request, positive_float, run_main, write_json)
 
 FRONT_END_STOP_S = 10  # after generate has drained, how long the OpenAI front end may take to exit
+# uvicorn's own grace for open streams, beyond --exit-timeout: longer than generate's stop can take (unload
+# requests asked again, the drain, the decode processes' stop), so uvicorn never cuts a stream just before
+# generate fails it with the retry message (the client then saw a bare connection error); serve itself ends
+# the front end FRONT_END_STOP_S after tritonserver has stopped
+FRONT_END_GRACE_S = 30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +225,8 @@ def _openai(args: argparse.Namespace, where: dict):
     vocab_size, capacity = generate_facts(where["http"])
     settings = {"grpc_url": where["grpc"], "model": args.served_model_name, "vocab_size": vocab_size,
                 "context_length": capacity, "api_key": args.api_key}
-    return OpenAIProcess(settings, args.openai_host, args.openai_port, args.openai_workers, args.exit_timeout).start()
+    return OpenAIProcess(settings, args.openai_host, args.openai_port, args.openai_workers,
+                         args.exit_timeout + FRONT_END_GRACE_S).start()
 
 
 def _gpu_count() -> int:
