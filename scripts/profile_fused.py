@@ -2,8 +2,9 @@
 its parts each recorded as a graph of their own (the products with their fused norms and epilogues,
 the attention kernels), and a profiler's per-kernel GPU time over replays of the step.
 
-With PDL (Hopper and later) it also times the step with every kernel launched plainly; --sweep times
-each product's role under 10 launch configurations, --chunks the attention with other window chunks.
+With PDL (Hopper and later) it also times the step with every kernel launched plainly, and with
+the attention kernels' launch the other way; --sweep times
+each product's role under 16 launch configurations, --chunks the attention with other window chunks.
 
 Usage: python3 scripts/profile_fused.py [--preset 7b] [--context 1024] [--window 1088] [--sweep]
        [--chunks 32,64,128] [--json PATH]
@@ -54,8 +55,8 @@ def sweep(fused, at_context) -> dict:
     each candidate launch configuration; the fastest is kept in `fused` for the rest of the run."""
     from runtime.decoding.fused_decoder import GemvConfig
 
-    candidates = [GemvConfig(n, k, warps, 2) for n, k in ((1, 1024), (2, 1024), (4, 1024), (8, 512), (16, 256))
-                  for warps in (4, 8)]
+    candidates = [GemvConfig(n, k, warps, 2) for n, k in ((1, 1024), (2, 1024), (4, 1024), (4, 2048), (8, 512),
+                                                          (8, 1024), (16, 256), (16, 512)) for warps in (4, 8)]
     found = {}
     for role, (index, vector, out, residual) in ROLES.items():
         timings = {}
@@ -91,7 +92,7 @@ def main() -> int:
     parser.add_argument("--preset", default="7b")
     parser.add_argument("--context", type=int, default=1024, help="tokens in the row when the step is timed")
     parser.add_argument("--window", type=int, default=1088, help="the static cache's length")
-    parser.add_argument("--sweep", action="store_true", help="time each product's role under 10 launch configurations")
+    parser.add_argument("--sweep", action="store_true", help="time each product's role under 16 launch configurations")
     parser.add_argument("--chunks", type=lambda text: [int(c) for c in text.split(",")], default=[],
                         help="also time the attention kernels with these window chunks (e.g. 32,64,128,256)")
     parser.add_argument("--json", metavar="PATH")
@@ -139,17 +140,20 @@ def main() -> int:
         result["products_ms"] = timed_ms(record([at_context(products)]), 50)
         result["attention_ms"] = timed_ms(record([at_context(attention)]), 50)
         result["pdl"] = fused.pdl
-        if fused.pdl:  # the same step with every kernel launched plainly
-            fused.pdl = False
-            replay = record([at_context(fused.run)])
-            result["step_ms_without_pdl"] = timed_ms(replay, 50)
-            replay()
-            plain_logits = fused.logits.clone()
-            fused.pdl = True
+        if fused.pdl:  # the same step with every kernel launched plainly, and with the attention's by PDL too
+            chosen = fused.attention_pdl
             record([at_context(fused.run)])()
-            result["pdl_logits_max_abs_diff"] = (fused.logits - plain_logits).abs().max().item()
-            print(f"  without programmatic dependent launch: {result['step_ms_without_pdl']:.3f} ms "
-                  f"(logits differ by {result['pdl_logits_max_abs_diff']:.3g})")
+            logits = fused.logits.clone()
+            for name, pdl, attention_pdl in (("without_pdl", False, False), ("attention_pdl", True, not chosen)):
+                fused.pdl, fused.attention_pdl = pdl, attention_pdl
+                replay = record([at_context(fused.run)])
+                result[f"step_ms_{name}"] = timed_ms(replay, 50)
+                replay()
+                result[f"{name}_logits_max_abs_diff"] = (fused.logits - logits).abs().max().item()
+                print(f"  {name} ({'on' if attention_pdl else 'off'} for attention): {result[f'step_ms_{name}']:.3f} ms "
+                      f"(logits differ by {result[f'{name}_logits_max_abs_diff']:.3g})", flush=True)
+            fused.pdl, fused.attention_pdl = True, chosen
+            result["attention_pdl"] = chosen
         if args.chunks:
             from runtime.decoding.fused_decoder import FusedStep
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from models.config import ModelConfig
 
+from .captured_step import CapturedSteps
 from .errors import DecodingError
 from .transfer import to_device
 
@@ -35,6 +36,7 @@ class Decoder(abc.ABC):
         self.mode = "cache"  # how it decodes, for humans
         self._index: tuple[tuple[int, ...], Tensor | None] = ((), None)  # the active rows and their device index
         self._starting: set[int] = set()  # rows whose start_beside() is not completed yet
+        self.recorded: CapturedSteps | None = None  # the step and the caller's pick as CUDA graphs, where recorded
 
     @property
     def vocab_size(self) -> int:
@@ -109,18 +111,46 @@ class Decoder(abc.ABC):
                       key: str | None = None) -> tuple[Tensor, Tensor]:
         """`step_every_row(tokens)`, then `pick(logits)`: the caller's device work on the logits
         (choosing the ids, writing them into `tokens` for the next step), which returns the ids.
-        Returns (logits, ids). A decoder that records both as one CUDA graph replays that instead,
-        from the second call with the same tokens and pick (the first runs them as they are) or after
-        prepare_pick; `key` names the variant of `pick` (one graph each; None: never recorded)."""
-        logits = self.step_every_row(tokens)
-        return logits, pick(logits)
+        Returns (logits, ids). A decoder that records both as one CUDA graph (`self.recorded`)
+        replays that instead, from the second call with the same tokens and pick (the first runs
+        them as they are) or after prepare_pick; `key` names the variant of `pick` (one graph each;
+        None: never recorded)."""
+        recorded = self.recorded
+        if self.closed or recorded is None or key is None:
+            logits = self.step_every_row(tokens)
+            return logits, pick(logits)
+        # a pick not recorded yet runs once as it is (its kernels load and compile), then is recorded
+        if not recorded.ready(key, tokens, pick) and not (recorded.warm(key, tokens, pick)
+                                                          and self.prepare_pick(tokens, pick, key)):
+            logits = self.step_every_row(tokens)
+            ids = pick(logits)
+            recorded.ran(key, tokens, pick)
+            return logits, ids
+        self._check_step(tokens, self.rows, "step_and_pick() takes one token per row")
+        ids = recorded.replay(key)
+        self._advance()
+        return self._recorded_logits(), ids
 
     def prepare_pick(self, tokens: Tensor, pick: Callable[[Tensor], Tensor], key: str) -> bool:
         """Record step_and_pick(tokens, pick, key) as one CUDA graph now (nothing runs); False where
         this decoder does not record one. `pick`'s kernels must have run once (loaded, compiled), and
         `tokens` and everything `pick` touches must keep their memory: the graph reads and writes
         those addresses."""
-        return False
+        recorded = self.recorded
+        if recorded is None or key is None or tokens.device.type != self.device.type or tokens.numel() != self.rows:
+            return False
+        if recorded.ready(key, tokens, pick):
+            return True
+        return recorded.record(key, tokens, pick, lambda: pick(self._recorded_step(tokens)))
+
+    def _recorded_step(self, tokens: Tensor) -> Tensor:
+        """The step as a CUDA graph records it (every row, nothing synchronised): its logits buffer.
+        Decoders that set `self.recorded` implement it, and `_recorded_logits`."""
+        raise NotImplementedError
+
+    def _recorded_logits(self) -> Tensor:
+        """The logits buffer a replay of the recorded step writes, (rows, vocab)."""
+        raise NotImplementedError
 
     def _check_step(self, tokens: Tensor, expected: int, rule: str) -> Tensor:
         self._check_open()

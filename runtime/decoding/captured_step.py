@@ -61,7 +61,7 @@ class CapturedSteps:
         except Exception as error:  # e.g. a provider that synchronises inside its run
             self.broken[key] = f"{type(error).__name__}: {error}"
             warnings.warn(f"the {key!r} graph could not be recorded as a CUDA graph ({self.broken[key]}); "
-                          "replaying ONNX Runtime's own graph instead")
+                          "stepping without it instead")
             return False
         self.graphs[key] = (graph, tokens, pick, ids)
         self._ran.pop(key, None)

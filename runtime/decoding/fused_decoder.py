@@ -1,5 +1,5 @@
 """A batch-1 decoder whose decode step is a few fused Triton kernels per layer, replayed as one CUDA
-graph: what a single stream of a large model needs, where every step reads all the weights and the
+graph (with the engine's pick of the next token, step_and_pick): what a single stream of a large model needs, where every step reads all the weights and the
 step's time is the weights' bytes over the memory bandwidth.
 
 Per layer: the pre-norm and the QKV product in one kernel (the norm's statistics are gathered while
@@ -28,6 +28,7 @@ from models.transformer import Transformer
 from ..backends import BackendError
 from ..resources import cache_bytes, require
 from .base import Decoder, DecodingError
+from .captured_step import CapturedSteps
 
 NORMS = {None: 0, "rms": 1, "layer": 2}
 CHUNK = 64  # window positions per attention program: 8 key/value heads x 17 chunks fill the GPU at 1088
@@ -151,6 +152,7 @@ class FusedStep:
         self.part_out = torch.zeros(config.heads * self.chunks * config.dim_head, dtype=torch.float32, device=device)
         self.ieee = dtype == torch.float32
         self.pdl = pdl_supported(device)  # the products launched with programmatic dependent launch
+        self.attention_pdl = False  # the attention kernels too (scripts/profile_fused.py times both)
 
     def _gemv(self, product: _Product, vector: Tensor, out: Tensor, residual: bool = False) -> None:
         launch_gemv(product.weight, vector, out, product.config, self.eps, product.norm, product.gamma,
@@ -160,15 +162,18 @@ class FusedStep:
         triton, fused = kernels()
         config = self.config
         groups = config.heads // config.kv_heads
+        pdl = self.pdl and self.attention_pdl
         fused.attention_kernel[(config.kv_heads, self.chunks)](
             self.qkv, keys, values, self.position, self.inv_freq, self.part_max, self.part_sum, self.part_out,
             keys.shape[2], config.dim_head ** -0.5, HEADS=config.heads, KV_HEADS=config.kv_heads, D=config.dim_head,
             GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), CHUNK=self.chunk,
             BLOCK_T=min(64, max(16, triton.next_power_of_2(self.chunk))),
-            HALF_PAIRING=config.rotary_pairing == "half", IEEE=self.ieee, num_warps=4)
+            HALF_PAIRING=config.rotary_pairing == "half", IEEE=self.ieee, PDL=pdl, TRIGGER=self.pdl, num_warps=4,
+            **_pdl_option(pdl))
         fused.combine_kernel[(config.heads,)](
             self.part_max, self.part_sum, self.part_out, self.position, self.attended, CHUNK=self.chunk,
-            CHUNKS=self.chunks, CHUNKS_PAD=triton.next_power_of_2(self.chunks), D=config.dim_head, num_warps=4)
+            CHUNKS=self.chunks, CHUNKS_PAD=triton.next_power_of_2(self.chunks), D=config.dim_head, PDL=pdl,
+            TRIGGER=self.pdl, num_warps=4, **_pdl_option(pdl))
 
     def run(self) -> None:
         """One step: the token in `self.token` at `self.position` -> `self.logits`; the position advances."""
@@ -225,6 +230,9 @@ class FusedDecoder(Decoder):
         started = time.perf_counter()
         if graph:
             self._capture()
+            # the engine's pick recorded with the step (step_and_pick): one replay a token, and the
+            # ids fed back on the device
+            self.recorded = CapturedSteps(torch.cuda.Stream(self.device))
         self.open_seconds = time.perf_counter() - started
 
     @torch.inference_mode()
@@ -257,11 +265,22 @@ class FusedDecoder(Decoder):
             self.fused.run()
         return self.fused.logits
 
+    @torch.inference_mode()
+    def _recorded_step(self, tokens: Tensor) -> Tensor:
+        self.fused.token.copy_(tokens.reshape(1))
+        self.fused.run()
+        return self.fused.logits
+
+    def _recorded_logits(self) -> Tensor:
+        return self.fused.logits
+
     def _release(self, rows: list[int]) -> None:
         pass  # a start writes its row's position and cache from 0
 
     def close(self) -> None:
-        self.graph = None
+        if self.recorded is not None:
+            self.recorded.close()
+        self.graph = self.recorded = None
         super().close()
 
 

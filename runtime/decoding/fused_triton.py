@@ -76,73 +76,99 @@ def norm_gemv_kernel(weight, vector, out, gamma, gamma_row_sums, beta_products, 
 
 
 @triton.jit
-def _rotated(base, dims, angle_freqs, position, HALF_PAIRING: tl.constexpr, D: tl.constexpr):
-    """x * cos + rotate_pairs(x) * sin for the vector(s) at base + dims, float32 (models/rotary.py)."""
+def _rotary(angle_freqs, position, dims, HALF_PAIRING: tl.constexpr, D: tl.constexpr):
+    """For the dims 0..D-1 of a head at `position`: the dim each one is paired with, and cos and
+    signed sin of its angle, so that rotated = x * cos + x[partner] * sin (models/rotary.py). One
+    angle per dim, shared by every head the program rotates."""
     if HALF_PAIRING:
-        partner = dims - dims % D + (dims % D + D // 2) % D
-        sign = tl.where(dims % D < D // 2, -1.0, 1.0)
-        frequency = tl.load(angle_freqs + (dims % D) % (D // 2))
+        partner = (dims + D // 2) % D
+        sign = tl.where(dims < D // 2, -1.0, 1.0)
+        frequency = tl.load(angle_freqs + dims % (D // 2))
     else:
         partner = dims ^ 1
         sign = tl.where(dims % 2 == 0, -1.0, 1.0)
-        frequency = tl.load(angle_freqs + (dims % D) // 2)
+        frequency = tl.load(angle_freqs + dims // 2)
     angle = position.to(tl.float32) * frequency
-    x = tl.load(base + dims).to(tl.float32)
-    other = tl.load(base + partner).to(tl.float32)
-    return x * tl.cos(angle) + sign * other * tl.sin(angle)
+    return partner, tl.cos(angle), sign * tl.sin(angle)
+
+
+@triton.jit
+def _rotated(base, heads, dims, partner, cos, sin):
+    """The heads at base + heads (offsets, (G,) or scalar) rotated, float32 (G, D) or (D,)."""
+    x = tl.load(base + heads + dims).to(tl.float32)
+    other = tl.load(base + heads + partner).to(tl.float32)
+    return x * cos + other * sin
+
+
+@triton.jit
+def _attend(q, k, v, valid, m, s, acc, scale, IEEE: tl.constexpr):
+    """One block of cached keys and values folded into the running max, sum and output."""
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        scores = tl.dot(q, tl.trans(k)) * scale  # (G, T)
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    new_m = tl.maximum(m, tl.max(scores, axis=1))
+    correction = tl.exp(m - new_m)
+    p = tl.exp(scores - new_m[:, None])
+    s = s * correction + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
+    return new_m, s, acc
 
 
 @triton.jit
 def attention_kernel(qkv, keys, values, position_ptr, inv_freq, part_max, part_sum, part_out, window, scale,
                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUPS: tl.constexpr,
                      GROUPS_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
-                     HALF_PAIRING: tl.constexpr, IEEE: tl.constexpr):
+                     HALF_PAIRING: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # the next kernel may launch now (with PDL its programs wait for this one)
+        tl.extra.cuda.gdc_launch_dependents()
     head = tl.program_id(0)  # the key/value head
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    position = tl.load(position_ptr)
+    position = tl.load(position_ptr)  # written by the step before: complete
     first = chunk * CHUNK
     if first <= position:
         dtype = keys.dtype.element_ty
-        group = tl.arange(0, GROUPS_PAD)
         dims = tl.arange(0, D)
-        query_heads = group * KV_HEADS + head  # query head j reads key/value head j % KV_HEADS
-        in_group = group < GROUPS
-        q_dims = (tl.where(in_group, query_heads, 0) * D)[:, None] + dims[None, :]  # (G, D)
-        q = _rotated(qkv, q_dims, inv_freq, position, HALF_PAIRING, D)
-        q = tl.where(in_group[:, None], q, 0.0).to(dtype)
         cache = head * window * D
         last = tl.minimum(first + CHUNK, position)  # cached keys before the new one
+        # the first block of cached keys and values, written by earlier steps: loaded before the query is
+        # (with PDL, before waiting for the QKV product), so that they stream in meanwhile
+        t = first + tl.arange(0, BLOCK_T)
+        valid = t < last
+        k = tl.load(keys + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(values + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+        partner, cos, sin = _rotary(inv_freq, position, dims, HALF_PAIRING, D)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        group = tl.arange(0, GROUPS_PAD)
+        query_heads = group * KV_HEADS + head  # query head j reads key/value head j % KV_HEADS
+        in_group = group < GROUPS
+        q = _rotated(qkv, (tl.where(in_group, query_heads, 0) * D)[:, None], dims[None, :], partner[None, :],
+                     cos[None, :], sin[None, :])
+        q = tl.where(in_group[:, None], q, 0.0).to(dtype)  # (G, D)
         m = tl.full((GROUPS_PAD,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((GROUPS_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUPS_PAD, D), dtype=tl.float32)
         if position < first + CHUNK:  # this chunk holds the new token: rotate and write its key and value
-            k_new = _rotated(qkv + HEADS * D + head * D, dims, inv_freq, position, HALF_PAIRING, D).to(dtype)
+            k_new = _rotated(qkv + HEADS * D, head * D, dims, partner, cos, sin).to(dtype)
             v_new = tl.load(qkv + (HEADS + KV_HEADS) * D + head * D + dims)
             tl.store(keys + cache + position * D + dims, k_new)
             tl.store(values + cache + position * D + dims, v_new)
             m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
             s = tl.full((GROUPS_PAD,), 1.0, dtype=tl.float32)
             acc = tl.zeros((GROUPS_PAD, D), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
-        for start in range(first, last, BLOCK_T):
+        m, s, acc = _attend(q, k, v, valid, m, s, acc, scale, IEEE)
+        for start in range(first + BLOCK_T, last, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
             valid = t < last
             k = tl.load(keys + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(values + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                scores = tl.dot(q, tl.trans(k)) * scale  # (G, T)
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            new_m = tl.maximum(m, tl.max(scores, axis=1))
-            correction = tl.exp(m - new_m)
-            p = tl.exp(scores - new_m[:, None])
-            s = s * correction + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * correction[:, None] + tl.dot(p.to(dtype), v, input_precision="ieee")
-            else:
-                acc = acc * correction[:, None] + tl.dot(p.to(dtype), v)
-            m = new_m
+            m, s, acc = _attend(q, k, v, valid, m, s, acc, scale, IEEE)
         slot = query_heads * chunks + chunk  # partials laid out [query head, chunk]
         tl.store(part_max + slot, m, mask=in_group)
         tl.store(part_sum + slot, s, mask=in_group)
@@ -166,6 +192,10 @@ def _combine(part_max, part_sum, part_out, out, head, chunks, used, CHUNKS_PAD: 
 
 @triton.jit
 def combine_kernel(part_max, part_sum, part_out, position_ptr, out, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-                   CHUNKS_PAD: tl.constexpr, D: tl.constexpr):
+                   CHUNKS_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # the output projection launches now and loads its first weights while the chunks combine
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     _combine(part_max, part_sum, part_out, out, tl.program_id(0), CHUNKS, tl.load(position_ptr) // CHUNK + 1,
              CHUNKS_PAD, D)

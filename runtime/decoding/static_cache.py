@@ -505,27 +505,11 @@ class StaticCacheDecoder(Decoder):
         self.step_ids.copy_(tokens.reshape(self.rows, 1))
         return self._run_step(unsynchronised)
 
-    def prepare_pick(self, tokens: Tensor, pick, key: str) -> bool:
-        if self.recorded is None or key is None or tokens.device.type != self.device.type or tokens.numel() != self.rows:
-            return False
-        if self.recorded.ready(key, tokens, pick):
-            return True
-        return self.recorded.record(key, tokens, pick, lambda: pick(self._device_step(tokens, unsynchronised=True)))
+    def _recorded_step(self, tokens: Tensor) -> Tensor:
+        return self._device_step(tokens, unsynchronised=True)
 
-    def step_and_pick(self, tokens: Tensor, pick, key: str | None = None) -> tuple[Tensor, Tensor]:
-        recorded = self.recorded
-        if self.closed or recorded is None or key is None:
-            return super().step_and_pick(tokens, pick, key)
-        # a pick not recorded yet runs once as it is (its kernels load and compile), then is recorded
-        if not recorded.ready(key, tokens, pick) and not (recorded.warm(key, tokens, pick)
-                                                          and self.prepare_pick(tokens, pick, key)):
-            result = super().step_and_pick(tokens, pick, key)
-            recorded.ran(key, tokens, pick)
-            return result
-        self._check_step(tokens, self.rows, "step_and_pick() takes one token per row")
-        ids = recorded.replay(key)
-        self._advance()
-        return self.step_logits[:, 0], ids
+    def _recorded_logits(self) -> Tensor:
+        return self.step_logits[:, 0]
 
     def _step(self, tokens: Tensor) -> Tensor:
         if len(self.lengths) == self.rows:

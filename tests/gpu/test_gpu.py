@@ -495,7 +495,7 @@ FUSED_VARIANTS = [("fp32", {}), ("fp16", {}), ("bf16", {}),
 
 @pytest.mark.parametrize("dtype, options", FUSED_VARIANTS)
 def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype, options):
-    """triton-fused (its step replayed as one CUDA graph) against eager PyTorch on a model of the
+    """triton-fused (its step and the engine's pick replayed as one CUDA graph) against eager PyTorch on a model of the
     small preset's shape with grouped key/value heads, in each precision and with the other norm,
     rotary pairing and QKV layout: fp32 exact greedy tokens, half precision the forced-step bars; a
     prompt long enough that the window's attention spans many chunks."""
@@ -520,5 +520,6 @@ def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype, options):
         assert candidate.graph is not None
         assert candidate.fused.pdl == (torch.cuda.get_device_capability()[0] >= 9)  # Hopper: the products use PDL
         result = compare_generation(reference, candidate, random_prompts(32000, batch=1, length=300), 96, dtype)
+        assert candidate.recorded.graphs and not candidate.recorded.broken  # generate replayed step + pick
     print("triton-fused", dtype, options, result.summary())
     assert result, result.summary()
