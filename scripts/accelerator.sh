@@ -191,11 +191,12 @@ bench-large)  # those graphs (exported first if missing) against the gpt-fast re
       2>&1 | tee "$results/bench-$preset${TAG:-}.log" | grep -v "^  " | tail -12
   done
   ;;
-fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step's profile, and at 7b batch 1 against
-  # the gpt-fast recipe on the same fp16 weights in one run
+fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step's profile (PROFILE_ARGS: e.g. --sweep),
+  # and at 7b batch 1 against the gpt-fast recipe on the same fp16 weights in one run
   run py -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_gpu.py -k "fused_batch1 or gemv" 2>&1 \
     | tee "$results/pytest-fused.txt" | grep -E "parity|passed|failed"
-  run py scripts/profile_fused.py --preset ${PRESET:-7b} --json "$results/profile-fused.json" 2>&1 | grep -v -i warn | tail -12
+  run py scripts/profile_fused.py --preset ${PRESET:-7b} ${PROFILE_ARGS:-} --json "$results/profile-fused.json" 2>&1 \
+    | grep -v -i warn | tail -${PROFILE_LINES:-12}
   run timeout ${LIMIT:-400} python3 -m runtime.commands.benchmark --preset ${PRESET:-7b} --dtype fp16 \
     --backend ${BACKENDS:-triton-fused,torch-compile-static} --batch 1 --context 1024 --new-tokens 32 --warmup 3 --iters 5 \
     --json "$results/bench-fused-${PRESET:-7b}.json" 2>&1 | tee "$results/bench-fused.log" | grep -v "^  " | tail -6
