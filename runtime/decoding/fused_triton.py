@@ -164,11 +164,11 @@ def attention_kernel(qkv, keys, values, position_ptr, inv_freq, part_max, part_s
             acc = tl.zeros((GROUPS_PAD, D), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
         m, s, acc = _attend(q, k, v, valid, m, s, acc, scale, IEEE)
         for start in range(first + BLOCK_T, last, BLOCK_T):
-            t = start + tl.arange(0, BLOCK_T)
-            valid = t < last
-            k = tl.load(keys + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(values + cache + t[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
-            m, s, acc = _attend(q, k, v, valid, m, s, acc, scale, IEEE)
+            later = start + tl.arange(0, BLOCK_T)
+            inside = later < last
+            later_k = tl.load(keys + cache + later[:, None] * D + dims[None, :], mask=inside[:, None], other=0.0)
+            later_v = tl.load(values + cache + later[:, None] * D + dims[None, :], mask=inside[:, None], other=0.0)
+            m, s, acc = _attend(q, later_k, later_v, inside, m, s, acc, scale, IEEE)
         slot = query_heads * chunks + chunk  # partials laid out [query head, chunk]
         tl.store(part_max + slot, m, mask=in_group)
         tl.store(part_sum + slot, s, mask=in_group)

@@ -113,3 +113,43 @@ def test_benchmark_takes_a_dtype_for_weights_and_refuses_one_that_contradicts_th
     graph.metadata = argparse.Namespace(precision="fp16")
     with pytest.raises(ToolkitError, match="MODEL is fp16 and --dtype asks for bf16"):
         graph.precision()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_the_fused_kernels_compile_for_hopper(dtype, tmp_path, monkeypatch):
+    """The interpreter runs the kernels as Python, so typing rules of the compiler (e.g. a loop
+    variable that changes type) only show when they are compiled: compile each launch variant of the
+    step for sm_90 (to a cubin: Triton ships ptxas), as the GPU would, without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from runtime.decoding import fused_triton
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
+    value = f"*{dtype}"
+
+    def compile_(kernel, pointers: dict, scalars: dict, constants: dict, pdl: bool):
+        signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options={"launch_pdl": True} if pdl else {})
+        assert compiled.asm["cubin"], kernel
+
+    for pdl in (False, True):
+        for half, chunk in ((False, 64), (True, 128)):
+            compile_(fused_triton.attention_kernel,
+                     {"qkv": value, "keys": value, "values": value, "position_ptr": "*i64", "inv_freq": "*fp32",
+                      "part_max": "*fp32", "part_sum": "*fp32", "part_out": "*fp32"}, {"window": "i32", "scale": "fp32"},
+                     dict(HEADS=32, KV_HEADS=8, D=128, GROUPS=4, GROUPS_PAD=16, CHUNK=chunk, BLOCK_T=64,
+                          HALF_PAIRING=half, IEEE=dtype == "fp32", PDL=pdl, TRIGGER=True), pdl)
+        compile_(fused_triton.combine_kernel, {"part_max": "*fp32", "part_sum": "*fp32", "part_out": "*fp32",
+                                               "position_ptr": "*i64", "out": value}, {},
+                 dict(CHUNK=64, CHUNKS=17, CHUNKS_PAD=32, D=128, PDL=pdl, TRIGGER=True), pdl)
+        for norm, bias, gelu, residual in ((0, False, False, True), (1, False, False, False), (2, True, True, False),
+                                           (0, True, False, True)):
+            compile_(fused_triton.norm_gemv_kernel,
+                     {"weight": value, "vector": value, "out": value, "gamma": value, "gamma_row_sums": "*fp32",
+                      "beta_products": "*fp32", "bias": value, "residual": value},
+                     {"n": "i32", "k": "i32", "stride_n": "i32", "eps": "fp32"},
+                     dict(NORM=norm, HAS_BIAS=bias, GELU=gelu, HAS_RESIDUAL=residual, BLOCK_N=8, BLOCK_K=512, PDL=pdl),
+                     pdl)
