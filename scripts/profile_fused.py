@@ -21,6 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hbm_bandwidth import graphed as record, timed_ms  # noqa: E402  (scripts/ is on the path when run as a script)
 
 
+ROLES = {"qkv": (0, "x", "qkv", False), "out": (1, "attended", "x", True), "up": (2, "x", "hidden", False),
+         "down": (3, "hidden", "x", True), "head": (None, "x", "logits", False)}  # role -> (layer index, in, out, residual)
+
+
 def role_products(fused, index):
     return [fused.head] if index is None else [layer[index] for layer in fused.layers]
 
