@@ -80,6 +80,7 @@ def graphed(calls: list):
     import torch
 
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # a new stream does not wait for work queued before
     with torch.cuda.stream(stream):
         for call in calls:
             call()

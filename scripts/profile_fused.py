@@ -2,8 +2,7 @@
 its parts each recorded as a graph of their own (the products with their fused norms and epilogues,
 the attention kernels), and a profiler's per-kernel GPU time over replays of the step.
 
-With PDL (Hopper and later) it also times the step with every kernel launched plainly, and with
-the attention kernels' launch the other way; --sweep times
+With PDL (Hopper and later) it also times the step with every kernel launched plainly; --sweep times
 each product's role under 16 launch configurations, --chunks the attention with other window chunks.
 
 Usage: python3 scripts/profile_fused.py [--preset 7b] [--context 1024] [--window 1088] [--sweep]
@@ -144,20 +143,17 @@ def main() -> int:
         result["products_ms"] = timed_ms(record([at_context(products)]), 50)
         result["attention_ms"] = timed_ms(record([at_context(attention)]), 50)
         result["pdl"] = fused.pdl
-        if fused.pdl:  # the same step with every kernel launched plainly, and with the attention's by PDL too
-            chosen = fused.attention_pdl
+        if fused.pdl:  # the same step with every kernel launched plainly
             record([at_context(fused.run)])()
             logits = fused.logits.clone()
-            for name, pdl, attention_pdl in (("without_pdl", False, False), ("attention_pdl", True, not chosen)):
-                fused.pdl, fused.attention_pdl = pdl, attention_pdl
-                replay = record([at_context(fused.run)])
-                result[f"step_ms_{name}"] = timed_ms(replay, 50)
-                replay()
-                result[f"{name}_logits_max_abs_diff"] = (fused.logits - logits).abs().max().item()
-                print(f"  {name} ({'on' if attention_pdl else 'off'} for attention): {result[f'step_ms_{name}']:.3f} ms "
-                      f"(logits differ by {result[f'{name}_logits_max_abs_diff']:.3g})", flush=True)
-            fused.pdl, fused.attention_pdl = True, chosen
-            result["attention_pdl"] = chosen
+            fused.pdl = False
+            replay = record([at_context(fused.run)])
+            result["step_ms_without_pdl"] = timed_ms(replay, 50)
+            replay()
+            result["pdl_logits_max_abs_diff"] = (fused.logits - logits).abs().max().item()
+            fused.pdl = True
+            print(f"  without programmatic dependent launch: {result['step_ms_without_pdl']:.3f} ms "
+                  f"(logits differ by {result['pdl_logits_max_abs_diff']:.3g})", flush=True)
         if args.chunks:
             from runtime.decoding.fused_decoder import FusedStep
 

@@ -42,13 +42,13 @@ class GemvConfig(NamedTuple):
 
 
 def gemv_config(n: int, k: int, normed: bool = False) -> GemvConfig:
-    """Launch settings for an [n, k] weight. A product with a folded norm re-reads x and the norm's
-    weight in every program, so it takes 8 rows a program (K in blocks of 512) to read them half as
-    often; the others 4 rows, K in blocks of 1024; 4 warps. On the 7b step on an H200 these were the
-    fastest of 10 configurations for each product (scripts/profile_fused.py --sweep,
-    docs/benchmarks/h200-1204d/profile-fused-sweep.json)."""
-    block_k = min(512 if normed else 1024, max(16, 1 << (k - 1).bit_length()))
-    return GemvConfig(8 if normed else 4, block_k, 4, 2)
+    """Launch settings for an [n, k] weight: 8 rows a program, K in blocks of 1024, 4 warps. On the
+    7b step on an H200 that was the fastest of 16 configurations, or within 3 % of it, for every
+    product but the QKV one (normed, 6,144 rows), which was 7 % faster in blocks of 512: so a normed
+    product of fewer than 8,192 rows takes blocks of 512 (scripts/profile_fused.py --sweep,
+    docs/benchmarks/h200-1204e/profile-fused-sweep.json)."""
+    block_k = min(512 if normed and n < 8192 else 1024, max(16, 1 << (k - 1).bit_length()))
+    return GemvConfig(8, block_k, 4, 2)
 
 
 @functools.cache
@@ -152,7 +152,6 @@ class FusedStep:
         self.part_out = torch.zeros(config.heads * self.chunks * config.dim_head, dtype=torch.float32, device=device)
         self.ieee = dtype == torch.float32
         self.pdl = pdl_supported(device)  # the products launched with programmatic dependent launch
-        self.attention_pdl = False  # the attention kernels too (scripts/profile_fused.py times both)
 
     def _gemv(self, product: _Product, vector: Tensor, out: Tensor, residual: bool = False) -> None:
         launch_gemv(product.weight, vector, out, product.config, self.eps, product.norm, product.gamma,
@@ -162,18 +161,16 @@ class FusedStep:
         triton, fused = kernels()
         config = self.config
         groups = config.heads // config.kv_heads
-        pdl = self.pdl and self.attention_pdl
         fused.attention_kernel[(config.kv_heads, self.chunks)](
             self.qkv, keys, values, self.position, self.inv_freq, self.part_max, self.part_sum, self.part_out,
             keys.shape[2], config.dim_head ** -0.5, HEADS=config.heads, KV_HEADS=config.kv_heads, D=config.dim_head,
             GROUPS=groups, GROUPS_PAD=max(16, triton.next_power_of_2(groups)), CHUNK=self.chunk,
             BLOCK_T=min(64, max(16, triton.next_power_of_2(self.chunk))),
-            HALF_PAIRING=config.rotary_pairing == "half", IEEE=self.ieee, PDL=pdl, TRIGGER=self.pdl, num_warps=4,
-            **_pdl_option(pdl))
+            HALF_PAIRING=config.rotary_pairing == "half", IEEE=self.ieee, num_warps=4)
         fused.combine_kernel[(config.heads,)](
             self.part_max, self.part_sum, self.part_out, self.position, self.attended, CHUNK=self.chunk,
-            CHUNKS=self.chunks, CHUNKS_PAD=triton.next_power_of_2(self.chunks), D=config.dim_head, PDL=pdl,
-            TRIGGER=self.pdl, num_warps=4, **_pdl_option(pdl))
+            CHUNKS=self.chunks, CHUNKS_PAD=triton.next_power_of_2(self.chunks), D=config.dim_head,
+            TRIGGER=self.pdl, num_warps=4)
 
     def run(self) -> None:
         """One step: the token in `self.token` at `self.position` -> `self.logits`; the position advances."""

@@ -135,16 +135,16 @@ def test_the_fused_kernels_compile_for_hopper(dtype, tmp_path, monkeypatch):
                                   options={"launch_pdl": True} if pdl else {})
         assert compiled.asm["cubin"], kernel
 
+    for half, chunk in ((False, 64), (True, 128)):
+        compile_(fused_triton.attention_kernel,
+                 {"qkv": value, "keys": value, "values": value, "position_ptr": "*i64", "inv_freq": "*fp32",
+                  "part_max": "*fp32", "part_sum": "*fp32", "part_out": "*fp32"}, {"window": "i32", "scale": "fp32"},
+                 dict(HEADS=32, KV_HEADS=8, D=128, GROUPS=4, GROUPS_PAD=16, CHUNK=chunk, BLOCK_T=64,
+                      HALF_PAIRING=half, IEEE=dtype == "fp32"), False)
     for pdl in (False, True):
-        for half, chunk in ((False, 64), (True, 128)):
-            compile_(fused_triton.attention_kernel,
-                     {"qkv": value, "keys": value, "values": value, "position_ptr": "*i64", "inv_freq": "*fp32",
-                      "part_max": "*fp32", "part_sum": "*fp32", "part_out": "*fp32"}, {"window": "i32", "scale": "fp32"},
-                     dict(HEADS=32, KV_HEADS=8, D=128, GROUPS=4, GROUPS_PAD=16, CHUNK=chunk, BLOCK_T=64,
-                          HALF_PAIRING=half, IEEE=dtype == "fp32", PDL=pdl, TRIGGER=True), pdl)
         compile_(fused_triton.combine_kernel, {"part_max": "*fp32", "part_sum": "*fp32", "part_out": "*fp32",
                                                "position_ptr": "*i64", "out": value}, {},
-                 dict(CHUNK=64, CHUNKS=17, CHUNKS_PAD=32, D=128, PDL=pdl, TRIGGER=True), pdl)
+                 dict(CHUNK=64, CHUNKS=17, CHUNKS_PAD=32, D=128, TRIGGER=pdl), False)
         for norm, bias, gelu, residual in ((0, False, False, True), (1, False, False, False), (2, True, True, False),
                                            (0, True, False, True)):
             compile_(fused_triton.norm_gemv_kernel,
