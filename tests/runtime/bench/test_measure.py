@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from runtime.bench.measure import StepTimer, decode_steps
+from runtime.bench.measure import decode_steps
 from runtime.decoding.base import Decoder, DecodingError
 
 VOCAB = 8
@@ -38,11 +38,11 @@ PROMPTS = {0: [1, 2], 1: [3], 2: [4, 5, 6]}
 def test_decode_steps_decode_every_row_after_the_prefill_measurements_left_rows_started():
     decoder = Counting(3)
     decoder.start(PROMPTS)  # what the time-to-first-token measurement leaves behind
-    times = decode_steps(decoder, PROMPTS, warmup=2, new_tokens=5, timer=StepTimer(decoder.device))
+    times = decode_steps(decoder, PROMPTS, warmup=2, new_tokens=5)
     assert len(times) == 5 and decoder.steps == 7 and not decoder.lengths
 
 
 def test_steps_that_decode_nothing_are_refused_not_timed():
     with pytest.raises(DecodingError, match=r"decode step 1 gave 0 of 3 tokens \(decoding failed \(RuntimeError: "
                                             r"the device fell over\)\)"):
-        decode_steps(Counting(3, fail=True), PROMPTS, warmup=1, new_tokens=4, timer=StepTimer(torch.device("cpu")))
+        decode_steps(Counting(3, fail=True), PROMPTS, warmup=1, new_tokens=4)
