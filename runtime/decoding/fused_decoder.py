@@ -172,9 +172,10 @@ class FusedStep:
             CHUNKS=self.chunks, CHUNKS_PAD=triton.next_power_of_2(self.chunks), D=config.dim_head,
             TRIGGER=self.pdl, num_warps=4)
 
-    def run(self) -> None:
-        """One step: the token in `self.token` at `self.position` -> `self.logits`; the position advances."""
-        torch.index_select(self.embedding, 0, self.token, out=self.x)
+    def run(self, token: Tensor | None = None) -> None:
+        """One step: `token` (1,) (default: the one in `self.token`) at `self.position` -> `self.logits`;
+        the position advances."""
+        torch.index_select(self.embedding, 0, self.token if token is None else token, out=self.x)
         for (qkv, out, up, down), (keys, values) in zip(self.layers, self.caches):
             self._gemv(qkv, self.x, self.qkv)
             self._attention(keys, values)
@@ -264,8 +265,7 @@ class FusedDecoder(Decoder):
 
     @torch.inference_mode()
     def _recorded_step(self, tokens: Tensor) -> Tensor:
-        self.fused.token.copy_(tokens.reshape(1))
-        self.fused.run()
+        self.fused.run(tokens.reshape(1))  # read where the pick writes them: no copy
         return self.fused.logits
 
     def _recorded_logits(self) -> Tensor:
