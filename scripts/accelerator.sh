@@ -191,8 +191,9 @@ bench-large)  # those graphs (exported first if missing) against the gpt-fast re
       2>&1 | tee "$results/bench-$preset${TAG:-}.log" | grep -v "^  " | tail -12
   done
   ;;
-fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step's profile (PROFILE_ARGS: e.g. --sweep),
-  # and at 7b batch 1 against the gpt-fast recipe on the same fp16 weights in one run
+fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step's profile (PROFILE_ARGS: e.g. --sweep;
+  # PROFILE_LINES: how many lines of its output to show), and at 7b batch 1 against the gpt-fast recipe on the same
+  # fp16 weights in one run (BACKENDS: e.g. triton-fused alone)
   run py -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_gpu.py -k "fused_batch1 or gemv" 2>&1 \
     | tee "$results/pytest-fused.txt" | grep -E "parity|passed|failed"
   run py scripts/profile_fused.py --preset ${PRESET:-7b} ${PROFILE_ARGS:-} --json "$results/profile-fused.json" 2>&1 \

@@ -137,7 +137,8 @@ class Decoder(abc.ABC):
         `tokens` and everything `pick` touches must keep their memory: the graph reads and writes
         those addresses."""
         recorded = self.recorded
-        if recorded is None or key is None or tokens.device.type != self.device.type or tokens.numel() != self.rows:
+        if (self.closed or recorded is None or key is None or tokens.device.type != self.device.type
+                or tokens.numel() != self.rows):
             return False
         if recorded.ready(key, tokens, pick):
             return True

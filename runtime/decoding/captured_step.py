@@ -13,6 +13,9 @@ Everything the graph touches keeps its address: the decoder's bound buffers, the
 row-table tensors. ONNX Runtime's scratch for the step comes from its arena, which does not give
 memory back, so the recorded addresses stay valid; the decoder's other runs on that session
 (prefills) reuse them only in stream order, before or after a replay.
+
+triton-fused records its Triton step with the pick the same way, on a stream of its own, to save
+the launches between the step's graph and the pick's kernels.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ class CapturedSteps:
     """The recorded graphs of one decoder, one per key (a variant of the caller's pick)."""
 
     def __init__(self, stream: "torch.cuda.Stream | None"):
-        """`stream`: the non-default stream the decoder's ONNX Runtime session runs on."""
+        """`stream`: the non-default stream the graphs are recorded on (for ONNX Runtime, the one its
+        session runs on)."""
         self.stream = stream
         # key -> (graph, tokens, pick, ids); holding tokens and pick (and so what pick reads) keeps
         # the recorded addresses theirs, where a newer caller's tensors might reuse freed memory

@@ -1,6 +1,7 @@
 """A batch-1 decoder whose decode step is a few fused Triton kernels per layer, replayed as one CUDA
-graph (with the engine's pick of the next token, step_and_pick): what a single stream of a large model needs, where every step reads all the weights and the
-step's time is the weights' bytes over the memory bandwidth.
+graph with the engine's pick of the next token (step_and_pick): what a single stream of a large
+model needs, where every step reads all the weights and the step's time is the weights' bytes
+over the memory bandwidth.
 
 Per layer: the pre-norm and the QKV product in one kernel (the norm's statistics are gathered while
 the product reads x), rotary + cache write + attention over chunks of the window in one, the chunks
@@ -275,10 +276,12 @@ class FusedDecoder(Decoder):
         pass  # a start writes its row's position and cache from 0
 
     def close(self) -> None:
-        if self.recorded is not None:
-            self.recorded.close()
-        self.graph = self.recorded = None
-        super().close()
+        recorded, self.graph, self.recorded = self.recorded, None, None
+        try:
+            if recorded is not None:
+                recorded.close()  # waits for a replay still queued: raises after a CUDA error
+        finally:
+            super().close()
 
 
 def open_fused(source, spec, rows: int = 1, precision: str = "fp16", max_cache: int | None = None,
