@@ -54,7 +54,7 @@ def main() -> None:
     for _ in range(100):
         started = time.perf_counter()
         _, ids = decoder.step_and_pick(engine._inputs, pick, GREEDY)
-        engine._to_host(ids)
+        engine._to_host(engine._copy_to_host(ids))
         times.append(time.perf_counter() - started)
     print(f"step_and_pick + to_host p50 {statistics.median(times) * 1e3:.3f} ms")
 

@@ -79,7 +79,7 @@ def first_tokens(decoder: Decoder, prompts: dict[int, list[int]]) -> Tensor:
 
 
 def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters: int, precision: Precision,
-            peaks: GpuPeaks | None, open_seconds: float | None = None) -> BenchmarkResult:
+            peaks: GpuPeaks | None, open_seconds: float | None = None, overlap: bool = False) -> BenchmarkResult:
     """Time to first token (the first request after opening, then warm), full-logits prefill
     (median of `iters`), then `new_tokens` decode steps after `warmup` untimed ones."""
     timer = StepTimer(decoder.device)
@@ -90,7 +90,7 @@ def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters:
         first_tokens(decoder, prompts)
     ttft = [timer(lambda: first_tokens(decoder, prompts))[0] for _ in range(iters)]
     times = [timer(lambda: decoder.start(prompts, all_logits=True))[0] for _ in range(iters)]
-    steps = decode_steps(decoder, prompts, warmup, new_tokens) if new_tokens else []
+    steps = decode_steps(decoder, prompts, warmup, new_tokens, overlap) if new_tokens else []
     result = result_of(decoder.name, decoder.config, decoder.rows, context, times, steps, memory.peak_mib(),
                        precision, peaks)
     result.cold_ttft_ms, result.ttft_ms = cold * 1e3, statistics.median(ttft) * 1e3
@@ -98,18 +98,22 @@ def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters:
     return result
 
 
-def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, new_tokens: int) -> list[float]:
+def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, new_tokens: int,
+                 overlap: bool = False) -> list[float]:
     """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
     after `warmup` untimed steps: the decode loop `generate` and the server run. Each step is timed
     from the previous step's return to its own, as that loop's caller sees it: a step returns once
     its ids are on the host, so nothing more is synchronised (a device synchronisation before and
     after each step, as the prefill timings make, added about 0.06 ms a step on an H200 that the
-    loop itself never spends)."""
-    engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()))
+    loop itself never spends). `overlap`: the engine's overlapped loop (Engine(overlap=True)), each
+    step queued before the ids of the one before are read."""
+    engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()), overlap=overlap)
     engine.warm_up()  # kernels loaded and the step recorded before any step is timed
     settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)
     handles = [engine.submit(prompts[row], settings) for row in sorted(prompts)]
     try:
+        if overlap:
+            engine.step()  # queues the admission; each call from here reports the step queued by the one before
         times, last = [], time.perf_counter()
         for step in range(1 + warmup + new_tokens):  # step 0 admits: every row prefilled, its first token picked
             events = engine.step()

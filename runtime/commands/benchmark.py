@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode steps timed (default 32; 0 times the prompt only)")
     parser.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed runs first (default 3)")
     parser.add_argument("--iters", type=positive_int, default=10, metavar="N", help="timed prefill runs (default 10)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="decode through the engine's overlapped loop: each step is queued before the ids of the "
+                             "step before are read, so the GPU decodes while the host turns ids into tokens (default: off)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="draw decode latency vs context per backend (matplotlib)")
     return parser
@@ -148,7 +151,7 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
                             with phase(log, f"measuring {decoder.name}",
                                        f"  {decoder.name}: batch {batch}, context {context} ..."):
                                 result = measure(decoder, context, args.new_tokens, args.warmup, args.iters, row,
-                                                 peaks, opened_in)
+                                                 peaks, opened_in, args.overlap)
                             result.decode_mode = decoder.mode
                             results.append(result)
                             opened_in = None  # only the first cell pays for opening
@@ -216,7 +219,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         write_json(args.json, {"environment": env, "precision": row.dtype, "config": targets.config().to_dict(),
                                "peaks": vars(peaks) if peaks else None,
                                "settings": {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens,
-                                            "warmup": args.warmup, "iters": args.iters, "backends": names},
+                                            "warmup": args.warmup, "iters": args.iters, "backends": names,
+                                            "overlap": args.overlap},
                                "results": [r.to_dict() for r in results]})
     if args.plot:
         plot(results, args.plot, f"{env['device']}, {row.dtype}, {args.new_tokens} decode steps")

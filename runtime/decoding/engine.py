@@ -9,6 +9,11 @@ pick their first tokens, and report the tokens as events. Tokens are picked
 on the device (`sampling.choose`) and fed back to the decoder there; the step's one device-to-host
 copy is the ids it reports. No threads, no I/O, no clocks: a caller drives it (the server from its
 decode thread) and decides what to do with the events.
+
+With `overlap`, each step() queues the next step before it reads the ids of the step before, so
+the GPU decodes while the host turns ids into events (vLLM's and SGLang's overlapped schedulers
+work this way): a request that stops at its end-of-sequence token is stepped once more and that
+token dropped, and one whose last token is queued leaves the step and frees its row before it is read.
 """
 from __future__ import annotations
 
@@ -50,7 +55,18 @@ class _Request:
     settings: GenerationSettings
     forced: list[int] | None  # teacher forcing: fed instead of the picked tokens (parity)
     produced: int = 0  # tokens reported so far
+    queued: int = 0  # tokens whose step is queued: produced, or one more while that step is read later (overlap)
     row: int = -1
+
+
+@dataclass
+class _Queued:
+    """A step queued on the device, its ids on their way to the host."""
+
+    reported: list[tuple[_Request, int]]  # each request given a token, and where its id is among the ids
+    failed: list[TokenEvent]  # requests the step could not run, reported with its tokens
+    stats: StepStats
+    ids: "list[int] | tuple[Tensor, torch.cuda.Event] | None"  # read already (CPU), or a pinned copy and its event
 
 
 @dataclass
@@ -75,12 +91,18 @@ class Engine:
     """In-flight batching over one Decoder: requests join free rows and leave at any step."""
 
     def __init__(self, decoder: Decoder, rows: int | None = None, prefill_tokens: int = PREFILL_TOKENS,
-                 on_logits: Callable[[list[int], Tensor], None] | None = None):
+                 on_logits: Callable[[list[int], Tensor], None] | None = None, overlap: bool = False):
         """`rows`: how many of the decoder's rows to use (default all); `on_logits(handles, logits)`
-        sees every (rows, vocab) batch of logits a step gives (parity records them; the pick leaves them as they are)."""
+        sees every (rows, vocab) batch of logits a step gives (parity records them; the pick leaves them as they are).
+        `overlap`: each step() queues the next step before it reads the ids of the one before, so that
+        the GPU decodes while the host turns ids into events; a step's events then come with the
+        next call (the first returns none), and a request that stops at its end-of-sequence token is
+        stepped once more, its extra token dropped."""
         if prefill_tokens < 1:
             raise DecodingError(f"the prefill budget must be at least 1 token, got {prefill_tokens}")
-        self.decoder, self.prefill_tokens, self.on_logits = decoder, prefill_tokens, on_logits
+        if overlap and on_logits is not None:
+            raise DecodingError("on_logits sees each step's logits as the step runs; it needs overlap=False")
+        self.decoder, self.prefill_tokens, self.on_logits, self.overlap = decoder, prefill_tokens, on_logits, overlap
         self.rows = min(rows or decoder.rows, decoder.rows)
         # the decoder's rows are the engine's: any a caller left started (decoder.start) are freed,
         # or a request admitted into one would fail (start_beside starts idle rows only), and one
@@ -93,8 +115,8 @@ class Engine:
         self._next_handle = 0
         self._inputs = torch.zeros(decoder.rows, dtype=torch.int64, device=decoder.device)  # each row's next token
         self._table = RowTable(decoder.rows, decoder.vocab_size, decoder.device)
-        self._host: Tensor | None = None  # pinned buffer the ids are copied into (CUDA)
-        self._copied = None  # the CUDA event that copy is waited on, made once
+        self._hosts: list[tuple[Tensor, "torch.cuda.Event"]] = []  # pinned buffers the ids are copied into (CUDA)
+        self._queued: _Queued | None = None  # with overlap: the step whose ids the next call reads
         self._picks = {}  # choice kind -> the pick step_and_pick runs on the logits (one object each: a graph key)
         self.stats = StepStats()
 
@@ -150,16 +172,29 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not (self._waiting or self._running)
+        return not (self._waiting or self._running or self._queued)
 
     # ---- one step ----
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests, decode one token for every running row, prefill the admitted
-        ones (each gets its first token); return the step's events, running rows first."""
-        self.stats = StepStats()
+        ones (each gets its first token); return the step's events, running rows first. With
+        overlap: queue that step, then return the events of the step queued by the call before."""
+        if not self.overlap:
+            return self._read(self._queue())
+        ahead = self._queue() if self._waiting or any(
+            r.queued < r.settings.max_new_tokens for r in self._running.values()) else None
+        behind, self._queued = self._queued, ahead
+        return [] if behind is None else self._read(behind)
+
+    def _queue(self) -> _Queued:
+        """Queue a step on the device: the decode of every running row and the admitted rows' prefill
+        and first pick, then the copy of their ids to the host."""
+        stats = self.stats = StepStats()
         picked: list[Tensor] = []  # device ids: the decode step's (one per decoder row), then the new rows' first
-        reported: list[tuple[_Request, int]] = []  # each request given a token, and where its id is in `picked`
+        reported: list[tuple[_Request, int]] = []
         failed: list[TokenEvent] = []
+        # a request whose last token is queued already (overlap) is stepped no more: its row is freed now
+        self._release([r for r in self._running.values() if r.queued >= r.settings.max_new_tokens], forget=False)
         stepping = [request for _, request in sorted(self._running.items())]
         admitted = self._admit()
         beside = None  # the admitted rows' prefill, running beside the decode step where the decoder can
@@ -174,7 +209,7 @@ class Engine:
                 reported += [(request, request.row) for request in stepping]
             except Exception as error:
                 failed += self._fail(stepping, error)
-        self.stats.rows = len(reported)
+        stats.rows = len(reported)
         if admitted:
             try:
                 picked.append(self._start(admitted, beside))
@@ -182,11 +217,23 @@ class Engine:
                 reported += [(request, offset + i) for i, request in enumerate(admitted)]
             except Exception as error:
                 failed += self._fail(admitted, error)
-        if not picked:
-            return failed
-        tokens = self._to_host(torch.cat(picked) if len(picked) > 1 else picked[0])
+        for request, _ in reported:
+            request.queued += 1
+        ids = None
+        if picked:
+            ids = self._copy_to_host(torch.cat(picked) if len(picked) > 1 else picked[0])
+        return _Queued(reported, failed, stats, ids)
+
+    def _read(self, queued: _Queued) -> list[TokenEvent]:
+        """A queued step's ids as events; the requests it finished leave."""
+        self.stats = queued.stats
+        if queued.ids is None:
+            return queued.failed
+        tokens = self._to_host(queued.ids)
         events, done = [], []
-        for request, place in reported:
+        for request, place in queued.reported:
+            if self._by_handle.get(request.handle) is not request:
+                continue  # cancelled since, or (overlap) stopped at the step before: its token is dropped
             token, index = tokens[place], request.produced
             request.produced += 1
             finish = None
@@ -199,21 +246,30 @@ class Engine:
                 done.append(request)
         self._release(done)
         self.stats.tokens = len(events)
-        return events + failed
+        return events + queued.failed
 
-    def _to_host(self, ids: Tensor) -> list[int]:
-        """The step's one copy to the host. On CUDA: into pinned memory, waited for on an event,
-        which lets other threads (the server's senders) run while the GPU finishes the step."""
+    def _copy_to_host(self, ids: Tensor):
+        """The step's one copy to the host, queued: on CUDA into pinned memory (two buffers, as a
+        copy may be queued while the one before is not read yet), with an event to wait on."""
         if ids.device.type != "cuda":
             return ids.tolist()
-        if self._host is None or self._host.numel() < ids.numel():
-            self._host = torch.empty(2 * self.decoder.rows, dtype=torch.int64, pin_memory=True)
-        host = self._host[: ids.numel()]
+        if not self._hosts or self._hosts[0][0].numel() < ids.numel():
+            self._hosts = [(torch.empty(2 * self.decoder.rows, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+                           for _ in range(2)]
+        self._hosts.reverse()  # the other buffer than last time
+        host, copied = self._hosts[0]
+        host = host[: ids.numel()]
         host.copy_(ids, non_blocking=True)
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.record()
-        self._copied.synchronize()  # without the GIL, unlike tolist() on a CUDA tensor
+        copied.record()
+        return host, copied
+
+    @staticmethod
+    def _to_host(ids) -> list[int]:
+        """The ids _copy_to_host queued, once they are on the host."""
+        if isinstance(ids, list):
+            return ids
+        host, copied = ids
+        copied.synchronize()  # without the GIL, unlike tolist() on a CUDA tensor, so the server's senders run
         return host.tolist()
 
     def _admit(self) -> list[_Request]:
@@ -275,18 +331,21 @@ class Engine:
 
     def _force(self, requests: list[_Request]) -> None:
         """Teacher forcing: after new token i, feed forced[i] in place of the picked one."""
-        forced = [(r.row, r.forced[r.produced]) for r in requests if r.forced is not None and r.produced < len(r.forced)]
+        forced = [(r.row, r.forced[r.queued]) for r in requests if r.forced is not None and r.queued < len(r.forced)]
         if forced:  # index_copy_: a Python number set into one element of a CUDA tensor waits for the GPU
             rows, tokens = zip(*forced)
             device = self.decoder.device
             self._inputs.index_copy_(0, to_device(rows, torch.int64, device), to_device(tokens, torch.int64, device))
 
-    def _release(self, requests: list[_Request]) -> None:
+    def _release(self, requests: list[_Request], forget: bool = True) -> None:
+        """Free the requests' rows; `forget`: they are done (a request whose last token is still to
+        be read keeps its handle until then)."""
         rows = [r.row for r in requests if self._running.get(r.row) is r]
         for request in requests:
             if self._running.get(request.row) is request:
                 del self._running[request.row]
-            self._by_handle.pop(request.handle, None)
+            if forget:
+                self._by_handle.pop(request.handle, None)
         if rows:
             self.decoder.release(rows)
             self._table.leave(rows)

@@ -46,3 +46,10 @@ def test_steps_that_decode_nothing_are_refused_not_timed():
     with pytest.raises(DecodingError, match=r"decode step 1 gave 0 of 3 tokens \(decoding failed \(RuntimeError: "
                                             r"the device fell over\)\)"):
         decode_steps(Counting(3, fail=True), PROMPTS, warmup=1, new_tokens=4)
+
+
+def test_decode_steps_with_overlap_time_every_step_of_every_row():
+    decoder = Counting(3)
+    times = decode_steps(decoder, PROMPTS, warmup=2, new_tokens=5, overlap=True)
+    # the admission, 2 + 5 timed steps, and none past the requests' length, though each step was queued a call early
+    assert len(times) == 5 and decoder.steps == 7

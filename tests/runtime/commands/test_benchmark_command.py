@@ -47,6 +47,14 @@ def test_a_static_cache_graph_is_benchmarked_through_its_own_decoder(tiny_static
     assert result["backend"] == "onnxruntime-cpu-static-cache" and result["decode_p50_ms"] > 0
 
 
+def test_overlap_decodes_through_the_overlapped_loop_and_says_so(tiny_static_onnx, tmp_path):
+    assert main([str(tiny_static_onnx), "--backend", "onnxruntime,torch", "--context", "8", "--new-tokens", "3",
+                 "--warmup", "1", "--iters", "1", "--overlap", "--json", str(tmp_path / "b.json")]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["settings"]["overlap"] is True
+    assert all(r["error"] is None and r["decode_p50_ms"] > 0 for r in data["results"]) and len(data["results"]) == 2
+
+
 def test_help_lists_the_registrys_defaults_for_each_machine():
     """The defaults --help names are the registry's (it once left out torch-compile-static and
     onnxruntime-cuda-static-portable)."""

@@ -304,3 +304,70 @@ def test_rows_a_caller_left_started_are_the_engines_to_start_again(rows):
     tokens, finish, _ = run(engine)
     assert [tokens[h] for h in handles] == [expected_greedy([3], 4), expected_greedy([4, 4], 2)]
     assert set(finish.values()) == {LENGTH}
+
+
+# ---- overlap: the next step queued before the ids of the one before are read ----
+def mixed_workload(engine: Engine) -> list[int]:
+    """Greedy and sampled requests, one stopping at an end-of-sequence token, one teacher-forced,
+    more than the rows hold, admitted within a small budget."""
+    eos = expected_greedy([5, 6], 9)[3]  # its fourth token: it stops there
+    work = [([9, 4], GenerationSettings(12, 1.5, 0.0, seed=1), None),
+            ([5, 6], GenerationSettings(9, eos_id=eos), None),
+            ([3], GenerationSettings(6, 1.2, 0.0, seed=2, top_k=4), None),
+            ([1], GenerationSettings(4), [7, 3, 5]),
+            ([2, 2, 2], GenerationSettings(7), None),
+            ([8], GenerationSettings(5, 0.9, 0.0, seed=3, top_p=0.8), None)]
+    return [engine.submit(prompt, settings, forced) for prompt, settings, forced in work]
+
+
+def test_overlapped_steps_give_every_request_the_same_tokens_and_finishes():
+    plain = Engine(FakeDecoder(rows=3), prefill_tokens=3)
+    want_handles = mixed_workload(plain)
+    want_tokens, want_finish, _ = run(plain)
+    overlapped = Engine(FakeDecoder(rows=3), prefill_tokens=3, overlap=True)
+    handles = mixed_workload(overlapped)
+    tokens, finish, steps = run(overlapped)
+    assert [tokens[h] for h in handles] == [want_tokens[h] for h in want_handles]
+    assert [finish[h] for h in handles] == [want_finish[h] for h in want_handles]
+    assert finish[handles[1]] == STOP and len(tokens[handles[1]]) == 4
+    assert steps[0] == [] and overlapped.idle and not overlapped.decoder.lengths and overlapped._free == [0, 1, 2]
+
+
+def test_with_overlap_a_stopped_request_is_stepped_once_more_and_its_extra_token_dropped():
+    decoder = FakeDecoder(rows=1, max_length=8)
+    engine = Engine(decoder, overlap=True)
+    eos = expected_greedy([5, 6], 6)[1]
+    handle = engine.submit([5, 6], GenerationSettings(6, eos_id=eos))
+    tokens, finish, _ = run(engine)
+    assert tokens[handle] == expected_greedy([5, 6], 6, eos_id=eos) and finish[handle] == STOP
+    # steps: the one after the first token (it gave the end-of-sequence token), then one the engine
+    # queued before it read that token
+    assert [call[0] for call in decoder.calls] == ["start", "step", "step", "release"]
+
+
+def test_with_overlap_a_request_that_ends_by_length_is_never_stepped_past_its_room():
+    decoder = FakeDecoder(rows=2, max_length=8)  # both fill their rows exactly: one more step would not fit
+    engine = Engine(decoder, overlap=True)
+    short, long = engine.submit([1, 2], GenerationSettings(6)), engine.submit([3], GenerationSettings(7))
+    tokens, finish, _ = run(engine)
+    assert tokens[short] == expected_greedy([1, 2], 6) and tokens[long] == expected_greedy([3], 7)
+    assert finish == {short: LENGTH, long: LENGTH}
+    # row 0 (short) is stepped for its tokens 1..5, then freed while row 1 takes its last step
+    assert [call[1] for call in decoder.calls if call[0] == "step"] == [[0, 1]] * 5 + [[1]]
+
+
+def test_with_overlap_a_request_cancelled_while_its_step_is_queued_reports_nothing_more():
+    engine = Engine(FakeDecoder(rows=1), overlap=True)
+    first = engine.submit([1], GenerationSettings(10))
+    assert engine.step() == []  # its admission is queued
+    events = engine.step()  # the next step queued, the admission's token read
+    assert [(e.request, e.index) for e in events] == [(first, 0)]
+    assert engine.cancel(first)
+    second = engine.submit([2], GenerationSettings(2))
+    tokens, finish, _ = run(engine)
+    assert first not in tokens and tokens[second] == expected_greedy([2], 2) and finish[second] == LENGTH
+
+
+def test_overlap_refuses_on_logits():
+    with pytest.raises(DecodingError, match="on_logits sees each step's logits as the step runs; it needs overlap=False"):
+        Engine(FakeDecoder(rows=1), on_logits=lambda handles, logits: None, overlap=True)
