@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profile_engine import decoder_arguments, open_static  # noqa: E402  (scripts/ is on the path when run as a script)
 
-PHASES = ("_admit", "_decode", "_start", "_to_host")
+PHASES = ("_admit", "_decode", "_start", "_copy_to_host", "_to_host")
 
 
 def timed_phases(engine) -> dict[str, list[float]]:

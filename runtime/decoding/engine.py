@@ -64,7 +64,7 @@ class _Queued:
     """A step queued on the device, its ids on their way to the host."""
 
     reported: list[tuple[_Request, int]]  # each request given a token, and where its id is among the ids
-    failed: list[TokenEvent]  # requests the step could not run, reported with its tokens
+    failed: list[tuple[_Request, str, str]]  # requests the step could not run (message, cause), reported after its tokens
     stats: StepStats
     ids: "list[int] | tuple[Tensor, torch.cuda.Event] | None"  # read already (CPU), or a pinned copy and its event
 
@@ -184,7 +184,10 @@ class Engine:
         ahead = self._queue() if self._waiting or any(
             r.queued < r.settings.max_new_tokens for r in self._running.values()) else None
         behind, self._queued = self._queued, ahead
-        return [] if behind is None else self._read(behind)
+        if behind is None:
+            self.stats = StepStats()  # nothing read: this call's step is described when it is
+            return []
+        return self._read(behind)
 
     def _queue(self) -> _Queued:
         """Queue a step on the device: the decode of every running row and the admitted rows' prefill
@@ -192,7 +195,7 @@ class Engine:
         stats = self.stats = StepStats()
         picked: list[Tensor] = []  # device ids: the decode step's (one per decoder row), then the new rows' first
         reported: list[tuple[_Request, int]] = []
-        failed: list[TokenEvent] = []
+        failed: list[tuple[_Request, str, str]] = []
         # a request whose last token is queued already (overlap) is stepped no more: its row is freed now
         self._release([r for r in self._running.values() if r.queued >= r.settings.max_new_tokens], forget=False)
         stepping = [request for _, request in sorted(self._running.items())]
@@ -217,19 +220,17 @@ class Engine:
                 reported += [(request, offset + i) for i, request in enumerate(admitted)]
             except Exception as error:
                 failed += self._fail(admitted, error)
-        for request, _ in reported:
-            request.queued += 1
         ids = None
         if picked:
             ids = self._copy_to_host(torch.cat(picked) if len(picked) > 1 else picked[0])
+        for request, _ in reported:
+            request.queued += 1
         return _Queued(reported, failed, stats, ids)
 
     def _read(self, queued: _Queued) -> list[TokenEvent]:
         """A queued step's ids as events; the requests it finished leave."""
         self.stats = queued.stats
-        if queued.ids is None:
-            return queued.failed
-        tokens = self._to_host(queued.ids)
+        tokens = [] if queued.ids is None else self._to_host(queued.ids)
         events, done = [], []
         for request, place in queued.reported:
             if self._by_handle.get(request.handle) is not request:
@@ -246,7 +247,12 @@ class Engine:
                 done.append(request)
         self._release(done)
         self.stats.tokens = len(events)
-        return events + queued.failed
+        # failures after the tokens: with overlap, those of the step before come first (a request that
+        # stopped there, or was cancelled since, is not failed as well)
+        failed = [(r, message, cause) for r, message, cause in queued.failed if self._by_handle.get(r.handle) is r]
+        events += [TokenEvent(r.handle, None, r.produced, FAILED, message, cause) for r, message, cause in failed]
+        self._release([r for r, _, _ in failed])
+        return events
 
     def _copy_to_host(self, ids: Tensor):
         """The step's one copy to the host, queued: on CUDA into pinned memory (two buffers, as a
@@ -256,8 +262,8 @@ class Engine:
         if not self._hosts or self._hosts[0][0].numel() < ids.numel():
             self._hosts = [(torch.empty(2 * self.decoder.rows, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
                            for _ in range(2)]
-        self._hosts.reverse()  # the other buffer than last time
-        host, copied = self._hosts[0]
+        unread = self._queued.ids[0].data_ptr() if self._queued is not None and isinstance(self._queued.ids, tuple) else None
+        host, copied = next(pair for pair in self._hosts if pair[0].data_ptr() != unread)
         host = host[: ids.numel()]
         host.copy_(ids, non_blocking=True)
         copied.record()
@@ -351,8 +357,9 @@ class Engine:
             self._table.leave(rows)
             self._free = sorted(self._free + rows)
 
-    def _fail(self, requests: list[_Request], error: Exception) -> list[TokenEvent]:
-        """A decoder failure ends the requests involved, never the engine."""
+    def _fail(self, requests: list[_Request], error: Exception) -> list[tuple[_Request, str, str]]:
+        """A decoder failure ends the requests involved, never the engine: their rows are freed now,
+        and they are reported failed when the step is read."""
         message = f"decoding failed ({type(error).__name__}: {error})"
-        self._release(requests)
-        return [TokenEvent(r.handle, None, r.produced, FAILED, message, type(error).__name__) for r in requests]
+        self._release(requests, forget=False)
+        return [(r, message, type(error).__name__) for r in requests]

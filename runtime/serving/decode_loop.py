@@ -157,6 +157,8 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
             events = engine.step()
             seconds, rows, admitted = time.perf_counter() - step_started, engine.stats.rows, engine.stats.admitted
             for event in events:
+                if event.request not in owners:  # its driver has let it go since (cancelled, left): nobody to tell
+                    continue
                 driver, request = owners[event.request]
                 if event.finish:
                     del owners[event.request], driver.handles[request]

@@ -368,6 +368,59 @@ def test_with_overlap_a_request_cancelled_while_its_step_is_queued_reports_nothi
     assert first not in tokens and tokens[second] == expected_greedy([2], 2) and finish[second] == LENGTH
 
 
+def outcome(engine: Engine, handles: list[int]) -> list[tuple]:
+    """Per request: its tokens, how it finished and the error, stepping until idle."""
+    events = [event for step in run(engine)[2] for event in step]
+    return [([e.token for e in events if e.request == h and e.token is not None],
+             [(e.index, e.finish, e.error) for e in events if e.request == h and e.finish]) for h in handles]
+
+
+@pytest.mark.parametrize("fail_step", [1, 2, 4])
+def test_with_overlap_a_failed_step_still_reports_the_tokens_before_it(fail_step):
+    """The same events as the plain loop when the decoder fails: tokens of the step before the
+    failure first, then the failure at the next index; a request that stopped at its end-of-sequence
+    token before the failing step (only overlap steps it again) finishes stopped, not failed."""
+    eos = expected_greedy([5, 6], 9)[1]
+    work = [([1], GenerationSettings(6)), ([5, 6], GenerationSettings(9, eos_id=eos)), ([3], GenerationSettings(5))]
+
+    def events(overlap: bool):
+        engine = Engine(FakeDecoder(rows=3, fail_step=fail_step), overlap=overlap)
+        return outcome(engine, [engine.submit(prompt, settings) for prompt, settings in work])
+
+    plain = events(False)
+    assert events(True) == plain
+    assert any(finish and finish[0][1] == FAILED for _, finish in plain)
+
+
+def test_with_overlap_a_request_cancelled_after_its_step_failed_is_not_reported_failed():
+    engine = Engine(FakeDecoder(rows=1, fail_step=1), overlap=True)
+    handle = engine.submit([1], GenerationSettings(5))
+    assert engine.step() == []  # the admission queued
+    assert [(e.index, e.finish) for e in engine.step()] == [(0, None)]  # the failing step queued, the admission read
+    assert engine.cancel(handle)
+    assert engine.step() == [] and engine.idle
+
+
+def test_a_copy_to_the_host_that_fails_once_leaves_no_request_behind():
+    engine = Engine(FakeDecoder(rows=1))
+    handle = engine.submit([1, 2], GenerationSettings(4))
+    first = engine.step()
+    copy, calls = engine._copy_to_host, []
+
+    def fails_once(ids):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the copy fell over")
+        return copy(ids)
+
+    engine._copy_to_host = fails_once
+    with pytest.raises(RuntimeError, match="the copy fell over"):
+        engine.step()  # its decode ran, its token is lost with the copy: the step is taken again
+    events = first + [event for _ in range(5) for event in engine.step()]
+    assert [(e.index, e.finish) for e in events] == [(0, None), (1, None), (2, None), (3, LENGTH)]
+    assert all(e.request == handle for e in events) and engine.idle and not engine._by_handle
+
+
 def test_overlap_refuses_on_logits():
     with pytest.raises(DecodingError, match="on_logits sees each step's logits as the step runs; it needs overlap=False"):
         Engine(FakeDecoder(rows=1), on_logits=lambda handles, logits: None, overlap=True)
