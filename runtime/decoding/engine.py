@@ -64,7 +64,7 @@ class _Queued:
     """A step queued on the device, its ids on their way to the host."""
 
     reported: list[tuple[_Request, int]]  # each request given a token, and where its id is among the ids
-    failed: list[tuple[_Request, str, str]]  # requests the step could not run (message, cause), reported after its tokens
+    failed: list[tuple[_Request, str, str]]  # requests the step could not run, message, cause: read after its tokens
     stats: StepStats
     ids: "list[int] | tuple[Tensor, torch.cuda.Event] | None"  # read already (CPU), or a pinned copy and its event
 
@@ -262,7 +262,8 @@ class Engine:
         if not self._hosts or self._hosts[0][0].numel() < ids.numel():
             self._hosts = [(torch.empty(2 * self.decoder.rows, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
                            for _ in range(2)]
-        unread = self._queued.ids[0].data_ptr() if self._queued is not None and isinstance(self._queued.ids, tuple) else None
+        unread = self._queued.ids if self._queued is not None else None  # (overlap) the step not read yet
+        unread = unread[0].data_ptr() if isinstance(unread, tuple) else None
         host, copied = next(pair for pair in self._hosts if pair[0].data_ptr() != unread)
         host = host[: ids.numel()]
         host.copy_(ids, non_blocking=True)
