@@ -87,6 +87,22 @@ def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx, ov
     assert scheduler.metrics.requests["cancelled"] == 1 and scheduler.metrics.active == 0
 
 
+class SlowSteps:
+    """A decoder whose every step takes at least `seconds`, so that what a test does while requests
+    run happens before they end, on a loaded machine too (the tiny model decodes 90 tokens in a few
+    milliseconds, which a descheduled test thread can miss)."""
+
+    def __init__(self, decoder, seconds: float = 0.002):
+        self.decoder, self.seconds = decoder, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def step_and_pick(self, tokens: torch.Tensor, pick, key=None):  # the engine's step
+        time.sleep(self.seconds)
+        return self.decoder.step_and_pick(tokens, pick, key)
+
+
 class FailingOnce:
     """A decoder whose next step raises once (a backend failure mid-batch)."""
 
@@ -137,7 +153,7 @@ def test_close_drains_active_requests_then_refuses_new_ones(tiny_static_onnx):
 
 def test_a_drain_that_times_out_fails_what_is_left(tiny_static_onnx):
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=1))
+        scheduler = Scheduler(SlowSteps(decoder), Limits(max_rows=1))
         active, waiting = FakeStream(), FakeStream()
         scheduler.submit(typed([3], GenerationSettings(90)), active)
         scheduler.submit(typed([4], GenerationSettings(5)), waiting)
@@ -196,7 +212,7 @@ class RefusingStream(FakeStream):
 
 def test_a_refused_response_frees_the_row_and_counts_as_cancelled(tiny_static_onnx):
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=1), cancel_check_s=0.0).start()
+        scheduler = Scheduler(SlowSteps(decoder), Limits(max_rows=1), cancel_check_s=0.0).start()
         refused, after = RefusingStream(after=2), FakeStream()
         scheduler.submit(typed([5], GenerationSettings(40)), refused)
         scheduler.submit(typed([6], GenerationSettings(4)), after)
