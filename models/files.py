@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -81,11 +81,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     remove_abandoned(path)
-    fd, temporary = tempfile.mkstemp(prefix=staging_prefix(path), suffix=".partial", dir=path.parent)
-    os.close(fd)
-    temporary = Path(temporary)
-    os.chmod(temporary, new_file_mode())  # mkstemp creates 0600; the result should look like any new file
+    # named before it exists and created inside the try (see staging_folder)
+    temporary = path.parent / f"{staging_prefix(path)}{secrets.token_hex(6)}.partial"
     try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_file_mode()))
+        os.chmod(temporary, new_file_mode())  # the mode exactly, whatever the umask
         yield temporary
         os.replace(temporary, path)
     finally:
@@ -97,14 +97,22 @@ def staging_folder(path: str | os.PathLike) -> Iterator[Path]:
     """A hidden folder beside `path` for files that are moved into place together; removed after."""
     path = Path(path)
     remove_abandoned(path)
-    with tempfile.TemporaryDirectory(prefix=staging_prefix(path), dir=path.parent) as folder:
-        yield Path(folder)
+    # named before it exists and made inside the try: a signal that interrupts this (Ctrl-C raises
+    # anywhere) leaves no folder behind, as TemporaryDirectory's made-then-entered could
+    folder = path.parent / f"{staging_prefix(path)}{secrets.token_hex(6)}"
+    try:
+        folder.mkdir()
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def probe_writable(path: str | os.PathLike) -> None:
     """Raise OSError now if a staging file cannot be created beside `path` (read-only file system,
     immutable or foreign folder), instead of after the work."""
     path = Path(path)
-    fd, probe = tempfile.mkstemp(prefix=staging_prefix(path), suffix=".probe", dir=path.parent)
-    os.close(fd)
-    os.unlink(probe)
+    probe = path.parent / f"{staging_prefix(path)}{secrets.token_hex(6)}.probe"  # made in the try: see staging_folder
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    finally:
+        probe.unlink(missing_ok=True)
