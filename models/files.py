@@ -84,8 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # named before it exists and created inside the try (see staging_folder)
     temporary = path.parent / f"{staging_prefix(path)}{secrets.token_hex(6)}.partial"
     try:
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_file_mode()))
-        os.chmod(temporary, new_file_mode())  # the mode exactly, whatever the umask
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_file_mode()))  # as open() would make it
         yield temporary
         os.replace(temporary, path)
     finally:
