@@ -53,6 +53,15 @@ def roles(fused, at_context) -> dict:
     return found
 
 
+def set_config(fused, index, config) -> None:
+    """Launch the products of one role (layer index, or None: the head) with `config` from now on."""
+    if index is None:
+        fused.head = fused.head._replace(config=config)
+    else:
+        fused.layers = [layer[:index] + (layer[index]._replace(config=config),) + layer[index + 1:]
+                        for layer in fused.layers]
+
+
 def sweep(fused, at_context) -> dict:
     """Each product's role (qkv, out, up, down over every layer; the head) timed as one graph under
     each candidate launch configuration; the fastest is kept in `fused` for the rest of the run."""
@@ -64,25 +73,15 @@ def sweep(fused, at_context) -> dict:
     for role, (index, vector, out, residual) in ROLES.items():
         timings = {}
         for config in candidates:
-            if index is None:
-                fused.head = fused.head._replace(config=config)
-                products = [fused.head]
-            else:
-                fused.layers = [layer[:index] + (layer[index]._replace(config=config),) + layer[index + 1:]
-                                for layer in fused.layers]
-                products = [layer[index] for layer in fused.layers]
+            set_config(fused, index, config)
 
-            def run(products=products):
+            def run(products=role_products(fused, index)):
                 for product in products:
                     fused._gemv(product, getattr(fused, vector), getattr(fused, out), residual)
 
             timings[config] = timed_ms(record([at_context(run)]), 20)
         best = min(timings, key=timings.get)
-        if index is None:
-            fused.head = fused.head._replace(config=best)
-        else:
-            fused.layers = [layer[:index] + (layer[index]._replace(config=best),) + layer[index + 1:]
-                            for layer in fused.layers]
+        set_config(fused, index, best)
         found[role] = {"best": best._asdict(), "best_ms": timings[best],
                        "all": [{**c._asdict(), "ms": ms} for c, ms in timings.items()]}
         print(f"  {role}: fastest {tuple(best)} {timings[best]:.3f} ms, slowest {max(timings.values()):.3f} ms",
