@@ -79,7 +79,7 @@ def first_tokens(decoder: Decoder, prompts: dict[int, list[int]]) -> Tensor:
 
 
 def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters: int, precision: Precision,
-            peaks: GpuPeaks | None, open_seconds: float | None = None, overlap: bool = False) -> BenchmarkResult:
+            peaks: GpuPeaks | None, open_seconds: float | None = None, overlap: bool = True) -> BenchmarkResult:
     """Time to first token (the first request after opening, then warm), full-logits prefill
     (median of `iters`), then `new_tokens` decode steps after `warmup` untimed ones."""
     timer = StepTimer(decoder.device)
@@ -99,14 +99,15 @@ def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters:
 
 
 def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, new_tokens: int,
-                 overlap: bool = False) -> list[float]:
+                 overlap: bool = True) -> list[float]:
     """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
     after `warmup` untimed steps: the decode loop `generate` and the server run. Each step is timed
     from the previous step's return to its own, as that loop's caller sees it: a step returns once
     its ids are on the host, so nothing more is synchronised (a device synchronisation before and
     after each step, as the prefill timings make, added about 0.06 ms a step on an H200 that the
-    loop itself never spends). `overlap`: the engine's overlapped loop (Engine(overlap=True)), each
-    step queued before the ids of the one before are read."""
+    loop itself never spends). `overlap` (the default, as generate and the server run): the
+    engine's overlapped loop, each step queued before the ids of the one before are read; without
+    it, the plain loop."""
     engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()), overlap=overlap)
     engine.warm_up()  # kernels loaded and the step recorded before any step is timed
     settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)

@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode steps timed (default 32; 0 times the prompt only)")
     parser.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed runs first (default 3)")
     parser.add_argument("--iters", type=positive_int, default=10, metavar="N", help="timed prefill runs (default 10)")
-    parser.add_argument("--overlap", action="store_true",
-                        help="decode through the engine's overlapped loop: each step is queued before the ids of the "
-                             "step before are read, so the GPU decodes while the host turns ids into tokens (default: off)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="decode through the engine's plain loop, each step's ids read before the next step is "
+                             "queued (default: the overlapped loop generate and serve run, each step queued before "
+                             "the ids of the step before are read, so the GPU decodes while the host turns ids into tokens)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="draw decode latency vs context per backend (matplotlib)")
     return parser

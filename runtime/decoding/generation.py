@@ -52,7 +52,8 @@ def generate(decoder: Decoder, prompts: list[list[int]], settings: GenerationSet
              on_token: Callable[[int, int], None] | None = None, record_margins: bool = False
              ) -> GenerationResult:
     """Generate up to max_new_tokens per prompt, all prompts admitted in the first step;
-    `on_token(prompt index, token)` streams each token as its step ends."""
+    `on_token(prompt index, token)` streams each token as its step is read. The engine's
+    overlapped loop runs unless `record_margins` needs each step's logits as it runs."""
     check_request(decoder, prompts, settings)
     margins: dict[int, list[float]] = {}
 
@@ -61,7 +62,7 @@ def generate(decoder: Decoder, prompts: list[list[int]], settings: GenerationSet
             margins.setdefault(handle, []).append(margin)
 
     engine = Engine(decoder, rows=len(prompts), prefill_tokens=sum(len(p) for p in prompts),
-                    on_logits=record if record_margins else None)
+                    on_logits=record if record_margins else None, overlap=not record_margins)
     handles = [engine.submit(prompt, settings) for prompt in prompts]
     index_of = {handle: index for index, handle in enumerate(handles)}
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -70,6 +71,8 @@ def generate(decoder: Decoder, prompts: list[list[int]], settings: GenerationSet
     try:
         while not engine.idle:
             events = engine.step()
+            if not events:
+                continue  # overlapped: the first call only queues the first step
             steps += 1
             if prefill_seconds is None:
                 prefill_seconds = time.perf_counter() - started  # includes the first decode step's token

@@ -264,12 +264,6 @@ def _cancel_key(key: str, engine: Engine, owners: dict, keys: _Keys) -> None:
         owner.out.append((request, None, CANCELLED, None, None))
 
 
-def engine_overlap() -> bool:
-    """`ROTARY_ENGINE_OVERLAP=1` in the server's environment: the engine queues each step before it
-    reads the ids of the step before (Engine(overlap=True)). Off by default: not yet measured on a GPU."""
-    return os.environ.get("ROTARY_ENGINE_OVERLAP") == "1"
-
-
 def prefills_beside(model: str) -> bool:
     """Whether the decoder prefills admitted prompts beside the step, in a second session that holds
     the graph's weights again: ROTARY_OVERLAP_PREFILL=1 or 0 says; by default yes where the graph's
@@ -313,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with decoder:
         engine = Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS),
-                        overlap=engine_overlap())
+                        overlap=True)
         engine.warm_up()
         with Listener(spec["address"], authkey=key) as listener:  # the socket appears once the decoder is ready
             serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)), stopping)

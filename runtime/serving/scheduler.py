@@ -27,7 +27,7 @@ from typing import Callable
 
 from ..decoding.base import Decoder
 from ..decoding.engine import CANCELLED, FAILED, PREFILL_TOKENS, Engine
-from .decode_loop import AUTHKEY_VARIABLE, SHUTDOWN, decoder_facts, engine_overlap, serve_engine, settings_fields
+from .decode_loop import AUTHKEY_VARIABLE, SHUTDOWN, decoder_facts, serve_engine, settings_fields
 from .limits import Limits
 from .metrics import ServingMetrics
 from .requests import GenerateRequest
@@ -68,7 +68,7 @@ class Scheduler:
         self._loop_thread = None
         if decoder is not None:
             self._conn, far = Pipe()
-            engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens, overlap=engine_overlap())
+            engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens, overlap=True)
             self._loop_thread = threading.Thread(target=serve_engine, args=(far, engine), name="generate-decode",
                                                  daemon=True)
             self.facts = decoder_facts(decoder)

@@ -47,11 +47,12 @@ def test_a_static_cache_graph_is_benchmarked_through_its_own_decoder(tiny_static
     assert result["backend"] == "onnxruntime-cpu-static-cache" and result["decode_p50_ms"] > 0
 
 
-def test_overlap_decodes_through_the_overlapped_loop_and_says_so(tiny_static_onnx, tmp_path):
+@pytest.mark.parametrize("flags, overlap", [([], True), (["--no-overlap"], False)])
+def test_decode_runs_the_overlapped_loop_unless_told_and_says_which(tiny_static_onnx, tmp_path, flags, overlap):
     assert main([str(tiny_static_onnx), "--backend", "onnxruntime,torch", "--context", "8", "--new-tokens", "3",
-                 "--warmup", "1", "--iters", "1", "--overlap", "--json", str(tmp_path / "b.json")]) == 0
+                 "--warmup", "1", "--iters", "1", *flags, "--json", str(tmp_path / "b.json")]) == 0
     data = json.loads((tmp_path / "b.json").read_text())
-    assert data["settings"]["overlap"] is True
+    assert data["settings"]["overlap"] is overlap
     assert all(r["error"] is None and r["decode_p50_ms"] > 0 for r in data["results"]) and len(data["results"]) == 2
 
 

@@ -27,14 +27,11 @@ def wait_all(streams) -> None:
         assert stream.done.wait(max(deadline - time.monotonic(), 0.01)), "a request never finished"
 
 
-@pytest.mark.parametrize("graph, overlap", [("tiny_static_onnx", False), ("tiny_past_onnx", False),
-                                            ("tiny_static_onnx", True)])
-def test_rows_joining_and_leaving_give_each_request_its_offline_tokens(request, graph, overlap, offline_tokens,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("graph", ["tiny_static_onnx", "tiny_past_onnx"])
+def test_rows_joining_and_leaving_give_each_request_its_offline_tokens(request, graph, offline_tokens):
     """40 requests arrive at random moments into 4 rows: each row is started, stepped and released at
-    its own position with its own settings, and its tokens equal offline generate of it alone; also
-    with the engine's steps overlapped (ROTARY_ENGINE_OVERLAP=1)."""
-    monkeypatch.setenv("ROTARY_ENGINE_OVERLAP", "1" if overlap else "0")
+    its own position with its own settings (the engine's steps overlapped, as the server runs them),
+    and its tokens equal offline generate of it alone."""
     target = request.getfixturevalue(graph)
     work = mixed_requests(40, seed=1, max_prompt=20, max_new=40)
     rng = random.Random(2)
@@ -71,9 +68,7 @@ def test_a_full_queue_refuses_at_once_and_the_rest_are_served(tiny_static_onnx, 
     assert scheduler.metrics.requests == {"completed": rows + queue, "cancelled": 0, "rejected": 1, "failed": 0}
 
 
-@pytest.mark.parametrize("overlap", ["0", "1"])
-def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx, overlap, monkeypatch):
-    monkeypatch.setenv("ROTARY_ENGINE_OVERLAP", overlap)
+def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx):
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
         scheduler = Scheduler(decoder, Limits(max_rows=1), cancel_check_s=0.0).start()  # ask every step
         gone, after = FakeStream(cancel_after=3), FakeStream()
