@@ -347,7 +347,7 @@ def test_the_candidate_gemv_kernel_computes_the_product_in_fp16():
 @pytest.mark.parametrize("kind", CUDA_DECODERS)
 def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path, kind):
     """The engine on each CUDA decoder: greedy and seeded-sampled requests decoded four at a time
-    (joining as rows free up) equal each request decoded alone."""
+    (joining as rows free up), in the plain and the overlapped loop, equal each request decoded alone."""
     from runtime.decoding.engine import Engine
     from runtime.decoding.settings import GenerationSettings
 
@@ -355,8 +355,8 @@ def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path
     requests = [([1 + i, 2 * i + 3, 7], GenerationSettings(20 + 3 * i, [0.0, 0.9][i % 2], 0.5, seed=i))
                 for i in range(6)]
 
-    def run(decoder, work):
-        engine, tokens = Engine(decoder, prefill_tokens=4), {}
+    def run(decoder, work, overlap=False):
+        engine, tokens = Engine(decoder, prefill_tokens=4, overlap=overlap), {}
         handles = [engine.submit(prompt, settings) for prompt, settings in work]
         while not engine.idle:
             for event in engine.step():
@@ -366,17 +366,18 @@ def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path
 
     with _cuda_decoder(kind, source, paths, tmp_path, 4) as decoder:
         together = run(decoder, requests)
+        overlapped = run(decoder, requests, overlap=True)
         alone = [run(decoder, [request])[0] for request in requests]
-    assert together == alone
+    assert together == alone and overlapped == alone
     assert len({tuple(t) for t in alone}) == len(alone)
 
 
-def _engine_tokens(decoder, requests) -> list[list[int]]:
-    """Every (prompt, settings) request through one engine (8 rows, 64 prompt tokens a step): the
-    tokens of each, in order; no request may fail."""
+def _engine_tokens(decoder, requests, overlap: bool = False) -> list[list[int]]:
+    """Every (prompt, settings) request through one engine (8 rows, 64 prompt tokens a step; its
+    plain or overlapped loop): the tokens of each, in order; no request may fail."""
     from runtime.decoding.engine import Engine
 
-    engine, got = Engine(decoder, prefill_tokens=64), {}
+    engine, got = Engine(decoder, prefill_tokens=64, overlap=overlap), {}
     engine.warm_up()
     handles = [engine.submit(prompt, settings) for prompt, settings in requests]
     while not engine.idle:
@@ -391,7 +392,8 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
     """overlap_prefill: admitted rows are prefilled by a second session, its recorded prefill graphs
     queued on a stream of its own while the step's recorded graph replays; each request's tokens
     equal those with every prefill in line (greedy and sampled, prompts of many widths, rows freed
-    and taken again while others decode), and no prefill took the side thread."""
+    and taken again while others decode), also with the engine's overlapped loop, and no prefill
+    took the side thread."""
     from export.static_cache_graph import export_static_cache
     from runtime.decoding.open import open_decoder
     from runtime.decoding.settings import GenerationSettings
@@ -414,7 +416,9 @@ def test_prefills_beside_the_step_give_the_same_tokens_on_cuda(tiny, tmp_path):
 
                 decoder.beside.run = threaded
             tokens.append(_engine_tokens(decoder, requests))
-    assert tokens[0] == tokens[1]
+            if overlap:  # as the server runs it: prefills beside the step, each step queued before the last is read
+                tokens.append(_engine_tokens(decoder, requests, overlap=True))
+    assert tokens[0] == tokens[1] == tokens[2]
     assert [len(t) for t in tokens[1]] == [settings.max_new_tokens for _, settings in requests]
 
 
@@ -453,8 +457,9 @@ def test_the_step_recorded_with_its_sampling_gives_the_same_tokens_on_cuda(tiny,
 
 
 @needs_ort_cuda
-@pytest.mark.parametrize("overlap", [False, True], ids=["in-line", "beside"])
-def test_engine_steps_that_admit_and_release_rows_never_wait_for_the_gpu(tiny, tmp_path, overlap):
+@pytest.mark.parametrize("overlap, overlapped_loop", [(False, False), (True, False), (True, True)],
+                         ids=["in-line", "beside", "beside-overlapped-loop"])
+def test_engine_steps_that_admit_and_release_rows_never_wait_for_the_gpu(tiny, tmp_path, overlap, overlapped_loop):
     """Once warm, a step waits only for its ids (an event): nothing it queues for an admission, a
     first pick or a release copies from the host and waits (a Python number set into one element
     of a CUDA tensor did, twice per admitted row). PyTorch's sync debug mode raises at any such wait."""
@@ -469,11 +474,13 @@ def test_engine_steps_that_admit_and_release_rows_never_wait_for_the_gpu(tiny, t
     requests = [([(3 * i + j) % 256 for j in range(1 + (23 * i) % 90)],
                  GenerationSettings(2 + (7 * i) % 12, [0.0, 0.9][i % 2], 0.5, seed=i)) for i in range(24)]
     with open_decoder(path, "onnxruntime-cuda", rows=4, overlap_prefill=overlap) as decoder:
-        engine = Engine(decoder)
+        engine = Engine(decoder, overlap=overlapped_loop)
         engine.warm_up()
         for prompt, settings in requests[:4]:  # the first steps record nothing new, but run unchecked
             engine.submit(prompt, settings)
         engine.step()
+        if overlapped_loop:
+            engine.step()  # the first step is read here: the next one records nothing new either
         for prompt, settings in requests[4:]:
             engine.submit(prompt, settings)
         admitted = 0
@@ -498,13 +505,15 @@ def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype, options):
     """triton-fused (its step and the engine's pick replayed as one CUDA graph) against eager PyTorch on a model of the
     small preset's shape with grouped key/value heads, in each precision and with the other norm,
     rotary pairing and QKV layout: fp32 exact greedy tokens, half precision the forced-step bars; a
-    prompt long enough that the window's attention spans many chunks."""
+    prompt long enough that the window's attention spans many chunks. The engine's overlapped loop
+    gives the plain loop's tokens, greedy and sampled."""
     from models.config import ModelConfig
     from models.precision import precision as lookup_precision
     from models.source import ModelSource
     from models.transformer import build_model
     from runtime.decoding.fused_decoder import FusedDecoder
     from runtime.decoding.open import open_decoder
+    from runtime.decoding.settings import GenerationSettings
     from runtime.verify.decoding import compare_generation, random_prompts
 
     config = ModelConfig(num_tokens=32000, dim=768, depth=4, dim_head=64, heads=12, kv_heads=4, **options)
@@ -521,5 +530,9 @@ def test_the_fused_batch1_decoder_decodes_what_pytorch_decodes(dtype, options):
         assert candidate.fused.pdl == (torch.cuda.get_device_capability()[0] >= 9)  # Hopper: the products use PDL
         result = compare_generation(reference, candidate, random_prompts(32000, batch=1, length=300), 96, dtype)
         assert candidate.recorded.graphs and not candidate.recorded.broken  # generate replayed step + pick
+        prompt = random_prompts(32000, batch=1, length=300, seed=1)[0]
+        for settings in (GenerationSettings(64), GenerationSettings(64, 0.9, 0.5, seed=5)):  # greedy, sampled
+            plain = _engine_tokens(candidate, [(prompt, settings)])
+            assert _engine_tokens(candidate, [(prompt, settings)], overlap=True) == plain, settings
     print("triton-fused", dtype, options, result.summary())
     assert result, result.summary()
