@@ -136,6 +136,7 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
     keys = _Keys()
     came, started = bool(drivers), time.monotonic()
     published = (0, 0)  # the rows running and requests waiting the publisher last heard
+    last_step = None  # when the last step returned, while the engine has had work since
     while True:
         if arrivals is not None:
             drivers += [_Driver(c) for c in arrivals.take()]
@@ -152,10 +153,16 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
             for driver in drivers:
                 _fail_all(driver, engine, owners, keys)
         rows, seconds, admitted = 0, 0.0, 0
-        if not engine.idle:
+        if engine.idle:
+            last_step = None
+        else:
             step_started = time.perf_counter()
             events = engine.step()
-            seconds, rows, admitted = time.perf_counter() - step_started, engine.stats.rows, engine.stats.admitted
+            # a step's time runs from the step before's return, so the loop's own work counts: with the
+            # overlapped engine step() itself returns once the step before is done, the next one queued
+            stepped = time.perf_counter()
+            seconds = stepped - (step_started if last_step is None else last_step)
+            last_step, rows, admitted = stepped, engine.stats.rows, engine.stats.admitted
             for event in events:
                 if event.request not in owners:  # its driver has let it go since (cancelled, left): nobody to tell
                     continue

@@ -72,8 +72,9 @@ class ServingMetrics:
             return sum(count for _, count in self._recent) / self.window_s
 
     def step(self, rows: int, seconds: float, admitted: int = 0) -> None:
-        """One decode step of `rows` rows took `seconds` (decoder, sampling and queuing the tokens;
-        with the prefill of the `admitted` requests it started)."""
+        """One decode step of `rows` rows took `seconds` of the decode loop, from the step before's
+        return (decoder, sampling, the loop's work on the tokens; with the prefill of the `admitted`
+        requests it started)."""
         with self._lock:
             self.steps += 1
             self.step_rows += rows

@@ -32,7 +32,8 @@ METRICS = {
     "steps": ("rotary_generate_steps_total", "COUNTER", "decode steps"),
     "step_rows": ("rotary_generate_step_rows_total", "COUNTER", "rows decoded, summed over steps (/ steps: mean batch)"),
     "step_seconds": ("rotary_generate_step_seconds_total", "COUNTER",
-                     "time in decode steps incl. sampling (/ steps: mean step time)"),
+                     "decode loop time per step, each from the step before's return: the step with its "
+                     "sampling and the loop's work between steps (/ steps: mean step time)"),
     "admit_steps": ("rotary_generate_admit_steps_total", "COUNTER",
                     "decode steps that also admitted requests and prefilled their prompts"),
     "admit_step_seconds": ("rotary_generate_admit_step_seconds_total", "COUNTER",
