@@ -230,7 +230,12 @@ class Engine:
     def _read(self, queued: _Queued) -> list[TokenEvent]:
         """A queued step's ids as events; the requests it finished leave."""
         self.stats = queued.stats
-        tokens = [] if queued.ids is None else self._to_host(queued.ids)
+        try:
+            tokens = [] if queued.ids is None else self._to_host(queued.ids)
+        except Exception as error:  # the ids never arrived: the step's requests fail, the engine goes on
+            live = [request for request, _ in queued.reported if self._by_handle.get(request.handle) is request]
+            queued = _Queued([], queued.failed + self._fail(live, error), queued.stats, None)
+            tokens = []
         events, done = [], []
         for request, place in queued.reported:
             if self._by_handle.get(request.handle) is not request:

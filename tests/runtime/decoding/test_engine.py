@@ -424,3 +424,29 @@ def test_a_copy_to_the_host_that_fails_once_leaves_no_request_behind():
 def test_overlap_refuses_on_logits():
     with pytest.raises(DecodingError, match="on_logits sees each step's logits as the step runs; it needs overlap=False"):
         Engine(FakeDecoder(rows=1), on_logits=lambda handles, logits: None, overlap=True)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_ids_that_never_reach_the_host_fail_their_requests_and_the_engine_goes_on(overlap):
+    """A read of a step's ids that raises (the device fell over) ends that step's requests failed,
+    with the cause; the engine frees their rows and serves the next request (overlapped, the step
+    queued behind that read is dropped with its requests)."""
+    engine = Engine(FakeDecoder(rows=2), overlap=overlap)
+    handles = [engine.submit([1], GenerationSettings(6)), engine.submit([2, 3], GenerationSettings(6))]
+    reads, to_host = [], engine._to_host
+
+    def fails_third(ids):
+        reads.append(1)
+        if len(reads) == 3:
+            raise RuntimeError("an illegal memory access was encountered")
+        return to_host(ids)
+
+    engine._to_host = fails_third
+    tokens, finish, steps = run(engine)
+    failed = [e for step in steps for e in step if e.finish == FAILED]
+    assert [(e.request, e.index, e.cause) for e in failed] == [(handles[0], 2, "RuntimeError"), (handles[1], 2, "RuntimeError")]
+    assert all("an illegal memory access was encountered" in e.error for e in failed)
+    assert [tokens[h] for h in handles] == [expected_greedy([1], 2), expected_greedy([2, 3], 2)]
+    assert engine.idle and engine._free == [0, 1] and not engine.decoder.lengths and not engine._by_handle
+    after = engine.submit([4], GenerationSettings(3))
+    assert run(engine)[0][after] == expected_greedy([4], 3)
