@@ -39,6 +39,7 @@ class BenchmarkResult:
     decode_x_floor: float | None = None
     error: str | None = None
     decode_mode: str | None = None  # how the decoder decodes: "cache", "full recompute", "static cache, ..."
+    decode_loop: str | None = None  # the engine's loop the decode steps were timed in: "overlapped" or "plain"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,27 +91,30 @@ def measure(decoder: Decoder, context: int, new_tokens: int, warmup: int, iters:
         first_tokens(decoder, prompts)
     ttft = [timer(lambda: first_tokens(decoder, prompts))[0] for _ in range(iters)]
     times = [timer(lambda: decoder.start(prompts, all_logits=True))[0] for _ in range(iters)]
+    overlap = overlap and decoder.queues_steps
     steps = decode_steps(decoder, prompts, warmup, new_tokens, overlap) if new_tokens else []
     result = result_of(decoder.name, decoder.config, decoder.rows, context, times, steps, memory.peak_mib(),
                        precision, peaks)
+    result.decode_loop = ("overlapped" if overlap else "plain") if new_tokens else None
     result.cold_ttft_ms, result.ttft_ms = cold * 1e3, statistics.median(ttft) * 1e3
     result.open_ms = None if open_seconds is None else open_seconds * 1e3
     return result
 
 
 def decode_steps(decoder: Decoder, prompts: dict[int, list[int]], warmup: int, new_tokens: int,
-                 overlap: bool = True) -> list[float]:
+                 overlap: bool = False) -> list[float]:
     """Seconds per engine step with every row decoding (greedy; the id copy to the host included),
     after `warmup` untimed steps: the decode loop `generate` and the server run. Each step is timed
     from the previous step's return to its own, as that loop's caller sees it: a step returns once
     its ids are on the host, so nothing more is synchronised (a device synchronisation before and
     after each step, as the prefill timings make, added about 0.06 ms a step on an H200 that the
-    loop itself never spends). `overlap` (the default, as generate and the server run): the
-    engine's overlapped loop, each step queued before the ids of the one before are read; without
-    it, the plain loop."""
+    loop itself never spends). `overlap`: the engine's overlapped loop, each step queued before the
+    ids of the one before are read (measure() asks for it where the decoder queues its steps, as
+    generate and the server do); without it, the plain loop."""
     engine = Engine(decoder, prefill_tokens=sum(len(p) for p in prompts.values()), overlap=overlap)
     engine.warm_up()  # kernels loaded and the step recorded before any step is timed
-    settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1)
+    # overlapped, one token more, so that every timed call still queues a step behind the one it reads
+    settings = GenerationSettings(max_new_tokens=warmup + new_tokens + 1 + overlap)
     handles = [engine.submit(prompts[row], settings) for row in sorted(prompts)]
     try:
         if overlap:

@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=positive_int, default=10, metavar="N", help="timed prefill runs (default 10)")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="decode through the engine's plain loop, each step's ids read before the next step is "
-                             "queued (default: the overlapped loop generate and serve run, each step queued before "
-                             "the ids of the step before are read, so the GPU decodes while the host turns ids into tokens)")
+                             "queued (default: as generate and serve do, the overlapped loop where a decoder's steps "
+                             "are queued on the GPU (recorded CUDA graphs, PyTorch on CUDA), each step queued before "
+                             "the ids of the step before are read, so the GPU decodes while the host turns ids into "
+                             "tokens; each result's decode_loop says which ran)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON ('-' for stdout)")
     parser.add_argument("--plot", metavar="PATH.png", help="draw decode latency vs context per backend (matplotlib)")
     return parser

@@ -43,6 +43,13 @@ class Decoder(abc.ABC):
         return self.config.num_tokens
 
     @property
+    def queues_steps(self) -> bool:
+        """Whether a step returns once it is queued on the device, before it has run (PyTorch's
+        CUDA kernels, a recorded CUDA graph). Only then does the engine's overlapped loop gain
+        anything: a step that blocks until done would only hand each token out one step later."""
+        return self.device.type == "cuda"
+
+    @property
     def active(self) -> list[int]:
         """Active rows, in the order `step` takes tokens and returns logits."""
         return sorted(self.lengths)

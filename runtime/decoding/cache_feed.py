@@ -96,6 +96,10 @@ class CacheFeedDecoder(Decoder):
         self.mode = "cache" if self.cache_inputs else "full recompute"
         self.batch: _Batch | None = None
 
+    @property
+    def queues_steps(self) -> bool:
+        return self.backend.queues_work
+
     def _empty_cache(self, rows: int) -> dict[str, Tensor]:
         c = self.config
         return {name: torch.zeros(rows, c.kv_heads, 0, c.dim_head, dtype=dtype, device=self.device)

@@ -53,7 +53,8 @@ def generate(decoder: Decoder, prompts: list[list[int]], settings: GenerationSet
              ) -> GenerationResult:
     """Generate up to max_new_tokens per prompt, all prompts admitted in the first step;
     `on_token(prompt index, token)` streams each token as its step is read. The engine's
-    overlapped loop runs unless `record_margins` needs each step's logits as it runs."""
+    overlapped loop runs where the decoder's steps are queued (decoder.queues_steps), unless
+    `record_margins` needs each step's logits as it runs."""
     check_request(decoder, prompts, settings)
     margins: dict[int, list[float]] = {}
 
@@ -62,7 +63,8 @@ def generate(decoder: Decoder, prompts: list[list[int]], settings: GenerationSet
             margins.setdefault(handle, []).append(margin)
 
     engine = Engine(decoder, rows=len(prompts), prefill_tokens=sum(len(p) for p in prompts),
-                    on_logits=record if record_margins else None, overlap=not record_margins)
+                    on_logits=record if record_margins else None,
+                    overlap=decoder.queues_steps and not record_margins)
     handles = [engine.submit(prompt, settings) for prompt in prompts]
     index_of = {handle: index for index, handle in enumerate(handles)}
     tokens: list[list[int]] = [[] for _ in prompts]

@@ -291,6 +291,11 @@ class StaticCacheDecoder(Decoder):
         self._warm_up()
         self.open_seconds = time.perf_counter() - started
 
+    @property
+    def queues_steps(self) -> bool:
+        # ONNX Runtime's own step graph (and a plain run) synchronise their stream before they return
+        return self.recorded is not None and not self.recorded.broken
+
     def _allocate(self) -> None:
         c, rows, device = self.config, self.rows, self.device
         row = precision(self.graph.precision)

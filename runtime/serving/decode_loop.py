@@ -33,6 +33,7 @@ import time
 from dataclasses import astuple
 from multiprocessing.connection import Pipe, wait
 from pathlib import Path
+from typing import Callable
 
 from ..decoding.engine import CANCELLED, FAILED, PREFILL_TOKENS, Engine
 from ..decoding.settings import GenerationSettings
@@ -124,6 +125,24 @@ class Arrivals:
         return taken
 
 
+class _StepClock:
+    """Each step's time from the step before's return, so that the loop's own work between steps
+    counts: with the overlapped engine, step() returns once the step before is done, the next one
+    queued, and its own duration is shorter than a step. The wait for work while idle is no step's."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now = now
+        self.last: float | None = None  # when the last step returned, while the engine has had work since
+
+    def step(self, engine: Engine) -> tuple[list, float]:
+        started = self.now()
+        events = engine.step()
+        stepped = self.now()
+        seconds = stepped - (started if self.last is None else self.last)
+        self.last = None if engine.idle else stepped
+        return events, seconds
+
+
 def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stopping=None) -> None:
     """Step `engine` while it has work, taking requests from the drivers between steps and sending
     each driver its events. Starts with `conn` (None: wait for the first of `arrivals`) and takes
@@ -136,7 +155,7 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
     keys = _Keys()
     came, started = bool(drivers), time.monotonic()
     published = (0, 0)  # the rows running and requests waiting the publisher last heard
-    last_step = None  # when the last step returned, while the engine has had work since
+    clock = _StepClock()
     while True:
         if arrivals is not None:
             drivers += [_Driver(c) for c in arrivals.take()]
@@ -154,15 +173,10 @@ def serve_engine(conn, engine: Engine, arrivals: Arrivals | None = None, stoppin
                 _fail_all(driver, engine, owners, keys)
         rows, seconds, admitted = 0, 0.0, 0
         if engine.idle:
-            last_step = None
+            clock.last = None
         else:
-            step_started = time.perf_counter()
-            events = engine.step()
-            # a step's time runs from the step before's return, so the loop's own work counts: with the
-            # overlapped engine step() itself returns once the step before is done, the next one queued
-            stepped = time.perf_counter()
-            seconds = stepped - (step_started if last_step is None else last_step)
-            last_step, rows, admitted = stepped, engine.stats.rows, engine.stats.admitted
+            events, seconds = clock.step(engine)
+            rows, admitted = engine.stats.rows, engine.stats.admitted
             for event in events:
                 if event.request not in owners:  # its driver has let it go since (cancelled, left): nobody to tell
                     continue
@@ -314,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with decoder:
         engine = Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS),
-                        overlap=True)
+                        overlap=decoder.queues_steps)
         engine.warm_up()
         with Listener(spec["address"], authkey=key) as listener:  # the socket appears once the decoder is ready
             serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)), stopping)

@@ -68,7 +68,8 @@ class Scheduler:
         self._loop_thread = None
         if decoder is not None:
             self._conn, far = Pipe()
-            engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens, overlap=True)
+            engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens,
+                            overlap=decoder.queues_steps)
             self._loop_thread = threading.Thread(target=serve_engine, args=(far, engine), name="generate-decode",
                                                  daemon=True)
             self.facts = decoder_facts(decoder)

@@ -51,5 +51,20 @@ def test_steps_that_decode_nothing_are_refused_not_timed():
 def test_decode_steps_with_overlap_time_every_step_of_every_row():
     decoder = Counting(3)
     times = decode_steps(decoder, PROMPTS, warmup=2, new_tokens=5, overlap=True)
-    # the admission, 2 + 5 timed steps, and none past the requests' length, though each step was queued a call early
-    assert len(times) == 5 and decoder.steps == 7
+    # the admission, then 1 + 2 + 5 calls that each queue a decode step behind the one they read (so
+    # the last timed call, too, reads while the device has a step to run), and none past that
+    assert len(times) == 5 and decoder.steps == 8 and not decoder.lengths
+
+
+def test_a_decoder_whose_steps_block_is_measured_in_the_plain_loop(tiny_static_onnx):
+    """measure() overlaps only where the decoder's steps are queued: on the CPU each step blocks, so
+    the overlapped loop would hand each token out a step late for nothing."""
+    from models.precision import precision
+    from runtime.bench.measure import measure
+    from runtime.decoding.open import open_decoder
+
+    with open_decoder(tiny_static_onnx, "onnxruntime", rows=2) as decoder:
+        assert not decoder.queues_steps
+        result = measure(decoder, 8, 3, 1, 1, precision("fp32"), None)
+    assert result.decode_loop == "plain" and result.decode_p50_ms > 0
+    assert not Counting(1).queues_steps

@@ -48,11 +48,14 @@ def test_a_static_cache_graph_is_benchmarked_through_its_own_decoder(tiny_static
 
 
 @pytest.mark.parametrize("flags, overlap", [([], True), (["--no-overlap"], False)])
-def test_decode_runs_the_overlapped_loop_unless_told_and_says_which(tiny_static_onnx, tmp_path, flags, overlap):
+def test_the_report_says_which_loop_was_asked_for_and_which_ran(tiny_static_onnx, tmp_path, flags, overlap):
+    """The overlapped loop is asked for unless --no-overlap; on the CPU every step blocks, so each
+    decoder runs the plain loop either way, and its result says so."""
     assert main([str(tiny_static_onnx), "--backend", "onnxruntime,torch", "--context", "8", "--new-tokens", "3",
                  "--warmup", "1", "--iters", "1", *flags, "--json", str(tmp_path / "b.json")]) == 0
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["settings"]["overlap"] is overlap
+    assert [r["decode_loop"] for r in data["results"]] == ["plain", "plain"]
     assert all(r["error"] is None and r["decode_p50_ms"] > 0 for r in data["results"]) and len(data["results"]) == 2
 
 

@@ -77,3 +77,23 @@ def test_the_unloading_gauge_is_published_as_0_and_as_1_at_once_when_unloading_b
         assert ("unloading", 1, None) in sink.published and metrics.snapshot()["unloading"] == 1
     finally:
         metrics.close()
+
+
+def test_a_served_step_is_timed_from_the_step_befores_return():
+    """The loop's own work between steps counts (the overlapped engine's step() returns once the step
+    before is done, so its own duration reads short); a step after the engine went idle counts from
+    its own start, not across the wait for work."""
+    from runtime.serving import decode_loop
+
+    clock_times = iter([10.0, 10.001, 10.003, 10.004, 20.0, 20.002])  # start / return of three steps
+
+    class Engine:
+        idle_after = [False, True, False]
+
+        def step(self):
+            self.idle = self.idle_after.pop(0)
+            return []
+
+    clock, engine = decode_loop._StepClock(lambda: next(clock_times)), Engine()
+    seconds = [clock.step(engine)[1] for _ in range(3)]
+    assert seconds == pytest.approx([0.001, 0.003, 0.002])  # the second from the first's return; the third alone

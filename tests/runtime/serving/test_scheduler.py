@@ -27,16 +27,32 @@ def wait_all(streams) -> None:
         assert stream.done.wait(max(deadline - time.monotonic(), 0.01)), "a request never finished"
 
 
-@pytest.mark.parametrize("graph", ["tiny_static_onnx", "tiny_past_onnx"])
-def test_rows_joining_and_leaving_give_each_request_its_offline_tokens(request, graph, offline_tokens):
+def scheduler_over(decoder, limits: Limits, overlap: bool, monkeypatch, **options) -> Scheduler:
+    """A scheduler over `decoder`; with `overlap` its engine runs the overlapped loop, as the server
+    does where a decoder's steps are queued (CUDA graphs), the decoder's steps taken as queued while
+    the engine is made (offline `generate`, the reference, keeps the plain loop)."""
+    from runtime.decoding.static_cache import StaticCacheDecoder
+
+    with monkeypatch.context() as patch:
+        if overlap:
+            patch.setattr(StaticCacheDecoder, "queues_steps", property(lambda self: True))
+        scheduler = Scheduler(decoder, limits, **options)
+    assert scheduler._loop_thread._args[1].overlap == overlap  # the engine the decode thread steps
+    return scheduler
+
+
+@pytest.mark.parametrize("graph, overlap", [("tiny_static_onnx", False), ("tiny_past_onnx", False),
+                                            ("tiny_static_onnx", True)])
+def test_rows_joining_and_leaving_give_each_request_its_offline_tokens(request, graph, overlap, offline_tokens,
+                                                                       monkeypatch):
     """40 requests arrive at random moments into 4 rows: each row is started, stepped and released at
-    its own position with its own settings (the engine's steps overlapped, as the server runs them),
-    and its tokens equal offline generate of it alone."""
+    its own position with its own settings, and its tokens equal offline generate of it alone; also
+    with the engine's steps overlapped, as the server runs them where a decoder's steps are queued."""
     target = request.getfixturevalue(graph)
     work = mixed_requests(40, seed=1, max_prompt=20, max_new=40)
     rng = random.Random(2)
     with open_decoder(target, "onnxruntime", rows=4) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=4, max_queue=64)).start()
+        scheduler = scheduler_over(decoder, Limits(max_rows=4, max_queue=64), overlap, monkeypatch).start()
         streams = []
         for prompt, settings in work:
             streams.append(FakeStream())
@@ -68,9 +84,11 @@ def test_a_full_queue_refuses_at_once_and_the_rest_are_served(tiny_static_onnx, 
     assert scheduler.metrics.requests == {"completed": rows + queue, "cancelled": 0, "rejected": 1, "failed": 0}
 
 
-def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_client_that_goes_away_frees_its_row_for_the_next(tiny_static_onnx, overlap, monkeypatch):
     with open_decoder(tiny_static_onnx, "onnxruntime", rows=1) as decoder:
-        scheduler = Scheduler(decoder, Limits(max_rows=1), cancel_check_s=0.0).start()  # ask every step
+        scheduler = scheduler_over(decoder, Limits(max_rows=1), overlap, monkeypatch,
+                                   cancel_check_s=0.0).start()  # ask every step
         gone, after = FakeStream(cancel_after=3), FakeStream()
         scheduler.submit(typed([5], GenerationSettings(80)), gone)
         scheduler.submit(typed([6], GenerationSettings(5)), after)
