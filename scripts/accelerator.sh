@@ -193,14 +193,14 @@ bench-large)  # those graphs (exported first if missing) against the gpt-fast re
   ;;
 fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step's profile (PROFILE_ARGS: e.g. --sweep;
   # PROFILE_LINES: how many lines of its output to show), and at 7b batch 1 against the gpt-fast recipe on the same
-  # fp16 weights in one run (BACKENDS: e.g. triton-fused alone; BENCH_FLAGS=--no-overlap: the engine's plain loop)
+  # fp16 weights in one run (BACKENDS: e.g. triton-fused alone; BENCH_FLAGS: e.g. --no-overlap for the engine's plain loop; TAG: a suffix for its file)
   run py -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_gpu.py -k "fused_batch1 or gemv" 2>&1 \
     | tee "$results/pytest-fused.txt" | grep -E "parity|passed|failed"
   run py scripts/profile_fused.py --preset ${PRESET:-7b} ${PROFILE_ARGS:-} --json "$results/profile-fused.json" 2>&1 \
     | grep -v -i warn | tail -${PROFILE_LINES:-12}
   run timeout ${LIMIT:-400} python3 -m runtime.commands.benchmark --preset ${PRESET:-7b} --dtype fp16 \
     --backend ${BACKENDS:-triton-fused,torch-compile-static} --batch 1 --context 1024 --new-tokens 32 --warmup 3 --iters 5 \
-    ${BENCH_FLAGS:-} --json "$results/bench-fused-${PRESET:-7b}${BENCH_FLAGS:+-no-overlap}.json" 2>&1 | tee "$results/bench-fused.log" | grep -v "^  " | tail -6
+    ${BENCH_FLAGS:-} --json "$results/bench-fused-${PRESET:-7b}${TAG:-}.json" 2>&1 | tee "$results/bench-fused.log" | grep -v "^  " | tail -6
   ;;
 esac
 tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 
@@ -347,7 +348,9 @@ def test_the_candidate_gemv_kernel_computes_the_product_in_fp16():
 @pytest.mark.parametrize("kind", CUDA_DECODERS)
 def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path, kind):
     """The engine on each CUDA decoder: greedy and seeded-sampled requests decoded four at a time
-    (joining as rows free up), in the plain and the overlapped loop, equal each request decoded alone."""
+    (joining as rows free up), in the plain and the overlapped loop, equal each request decoded alone;
+    half of them stop at an end-of-sequence token (overlapped, such a row is stepped once more while
+    its step is read, and taken by the next request)."""
     from runtime.decoding.engine import Engine
     from runtime.decoding.settings import GenerationSettings
 
@@ -365,11 +368,15 @@ def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path
         return [tokens[h] for h in handles]
 
     with _cuda_decoder(kind, source, paths, tmp_path, 4) as decoder:
+        unstopped = [run(decoder, [request])[0] for request in requests]
+        requests = [(prompt, dataclasses.replace(settings, eos_id=unstopped[i][len(unstopped[i]) // 2])
+                     if i % 2 == 0 else settings) for i, (prompt, settings) in enumerate(requests)]
         together = run(decoder, requests)
         overlapped = run(decoder, requests, overlap=True)
         alone = [run(decoder, [request])[0] for request in requests]
     assert together == alone and overlapped == alone
     assert len({tuple(t) for t in alone}) == len(alone)
+    assert all(len(alone[i]) < settings.max_new_tokens for i, (_, settings) in enumerate(requests) if i % 2 == 0)
 
 
 def _engine_tokens(decoder, requests, overlap: bool = False) -> list[list[int]]:
