@@ -401,19 +401,24 @@ def test_with_overlap_a_request_cancelled_after_its_step_failed_is_not_reported_
     assert engine.step() == [] and engine.idle
 
 
+def fails_at(function, call: int, message: str):
+    """`function`, except that its `call`-th call raises RuntimeError(message)."""
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(message)
+        return function(*args)
+
+    return wrapped
+
+
 def test_a_copy_to_the_host_that_fails_once_leaves_no_request_behind():
     engine = Engine(FakeDecoder(rows=1))
     handle = engine.submit([1, 2], GenerationSettings(4))
     first = engine.step()
-    copy, calls = engine._copy_to_host, []
-
-    def fails_once(ids):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("the copy fell over")
-        return copy(ids)
-
-    engine._copy_to_host = fails_once
+    engine._copy_to_host = fails_at(engine._copy_to_host, 1, "the copy fell over")
     with pytest.raises(RuntimeError, match="the copy fell over"):
         engine.step()  # its decode ran, its token is lost with the copy: the step is taken again
     events = first + [event for _ in range(5) for event in engine.step()]
@@ -433,15 +438,7 @@ def test_ids_that_never_reach_the_host_fail_their_requests_and_the_engine_goes_o
     queued behind that read is dropped with its requests)."""
     engine = Engine(FakeDecoder(rows=2), overlap=overlap)
     handles = [engine.submit([1], GenerationSettings(6)), engine.submit([2, 3], GenerationSettings(6))]
-    reads, to_host = [], engine._to_host
-
-    def fails_third(ids):
-        reads.append(1)
-        if len(reads) == 3:
-            raise RuntimeError("an illegal memory access was encountered")
-        return to_host(ids)
-
-    engine._to_host = fails_third
+    engine._to_host = fails_at(engine._to_host, 3, "an illegal memory access was encountered")
     tokens, finish, steps = run(engine)
     failed = [e for step in steps for e in step if e.finish == FAILED]
     assert [(e.request, e.index, e.cause) for e in failed] == [(handles[0], 2, "RuntimeError"), (handles[1], 2, "RuntimeError")]
