@@ -66,10 +66,12 @@ def _signals_interrupt():
 
 @dataclass
 class Files:
-    """A command's input and output files by flag (None or "-" when not used)."""
+    """A command's input files, output files and output folders (written whole, e.g. a model
+    repository) by flag (None or "-" when not used)."""
 
     inputs: dict[str, str | None] = field(default_factory=dict)
     outputs: dict[str, str | None] = field(default_factory=dict)
+    folders: dict[str, str | None] = field(default_factory=dict)
 
 
 def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
@@ -113,15 +115,25 @@ def _interrupted(prog: str, signum: int) -> int:
 
 def check_files(files: Files) -> None:
     """Before any work: every output can be written where asked, no two outputs are the same file,
-    and no output would overwrite an input."""
+    no output file lies in an output folder, and no output would overwrite an input."""
     claimed: dict[Path, str] = {}
     inputs = {Path(path).resolve(): flag for flag, path in files.inputs.items() if path and path != "-"}
+    folders = {}
+    for flag, path in files.folders.items():
+        if path:
+            _check_output_folder(Path(path), flag, inputs)
+            folders[Path(path).resolve()] = (flag, path)
     for flag, path in files.outputs.items():
         if not path or path == "-":
             continue
         target = Path(path)
-        check_output_path(target, flag)
         resolved = target.resolve()
+        for folder, (folder_flag, folder_path) in folders.items():
+            if resolved == folder or folder in resolved.parents:
+                where = "is" if resolved == folder else "is inside"
+                raise ToolkitError(f"{flag} {path} {where} the {folder_flag} folder {folder_path}, which this command "
+                                   "writes whole; choose a path outside it")
+        check_output_path(target, flag)
         if resolved in claimed:
             raise ToolkitError(f"{flag} and {claimed[resolved]} both name {path}; give each output its own file")
         if resolved in inputs:
@@ -132,6 +144,20 @@ def check_files(files: Files) -> None:
             raise ToolkitError(f"{flag} {path} is a file of the {inputs[folder]} folder {folder}; writing it would "
                                "change that input, so choose a path outside it")
         claimed[resolved] = flag
+
+
+def _check_output_folder(folder: Path, flag: str, inputs: dict[Path, str]) -> None:
+    """An output folder's place exists and it would overwrite no input (whether the folder itself
+    may be written, absent or empty, its writer decides)."""
+    parent = folder.parent
+    if not parent.is_dir():
+        state = "is a file, not a directory" if parent.exists() else "does not exist"
+        raise ToolkitError(f"cannot write {flag} {folder}: {parent} {state}; create it or choose another {flag}")
+    resolved = folder.resolve()
+    for path, input_flag in inputs.items():
+        if path == resolved or resolved in path.parents:
+            raise ToolkitError(f"{flag} {folder} holds the {input_flag} input; writing it would destroy the input, "
+                               "so choose another folder")
 
 
 def check_output_path(target: Path, flag: str) -> None:

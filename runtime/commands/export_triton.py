@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import ArgumentParser, add_limit_arguments, gpu_selection, limit_changes, log_to, run_main, write_json
+from .common import (ArgumentParser, Files, add_limit_arguments, gpu_selection, limit_changes, log_to, run_main,
+                     write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +121,13 @@ def _limits(args: argparse.Namespace, log):
     return fitted
 
 
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs={"MODEL": args.model, "--decoder": args.decoder, "--python-env": args.python_env},
+                 outputs={"--json": args.json}, folders={"--output": args.output})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_export, build_parser(), argv)
+    return run_main(_export, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

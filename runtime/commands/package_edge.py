@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import ArgumentParser, log_to, positive_float, run_main, write_json
+from .common import ArgumentParser, Files, log_to, positive_float, run_main, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +65,12 @@ def _package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs={"MODEL.onnx": args.model}, outputs={"--json": args.json}, folders={"--output": args.output})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_package, build_parser(), argv)
+    return run_main(_package, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

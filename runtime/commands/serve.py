@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import (ArgumentParser, add_limit_arguments, add_model_arguments, gpu_selection, limit_changes,
-                     model_request, positive_float, run_main, write_json)
+from .common import (ArgumentParser, Files, add_limit_arguments, add_model_arguments, gpu_selection, limit_changes,
+                     model_files, model_request, positive_float, run_main, write_json)
 
 FRONT_END_STOP_S = 10  # after generate has drained, how long the OpenAI front end may take to exit
 # uvicorn's own grace for open streams, beyond --exit-timeout: longer than generate's stop can take (unload
@@ -245,8 +245,12 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _files(args: argparse.Namespace) -> Files:
+    return Files(inputs={"MODEL": args.model, **model_files(args)}, outputs={"--json": args.json, "--log": args.log})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_serve, build_parser(), argv)
+    return run_main(_serve, build_parser(), argv, _files)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,21 @@ class Sidecar:
         wrong = next((name for name, kind in kinds.items() if not isinstance(getattr(sidecar, name), kind)), None)
         if wrong:
             raise ValueError(f"{wrong} must be a {kinds[wrong].__name__}")
+        _check_profiles(sidecar.profiles)
         return sidecar
+
+
+def _check_profiles(profiles: list) -> None:
+    """Each profile maps input names to min/opt/max shapes of one rank (what Profile.to_dict writes)."""
+    for index, profile in enumerate(profiles):
+        if not isinstance(profile, dict):
+            raise ValueError(f"profile {index} must be an object of input shapes")
+        for name, shapes in profile.items():
+            ok = isinstance(shapes, dict) and all(
+                isinstance(shapes.get(which), list) and all(type(d) is int and d >= 0 for d in shapes[which])
+                for which in ("min", "opt", "max"))
+            if not ok or len({len(shapes[which]) for which in ("min", "opt", "max")}) != 1:
+                raise ValueError(f"profile {index} input {name!r} needs min, opt and max lists of sizes of one rank")
 
 
 def sidecar_path(engine: str | Path) -> Path:

@@ -54,6 +54,11 @@ def files(tmp_path_factory, tiny_past_onnx, tiny_static_onnx, tiny_model, upstre
     (root / "list-sidecar.engine").write_bytes(b"plan")
     (root / "list-sidecar.engine.json").write_text("[1, 2, 3]")
     (root / "no-sidecar.engine").write_bytes(b"plan")
+    (root / "bad-profiles.engine").write_bytes(b"plan")
+    (root / "bad-profiles.engine.json").write_text(json.dumps(
+        {"profiles": [{"input_ids": [[1, 1], [1, 8]]}], "options": {}, "flavour": "tensorrt", "library_version": "10.0",
+         "gpu_name": "H200", "compute_capability": "9.0", "onnx_sha256": "0", "build_seconds": 1.0,
+         "format": "rotary-deploy-engine/1"}))
     state = {k: v for k, v in upstream_model.state_dict().items() if k != "layers.1.0.to_out.weight"}
     torch.save(state, root / "incomplete-upstream.pt")
     (root / "adir").mkdir()
@@ -168,7 +173,20 @@ MATRIX = [
      ["--python-env", "is not a .tar.gz archive"], 2),
     ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--queue", "-1"],
      ["--queue (max_queue) must be an integer from 0"], 2),
+    ("export-triton", ["{root}/bad-profiles.engine", "--output", "{root}/r"],
+     ["sidecar", "profile 0 input 'input_ids' needs min, opt and max lists", "rebuild the engine"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--json", "{root}/model.onnx"],
+     ["--json", "is also the MODEL input"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--json", "{root}/r"],
+     ["--json", "is the --output folder", "choose a path outside it"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/nodir/r"],
+     ["cannot write --output", "nodir does not exist; create it or choose another --output"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}"], ["--output", "holds the MODEL input"], 2),
     # package-edge
+    ("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
+                      "--json", "{root}/model.onnx"], ["--json", "is also the MODEL.onnx input"], 2),
+    ("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
+                      "--json", "{root}/e/report.json"], ["--json", "is inside the --output folder"], 2),
     *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
                         "--workspace", value], ["--workspace must be from 1 to 1048576 MiB"], 2) for value in ("-1", "0")],
     *[("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
@@ -180,6 +198,11 @@ MATRIX = [
     ("serve", ["{root}/static.onnx", "--openai-workers", "0"], ["--openai-workers must be at least 1"], 2),
     ("serve", ["{root}/static.onnx", "--port", "70000"], ["--port must be a port number 1-65535"], 2),
     ("serve", ["{root}/missing.onnx"], ["model not found"], 2),
+    ("serve", ["{root}/static.onnx", "--json", "{root}/static.onnx"], ["--json", "is also the MODEL input"], 2),
+    ("serve", ["{root}/static.onnx", "--log", "{root}/nodir/x.log"], ["cannot write --log", "does not exist"], 2),
+    ("serve", ["{root}/static.onnx", "--log", "{root}/adir"], ["cannot write --log", "it is a directory"], 2),
+    ("serve", ["--checkpoint", "{root}/ck.safetensors", "--log", "{root}/ck.safetensors"],
+     ["--log", "is also the --checkpoint input"], 2),
     # loadtest (refused before it contacts any server)
     ("loadtest", ["--url", "ftp://127.0.0.1:8000"], ["argument --url: must be http:// or https:// addresses"], 2),
     ("loadtest", ["--url", "http://127.0.0.1:9,x"], ["argument --url: must be http:// or https:// addresses separated "
