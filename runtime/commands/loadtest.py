@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import sys
 import time
 
 from models.errors import ToolkitError
 
-from .common import ArgumentParser, int_list, log_to, non_negative_float, positive_float, run_main, write_json
+from .common import (ArgumentParser, int_list, log_to, non_negative_float, non_negative_int, positive_float, positive_int,
+                     run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "its HTTP port + 1, + 2 and + 3, as serve lays them out)")
     parser.add_argument("--concurrency", type=int_list, default=[8], metavar="N[,N...]",
                         help="concurrent clients; several levels (1,8,32) run one after another (default 8)")
-    parser.add_argument("--requests", type=int, default=64, metavar="M", help="requests per level (default 64)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--requests", type=positive_int, default=64, metavar="M", help="requests per level (default 64)")
     parser.add_argument("--protocol", choices=["grpc", "http", "openai"], default="grpc",
                         help="grpc (tritonclient streams; default), http (Triton's generate_stream) or openai "
                              "(serve's /v1/completions, streamed); the same seeded requests and tokens in each")
@@ -42,21 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-url", metavar="HOST:PORT",
                         help="Triton's metrics address, read before and after each level for the server's decode "
                              "steps: mean rows per step and mean step time (default: the URL's host, port + 2)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=64, metavar="N",
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=64, metavar="N",
                         help="longest prompt sent (default 64, at most the server's limit)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                         help="most tokens asked for (default 64, at most the server's limit)")
-    parser.add_argument("--requests-per-client", type=int, metavar="K",
+    load.add_argument("--requests-per-client", type=positive_int, metavar="K",
                         help="K requests per client at each level instead of --requests (steady load at every level)")
-    parser.add_argument("--workers", type=int, default=1, metavar="P",
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="P",
                         help="spread the clients over P processes, so one Python process receiving every "
                              "response does not cap the rate (default 1)")
     parser.add_argument("--wait", type=non_negative_float, default=30.0, metavar="S",
                         help="wait up to S seconds for the generate model to be ready (a server still loading it); "
                              "0: do not wait (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="workload seed (default 0)")
     parser.add_argument("--timeout", type=positive_float, default=120.0, metavar="S", help="per request (default 120)")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (`errors`: failed requests)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (`errors`: failed requests); - for "
+                                                       "stdout, the progress lines then go to stderr")
     parser.add_argument("--plot", metavar="PNG", help="chart latency against concurrency")
     return parser
 
@@ -120,10 +124,6 @@ def _checked(args: argparse.Namespace) -> None:
     if len(args.url) > 1 and overrides:
         raise ToolkitError(f"{overrides[0]} names one server's address; with several --url each server's ports "
                            "follow its HTTP port (drop it)")
-    if (args.requests < 1 or args.max_prompt_tokens < 1 or args.max_new_tokens < 1 or args.timeout <= 0
-            or args.workers < 1 or (args.requests_per_client is not None and args.requests_per_client < 1)):
-        raise ToolkitError("--requests, --requests-per-client, --workers, --max-prompt-tokens, --max-new-tokens "
-                           "and --timeout must be positive")
 
 
 def _client(args: argparse.Namespace, url: str, vocab_size: int) -> tuple:
@@ -153,7 +153,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     from runtime.serving.metrics import PUBLISH_S
 
     _checked(args)
-    log = log_to(False)
+    log = log_to(args.json == "-")
     limits = _limits(args.url, args.wait)
     prompt = min(args.max_prompt_tokens, limits.get("max_prompt_tokens", args.max_prompt_tokens))
     new = min(args.max_new_tokens, limits.get("max_new_tokens", args.max_new_tokens))
@@ -167,6 +167,9 @@ def _loadtest(args: argparse.Namespace) -> int:
                (split_url(url, 8000) for url in args.url)]
     levels = []
     before = summed_counters(metrics)
+    if before is None:
+        log(f"loadtest: note: {', '.join(metrics)} publish no decode-step counters; the server's rows per step and "
+            "step time are left out")
     for concurrency, count in zip(args.concurrency, counts):
         level = run_level(requests[:count], concurrency, clients, args.timeout, args.workers)
         time.sleep(2 * PUBLISH_S)  # the server publishes its counters every PUBLISH_S
@@ -185,6 +188,10 @@ def _loadtest(args: argparse.Namespace) -> int:
                                "prompt_tokens_max": prompt, "new_tokens_max": new, "levels": levels, "errors": errors})
     if args.plot:
         plot_levels(levels, args.plot)
+    if errors:
+        messages = sorted({m for level in levels for m in level["error_messages"]})
+        print(f"loadtest: error: {errors} of {sum(counts)} requests failed (e.g. {messages[0].splitlines()[0][:200]}); the report lists "
+              "each level's errors", file=sys.stderr)
     return 1 if errors else 0
 
 

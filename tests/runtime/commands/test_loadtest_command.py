@@ -63,6 +63,20 @@ def test_clients_spread_over_worker_processes_give_the_tokens_of_one_process(tri
     assert all(level["errors"] == 0 for level in spread)
 
 
+def test_failed_requests_are_named_on_stderr_and_json_to_stdout_stays_json(triton_server, capsys):
+    """A gRPC port where nothing listens: every request fails, exit 1, one error line with the count;
+    no step counters at --metrics-url: one note; with --json - stdout holds only the report."""
+    grpc, metrics = free_ports(2)
+    code = main(["--url", triton_server.url, "--grpc-url", f"127.0.0.1:{grpc}", "--metrics-url", f"127.0.0.1:{metrics}",
+                 "--concurrency", "1", "--requests", "2", "--timeout", "20", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["errors"] == 2
+    lines = err.strip().splitlines()
+    assert lines[0] == (f"loadtest: note: 127.0.0.1:{metrics} publish no decode-step counters; the server's rows per "
+                        "step and step time are left out")
+    assert lines[-1].startswith("loadtest: error: 2 of 2 requests failed (e.g. ") and "Traceback" not in err
+
+
 def test_no_server_is_one_error_line_after_the_bounded_wait(capsys):
     import time
 
