@@ -109,6 +109,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ServerError(f"--generate-instances must be at least 1, got {args.generate_instances}")
     if args.max_cache is not None and args.max_cache < 2:
         raise ServerError(f"--max-cache must be at least 2, got {args.max_cache}")
+    if args.max_cache is not None and not args.model:  # the limits must fit before the graph is written
+        from runtime.serving.limits import Limits
+
+        given = limit_changes(args)
+        Limits().replace(**given).fitted(args.max_cache, set(given))
+    if args.device == "cuda" and not _cuda():
+        raise ServerError("--device cuda: PyTorch sees no CUDA GPU on this machine; use --device cpu (or auto)")
     if args.gpus is not None:
         from runtime.serving.gpus import resolve_gpus
 

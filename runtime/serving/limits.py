@@ -46,10 +46,14 @@ class Limits:
         return min(self.default_new_tokens, self.max_new_tokens)
 
     def check_capacity(self, capacity: int | None, what: str) -> None:
-        """A prompt of max_prompt_tokens must leave room for at least one new token in `capacity`."""
+        """A prompt of max_prompt_tokens must leave room for at least one new token in `capacity`,
+        and max_new_tokens must be reachable after a one-token prompt."""
         if capacity is not None and self.max_prompt_tokens >= capacity:
             raise LimitsError(f"{limit_name('max_prompt_tokens')} {self.max_prompt_tokens} leaves no room for new "
                               f"tokens in {what}; lower it below {capacity}")
+        if capacity is not None and self.max_new_tokens >= capacity:
+            raise LimitsError(f"{limit_name('max_new_tokens')} {self.max_new_tokens} can never be reached in {what} "
+                              f"(a prompt takes at least one token); lower it below {capacity}")
 
     def to_parameters(self) -> dict[str, str]:
         return {name: str(value) for name, value in asdict(self).items()}
@@ -69,13 +73,16 @@ class Limits:
     def fitted(self, capacity: int | None, given: set[str]) -> "Limits":
         """These limits with the prompt and new-token limits the user did not give (`given`: field
         names) lowered to what a row of `capacity` tokens holds: half of it each, so a small
-        static cache works without flags. Given limits are kept (check_capacity judges them)."""
+        static cache works without flags. Given limits are kept, and refused when they do not fit
+        (check_capacity)."""
         if not capacity:
             return self
         prompt = self.max_prompt_tokens if "max_prompt_tokens" in given else \
             max(1, min(self.max_prompt_tokens, capacity // 2))
         new = self.max_new_tokens if "max_new_tokens" in given else max(1, min(self.max_new_tokens, capacity - prompt))
-        return self.replace(max_prompt_tokens=prompt, max_new_tokens=new)
+        fitted = self.replace(max_prompt_tokens=prompt, max_new_tokens=new)
+        fitted.check_capacity(capacity, f"the decoder's {capacity}-token capacity")
+        return fitted
 
     def replace(self, **changes) -> "Limits":
         """These limits with the given fields changed (None leaves a field as it is)."""

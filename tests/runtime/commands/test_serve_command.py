@@ -144,6 +144,15 @@ def test_a_gpu_the_machine_does_not_have_is_refused_before_anything_starts(tmp_p
     assert_one_line_error(capsys, "serve", "--gpus names GPU 2, but this machine has 2 (ids 0 to 1)")
 
 
+def test_device_cuda_without_cuda_is_refused_before_anything_starts(tiny_static_onnx, capsys, monkeypatch):
+    from runtime.commands import serve
+
+    monkeypatch.setattr(serve, "_cuda", lambda: False)
+    monkeypatch.setattr(serve, "_serve_on", lambda *a: pytest.fail("started"))
+    assert main([str(tiny_static_onnx), "--device", "cuda"]) == 2
+    assert_one_line_error(capsys, "serve", "--device cuda: PyTorch sees no CUDA GPU on this machine; use --device cpu")
+
+
 def test_a_repository_placed_on_gpus_the_machine_lacks_is_refused_before_anything_starts(tiny_static_onnx, tmp_path,
                                                                                          capsys, monkeypatch):
     from runtime.commands import serve
