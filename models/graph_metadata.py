@@ -106,6 +106,11 @@ class GraphMetadata:
     def with_past(self) -> bool:
         return self.kind != LOGITS
 
+    @property
+    def capacity(self) -> int | None:
+        """Tokens one row holds (prompt + generated): the static cache, or max_seq_len; None: unbounded."""
+        return self.max_cache if self.kind in STATIC_KINDS else self.config.max_seq_len
+
     def signature(self) -> GraphSignature:
         """The graph's inputs and outputs, as export declared them."""
         dtype = precision(self.precision).dtype

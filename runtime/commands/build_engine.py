@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="builder optimisation level, 0-5 (default 3); higher builds slower, may run faster")
     build.add_argument("--version-compatible", action="store_true",
                        help="build a plan later TensorRT versions can run (it embeds host code)")
-    build.add_argument("--compute-capability", action="append", metavar="X.Y", default=[],
+    build.add_argument("--compute-capability", action="append", type=compute_capability, metavar="X.Y", default=[],
                        help="TensorRT-RTX only: build for this GPU generation (repeatable), e.g. 8.6 or 12.0; "
                             "default: RTX's own set")
     build.add_argument("--hardware-compatibility", choices=["none", "ampere+", "same-cc"], default="none",
@@ -57,17 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def compute_capability(text: str) -> str:
+    """X.Y, as nvidia-smi prints it (8.6, 12.0)."""
+    import re
+
+    if not re.fullmatch(r"[1-9][0-9]?\.[0-9]", text):
+        raise argparse.ArgumentTypeError(f"expected a compute capability such as 8.6 or 12.0, got {text!r}")
+    return text
+
+
 def _inputs(args: argparse.Namespace):
     """(model path, engine path, profiles, graph metadata props, graph inputs), all checked before any build."""
+    from models.graph_metadata import GraphMetadata
     from runtime.tensorrt.profiles import build_profiles, graph_axes
 
     model = Path(args.model)
+    if model.is_dir():
+        raise ToolkitError(f"MODEL {model} is a directory; give the .onnx file written by export-model")
     if not model.is_file():
         raise ToolkitError(f"ONNX model not found: {model}")
     output = _output(args)
+    if args.compute_capability and args.flavour == "tensorrt":
+        raise ToolkitError("--compute-capability is TensorRT-RTX's; the full TensorRT builds for the GPU it runs on: "
+                           "drop it, or pass --flavor tensorrt-rtx")
     inputs, axes, metadata = graph_axes(model)
+    capacity = GraphMetadata.from_props(metadata, str(model)).capacity
     profiles = build_profiles(inputs, axes, args.batch, args.seq, args.past, args.min_shapes, args.opt_shapes,
-                              args.max_shapes)
+                              args.max_shapes, capacity)
     return model, output, profiles, metadata, inputs
 
 
@@ -114,6 +130,9 @@ def _build(args: argparse.Namespace) -> int:
                            hardware_compatibility=args.hardware_compatibility,
                            compute_capabilities=list(args.compute_capability))
     library, (gpu_name, cc) = _library_and_gpu(args.flavour, load_tensorrt, gpu_identity)
+    if args.compute_capability and not library.is_rtx:
+        raise ToolkitError(f"--compute-capability is TensorRT-RTX's, and {library.flavour} was found: drop it, or "
+                           "install TensorRT-RTX")
     runnable, reason = can_execute(library.flavour, cc)
     if not runnable and not library.is_rtx:
         raise ToolkitError(reason)  # the full TensorRT builds for the GPU it runs on

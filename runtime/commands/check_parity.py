@@ -138,7 +138,7 @@ def _prompts(args, vocab: int) -> list[list[int]]:
 def _check_static_lengths(lengths: list[int], max_cache: int) -> None:
     """Each --seq prompt and its decode steps must fit a static-cache graph's rows."""
     from models.errors import ToolkitError
-    from runtime.verify.decoding import DECODE_STEPS
+    from runtime.verify import DECODE_STEPS
 
     longest = max_cache - DECODE_STEPS
     if max(lengths) > longest:

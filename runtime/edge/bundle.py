@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models.files import new_dir_mode, sha256_file
-from models.graph_metadata import TOOLKIT_VERSION, GraphMetadata
+from models.graph_metadata import STATIC_KINDS, TOOLKIT_VERSION, GraphMetadata
 
 from ..tensorrt.profiles import Profile, format_shapes
 from .budget import MemoryBudget
@@ -61,10 +61,15 @@ class EdgePlan:
 
     def parity_commands(self) -> list[str]:
         """check-parity on the engine, within the profile; a quantized graph also against float."""
+        from runtime.verify import DECODE_STEPS
+
         axes = self.budget.axes
         batch, seq = axes.batch[2], axes.sequence[2]
+        lengths = {1, min(17, seq), axes.sequence[1]}
+        if self.metadata.kind in STATIC_KINDS:  # each prompt and the sweep's decode steps fit a row
+            lengths = {min(length, self.metadata.capacity - DECODE_STEPS) for length in lengths}
         args = ["check-parity", self.engine, "--backend", "tensorrt", "--batch", _listed({1, min(3, batch)}),
-                "--seq", _listed({1, min(17, seq), axes.sequence[1]})]
+                "--seq", _listed(lengths)]
         if axes.past:
             args += ["--past", _listed({1, axes.past[2] // 2 + 1})]
         if batch >= 2:

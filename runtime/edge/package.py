@@ -58,7 +58,7 @@ def plan_bundle(model: str | Path, target: str, jetpack: str, flags: dict[str, s
     inputs, ranges, _ = graph_axes(model)
     spans = budget.axes
     profile = build_profiles(inputs, ranges, [spans.spec("batch")], [spans.spec("sequence")],
-                             [spans.spec("past")] if spans.past else None)[0]
+                             [spans.spec("past")] if spans.past else None, capacity=metadata.capacity)[0]
     return EdgePlan(model, metadata, board, release, check, budget, profile, graph_files(model, proto))
 
 

@@ -77,7 +77,7 @@ def export_repository(model: str | Path, output: str | Path, options: Repository
 def decoder_capacity(metadata: GraphMetadata) -> int | None:
     """Tokens one row can hold (prompt + generated): the static cache (of either static kind), or
     max_seq_len; None: unbounded."""
-    return metadata.max_cache if metadata.kind in STATIC_KINDS else metadata.config.max_seq_len
+    return metadata.capacity
 
 
 def write_repository(model: str | Path, output: str | Path, options: RepositoryOptions, metadata: GraphMetadata,

@@ -117,7 +117,8 @@ def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRa
         raise ProfileError(str(error)) from None
     if graph.kind == STATIC_CACHE:  # the portable static graph (standard ops) is TensorRT's
         raise ProfileError(f"{onnx_path} is an ONNX Runtime static-cache graph (com.microsoft ops TensorRT cannot "
-                           "parse); build an engine from the portable graph (export-model --with-past)")
+                           "parse); build an engine from a portable graph (export-model --static-cache N --portable, "
+                           "or --with-past)")
     initializers = {t.name for t in model.graph.initializer}
     inputs = []
     for value in model.graph.input:
@@ -139,9 +140,11 @@ def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRa
 
 def build_profiles(inputs: list[InputAxes], axes: dict[str, AxisRange], batch: list[str] | None = None,
                    seq: list[str] | None = None, past: list[str] | None = None, min_shapes: list[str] | None = None,
-                   opt_shapes: list[str] | None = None, max_shapes: list[str] | None = None) -> list[Profile]:
+                   opt_shapes: list[str] | None = None, max_shapes: list[str] | None = None,
+                   capacity: int | None = None) -> list[Profile]:
     """Profiles from the declared axes, overridden per profile by --batch/--seq ranges or by
-    trtexec-style --min/--opt/--max-shapes. The i-th occurrence of a flag shapes profile i."""
+    trtexec-style --min/--opt/--max-shapes. The i-th occurrence of a flag shapes profile i.
+    `capacity`: tokens a row of the graph holds (GraphMetadata.capacity); no range may pass it."""
     batch, seq, past = batch or [], seq or [], past or []
     min_shapes, opt_shapes, max_shapes = min_shapes or [], opt_shapes or [], max_shapes or []
     if not (len(min_shapes) == len(opt_shapes) == len(max_shapes)):
@@ -156,6 +159,7 @@ def build_profiles(inputs: list[InputAxes], axes: dict[str, AxisRange], batch: l
             ranges["sequence"] = parse_range(seq[min(index, len(seq) - 1)], "--seq")
         if past:
             ranges["past_sequence"] = parse_range(past[min(index, len(past) - 1)], "--past", smallest=0)
+        _check_window(ranges, capacity, index)
         for derived, parts in SUM_AXES.items():  # total_sequence = past_sequence + sequence
             if all(part in ranges for part in parts):
                 ranges[derived] = AxisRange(*(sum(getattr(ranges[p], w) for p in parts) for w in ("min", "opt", "max")))
@@ -178,6 +182,13 @@ def build_profiles(inputs: list[InputAxes], axes: dict[str, AxisRange], batch: l
         validate_profile(profile, inputs, index)
         profiles.append(profile)
     return profiles
+
+
+def _check_window(ranges: dict[str, AxisRange], capacity: int | None, index: int) -> None:
+    for axis, flag in (("sequence", "--seq"), ("past_sequence", "--past")):
+        if capacity and axis in ranges and ranges[axis].max > capacity:
+            raise ProfileError(f"profile {index}: {flag} up to {ranges[axis].max} tokens is past the {capacity} tokens "
+                               f"a row of this graph holds; keep {flag}'s maximum within {capacity}")
 
 
 def validate_profile(profile: Profile, inputs: list[InputAxes], index: int = 0) -> None:

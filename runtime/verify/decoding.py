@@ -14,9 +14,8 @@ from models.transformer import Transformer
 from ..decoding.base import Decoder, DecodingError
 from ..decoding.engine import Engine
 from ..decoding.generation import GenerationResult, GenerationSettings, generate
+from . import DECODE_STEPS
 from .tensors import Case, CaseResult, ParityReport, compare_outputs
-
-DECODE_STEPS = 8  # teacher-forced decode steps after each prompt of the decoder sweep
 
 
 def ragged_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -36,13 +36,14 @@ READ_ONLY = read_only_folder()
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_past_onnx, tiny_static_onnx, tiny_model, upstream_model):
+def files(tmp_path_factory, tiny_past_onnx, tiny_static_onnx, tiny_portable_static_onnx, tiny_model, upstream_model):
     """A folder of good and bad inputs; tests must leave every one of them unchanged."""
     from models.checkpoints import save_checkpoint
 
     root = tmp_path_factory.mktemp("bad_inputs")
     shutil.copy(tiny_past_onnx, root / "model.onnx")
     shutil.copy(tiny_static_onnx, root / "static.onnx")
+    shutil.copy(tiny_portable_static_onnx, root / "portable.onnx")  # a 96-token window
     save_checkpoint(tiny_model, root / "ck.safetensors")
     good = (root / "model.onnx").read_bytes()
     (root / "truncated.onnx").write_bytes(good[: len(good) // 3])
@@ -163,6 +164,15 @@ MATRIX = [
     ("build-engine", ["{root}/model.onnx", "-o", "{root}/e.engine", "--batch", "0:1:2"],
      ["sizes must be at least 1"], 2),
     ("build-engine", ["{root}/model.onnx", "--workspace", "0"], ["argument --workspace"], 2),
+    ("build-engine", ["{root}/portable.onnx", "-o", "{root}/e.engine", "--seq", "1:1:500"],
+     ["profile 0: --seq up to 500 tokens is past the 96 tokens a row of this graph holds; keep --seq's maximum "
+      "within 96"], 2),
+    ("build-engine", ["{root}/model.onnx", "--compute-capability", "abc"],
+     ["argument --compute-capability: expected a compute capability such as 8.6 or 12.0, got 'abc'"], 2),
+    ("build-engine", ["{root}/model.onnx", "-o", "{root}/e.engine", "--compute-capability", "8.6", "--flavor",
+                      "tensorrt"], ["--compute-capability is TensorRT-RTX's", "pass --flavor tensorrt-rtx"], 2),
+    ("build-engine", ["{root}/adir", "-o", "{root}/e.engine"], ["MODEL", "adir is a directory; give the .onnx file"], 2),
+    ("build-engine", ["{root}/static.onnx", "-o", "{root}/e.engine"], ["export-model --static-cache N --portable"], 2),
     ("build-engine", ["{root}/model.onnx", "-o", "{readonly}/e.engine"], ["cannot write --output"], 2),
     # export-triton (serve has its own matrix in test_serve_command.py)
     ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--max-batch-size", "1000000000000"],
@@ -183,6 +193,8 @@ MATRIX = [
      ["cannot write --output", "nodir does not exist; create it or choose another --output"], 2),
     ("export-triton", ["{root}/model.onnx", "--output", "{root}"], ["--output", "holds the MODEL input"], 2),
     # package-edge
+    ("package-edge", ["{root}/portable.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
+                      "--seq", "1:16:500"], ["--seq up to 500 tokens is past the 96 tokens a row of this graph holds"], 2),
     ("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",
                       "--json", "{root}/model.onnx"], ["--json", "is also the MODEL.onnx input"], 2),
     ("package-edge", ["{root}/model.onnx", "--target", "orin-nx-16gb", "--jetpack", "6.2", "--output", "{root}/e",

@@ -113,6 +113,18 @@ def test_the_trtexec_line_matches_the_golden_file(tiny_int4_export):
                                          "--seq 1,17,64 --past 1,129 --generate 32")
 
 
+def test_the_parity_command_of_a_static_graph_fits_its_window(tiny_portable_static_onnx, capsys):
+    """A 96-token portable static graph: the parity line's prompts leave room for the sweep's decode
+    steps (check-parity refuses --seq past 96 - 8), and check-parity's own checks accept it."""
+    from runtime.commands.check_parity import _check_static_lengths
+
+    plan = plan_bundle(tiny_portable_static_onnx, "orin-nano-8gb", "6.2")
+    command = plan.parity_commands()[0]
+    seq = [int(v) for v in command.split("--seq ")[1].split()[0].split(",")]
+    assert max(seq) == 96 - 8 and 1 in seq, command
+    _check_static_lengths(seq, 96)
+
+
 def test_build_sh_checks_the_files_then_builds_with_trtexec_where_build_engine_is_missing(tmp_path, tiny_int4_export):
     import subprocess
     import sys
