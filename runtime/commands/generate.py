@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from models.errors import ToolkitError
 
@@ -71,6 +72,33 @@ def _open(args: argparse.Namespace, max_length: int, log):
         return open_decoder(args.model, spec.name, rows=1)
 
 
+def _check_against_model(args: argparse.Namespace, settings, prompt_length: int) -> None:
+    """Before MODEL is opened (and warmed up): the prompt's ids, --eos-id and the row's room, against
+    what MODEL records about itself. The weights' backends check the same once the model is built."""
+    from runtime.decoding.open import read_model_metadata
+    from runtime.registry import WEIGHTS, resolve_backend
+
+    if args.model is None or resolve_backend(args.backend, args.model).opens == WEIGHTS:
+        return
+    if Path(args.model).is_dir():
+        raise ToolkitError(f"--model {args.model} is a directory; give the .onnx graph or the .engine file in it")
+    metadata = read_model_metadata(args.model)
+    vocab = metadata.config.num_tokens
+    bad = next((token for token in args.prompt_ids or [] if not 0 <= token < vocab), None)
+    if bad is not None:
+        raise ToolkitError(f"prompt token id {bad} is out of range; the vocabulary is 0..{vocab - 1}")
+    if args.prompt is not None:
+        from runtime.decoding.text import encode_text
+
+        encode_text(args.prompt, vocab)  # refuses a vocabulary too small for bytes
+    settings.check(vocab)
+    total, capacity = prompt_length + settings.max_new_tokens, metadata.capacity
+    if capacity is not None and total > capacity:
+        raise ToolkitError(f"the {prompt_length}-token prompt plus --max-new-tokens {settings.max_new_tokens} is "
+                           f"{total} tokens, past the {capacity} a row of {args.model} holds; shorten the prompt or "
+                           "lower --max-new-tokens")
+
+
 def probability_mass(text: str) -> float:
     """(0, 1]: the nucleus (top-p) mass."""
     value = finite_float(text)
@@ -128,7 +156,10 @@ def _generate(args: argparse.Namespace) -> int:
                                   args.eos_id, args.top_k, args.top_p)
     settings.check()
     text_mode = args.prompt is not None
+    if text_mode and not args.prompt:
+        raise ToolkitError("--prompt is empty; give at least one character of text")
     prompt_length = len(args.prompt_ids) if args.prompt_ids else len(args.prompt.encode("utf-8"))
+    _check_against_model(args, settings, prompt_length)
     with _open(args, prompt_length + args.max_new_tokens, log) as decoder:
         prompt = args.prompt_ids if args.prompt_ids else encode_text(args.prompt, decoder.vocab_size)
         log(f"generate: {decoder.name} ({decoder.mode}), prompt of {len(prompt)} tokens, up to "

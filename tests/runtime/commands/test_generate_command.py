@@ -99,3 +99,18 @@ def test_control_bytes_and_broken_utf8_are_escaped_on_the_terminal():
     assert shown == "ok \\x1b[2J\\x0d\\x07 café \\x85 \\u202e \\xff\\xfe \\xe2\\x9c\n\tend"
     pieces = TerminalText()
     assert "".join(pieces.piece(t) for t in (0xE2, 300, 65)) == "\\xe2<300>A"  # an id ends an unfinished character
+
+
+@pytest.mark.parametrize("fixture, argv, message", [
+    ("tiny_past_onnx", ["--prompt-ids", "1,2,999"], "prompt token id 999 is out of range; the vocabulary is 0..255"),
+    ("tiny_past_onnx", ["--prompt-ids", "1", "--eos-id", "999"], "--eos-id 999 is outside the vocabulary 0..255"),
+    ("tiny_static_onnx", ["--prompt-ids", "1,2", "--max-new-tokens", "100"],
+     "the 2-token prompt plus --max-new-tokens 100 is 102 tokens, past the 96 a row of"),
+])
+def test_requests_a_model_cannot_take_are_refused_before_it_is_opened(request, fixture, argv, message, capsys,
+                                                                        monkeypatch):
+    from runtime.commands import generate
+
+    monkeypatch.setattr(generate, "_open", lambda *a: pytest.fail("the decoder was opened"))
+    assert main(["--model", str(request.getfixturevalue(fixture)), *argv]) == 2
+    assert_one_line_error(capsys, "generate", message)
