@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from models.errors import ToolkitError
 
@@ -179,9 +180,20 @@ def _note_recomputation(decoder, log) -> None:
 
 
 def _check_sizes(names: list[str], targets: Targets, args, row) -> None:
-    """Unknown backends, and sizes no machine here can hold, are refused before any work."""
-    from runtime.registry import backend_spec
+    """Unknown backends, backends without the file they open, and sizes no machine here can hold,
+    are refused before any work."""
+    from runtime.registry import ENGINE, ONNX, backend_spec
     from runtime.resources import forward_bytes, require
+
+    for name in names:
+        spec = backend_spec(name)
+        if spec.opens == ONNX and not args.model and not targets.static_graph():
+            raise ToolkitError(f"--backend {name} runs MODEL.onnx (exported with --with-past); give MODEL or drop {name}")
+        if spec.opens == ENGINE and not args.engine:
+            raise ToolkitError(f"--backend {name} runs an engine; give --engine PATH (built by build-engine from MODEL) "
+                               f"or drop {name}")
+    if args.engine and not Path(args.engine).is_file():
+        raise ToolkitError(f"--engine {args.engine} is not a file; build one with build-engine or fix the path")
 
     needed = forward_bytes(targets.config(), max(args.batch), max(args.context),
                            args.warmup + args.new_tokens + 1, row.bytes_per_value)
@@ -191,7 +203,7 @@ def _check_sizes(names: list[str], targets: Targets, args, row) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _benchmark(args: argparse.Namespace) -> int:

@@ -159,6 +159,11 @@ MATRIX = [
     ("benchmark", ["{root}/model.onnx", "--plot", "{readonly}/b.png"], ["cannot write --plot"], 2),
     ("benchmark", ["{root}/model.onnx", "--backend", "torch", "--context", "1000000000"], ["needs about"], 2),
     ("benchmark", ["{root}/model.onnx", "--backend", "torch-compile"], ["no backend ran", "needs a GPU"], 1),
+    ("benchmark", ["{root}/model.onnx", "--backend", "torch,tensorrt"], ["--backend tensorrt runs an engine; give "
+                                                                         "--engine PATH", "or drop tensorrt"], 2),
+    ("benchmark", ["--backend", "onnxruntime"], ["--backend onnxruntime runs MODEL.onnx", "give MODEL or drop"], 2),
+    ("benchmark", ["{root}/model.onnx", "--backend", "tensorrt", "--engine", "{root}/missing.engine"],
+     ["--engine", "missing.engine is not a file"], 2),
     # build-engine
     ("build-engine", ["{root}/foreign.onnx", "-o", "{root}/e.engine"], ["not a graph written by this toolkit"], 2),
     ("build-engine", ["{root}/static.onnx", "-o", "{root}/e.engine"], ["static-cache graph"], 2),
