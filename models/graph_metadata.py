@@ -212,6 +212,8 @@ def read_props(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise GraphMetadataError(f"ONNX model not found: {path}" if not path.exists() else
                                  f"{path} is a directory; pass the .onnx file")
+    if path.stat().st_size == 0:
+        raise GraphMetadataError(f"{path} is empty (0 bytes): a copy or download that did not finish? export it again")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf raises DecodeError, or RuntimeWarning-like errors for garbage

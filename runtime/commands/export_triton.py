@@ -88,7 +88,8 @@ def _export(args: argparse.Namespace) -> int:
                                 args.gpus)
     for flag, path in (("--decoder", options.decoder), ("--python-env", options.python_env)):
         if path is not None and not path.is_file():
-            raise RepositoryError(f"{flag} {path} not found")
+            state = "is a directory; give the file" if path.is_dir() else "not found; check the path"
+            raise RepositoryError(f"{flag} {path} {state}")
     if options.python_env is not None and not _is_gzip_tar(options.python_env):
         raise RepositoryError(f"--python-env {options.python_env} is not a .tar.gz archive; make one with "
                               "conda-pack (conda pack -o env.tar.gz)")

@@ -78,10 +78,12 @@ def _check_against_model(args: argparse.Namespace, settings, prompt_length: int)
     from runtime.decoding.open import read_model_metadata
     from runtime.registry import WEIGHTS, resolve_backend
 
-    if args.model is None or resolve_backend(args.backend, args.model).opens == WEIGHTS:
+    spec = resolve_backend(args.backend, args.model) if args.model is not None else None
+    if spec is None or spec.opens == WEIGHTS:
         return
     if Path(args.model).is_dir():
         raise ToolkitError(f"--model {args.model} is a directory; give the .onnx graph or the .engine file in it")
+    _check_model_kind(args.model, spec)
     metadata = read_model_metadata(args.model)
     vocab = metadata.config.num_tokens
     bad = next((token for token in args.prompt_ids or [] if not 0 <= token < vocab), None)
@@ -97,6 +99,19 @@ def _check_against_model(args: argparse.Namespace, settings, prompt_length: int)
         raise ToolkitError(f"the {prompt_length}-token prompt plus --max-new-tokens {settings.max_new_tokens} is "
                            f"{total} tokens, past the {capacity} a row of {args.model} holds; shorten the prompt or "
                            "lower --max-new-tokens")
+
+
+def _check_model_kind(model: str, spec) -> None:
+    """An engine for an engine backend, a graph for the others."""
+    from runtime.registry import ENGINE, ENGINE_SUFFIXES
+
+    engine = Path(model).suffix in ENGINE_SUFFIXES
+    if spec.opens == ENGINE and not engine:
+        raise ToolkitError(f"--backend {spec.name} runs an engine (.engine or .plan) and {model} is not one; build one "
+                           "with build-engine, or pick an ONNX Runtime backend for the graph")
+    if spec.opens != ENGINE and engine:
+        raise ToolkitError(f"{model} is an engine, which --backend {spec.name} cannot run; use --backend tensorrt "
+                           "(or auto)")
 
 
 def probability_mass(text: str) -> float:

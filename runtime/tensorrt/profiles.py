@@ -109,7 +109,8 @@ def graph_axes(onnx_path: str | Path) -> tuple[list[InputAxes], dict[str, AxisRa
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as error:
-        raise ProfileError(f"cannot read ONNX file {onnx_path}: {str(error).splitlines()[0] if str(error) else error}") from None
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ProfileError(f"cannot read ONNX file {onnx_path}: {detail}; export it again with export-model") from None
     metadata = {p.key: p.value for p in model.metadata_props}
     try:
         graph = GraphMetadata.from_props(metadata, str(onnx_path))

@@ -48,6 +48,7 @@ def files(tmp_path_factory, tiny_past_onnx, tiny_static_onnx, tiny_portable_stat
     good = (root / "model.onnx").read_bytes()
     (root / "truncated.onnx").write_bytes(good[: len(good) // 3])
     (root / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    (root / "empty.onnx").write_bytes(b"")
     graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "add",
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "ab"],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
@@ -143,6 +144,15 @@ MATRIX = [
     ("generate", ["--model", "{root}/static.onnx", "--prompt-ids", "1", "--max-new-tokens", "200"],
      ["the 1-token prompt plus --max-new-tokens 200 is 201 tokens, past the 96 a row of", "lower --max-new-tokens"], 2),
     ("generate", ["--model", "{root}/model.onnx", "--prompt", ""], ["--prompt is empty"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--backend", "tensorrt", "--prompt-ids", "1"],
+     ["--backend tensorrt runs an engine (.engine or .plan) and", "is not one; build one with build-engine"], 2),
+    ("generate", ["--model", "{root}/list-sidecar.engine", "--backend", "onnxruntime", "--prompt-ids", "1"],
+     ["is an engine, which --backend onnxruntime cannot run; use --backend tensorrt"], 2),
+    ("generate", ["--model", "{root}/empty.onnx", "--prompt-ids", "1"], ["is empty (0 bytes)", "export it again"], 2),
+    ("export-triton", ["{root}/model.onnx", "--output", "{root}/r", "--python-env", "{root}/adir"],
+     ["--python-env", "adir is a directory; give the file"], 2),
+    ("build-engine", ["{root}/truncated.onnx", "-o", "{root}/e.engine"], ["cannot read ONNX file",
+                                                                          "export it again with export-model"], 2),
     ("generate", ["--model", "{root}/adir", "--prompt-ids", "1"], ["adir is a directory; give the .onnx graph"], 2),
     ("generate", ["--model", "{root}/model.onnx", "--prompt-ids", "1", "--json", "{readonly}/g.json"],
      ["cannot write --json"], 2),
