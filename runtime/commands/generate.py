@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", dest="sample_seed", type=non_negative_int, default=0, metavar="S",
                         help="sampling seed (default 0); a request gives the same tokens for the same seed whether it runs "
                              "alone, batched or served")
-    parser.add_argument("--eos-id", type=non_negative_int, metavar="ID", help="stop a row at this token")
+    parser.add_argument("--eos-id", type=non_negative_int, metavar="ID",
+                        help="stop a row at this token, which is emitted (default: none; rows run to --max-new-tokens)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write tokens, text and timings as JSON to PATH, or stdout if no PATH is given")
     return parser

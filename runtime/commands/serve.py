@@ -30,16 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Ctrl-C stops accepting, lets running streams finish (within --exit-timeout) and exits 0.",
     )
     parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="a repository from export-triton, an .onnx graph (--with-past or --static-cache) or "
+                        help="a repository from export-triton, an .onnx graph (best --static-cache N; --with-past "
+                             "and plain graphs are served too, slower) or "
                              "an engine; without it, the model flags' weights are written as a static-cache graph")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
     parser.add_argument("--openai-port", type=int, metavar="N",
                         help="port of the OpenAI-compatible API (/v1/completions, /v1/models); 0 turns it off "
                              "(default: --port + 3, i.e. 8003)")
-    parser.add_argument("--openai-host", default="127.0.0.1",
+    parser.add_argument("--openai-host", default="127.0.0.1", metavar="HOST",
                         help="address the OpenAI-compatible API binds (default 127.0.0.1); Triton's own ports stay "
                              "on --host, so this can be the only public surface")
     parser.add_argument("--openai-workers", type=int, metavar="N",

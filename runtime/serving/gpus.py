@@ -26,6 +26,9 @@ def parse_gpus(text: str) -> str | tuple[int, ...]:
     if value == ALL:
         return ALL
     listed = value.removeprefix("device=")
+    if value == "0":
+        raise GpuSelectionError("--gpus 0 is a count of no GPUs (a bare number is a count, as in Docker); for GPU 0 "
+                                "alone write device=0")
     try:
         if listed == value and "," not in value:
             count = int(value)

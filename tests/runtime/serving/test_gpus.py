@@ -18,6 +18,11 @@ def test_malformed_selections_are_refused(text):
         parse_gpus(text)
 
 
+def test_a_bare_zero_points_at_device_0():
+    with pytest.raises(GpuSelectionError, match="--gpus 0 is a count of no GPUs .*; for GPU 0 alone write device=0"):
+        parse_gpus("0")
+
+
 def test_resolving_against_the_machine():
     assert resolve_gpus(ALL, 2) == (0, 1) and resolve_gpus((1,), 2) == (1,)
     with pytest.raises(GpuSelectionError, match=r"--gpus names GPU 2, but this machine has 2 \(ids 0 to 1\)"):
