@@ -74,6 +74,9 @@ def _check(args: argparse.Namespace) -> int:
     _check_model_file(args.model, args.backend)
     if metadata.kind in STATIC_KINDS and args.seq:
         _check_static_lengths(args.seq, metadata.max_cache)
+    if args.past and not metadata.with_past:
+        raise ToolkitError(f"--past sets cached lengths, and {args.model} has no key/value cache (a plain graph); drop "
+                           "--past, or check a graph exported --with-past")
     with phase(log, "checking", ""):  # the sweeps log each case; this adds a line while a long step runs
         source = reference_source(metadata, args.model, model_request(args))
         prompts = _prompts(args, metadata.config.num_tokens)  # bad prompts fail before any parity work

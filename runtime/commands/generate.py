@@ -80,7 +80,14 @@ def _check_against_model(args: argparse.Namespace, settings, prompt_length: int)
     from runtime.registry import WEIGHTS, resolve_backend
 
     spec = resolve_backend(args.backend, args.model) if args.model is not None else None
-    if spec is None or spec.opens == WEIGHTS:
+    if spec is not None and spec.opens == WEIGHTS:
+        raise ToolkitError(f"--backend {spec.name} runs the PyTorch weights of the model flags, not --model; drop "
+                           "--model, or pick a backend that runs it (auto)")
+    given = [flag for flag in ("checkpoint", "config", "preset") if getattr(args, flag) is not None]
+    if spec is not None and given:
+        raise ToolkitError(f"--{given[0]} does not apply to --model {args.model}, which carries its own weights; drop "
+                           f"--{given[0]}, or drop --model and pick a backend that runs weights")
+    if spec is None:
         return
     if Path(args.model).is_dir():
         raise ToolkitError(f"--model {args.model} is a directory; give the .onnx graph or the .engine file in it")

@@ -110,6 +110,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ServerError(f"--generate-instances must be at least 1, got {args.generate_instances}")
     if args.max_cache is not None and args.max_cache < 2:
         raise ServerError(f"--max-cache must be at least 2, got {args.max_cache}")
+    unused = [flag for flag, value in (("--max-cache", args.max_cache), ("--dtype", args.dtype),
+                                       ("--checkpoint", args.checkpoint), ("--config", args.config),
+                                       ("--preset", args.preset)) if value is not None]
+    if args.model and unused:
+        raise ServerError(f"{unused[0]} is for serving weights without MODEL, and MODEL {args.model} is given; drop "
+                          f"{unused[0]} (MODEL carries its own weights, precision and cache)")
     if args.max_cache is not None and not args.model:  # the limits must fit before the graph is written
         from runtime.serving.limits import Limits
 

@@ -36,13 +36,15 @@ READ_ONLY = read_only_folder()
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_past_onnx, tiny_static_onnx, tiny_portable_static_onnx, tiny_model, upstream_model):
+def files(tmp_path_factory, tiny_onnx, tiny_past_onnx, tiny_static_onnx, tiny_portable_static_onnx, tiny_model,
+          upstream_model):
     """A folder of good and bad inputs; tests must leave every one of them unchanged."""
     from models.checkpoints import save_checkpoint
 
     root = tmp_path_factory.mktemp("bad_inputs")
     shutil.copy(tiny_past_onnx, root / "model.onnx")
     shutil.copy(tiny_static_onnx, root / "static.onnx")
+    shutil.copy(tiny_onnx, root / "plain.onnx")  # no key/value cache
     shutil.copy(tiny_portable_static_onnx, root / "portable.onnx")  # a 96-token window
     save_checkpoint(tiny_model, root / "ck.safetensors")
     good = (root / "model.onnx").read_bytes()
@@ -144,6 +146,13 @@ MATRIX = [
     ("generate", ["--model", "{root}/static.onnx", "--prompt-ids", "1", "--max-new-tokens", "200"],
      ["the 1-token prompt plus --max-new-tokens 200 is 201 tokens, past the 96 a row of", "lower --max-new-tokens"], 2),
     ("generate", ["--model", "{root}/model.onnx", "--prompt", ""], ["--prompt is empty"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--backend", "torch", "--prompt-ids", "1"],
+     ["--backend torch runs the PyTorch weights of the model flags, not --model"], 2),
+    ("generate", ["--model", "{root}/model.onnx", "--checkpoint", "{root}/ck.safetensors", "--prompt-ids", "1"],
+     ["--checkpoint does not apply to --model", "carries its own weights"], 2),
+    ("check-parity", ["{root}/plain.onnx", "--past", "5"], ["--past sets cached lengths", "has no key/value cache"], 2),
+    ("serve", ["{root}/static.onnx", "--max-cache", "64"], ["--max-cache is for serving weights without MODEL"], 2),
+    ("serve", ["{root}/static.onnx", "--preset", "tiny"], ["--preset is for serving weights without MODEL"], 2),
     ("generate", ["--model", "{root}/model.onnx", "--backend", "tensorrt", "--prompt-ids", "1"],
      ["--backend tensorrt runs an engine (.engine or .plan) and", "is not one; build one with build-engine"], 2),
     ("generate", ["--model", "{root}/list-sidecar.engine", "--backend", "onnxruntime", "--prompt-ids", "1"],

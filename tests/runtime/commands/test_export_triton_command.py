@@ -36,7 +36,7 @@ def test_writes_a_repository_triton_accepts(tiny_past_onnx, tmp_path, capsys):
     (["missing.onnx", "--output", "{tmp}/r"], "model not found: missing.onnx"),
     (["{model}", "--output", "{tmp}/r", "--max-rows", "0"], "--max-rows (max_rows) must be an integer from 1 to 4096, got 0"),
     (["{model}", "--output", "{tmp}/r", "--instances", "0"], "--instances must be from 1 to 1024, got 0"),
-    (["{model}", "--output", "{tmp}/no/such/r"], "is not a directory"),
+    (["{model}", "--output", "{tmp}/no/such/r"], "no/such does not exist; create it or choose another --output"),
     (["{model}", "--output", "{tmp}/r", "--decoder", "{tmp}/nothing.onnx"], "--decoder"),
     (["{model}", "--output", "{tmp}/r", "--gpus", "two"], "--gpus: takes all, a count from 1 to 64, or GPU ids"),
     (["{model}", "--output", "{tmp}/r", "--gpus", "1", "--device", "cpu"], "--gpus places generate on GPUs"),
