@@ -161,3 +161,35 @@ def tiny_int4_export(tmp_path_factory) -> tuple[Path, dict]:
     code = export_cli.main(["--quantize", "int4", "--with-past", "--output", str(path), "--json", str(report)])
     assert code == 0
     return path, json.loads(report.read_text())
+
+
+def _engine_run(decoder, work, overlap: bool = False) -> list[list[int]]:
+    """Every (prompt, settings) request through one engine (4 prompt tokens a step, so requests
+    join as rows free up): each request's tokens; no request may fail."""
+    from runtime.decoding.engine import Engine
+
+    engine, tokens = Engine(decoder, prefill_tokens=4, overlap=overlap), {}
+    handles = [engine.submit(prompt, settings) for prompt, settings in work]
+    while not engine.idle:
+        for event in engine.step():
+            assert event.token is not None, event.error
+            tokens.setdefault(event.request, []).append(event.token)
+    return [tokens[h] for h in handles]
+
+
+def _engine_loops(decoder, requests):
+    """The requests with every other one stopping at an end-of-sequence token midway (picked from
+    its unstopped run), then (requests, plain loop's tokens, overlapped loop's, each request alone)."""
+    import dataclasses
+
+    unstopped = _engine_run(decoder, requests)
+    requests = [(prompt, dataclasses.replace(settings, eos_id=unstopped[i][len(unstopped[i]) // 2])
+                 if i % 2 == 0 else settings) for i, (prompt, settings) in enumerate(requests)]
+    plain, overlapped = _engine_run(decoder, requests), _engine_run(decoder, requests, overlap=True)
+    return requests, plain, overlapped, [_engine_run(decoder, [request])[0] for request in requests]
+
+
+@pytest.fixture
+def engine_loops():
+    """A function (decoder, requests) -> (requests with EOS stops, plain, overlapped, alone tokens)."""
+    return _engine_loops

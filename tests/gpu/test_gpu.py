@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 
@@ -346,34 +345,18 @@ def test_the_candidate_gemv_kernel_computes_the_product_in_fp16():
 
 
 @pytest.mark.parametrize("kind", CUDA_DECODERS)
-def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path, kind):
+def test_a_request_gets_the_same_tokens_alone_and_batched_on_cuda(tiny, tmp_path, kind, engine_loops):
     """The engine on each CUDA decoder: greedy and seeded-sampled requests decoded four at a time
     (joining as rows free up), in the plain and the overlapped loop, equal each request decoded alone;
     half of them stop at an end-of-sequence token (overlapped, such a row is stepped once more while
     its step is read, and taken by the next request)."""
-    from runtime.decoding.engine import Engine
     from runtime.decoding.settings import GenerationSettings
 
     source, paths = tiny
     requests = [([1 + i, 2 * i + 3, 7], GenerationSettings(20 + 3 * i, [0.0, 0.9][i % 2], 0.5, seed=i))
                 for i in range(6)]
-
-    def run(decoder, work, overlap=False):
-        engine, tokens = Engine(decoder, prefill_tokens=4, overlap=overlap), {}
-        handles = [engine.submit(prompt, settings) for prompt, settings in work]
-        while not engine.idle:
-            for event in engine.step():
-                assert event.token is not None, event.error
-                tokens.setdefault(event.request, []).append(event.token)
-        return [tokens[h] for h in handles]
-
     with _cuda_decoder(kind, source, paths, tmp_path, 4) as decoder:
-        unstopped = [run(decoder, [request])[0] for request in requests]
-        requests = [(prompt, dataclasses.replace(settings, eos_id=unstopped[i][len(unstopped[i]) // 2])
-                     if i % 2 == 0 else settings) for i, (prompt, settings) in enumerate(requests)]
-        together = run(decoder, requests)
-        overlapped = run(decoder, requests, overlap=True)
-        alone = [run(decoder, [request])[0] for request in requests]
+        requests, together, overlapped, alone = engine_loops(decoder, requests)
     assert together == alone and overlapped == alone
     assert len({tuple(t) for t in alone}) == len(alone)
     assert all(len(alone[i]) < settings.max_new_tokens for i, (_, settings) in enumerate(requests) if i % 2 == 0)

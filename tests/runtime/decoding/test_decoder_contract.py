@@ -120,34 +120,15 @@ def test_last_position_logits_equal_the_last_row_of_full_logits(open_cpu_decoder
         np.testing.assert_allclose(last[i].numpy(), full[i][-1].numpy(), atol=1e-5)
 
 
-def test_the_overlapped_engine_loop_gives_the_plain_loops_tokens(open_cpu_decoder):
+def test_the_overlapped_engine_loop_gives_the_plain_loops_tokens(open_cpu_decoder, engine_loops):
     """The engine's overlapped loop (each step queued before the last is read) on every CPU decoder:
     greedy and seeded-sampled requests, more than the rows, half of them stopping at an end-of-sequence
     token, get the tokens the plain loop gives and the tokens each gets alone. The GPU tests hold the
     CUDA decoders to the same."""
-    import dataclasses
-
-    from runtime.decoding.engine import Engine
-
     requests = [([1 + i, 2 * i + 3, 7], GenerationSettings(12 + 3 * i, [0.0, 0.9][i % 2], 0.5, seed=i))
                 for i in range(6)]
-
-    def run(decoder, work, overlap=False):
-        engine, tokens = Engine(decoder, prefill_tokens=4, overlap=overlap), {}
-        handles = [engine.submit(prompt, settings) for prompt, settings in work]
-        while not engine.idle:
-            for event in engine.step():
-                assert event.token is not None, event.error
-                tokens.setdefault(event.request, []).append(event.token)
-        return [tokens[h] for h in handles]
-
     with open_cpu_decoder(2) as decoder:
-        unstopped = run(decoder, requests)
-        requests = [(prompt, dataclasses.replace(settings, eos_id=unstopped[i][len(unstopped[i]) // 2])
-                     if i % 2 == 0 else settings) for i, (prompt, settings) in enumerate(requests)]
-        plain = run(decoder, requests)
-        overlapped = run(decoder, requests, overlap=True)
-        alone = [run(decoder, [request])[0] for request in requests]
+        requests, plain, overlapped, alone = engine_loops(decoder, requests)
     assert plain == overlapped == alone
     assert len({tuple(t) for t in alone}) == len(alone)
     assert all(len(alone[i]) < settings.max_new_tokens for i, (_, settings) in enumerate(requests) if i % 2 == 0)
