@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int_list, default=[8], metavar="N[,N...]",
                         help="concurrent clients; several levels (1,8,32) run one after another (default 8)")
     load = parser.add_mutually_exclusive_group()
-    load.add_argument("--requests", type=positive_int, default=64, metavar="M", help="requests per level (default 64)")
+    load.add_argument("--requests", type=positive_int, metavar="M", help="requests per level (default 64)")
     parser.add_argument("--protocol", choices=["grpc", "http", "openai"], default="grpc",
                         help="grpc (tritonclient streams; default), http (Triton's generate_stream) or openai "
                              "(serve's /v1/completions, streamed); the same seeded requests and tokens in each")
@@ -160,20 +160,21 @@ def _loadtest(args: argparse.Namespace) -> int:
     if "capacity" in limits:  # prompt + new tokens must fit in a row
         prompt = min(prompt, limits["capacity"] // 2)
         new = min(new, limits["capacity"] - prompt)
-    counts = [args.requests_per_client * c if args.requests_per_client else args.requests for c in args.concurrency]
+    counts = [args.requests_per_client * c if args.requests_per_client else args.requests or 64
+              for c in args.concurrency]
     requests = Workload(max(counts), limits.get("vocab_size", 256), prompt, new, args.seed).build()
     clients = [_client(args, url, limits.get("vocab_size", 256)) for url in args.url]
     metrics = [args.metrics_url or "{}:{}".format(host, port + 2) for host, port in
                (split_url(url, 8000) for url in args.url)]
     levels = []
     before = summed_counters(metrics)
-    if before is None:
-        log(f"loadtest: note: {', '.join(metrics)} publish no decode-step counters; the server's rows per step and "
-            "step time are left out")
     for concurrency, count in zip(args.concurrency, counts):
         level = run_level(requests[:count], concurrency, clients, args.timeout, args.workers)
         time.sleep(2 * PUBLISH_S)  # the server publishes its counters every PUBLISH_S
         after = summed_counters(metrics)
+        if before is None or after is None:
+            log(f"loadtest: note: could not read decode-step counters from {', '.join(metrics)} around this level; "
+                "its server rows per step and step time are left out")
         level["server_steps"], before = step_summary(before, after), after
         levels.append(level)
         log(f"loadtest: {concurrency:4d} clients  {level['requests_per_second']:7.2f} req/s  "
@@ -190,8 +191,9 @@ def _loadtest(args: argparse.Namespace) -> int:
         plot_levels(levels, args.plot)
     if errors:
         messages = sorted({m for level in levels for m in level["error_messages"]})
-        print(f"loadtest: error: {errors} of {sum(counts)} requests failed (e.g. {messages[0].splitlines()[0][:200]}); the report lists "
-              "each level's errors", file=sys.stderr)
+        example = next((m.strip().splitlines()[0][:200] for m in messages if m.strip()), "no message")
+        print(f"loadtest: error: {errors} of {sum(counts)} requests failed (e.g. {example}); the report lists each "
+              "level's errors", file=sys.stderr)
     return 1 if errors else 0
 
 

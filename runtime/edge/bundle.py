@@ -61,19 +61,20 @@ class EdgePlan:
 
     def parity_commands(self) -> list[str]:
         """check-parity on the engine, within the profile; a quantized graph also against float."""
-        from runtime.verify import DECODE_STEPS
+        from runtime.verify import DECODE_STEPS, GENERATE_PROMPT
 
         axes = self.budget.axes
         batch, seq = axes.batch[2], axes.sequence[2]
-        lengths = {1, min(17, seq), axes.sequence[1]}
+        lengths, generated = {1, min(17, seq), axes.sequence[1]}, 32
         if self.metadata.kind in STATIC_KINDS:  # each prompt and the sweep's decode steps fit a row
-            lengths = {min(length, self.metadata.capacity - DECODE_STEPS) for length in lengths}
+            lengths = {max(1, min(length, self.metadata.capacity - DECODE_STEPS)) for length in lengths}
+            generated = min(generated, self.metadata.capacity - GENERATE_PROMPT)
         args = ["check-parity", self.engine, "--backend", "tensorrt", "--batch", _listed({1, min(3, batch)}),
                 "--seq", _listed(lengths)]
         if axes.past:
             args += ["--past", _listed({1, axes.past[2] // 2 + 1})]
-        if batch >= 2:
-            args += ["--generate", "32"]
+        if batch >= 2 and generated >= 1:
+            args += ["--generate", str(generated)]
         if self.metadata.weights.preset is None:
             args += ["--checkpoint", "CHECKPOINT"]  # the weights the graph was exported from
         commands = [shlex.join(args)]

@@ -14,7 +14,7 @@ from models.transformer import Transformer
 from ..decoding.base import Decoder, DecodingError
 from ..decoding.engine import Engine
 from ..decoding.generation import GenerationResult, GenerationSettings, generate
-from . import DECODE_STEPS
+from . import DECODE_STEPS, GENERATE_PROMPT
 from .tensors import Case, CaseResult, ParityReport, compare_outputs
 
 
@@ -25,7 +25,7 @@ def ragged_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[l
     return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
 
 
-def random_prompts(vocab_size: int, batch: int = 2, length: int = 8, seed: int = 0) -> list[list[int]]:
+def random_prompts(vocab_size: int, batch: int = 2, length: int = GENERATE_PROMPT, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab_size, size=length - row).tolist() for row in range(batch)]
 

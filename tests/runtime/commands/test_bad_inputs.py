@@ -258,7 +258,7 @@ MATRIX = [
       for value in ("nan", "inf", "0")],
     ("loadtest", ["--url", "http://127.0.0.1:9", "--wait", "nan"], ["argument --wait"], 2),
     ("loadtest", ["--url", "http://127.0.0.1:9", "--requests", "0"], ["argument --requests: must be in [1, inf], got 0"], 2),
-    ("loadtest", ["--url", "http://127.0.0.1:9", "--requests", "3", "--requests-per-client", "2"],
+    ("loadtest", ["--url", "http://127.0.0.1:9", "--requests", "64", "--requests-per-client", "2"],
      ["argument --requests-per-client: not allowed with argument --requests"], 2),
     ("loadtest", ["--url", "http://127.0.0.1:9", "--seed", "-1"], ["argument --seed: must be in [0, inf], got -1"], 2),
     ("serve", ["{root}/static.onnx", "--start-timeout", "nan"], ["argument --start-timeout"], 2),

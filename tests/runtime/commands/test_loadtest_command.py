@@ -72,8 +72,8 @@ def test_failed_requests_are_named_on_stderr_and_json_to_stdout_stays_json(trito
     out, err = capsys.readouterr()
     assert code == 1 and json.loads(out)["errors"] == 2
     lines = err.strip().splitlines()
-    assert lines[0] == (f"loadtest: note: 127.0.0.1:{metrics} publish no decode-step counters; the server's rows per "
-                        "step and step time are left out")
+    assert lines[0] == (f"loadtest: note: could not read decode-step counters from 127.0.0.1:{metrics} around this "
+                        "level; its server rows per step and step time are left out")
     assert lines[-1].startswith("loadtest: error: 2 of 2 requests failed (e.g. ") and "Traceback" not in err
 
 

@@ -113,16 +113,22 @@ def test_the_trtexec_line_matches_the_golden_file(tiny_int4_export):
                                          "--seq 1,17,64 --past 1,129 --generate 32")
 
 
-def test_the_parity_command_of_a_static_graph_fits_its_window(tiny_portable_static_onnx, capsys):
-    """A 96-token portable static graph: the parity line's prompts leave room for the sweep's decode
-    steps (check-parity refuses --seq past 96 - 8), and check-parity's own checks accept it."""
+def test_the_parity_command_of_a_static_graph_fits_its_window(tiny_portable_static_onnx, tiny_model, tiny_source,
+                                                               tmp_path):
+    """Portable static graphs of 96 and 24 tokens: the parity line's prompts leave room for the
+    sweep's 8 decode steps (check-parity refuses --seq past the window - 8), and --generate's steps
+    fit after its 8-token prompts."""
+    from export.onnx_export import export_onnx
     from runtime.commands.check_parity import _check_static_lengths
 
-    plan = plan_bundle(tiny_portable_static_onnx, "orin-nano-8gb", "6.2")
-    command = plan.parity_commands()[0]
-    seq = [int(v) for v in command.split("--seq ")[1].split()[0].split(",")]
-    assert max(seq) == 96 - 8 and 1 in seq, command
-    _check_static_lengths(seq, 96)
+    small = tmp_path / "p24.onnx"
+    export_onnx(tiny_model, small, weights=tiny_source.record, static_cache=24, log=lambda _: None)
+    for graph, window, generated in ((tiny_portable_static_onnx, 96, "32"), (small, 24, "16")):
+        command = plan_bundle(graph, "orin-nano-8gb", "6.2").parity_commands()[0]
+        seq = [int(v) for v in command.split("--seq ")[1].split()[0].split(",")]
+        assert max(seq) == window - 8 and 1 in seq, command
+        assert command.split("--generate ")[1].split()[0] == generated, command
+        _check_static_lengths(seq, window)
 
 
 def test_build_sh_checks_the_files_then_builds_with_trtexec_where_build_engine_is_missing(tmp_path, tiny_int4_export):

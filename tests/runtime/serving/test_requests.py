@@ -113,7 +113,7 @@ def test_limits_not_given_fit_a_small_capacity_and_given_ones_are_kept():
     with pytest.raises(LimitsError, match="--max-prompt-tokens .max_prompt_tokens. 256 leaves no room for new tokens "
                                           "in the decoder's 96-token capacity; lower it below 96"):
         base.replace(max_prompt_tokens=256).fitted(96, {"max_prompt_tokens"})
-    with pytest.raises(LimitsError, match="--max-new-tokens-limit .max_new_tokens. 100 can never be reached in the "
-                                          "decoder's 64-token capacity .a prompt takes at least one token.; lower it below 64"):
+    with pytest.raises(LimitsError, match="--max-new-tokens-limit .max_new_tokens. 100 can never be reached .a prompt "
+                                          "takes at least one token. in the decoder's 64-token capacity; lower it below 64"):
         base.replace(max_new_tokens=100).fitted(64, {"max_new_tokens"})
     assert base.replace(max_new_tokens=63).fitted(64, {"max_new_tokens"}).max_prompt_tokens == 32  # reachable
