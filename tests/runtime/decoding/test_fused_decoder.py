@@ -1,7 +1,7 @@
 """triton-fused's kernels, run by Triton's interpreter on the CPU (fp32, launched step by step rather
 than as a CUDA graph): its logits against the static-cache model's eager step, for both norms, both
-rotary pairings, both QKV layouts, grouped key/value heads and a window of several attention chunks.
-The GPU suite checks the compiled kernels and the CUDA graph against eager PyTorch."""
+rotary pairings, both QKV layouts, grouped key/value heads and a window of several attention chunks;
+and the engine's plain and overlapped loops over it. The GPU suite checks the compiled kernels and the CUDA graph against eager PyTorch."""
 import os
 import subprocess
 import sys
@@ -44,6 +44,28 @@ for options, chunk, window, start in CASES:
         expected, got = reference.step(token), fused.step(token)
         worst = max(worst, (expected - got).abs().max().item())
     print(worst, expected.abs().max().item())
+
+# the engine's plain and overlapped loops over the fused step give the same tokens, and greedy ones
+# equal the static-cache model's
+from runtime.decoding.engine import Engine
+from runtime.decoding.settings import GenerationSettings
+
+def engine_tokens(decoder, settings, overlap):
+    engine, got = Engine(decoder, overlap=overlap), []
+    engine.submit(prompt, settings)
+    while not engine.idle:
+        got += [event.token for event in engine.step()]
+    return got
+
+model = build_model(ModelConfig(num_tokens=97, dim=64, depth=2, dim_head=16, heads=4, kv_heads=2), seed=1)
+fused = FusedDecoder(model, 48, "cpu", torch.float32, graph=False, chunk=16)
+reference = TorchStaticDecoder(model, 1, 48, "cpu", torch.float32, compile=False)
+prompt = [(5 * i + 2) % 97 for i in range(20)]
+for settings in (GenerationSettings(8), GenerationSettings(8, 0.9, 0.5, seed=5)):
+    plain = engine_tokens(fused, settings, False)
+    same = plain == engine_tokens(fused, settings, True) and (settings.temperature > 0 or
+                                                              plain == engine_tokens(reference, settings, False))
+    print("engine", int(same), len(plain), len(set(plain)))
 """
 
 
@@ -51,10 +73,12 @@ def test_the_fused_step_computes_the_static_cache_models_logits():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.split("\n")[:3]
-    for line in lines:
+    lines = out.stdout.strip().split("\n")
+    for line in lines[:3]:
         worst, scale = map(float, line.split())
         assert scale > 0.1 and worst < 1e-5 * max(1.0, scale), line
+    assert [line.split()[:3] for line in lines[3:]] == [["engine", "1", "8"]] * 2, lines[3:]
+    assert all(int(line.split()[3]) > 1 for line in lines[3:]), lines[3:]  # not one token repeated
 
 
 @pytest.mark.parametrize("change, message", [
