@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "byte-level (one token per UTF-8 byte), as upstream's enwik8 models expect, and need a "
                     "vocabulary of at least 256 tokens.",
     )
-    parser.add_argument("--model", metavar="PATH", help="an .onnx graph or an .engine (not needed for backends "
-                                                       "that run the PyTorch weights)")
+    parser.add_argument("--model", metavar="PATH", help="an .onnx graph or an .engine (the backends that run the "
+                                                       "PyTorch weights take the model flags instead)")
     add_backend_argument(parser, [AUTO, *BACKENDS], AUTO,
                          "auto: tensorrt for engines, onnxruntime-cuda for ONNX when a GPU and onnxruntime-gpu "
                          "are present, else onnxruntime on the CPU")
