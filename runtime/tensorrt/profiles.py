@@ -150,6 +150,9 @@ def build_profiles(inputs: list[InputAxes], axes: dict[str, AxisRange], batch: l
     min_shapes, opt_shapes, max_shapes = min_shapes or [], opt_shapes or [], max_shapes or []
     if not (len(min_shapes) == len(opt_shapes) == len(max_shapes)):
         raise ProfileError("--min-shapes, --opt-shapes and --max-shapes must be given the same number of times")
+    if past and not any("past_sequence" in spec.dims for spec in inputs):
+        raise ProfileError("--past sets cached lengths, and this graph has no key/value cache inputs; drop --past, "
+                           "or build from a graph exported --with-past")
     count = max(1, len(batch), len(seq), len(past), len(min_shapes))
     profiles = []
     for index in range(count):

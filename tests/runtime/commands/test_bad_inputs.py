@@ -197,6 +197,8 @@ MATRIX = [
      ["argument --compute-capability: expected a compute capability such as 8.6 or 12.0, got 'abc'"], 2),
     ("build-engine", ["{root}/model.onnx", "-o", "{root}/e.engine", "--compute-capability", "8.6", "--flavor",
                       "tensorrt"], ["--compute-capability is TensorRT-RTX's", "pass --flavor tensorrt-rtx"], 2),
+    ("build-engine", ["{root}/plain.onnx", "-o", "{root}/e.engine", "--past", "0:1:2"],
+     ["--past sets cached lengths, and this graph has no key/value cache inputs"], 2),
     ("build-engine", ["{root}/adir", "-o", "{root}/e.engine"], ["MODEL", "adir is a directory; give the .onnx file"], 2),
     ("build-engine", ["{root}/static.onnx", "-o", "{root}/e.engine"], ["export-model --static-cache N --portable"], 2),
     ("build-engine", ["{root}/model.onnx", "-o", "{readonly}/e.engine"], ["cannot write --output"], 2),
