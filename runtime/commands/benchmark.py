@@ -188,10 +188,11 @@ def _check_sizes(names: list[str], targets: Targets, args, row) -> None:
     for name in names:
         spec = backend_spec(name)
         if spec.opens == ONNX and not args.model and not targets.static_graph():
-            raise ToolkitError(f"--backend {name} runs MODEL.onnx (exported with --with-past); give MODEL or drop {name}")
+            raise ToolkitError(f"--backend {name} runs MODEL.onnx (exported with --with-past); give MODEL or drop "
+                               f"{name}")
         if spec.opens == ENGINE and not args.engine:
-            raise ToolkitError(f"--backend {name} runs an engine; give --engine PATH (built by build-engine from MODEL) "
-                               f"or drop {name}")
+            raise ToolkitError(f"--backend {name} runs an engine; give --engine PATH (built by build-engine from "
+                               f"MODEL) or drop {name}")
     if args.engine and not Path(args.engine).is_file():
         raise ToolkitError(f"--engine {args.engine} is not a file; build one with build-engine or fix the path")
 

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default="auto", help="which library builds: auto prefers tensorrt, then tensorrt-rtx")
     build.add_argument("--timing-cache", metavar="PATH",
                        help="load TensorRT's timing cache from PATH if present, and save it back after the build")
-    build.add_argument("--workspace", type=positive_int, metavar="MiB", help="workspace memory pool limit in MiB (default: TensorRT's, the GPU's memory)")
+    build.add_argument("--workspace", type=positive_int, metavar="MiB",
+                       help="workspace memory pool limit in MiB (default: TensorRT's, the GPU's memory)")
     build.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="0-5",
                        help="builder optimisation level, 0-5 (default 3); higher builds slower, may run faster")
     build.add_argument("--version-compatible", action="store_true",

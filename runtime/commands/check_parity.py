@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a text prompt (byte-level) for --generate; repeat for more rows (default: 2 prompts "
                              "of random token ids, which suit random weights; a trained model wants its own text)")
-    parser.add_argument("--input-seed", type=non_negative_int, default=0, metavar="N", help="seed of the random token ids (default 0)")
+    parser.add_argument("--input-seed", type=non_negative_int, default=0, metavar="N",
+                        help="seed of the random token ids (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
     return parser
 

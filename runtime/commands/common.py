@@ -303,11 +303,11 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """The serving limits (runtime.serving.limits.Limits) as flags; unset flags keep the defaults."""
     group = parser.add_argument_group("serving limits (a request over one gets an error response)")
     group.add_argument("--max-rows", type=int, metavar="N", help="requests decoded together (default 8)")
-    group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="longest prompt accepted (default 256, or half the decoder's "
-                            "capacity when that is less)")
+    group.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                       help="longest prompt accepted (default 256, or half the decoder's capacity when that is less)")
     group.add_argument("--max-new-tokens-limit", type=int, metavar="N",
-                       help="most new tokens a request may ask for (default 256, or what the "
-                            "decoder's capacity leaves after the longest prompt when that is less)")
+                       help="most new tokens a request may ask for (default 256, or what the decoder's capacity "
+                            "leaves after the longest prompt when that is less)")
     group.add_argument("--queue", type=int, metavar="N",
                        help="requests that may wait while every row is busy; more are refused at once (default 64; "
                             "0: only free rows are taken)")

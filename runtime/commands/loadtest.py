@@ -9,8 +9,8 @@ import time
 
 from models.errors import ToolkitError
 
-from .common import (ArgumentParser, int_list, log_to, non_negative_float, non_negative_int, positive_float, positive_int,
-                     run_main, write_json)
+from .common import (ArgumentParser, int_list, log_to, non_negative_float, non_negative_int, positive_float,
+                     positive_int, run_main, write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                         help="most tokens asked for (default 64, at most the server's limit)")
     load.add_argument("--requests-per-client", type=positive_int, metavar="K",
-                        help="K requests per client at each level instead of --requests (steady load at every level)")
+                      help="K requests per client at each level instead of --requests (steady load at every level)")
     parser.add_argument("--workers", type=positive_int, default=1, metavar="P",
                         help="spread the clients over P processes, so one Python process receiving every "
                              "response does not cap the rate (default 1)")

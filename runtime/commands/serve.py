@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a repository from export-triton, an .onnx graph (best --static-cache N; --with-past "
                              "and plain graphs are served too, slower) or "
                              "an engine; without it, the model flags' weights are written as a static-cache graph")
-    parser.add_argument("--host", default="127.0.0.1", metavar="HOST", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                        help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import ToolkitError
-from models.graph_metadata import STATIC_KINDS, GraphMetadata, read_graph_metadata
+from models.graph_metadata import GraphMetadata, read_graph_metadata
 from models.signature import TensorSpec
 
 from ..decoding.open import read_model_metadata
