@@ -76,6 +76,7 @@ def _open(args: argparse.Namespace, max_length: int, log):
 def _check_against_model(args: argparse.Namespace, settings, prompt_length: int) -> None:
     """Before MODEL is opened (and warmed up): the prompt's ids, --eos-id and the row's room, against
     what MODEL records about itself. The weights' backends check the same once the model is built."""
+    from runtime.decoding.base import check_token_ids
     from runtime.decoding.open import read_model_metadata
     from runtime.registry import WEIGHTS, resolve_backend
 
@@ -94,9 +95,8 @@ def _check_against_model(args: argparse.Namespace, settings, prompt_length: int)
     _check_model_kind(args.model, spec)
     metadata = read_model_metadata(args.model)
     vocab = metadata.config.num_tokens
-    bad = next((token for token in args.prompt_ids or [] if not 0 <= token < vocab), None)
-    if bad is not None:
-        raise ToolkitError(f"prompt token id {bad} is out of range; the vocabulary is 0..{vocab - 1}")
+    if args.prompt_ids:
+        check_token_ids(args.prompt_ids, vocab)
     if args.prompt is not None:
         from runtime.decoding.text import encode_text
 

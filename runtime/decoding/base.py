@@ -20,6 +20,14 @@ from .errors import DecodingError
 from .transfer import to_device
 
 
+def check_token_ids(prompt: Sequence[int], vocab_size: int) -> None:
+    """Every id of a non-empty prompt is in the vocabulary."""
+    low, high = min(prompt), max(prompt)
+    if low < 0 or high >= vocab_size:
+        raise DecodingError(f"prompt token id {low if low < 0 else high} is out of range; the vocabulary is "
+                            f"0..{vocab_size - 1}")
+
+
 class Decoder(abc.ABC):
     """Base class: checks every call once, so implementations only fill in `_start`, `_step`, `_release`."""
 
@@ -198,6 +206,7 @@ class Decoder(abc.ABC):
             del self.lengths[row]
 
     def check_prompts(self, prompts: Mapping[int, Sequence[int]]) -> None:
+        """Rows that exist, and prompts of in-vocabulary ids that fit a row."""
         if not prompts:
             raise DecodingError("start() needs at least one prompt")
         for row, prompt in prompts.items():
@@ -205,10 +214,7 @@ class Decoder(abc.ABC):
                 raise DecodingError(f"row {row} does not exist; this decoder has rows 0..{self.rows - 1}")
             if not prompt:
                 raise DecodingError("every prompt needs at least one token")
-            low, high = min(prompt), max(prompt)
-            if low < 0 or high >= self.vocab_size:
-                bad = low if low < 0 else high
-                raise DecodingError(f"prompt token id {bad} is out of range; the vocabulary is 0..{self.vocab_size - 1}")
+            check_token_ids(prompt, self.vocab_size)
             if self.max_length is not None and len(prompt) > self.max_length:
                 raise DecodingError(f"a {len(prompt)}-token prompt is longer than {self.capacity_hint}")
 
