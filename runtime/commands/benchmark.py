@@ -179,7 +179,7 @@ def _note_recomputation(decoder, log) -> None:
             "figures time the whole sequence per token; export MODEL with --with-past to time cached decoding")
 
 
-def _check_sizes(names: list[str], targets: Targets, args, row) -> None:
+def _check_before_work(names: list[str], targets: Targets, args, row) -> None:
     """Unknown backends, backends without the file they open, and sizes no machine here can hold,
     are refused before any work."""
     from runtime.registry import ENGINE, ONNX, backend_spec
@@ -221,7 +221,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     have = (WEIGHTS,) + ((ONNX,) if args.model else ()) + ((ENGINE,) if args.engine else ())
     names = [n.strip() for n in args.backend.split(",")] if args.backend else default_backends(cuda, have)
-    _check_sizes(names, targets, args, row)
+    _check_before_work(names, targets, args, row)
     env = environment()
     peaks = peaks_for(env["device"]) if cuda else None
     log(f"benchmark: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), onnxruntime {env['onnxruntime']}; "
