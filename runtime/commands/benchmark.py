@@ -182,7 +182,7 @@ def _note_recomputation(decoder, log) -> None:
 def _check_before_work(names: list[str], targets: Targets, args, row) -> None:
     """Unknown backends, backends without the file they open, and sizes no machine here can hold,
     are refused before any work."""
-    from runtime.registry import ENGINE, ONNX, backend_spec
+    from runtime.registry import ENGINE, ONNX, WEIGHTS, backend_spec
     from runtime.resources import forward_bytes, require
 
     for name in names:
@@ -193,6 +193,10 @@ def _check_before_work(names: list[str], targets: Targets, args, row) -> None:
         if spec.opens == ENGINE and not args.engine:
             raise ToolkitError(f"--backend {name} runs an engine; give --engine PATH (built by build-engine from "
                                f"MODEL) or drop {name}")
+    given = [flag for flag in ("checkpoint", "config", "preset") if getattr(args, flag) is not None]
+    if given and all(backend_spec(name).opens != WEIGHTS for name in names):
+        raise ToolkitError(f"--{given[0]} sets the weights of the backends that run PyTorch weights, and none of "
+                           f"{','.join(names)} does; drop --{given[0]} (MODEL and engines carry their own weights)")
     if args.engine and not Path(args.engine).is_file():
         raise ToolkitError(f"--engine {args.engine} is not a file; build one with build-engine or fix the path")
 

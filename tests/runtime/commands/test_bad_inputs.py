@@ -181,6 +181,8 @@ MATRIX = [
     ("benchmark", ["{root}/model.onnx", "--backend", "torch,tensorrt"], ["--backend tensorrt runs an engine; give "
                                                                          "--engine PATH", "or drop tensorrt"], 2),
     ("benchmark", ["--backend", "onnxruntime"], ["--backend onnxruntime runs MODEL.onnx", "give MODEL or drop"], 2),
+    ("benchmark", ["{root}/model.onnx", "--backend", "onnxruntime", "--checkpoint", "{root}/ck.safetensors"],
+     ["--checkpoint sets the weights of the backends that run PyTorch weights, and none of onnxruntime does"], 2),
     ("benchmark", ["{root}/model.onnx", "--backend", "tensorrt", "--engine", "{root}/missing.engine"],
      ["--engine", "missing.engine is not a file"], 2),
     # build-engine
