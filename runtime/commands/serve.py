@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
-    parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
-    parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
+    parser.add_argument("--grpc-port", type=int, metavar="N", help="gRPC port (default: --port + 1, i.e. 8001)")
+    parser.add_argument("--metrics-port", type=int, metavar="N", help="metrics port (default: --port + 2, i.e. 8002)")
     parser.add_argument("--openai-port", type=int, metavar="N",
                         help="port of the OpenAI-compatible API (/v1/completions, /v1/models); 0 turns it off "
                              "(default: --port + 3, i.e. 8003)")
@@ -155,6 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
     from runtime.serving.tritonserver import Endpoints
 
     args.api_key = args.api_key or os.environ.get("ROTARY_API_KEY") or None
+    # the ports follow --port, as loadtest and the OpenAI API expect them to
+    args.grpc_port = args.port + 1 if args.grpc_port is None else args.grpc_port
+    args.metrics_port = args.port + 2 if args.metrics_port is None else args.metrics_port
     if args.openai_port is None:
         args.openai_port = args.port + 3
     if args.openai_workers is None:

@@ -9,8 +9,9 @@ decoding bytes and encoding the event; Triton stays the engine that batches and 
 `return_token_ids: true` (vLLM's extension) adds each chunk's token ids to its choice as
 `token_ids`, so a benchmark client counts tokens exactly (loadtest --protocol openai uses it).
 
-Fields it does not support are refused with a 400 naming the field, never ignored; errors always
-come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+OpenAI's completion fields it does not support are refused with a 400 naming the field, never
+ignored (other servers' extensions are ignored, as vLLM does); errors always come in OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, an unexpected failure included.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations at runtime.
@@ -30,6 +31,7 @@ from .clients import grpc_inputs
 from .requests import GENERATE
 
 MAX_STOPS = 4
+MAX_BODY_BYTES = 4 << 20  # a request body past this is refused before it is read whole
 INT64 = (-(1 << 63), (1 << 63) - 1)  # the range of generate's integer inputs
 SETTINGS_VARIABLE = "ROTARY_OPENAI_SETTINGS"  # the app's settings, for uvicorn's worker processes
 # field -> the values that are supported (anything else is refused, naming the field)
@@ -100,8 +102,8 @@ class Completion:
         max_tokens = _number(body, "max_tokens", 16, int, low=1)
         temperature = _number(body, "temperature", 1.0, float, low=0.0, high=2.0)
         top_p = _number(body, "top_p", 1.0, float, low=0.0, high=1.0)
-        if top_p == 0.0:
-            raise ApiError(400, "top_p must be in (0, 1]", param="top_p")
+        if np.float32(top_p) == 0.0:  # generate takes FP32: a top_p that rounds to 0 is 0
+            raise ApiError(400, f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
         top_k = _number(body, "top_k", 0, int, low=-1)
         seed = _number(body, "seed", None, int)
         stop = body.get("stop")
@@ -145,10 +147,12 @@ def _number(body: dict, name: str, default, kind, low=None, high=None):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=name)
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:  # also before isfinite, which overflows
+        shown = value if abs(value) < 10 ** 30 else f"a {len(str(abs(value)))}-digit number"
+        need = "fit in 64 bits" if kind is int else "be a finite number"
+        raise ApiError(400, f"{name} must {need}, got {shown}", param=name)
     if not math.isfinite(value):
         raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
-    if kind is int and not INT64[0] <= value <= INT64[1]:
-        raise ApiError(400, f"{name} must fit in 64 bits, got {value!r}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise ApiError(400, f"{name} must be {bounds}, got {value!r}", param=name)
@@ -287,10 +291,18 @@ def create_app(grpc_url: str, model: str, vocab_size: int, context_length: int |
             state["client"] = grpcclient.InferenceServerClient(grpc_url)
         return state["client"]
 
+    entry = {"id": model, "object": "model", "created": 0, "owned_by": "rotary-deploy", "context_length": context_length}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "rotary-deploy",
-                                            "context_length": context_length}]}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str):
+        if name != model:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model!r}", param="model",
+                           code="model_not_found")
+        return entry
 
     @app.post("/v1/chat/completions")
     async def chat():
@@ -300,15 +312,34 @@ def create_app(grpc_url: str, model: str, vocab_size: int, context_length: int |
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _bounded_body(request))
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
         completion = Completion.parse(body, model, vocab_size)
+        if context_length is not None and len(completion.prompt) >= context_length:
+            raise ApiError(413, f"the prompt's {len(completion.prompt)} tokens are over this server's limit: a row "
+                                f"holds {context_length} tokens, prompt and new ones; shorten the prompt",
+                           param="prompt", code="prompt_too_long")
         ident = f"cmpl-{secrets.token_hex(12)}"
         return await _respond(completion, TritonStream(client(), completion.triton, f"{ident}-{next(counter)}"),
                               ident, model)
 
     return app
+
+
+async def _bounded_body(request) -> bytes:
+    """The body, refused with a 413 once it passes MAX_BODY_BYTES (declared or as it arrives)."""
+    refused = ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt",
+                       code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise refused
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise refused
+    return bytes(body)
 
 
 def app_from_environment():
@@ -330,6 +361,11 @@ def _install_errors_and_key(app, api_key: str | None) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):  # a bug: still an answer in OpenAI's shape
+        return JSONResponse(ApiError(500, f"the server failed unexpectedly ({type(error).__name__}); retry, and "
+                                          "report it if it repeats", kind="server_error").body(), status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -379,15 +415,22 @@ async def _respond(completion: Completion, stream: "TritonStream", ident: str, m
 
 async def _run(completion: Completion, stream: TritonStream):
     """(text piece, finish reason or None, tokens so far, the response's token ids) per response
-    with text or tokens to send, the last with its reason. A stop string's tokens are all reported:
-    the text is cut at the stop string, the ids are what the model produced."""
+    with text or tokens to send, the last with its reason. At a stop string the text is cut where
+    it starts, and the tokens (ids and usage) end with the one that completed it, however the
+    tokens were grouped into responses."""
     pieces, scanner, produced, complete = TextPieces(), StopScanner(completion.stop), 0, False
     try:
         async for tokens in stream.tokens():
+            last = produced + len(tokens) >= completion.max_tokens
+            out, stopped = "", False
+            for i, token in enumerate(tokens):  # token by token, so a stop is placed at its token
+                piece, stopped = scanner.add(pieces.piece(token, last and i == len(tokens) - 1))
+                out += piece
+                if stopped:
+                    tokens = tokens[: i + 1]
+                    break
             produced += len(tokens)
             final = produced >= completion.max_tokens
-            text = "".join(pieces.piece(token, final and i == len(tokens) - 1) for i, token in enumerate(tokens))
-            out, stopped = scanner.add(text)
             if stopped:
                 complete = final  # a stop string in the last response: nothing left to cancel
                 if not final:

@@ -97,7 +97,8 @@ def parse_request(arrays: Mapping[str, np.ndarray], vocab_size: int, limits: Lim
         raise RequestError(f"top_p must be in (0, 1], got {top_p}")
     settings = GenerationSettings(new_tokens, temperature, filter_thres, _integer(arrays, "seed", DEFAULTS.seed),
                                   eos_id, top_k, top_p)
-    return GenerateRequest(prompt, settings, text, text_input, _flag(arrays, "stream", True),
+    # Triton's vLLM and TensorRT-LLM models stream only when asked; this model's own inputs stream by default
+    return GenerateRequest(prompt, settings, text, text_input, _flag(arrays, "stream", not text_input),
                            _cancel_key(arrays) if "cancel_key" in arrays else None)
 
 

@@ -85,6 +85,10 @@ class TritonStream:
         return self._send(self.pb.InferenceResponse(error=self.pb.TritonError(message)), True)
 
     def end(self) -> bool:
+        """The request is over before its last token (cancelled): a streamed one gets a final flag
+        with no response; a non-streamed one still gets its one response, with the tokens held."""
+        if not self.stream:
+            return self.send([], True)
         return self._send(None, True)
 
     def cancelled(self) -> bool:

@@ -87,6 +87,9 @@ def test_a_stop_string_ends_the_completion_before_it(client, offline_tokens, ser
     ({"prompt": "hi", "max_tokens": 10 ** 23}, 400, "max_tokens", "max_tokens must fit in 64 bits"),
     ({"prompt": "hi", "temperature": float("nan")}, 400, "temperature", "temperature must be a finite number"),
     ({"prompt": "\ud800"}, 400, "prompt", "the prompt is not valid Unicode text"),
+    ({"prompt": "hi", "max_tokens": 10 ** 400}, 400, "max_tokens", "must fit in 64 bits, got a 401-digit number"),
+    ({"prompt": "hi", "temperature": 10 ** 400}, 400, "temperature", "must be a finite number, got a 401-digit number"),
+    ({"prompt": "hi", "top_p": 1e-50}, 400, "top_p", "top_p must be in (0, 1], got 1e-50"),
 ])
 def test_refusals_come_in_openais_shape_with_their_status(api, body, status, param, words):
     # json.dumps writes NaN and escapes a lone surrogate, as clients other than httpx send them
@@ -95,6 +98,63 @@ def test_refusals_come_in_openais_shape_with_their_status(api, body, status, par
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["param"] == param and set(error) == {"message", "type", "param", "code"}
+
+
+def test_one_model_is_retrieved_and_an_oversized_body_is_refused_as_it_arrives(api, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    missing = api.get("/v1/models/gpt-x", headers={"Authorization": "Bearer sekrit"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    big = api.post("/v1/completions", content=b'{"prompt": "' + b"x" * (5 << 20) + b'"}',
+                   headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
+    assert big.status_code == 413 and "the request body is over 4 MiB" in big.json()["error"]["message"]
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from runtime.serving import openai_api
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(openai_api.Completion, "parse", broken)
+    with TestClient(openai_api.create_app("127.0.0.1:1", MODEL, 256, 4096), raise_server_exceptions=False) as http:
+        response = http.post("/v1/completions", json={"prompt": "hi"})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"].startswith("the server failed unexpectedly (RuntimeError)")
+
+
+@pytest.mark.parametrize("groups", [[[104, 101, 108, 108, 111, 33]], [[104], [101], [108], [108], [111], [33]],
+                                    [[104, 101], [108, 108, 111, 33]]], ids=["one", "each", "two"])
+def test_a_stop_strings_tokens_end_at_the_one_that_completed_it_however_they_arrive(groups):
+    """"hello!" with stop "ll": text "he", and 4 tokens (up to the second l), whether the tokens came
+    in one response, one each, or in two."""
+    import asyncio
+
+    from runtime.serving import openai_api
+
+    class Stream:
+        cancelled = finished = False
+
+        async def tokens(self):
+            for group in groups:
+                yield group
+
+        def cancel(self):
+            self.cancelled = True
+
+        def finish(self):
+            self.finished = True
+
+    completion = openai_api.Completion.parse({"prompt": "hi", "max_tokens": 6, "stop": "ll", "return_token_ids": True},
+                                             MODEL, 256)
+
+    async def run():
+        return [chunk async for chunk in openai_api._run(completion, Stream())]
+
+    chunks = asyncio.run(run())
+    assert "".join(text for text, *_ in chunks) == "he" and chunks[-1][1] == "stop"
+    assert chunks[-1][2] == 4 and [t for *_, tokens in chunks for t in tokens] == [104, 101, 108, 108]
 
 
 def test_a_stream_cut_at_shutdown_is_a_server_error_to_retry():

@@ -83,6 +83,9 @@ def test_the_names_tritons_llm_clients_send():
     assert request.settings.top_p == pytest.approx(0.9)
     plain = parse_request({"prompt_ids": ids(1)}, 256, LIMITS)
     assert plain.stream and not plain.text_output and (plain.settings.top_k, plain.settings.top_p) == (0, 1.0)
+    # as in those models, a text_input request streams only when asked
+    assert not parse_request({"text_input": np.array([b"Hi"], object)}, 256, LIMITS).stream
+    assert parse_request({"text_input": np.array([b"Hi"], object), "stream": np.array([True])}, 256, LIMITS).stream
 
 
 @pytest.mark.parametrize("arrays, message", [

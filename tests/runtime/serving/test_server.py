@@ -355,7 +355,8 @@ def test_grpc_control_calls_are_refused_without_the_key(triton_server):
 
 def test_tritons_llm_clients_send_text_input_and_read_text_output(triton_server, offline_tokens, serving_graph):
     """Requests as clients of Triton's vLLM / TensorRT-LLM models write them: `text_input` and
-    `max_tokens`, streamed or (`stream: false`) answered once, in `text_output`."""
+    `max_tokens`, streamed (`stream: true`) or, by default as in those models, answered once, in
+    `text_output`."""
     import http.client
 
     from runtime.decoding.generation import GenerationSettings
@@ -374,10 +375,10 @@ def test_tritons_llm_clients_send_text_input_and_read_text_output(triton_server,
             return [json.loads(line[6:]) for line in raw.splitlines() if line.startswith(b"data: ")]
         return [json.loads(raw)]
 
-    streamed = post("/v2/models/generate/generate_stream", {"text_input": TEXT_PROMPT, "max_tokens": 12})
+    streamed = post("/v2/models/generate/generate_stream", {"text_input": TEXT_PROMPT, "max_tokens": 12, "stream": True})
     assert all("error" not in event and "text" not in event for event in streamed), streamed
     assert "".join(event["text_output"] for event in streamed) == expected
-    whole = post("/v2/models/generate/generate", {"text_input": TEXT_PROMPT, "max_tokens": 12, "stream": False})
+    whole = post("/v2/models/generate/generate", {"text_input": TEXT_PROMPT, "max_tokens": 12})
     assert len(whole) == 1 and whole[0]["text_output"] == expected, whole
     assert len(token_ids_of(whole[0]["token_id"])) == 12
 

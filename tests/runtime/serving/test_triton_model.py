@@ -28,12 +28,13 @@ class FakePb:
 
 class Sender:
     def __init__(self, refuse: bool = False):
-        self.refuse, self.sent = refuse, []
+        self.refuse, self.sent, self.responses = refuse, [], []
 
     def send(self, response=None, flags=0):
         if self.refuse and response is not None:
             raise RuntimeError("the client cancelled")
         self.sent.append(flags)
+        self.responses.append(response)
 
     def is_cancelled(self):
         return self.refuse
@@ -77,6 +78,18 @@ def test_a_stream_is_completed_once_by_its_final_response():
     assert stream.send([3], final=True) and closed == [1]
     assert stream.send([4], final=True) is False and stream.end() is False and closed == [1]
     assert stream.cancelled()
+
+
+def test_a_cancelled_request_that_asked_for_one_response_still_gets_it():
+    """stream false (one response with every token): ended early, it sends the tokens held so far
+    as that one response, as Triton's non-streaming endpoint needs exactly one; a streamed request
+    gets the bare final flag."""
+    whole, streamed = Sender(), Sender()
+    stream = TritonStream(FakePb, whole, text=False, stream=False)
+    assert stream.send([1, 2], final=False) and whole.sent == []
+    assert stream.end() and whole.sent == [FakePb.TRITONSERVER_RESPONSE_COMPLETE_FINAL]
+    assert whole.responses[0].output_tensors[0].array.tolist() == [1, 2]
+    assert TritonStream(FakePb, streamed, text=False).end() and streamed.responses == [None]
 
 
 def test_a_refused_final_response_still_completes_the_stream_once():
