@@ -124,6 +124,18 @@ def test_garbage_json_and_wrong_grpc_types_are_refused_and_serving_goes_on(trito
         streamer.close()
 
 
+def _settled(read, seconds: float = 20):
+    """A metric once two reads 2 * PUBLISH_S apart agree (the server publishes every PUBLISH_S, and
+    an earlier test's cancellations may still be on their way, more slowly on a loaded machine)."""
+    deadline, value = time.monotonic() + seconds, read()
+    while True:
+        time.sleep(2 * PUBLISH_S)
+        if (now := read()) == value:
+            return value
+        assert time.monotonic() < deadline, "the metric did not settle"
+        value = now
+
+
 def wait_for(condition, what: str, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -141,8 +153,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(triton_server, proto
     def outcomes():
         return tuple(triton_server.metric("rotary_generate_requests_total", outcome=o) for o in ("cancelled", "completed"))
 
-    time.sleep(2 * PUBLISH_S)  # the server publishes its metrics every PUBLISH_S: let earlier requests' settle
-    cancelled, completed = outcomes()
+    cancelled, completed = _settled(outcomes)
     tokens_before = triton_server.metric("rotary_generate_tokens_total")
     long_stream = {"prompt_ids": [9, 8, 7], "max_new_tokens": MAX_NEW}
     if protocol == "http":
@@ -168,8 +179,7 @@ def test_a_cancel_request_with_its_key_ends_a_stream_that_stays_open(triton_serv
     def cancelled():
         return triton_server.metric("rotary_generate_requests_total", outcome="cancelled")
 
-    time.sleep(2 * PUBLISH_S)  # the server publishes its metrics every PUBLISH_S: let earlier requests' settle
-    before, key = cancelled(), "k" + "0123456789abcdef" * 2
+    before, key = _settled(cancelled), "k" + "0123456789abcdef" * 2
     streamer, other = GrpcStreamer(triton_server.grpc_url), GrpcStreamer(triton_server.grpc_url)
     try:
         streamer.client.async_stream_infer("generate", grpc_inputs({"prompt_ids": [9, 8], "max_new_tokens": MAX_NEW,
