@@ -13,6 +13,7 @@ ROTARY_DEPLOY_DIRTY=1 when the copy had uncommitted changes).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -111,15 +112,34 @@ def versions() -> dict:
     return found
 
 
+LONG_TEXT, LONG_LIST = 256, 64  # an argument or a list past these is recorded by its size and digest
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _short(text: str) -> str:
+    """A long argument (a 1024-id prompt, say) by its start, length and digest: the result file
+    holds the data itself where it matters, and three full copies would outweigh the result."""
+    if len(text) <= LONG_TEXT:
+        return text
+    return f"{text[:64]}... ({len(text)} characters, sha256 {_digest(text)})"
+
+
 def _plain(value: Any) -> Any:
-    """JSON-safe settings: paths and other objects as text."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    """JSON-safe settings: paths and other objects as text; long lists by their size and digest."""
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
+    if isinstance(value, str):
+        return _short(value)
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if len(value) > LONG_LIST:
+            return f"{len(value)} items, sha256 {_digest(json.dumps(value, default=str))}"
         return [_plain(v) for v in value]
-    return str(value)
+    return _short(str(value))
 
 
 SECRET_FLAGS = ("--api-key",)  # their values never reach a result file
@@ -142,8 +162,9 @@ def redact_argv(argv: list[str]) -> list[str]:
 def provenance(command: Sequence[str] | None, settings: dict | None = None) -> dict:
     """The block a result file carries (see the module docstring). `command`: the program and its
     arguments as run; `settings`: what defines the result's columns (a command's parsed flags).
-    Secrets (an API key) are replaced by REDACTED in both."""
-    argv = redact_argv(list(command)) if command is not None else None
+    Secrets (an API key) are replaced by REDACTED in both; long arguments and lists are recorded by
+    their size and digest."""
+    argv = [_short(arg) for arg in redact_argv(list(command))] if command is not None else None
     settings = {key: REDACTED if key in SECRET_SETTINGS and value else value for key, value in (settings or {}).items()}
     return {"schema": SCHEMA,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -95,3 +95,20 @@ def test_an_api_key_never_reaches_a_result_file():
     assert "s3cr3t" not in json.dumps(block) and "k2" not in json.dumps(block)
     assert block["argv"] == ["loadtest", "--api-key", "<redacted>", "--url", "http://x", "--api-key=<redacted>"]
     assert block["settings"]["api_key"] == "<redacted>" and block["settings"]["url"] == "http://x"
+
+
+def test_a_long_argument_and_a_long_list_are_recorded_by_size_and_digest():
+    """A 1024-id prompt would be copied three times (command, argv, settings): each copy is its
+    start, length and digest instead; short values stay as they are."""
+    import hashlib
+
+    from runtime.provenance import provenance
+
+    ids = list(range(1024))
+    text = ",".join(map(str, ids))
+    block = provenance(["generate", "--prompt-ids", text, "--max-new-tokens", "64"], {"prompt_ids": ids, "seed": 3})
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert block["argv"][2] == f"{text[:64]}... ({len(text)} characters, sha256 {digest})"
+    assert block["argv"][3:] == ["--max-new-tokens", "64"] and block["settings"]["seed"] == 3
+    assert block["settings"]["prompt_ids"].startswith("1024 items, sha256 ")
+    assert len(json.dumps(block)) < 4000
