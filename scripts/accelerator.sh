@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verification and benchmark runs on a GPU machine, in parts that each fit a 10-minute call:
 #   tests | export | parity | bench-static | bench-compile | bench-dynamic | generate | trt | serve | profile | admission | reference | aiperf | hbm
-#   | export-large | bench-large | fused
+#   | export-large | bench-large | fused   (serve and fused end with scripts/check_targets.py: the issue targets met or missed)
 # Run them back to back on one warm machine: later parts reuse the graphs `export` writes to $WORK.
 # Each part packs what it produced into $OUT/<part>.tgz (the device tool returns at most 8 files).
 # Needs the GPU wheels staged first (../shared/gpu/gpu-wheels; see docs/gpu-verification.md).
@@ -151,6 +151,9 @@ else:
 print('cut:', l['requests'], 'requests,', l['tokens'], 'tokens,', l['errors'], 'errors:', l['error_messages'])" 2>/dev/null \
       || tail -5 "$results/loadtest-cut${TAG:-}.log"
   fi
+  reference="$work/results-reference/decoder-served-contexts.json"  # issue 20's targets, once `reference` has run
+  [ -f "$reference" ] && [ -f "$results/loadtest${TAG:-}.json" ] \
+    && run py scripts/check_targets.py serve "$results/loadtest${TAG:-}.json" "$reference"
   ;;
 aiperf)  # aiperf at 32 concurrency against serve's OpenAI API (staged by scripts/stage_aiperf.sh), then loadtest
   rm -f "$results/serve-ready.json"
@@ -201,6 +204,7 @@ fused)  # triton-fused (needs only PyTorch and Triton): its GPU tests, its step'
   run timeout ${LIMIT:-400} python3 -m runtime.commands.benchmark --preset ${PRESET:-7b} --dtype fp16 \
     --backend ${BACKENDS:-triton-fused,torch-compile-static} --batch 1 --context 1024 --new-tokens 32 --warmup 3 --iters 5 \
     ${BENCH_FLAGS:-} --json "$results/bench-fused-${PRESET:-7b}${TAG:-}.json" 2>&1 | tee "$results/bench-fused.log" | grep -v "^  " | tail -6
+  [ "${PRESET:-7b}" = 7b ] && run py scripts/check_targets.py fused "$results/bench-fused-7b${TAG:-}.json"  # issue 24's target
   ;;
 esac
 tar czf "$out/$part.tgz" -C "$results" . 2>/dev/null
