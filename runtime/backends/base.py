@@ -55,8 +55,6 @@ class Backend(abc.ABC):
     def outputs(self) -> list[TensorMeta]: ...
 
     device = "cpu"  # where torch feeds are run and torch outputs are left
-    queues_work = False  # whether run() returns before the device has run it (PyTorch on CUDA); not
-    # ONNX Runtime or TensorRT, which wait for their stream before they return
 
     def run(self, feeds: Mapping) -> dict:
         """Check `feeds` against the input metadata, run, and return every output by name: numpy

@@ -20,7 +20,6 @@ class TorchBackend(Backend):
                  with_past: bool = False):
         row = precision_of_torch(dtype)
         self.name = f"torch-{device}" if row.name == "fp32" else f"torch-{device}-{row.dtype}"
-        self.queues_work = torch.device(device).type == "cuda"  # CUDA kernels are queued, not waited for
         first = next(model.parameters())
         if first.dtype != dtype or first.device != torch.device(device):
             model = copy.deepcopy(model)  # leave the caller's model as it is

@@ -98,7 +98,9 @@ class CacheFeedDecoder(Decoder):
 
     @property
     def queues_steps(self) -> bool:
-        return self.backend.queues_work
+        # no: each step reads the ids back to check them (Backend.run) and the growing cache's
+        # bookkeeping reads the mask, so the host waits for the GPU inside every step anyway
+        return False
 
     def _empty_cache(self, rows: int) -> dict[str, Tensor]:
         c = self.config

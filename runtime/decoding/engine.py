@@ -13,7 +13,9 @@ decode thread) and decides what to do with the events.
 With `overlap`, each step() queues the next step before it reads the ids of the step before, so
 the GPU decodes while the host turns ids into events (vLLM's and SGLang's overlapped schedulers
 work this way): a request that stops at its end-of-sequence token is stepped once more and that
-token dropped, and one whose last token is queued leaves the step and frees its row before it is read.
+token dropped (its settings still count for that step's choice of pick: a nucleus row keeps the
+PyTorch-ops pick one step longer), and one whose last token is queued leaves the step and frees its
+row before it is read.
 """
 from __future__ import annotations
 
@@ -120,13 +122,15 @@ class Engine:
         self._picks = {}  # choice kind -> the pick step_and_pick runs on the logits (one object each: a graph key)
         self.stats = StepStats()
 
-    def warm_up(self) -> None:
-        """Build what the first sampled request would otherwise wait for (on CUDA the fused sampling
-        kernel is compiled on first use: seconds)."""
-        settings = GenerationSettings(max_new_tokens=1, temperature=1.0)
-        logits = torch.zeros(1, self.decoder.vocab_size, device=self.decoder.device)
-        rows = RowSettings.of([settings], [0], self.decoder.vocab_size, self.decoder.device)
-        kinds = {GREEDY, choice_kind(self.decoder.device, rows)} - {OPS}
+    def warm_up(self, settings: GenerationSettings | None = None) -> None:
+        """Build what the first requests would otherwise wait for: on CUDA the fused sampling kernel
+        is compiled on first use (seconds), and each pick is recorded with the step where the decoder
+        records one. `settings`: the only settings to prepare for (default: greedy and sampled ones)."""
+        device, vocab = self.decoder.device, self.decoder.vocab_size
+        wanted = [settings] if settings is not None else [GenerationSettings(max_new_tokens=1, temperature=1.0)]
+        rows = RowSettings.of(wanted, [0], vocab, device)
+        kinds = ({choice_kind(device, rows)} | ({GREEDY} if settings is None else set())) - {OPS}
+        logits = torch.zeros(1, vocab, device=device)
         for kind in kinds:  # each pick runs once (kernels loaded, compiled), then is recorded with the step
             choose(logits, rows, kind)
         for kind in kinds:

@@ -30,6 +30,7 @@ from ..backends import BackendError
 from ..resources import cache_bytes, require
 from .base import Decoder, DecodingError
 from .captured_step import CapturedSteps
+from .transfer import to_device
 
 NORMS = {None: 0, "rms": 1, "layer": 2}
 CHUNK = 64  # window positions per attention program: 8 key/value heads x 17 chunks fill the GPU at 1088
@@ -248,9 +249,9 @@ class FusedDecoder(Decoder):
     @torch.inference_mode()
     def _start(self, prompts: dict[int, list[int]], all_logits: bool):
         prompt = prompts[0]
-        ids = torch.tensor([prompt], dtype=torch.int64, device=self.device)
+        ids = to_device([prompt], torch.int64, self.device)
         index = (torch.arange(len(prompt), device=self.device)[None] if all_logits
-                 else torch.tensor([[len(prompt) - 1]], device=self.device))
+                 else to_device([[len(prompt) - 1]], torch.int64, self.device))
         logits = self.module.prefill(ids, index, slice(0, 1)).float()
         self.fused.position.fill_(len(prompt))
         return [logits[0]] if all_logits else logits[:, -1]

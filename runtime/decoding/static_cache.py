@@ -38,7 +38,7 @@ from ..resources import cache_bytes, logits_bytes, require
 from .base import Decoder, DecodingError
 from .captured_step import CapturedSteps
 from .side_prefill import SidePrefill
-from .transfer import to_device
+from .transfer import moved, to_device
 
 
 def right_pad(prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -109,7 +109,8 @@ class BoundRunner:
         self.where = "the serialized graph" if isinstance(model, bytes) else str(model)
         self.graph = session_metadata(self.session, self.where)
         self.inputs, self.outputs = session_io(self.session)
-        self.stream = stream if self.torch_stream else None  # None: the stream current at open
+        # the stream ONNX Runtime was given; a run from another current stream is ordered with it (_run)
+        self.stream = (stream or torch.cuda.current_stream()) if self.torch_stream else None
         self.run_options = {"prefill": self._options(-1), "step": self._options(1),  # prefill: any shape, no graph
                             "recorded": self._options(-1)}  # the step as PyTorch records it (captured_step)
         self.run_options["recorded"].add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -378,11 +379,11 @@ class StaticCacheDecoder(Decoder):
         if self.pad_prefill:  # a width warmed at open (the padding is never attended to)
             ids = torch.nn.functional.pad(ids, (0, prefill_width(ids.shape[1], self.max_cache) - ids.shape[1]))
         rows, width = slice(run[0], run[-1] + 1), ids.shape[1]
-        lengths = lengths.to(self.device)
+        lengths = moved(lengths, self.device)
         index = (torch.arange(width, device=self.device).expand(len(run), width) if all_logits
                  else (lengths - 1)[:, None])  # right-padded: each row's own last position
         start = torch.zeros(len(run), dtype=torch.int64, device=self.device)
-        feeds = {"input_ids": ids.to(self.device), "logits_index": index.contiguous(),
+        feeds = {"input_ids": moved(ids, self.device), "logits_index": index.contiguous(),
                  **length_feeds(self.graph, start, lengths, width)}
         logits = torch.empty(len(run), index.shape[1], self.config.num_tokens, dtype=torch.float32, device=self.device)
         self.runner.prefill(feeds, {name: buffer[rows] for name, buffer in self.caches.items()}, logits)
@@ -449,11 +450,11 @@ class StaticCacheDecoder(Decoder):
             for i, (row, prompt) in enumerate(prompts.items()):
                 self._prefill_staged(row, prompt, logits[i])
 
+        if self.beside is not None and self.device.type == "cuda":  # written there: not reused before that stream is past it
+            logits.record_stream(self.beside.stream)
         if self.beside is None:
             wait = prefill_all()
         elif all(self._recorded_prefill(prefill_width(len(p), self.max_cache)) for p in prompts.values()):
-            if self.device.type == "cuda":  # written there: not reused before the side stream is past it
-                logits.record_stream(self.beside.stream)
             wait = self.beside.queue(prefill_all)  # replays, queued on the side stream once the step is: no thread
         else:
             wait = self.beside.run(prefill_all)

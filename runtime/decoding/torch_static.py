@@ -18,7 +18,7 @@ from ..backends import BackendError
 from ..resources import cache_bytes, require
 from .base import Decoder, DecodingError
 from .static_cache import contiguous_runs, right_pad
-from .transfer import to_device
+from .transfer import moved, to_device
 
 
 class TorchStaticDecoder(Decoder):
@@ -68,11 +68,11 @@ class TorchStaticDecoder(Decoder):
         per_row = {}
         for run in contiguous_runs(list(prompts)):
             ids, lengths = right_pad([prompts[row] for row in run])
-            lengths = lengths.to(self.device)
+            lengths = moved(lengths, self.device)
             width = ids.shape[1]
             index = (torch.arange(width, device=self.device).expand(len(run), width) if all_logits
                      else (lengths - 1)[:, None])
-            logits = self.prefill(ids.to(self.device), index.contiguous(), slice(run[0], run[-1] + 1)).clone()
+            logits = self.prefill(moved(ids, self.device), index.contiguous(), slice(run[0], run[-1] + 1)).clone()
             self.positions[run[0]: run[-1] + 1] = lengths
             self.row_active[run[0]: run[-1] + 1] = 1
             for i, row in enumerate(run):

@@ -16,3 +16,11 @@ def to_device(values: Sequence, dtype: torch.dtype, device: torch.device | str) 
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def moved(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """A host tensor on `device`, as `to_device` copies: through pinned memory on CUDA, so the copy
+    is queued after the work before it instead of waiting for that work to run."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

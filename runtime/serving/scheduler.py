@@ -70,6 +70,7 @@ class Scheduler:
             self._conn, far = Pipe()
             engine = Engine(decoder, rows=limits.max_rows, prefill_tokens=prefill_tokens,
                             overlap=decoder.queues_steps)
+            engine.warm_up()  # as the decode process does: not during the first requests
             self._loop_thread = threading.Thread(target=serve_engine, args=(far, engine), name="generate-decode",
                                                  daemon=True)
             self.facts = decoder_facts(decoder)

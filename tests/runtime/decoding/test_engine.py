@@ -8,6 +8,7 @@ import torch
 from models.config import ModelConfig
 from runtime.decoding.base import Decoder, DecodingError
 from runtime.decoding.engine import CANCELLED, FAILED, LENGTH, STOP, Engine
+from runtime.decoding.generation import generate
 from runtime.decoding.settings import GenerationSettings
 
 VOCAB = 16
@@ -285,6 +286,22 @@ def test_the_engine_records_one_pick_per_choice_and_keeps_its_buffers():
     # greedy alone, then next to the sampled row (a choice by PyTorch ops) while it lasts, then alone
     assert decoder.keys == ["greedy", None, None, "greedy", "greedy"]
     assert tokens[sampled] == run_alone([5, 1], GenerationSettings(3, 1.0, 0.0, seed=3))
+
+
+def test_warming_up_for_given_settings_prepares_their_pick_alone():
+    decoder = Recording(rows=1)
+    Engine(decoder).warm_up(GenerationSettings(4, 1.0, seed=1))
+    assert decoder.recorded == {}  # on the CPU a sampled row takes PyTorch ops: nothing to record
+    Engine(decoder).warm_up(GenerationSettings(4))
+    assert set(decoder.recorded) == {"greedy"}
+
+
+def test_generate_records_the_pick_before_its_first_step():
+    """Overlapped, a first decode step run unrecorded would be queued (and, on ONNX Runtime, waited
+    for) before the first tokens are read, inside the time to the first token."""
+    decoder = Recording(rows=1)
+    result = generate(decoder, [[5]], GenerationSettings(4))
+    assert result.tokens == [expected_greedy([5], 4)] and decoder.keys == ["greedy"] * 3
 
 
 def run_alone(prompt: list[int], settings: GenerationSettings) -> list[int]:
