@@ -98,6 +98,21 @@ def default_backends(cuda: bool, have: tuple[str, ...] = (WEIGHTS, ONNX)) -> lis
     return [spec.name for spec in BACKENDS.values() if machine in spec.benchmarked_on and spec.opens in have]
 
 
+def check_runnable(spec: BackendSpec) -> None:
+    """Refuse, before any work, a CUDA backend on a machine where PyTorch sees no GPU (every CUDA
+    backend keeps its buffers in PyTorch's CUDA tensors)."""
+    if spec.device != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    twin = next((s.name for s in BACKENDS.values() if s.device != "cuda" and s.opens == spec.opens
+                 and s.static_cache == spec.static_cache), None)
+    raise BackendError(f"--backend {spec.name} runs on a CUDA GPU, and this machine has none that PyTorch can see; "
+                       f"run it on a GPU machine{f', or use --backend {twin} here' if twin else ''}")
+
+
 def onnxruntime_has_cuda() -> bool:
     try:
         import onnxruntime

@@ -133,7 +133,7 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     from models.progress import phase
     from runtime.bench.measure import BenchmarkResult, measure
     from runtime.decoding.open import open_decoders
-    from runtime.registry import backend_spec
+    from runtime.registry import backend_spec, check_runnable
 
     from .targets import decoder_target
 
@@ -141,6 +141,7 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     max_cache = max(args.context) + args.warmup + args.new_tokens + 1
     try:
         spec = backend_spec(name)
+        check_runnable(spec)  # before a graph is written from the weights for it
         started = time.perf_counter()
         target = decoder_target(targets.for_backend(spec, max_cache), name, max_cache, row.name)
         with open_decoders(target, name, precision=row.name, max_cache=max_cache) as opened:

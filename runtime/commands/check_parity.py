@@ -67,12 +67,14 @@ def _check(args: argparse.Namespace) -> int:
     from models.precision import precision
     from models.source import ModelSource, reference_source
     from runtime.decoding.open import decoder_spec, read_model_metadata
+    from runtime.registry import check_runnable, resolve_backend
     from runtime.verify.reference import parity_reference
 
     log = log_to(args.json == "-")
     metadata = read_model_metadata(args.model)
     spec = decoder_spec(args.model, args.backend)  # a static-cache graph is refused by TensorRT here
     _check_model_file(args.model, args.backend)
+    check_runnable(resolve_backend(args.backend, args.model))  # as named: its CPU twin is what to name instead
     if metadata.kind in STATIC_KINDS and args.seq:
         _check_static_lengths(args.seq, metadata.max_cache)
     if args.past and not metadata.with_past:

@@ -172,6 +172,7 @@ def _printer(stream, text_mode: bool, pieces: TerminalText):
 def _generate(args: argparse.Namespace) -> int:
     from runtime.decoding.generation import GenerationSettings, generate
     from runtime.decoding.text import decode_bytes, encode_text
+    from runtime.registry import check_runnable, resolve_backend
 
     log = log_to(args.json == "-")
     stream = sys.stderr if args.json == "-" else sys.stdout
@@ -183,6 +184,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ToolkitError("--prompt is empty; give at least one character of text")
     prompt_length = len(args.prompt_ids) if args.prompt_ids else len(args.prompt.encode("utf-8"))
     _check_against_model(args, settings, prompt_length)
+    check_runnable(resolve_backend(args.backend, args.model))  # before a graph is written from the weights
     with _open(args, prompt_length + args.max_new_tokens, log) as decoder:
         prompt = args.prompt_ids if args.prompt_ids else encode_text(args.prompt, decoder.vocab_size)
         log(f"generate: {decoder.name} ({decoder.mode}), prompt of {len(prompt)} tokens, up to "

@@ -7,7 +7,7 @@ from pathlib import Path
 from models.graph_metadata import STATIC_KINDS, GraphMetadata, GraphMetadataError, read_graph_metadata
 
 from ..backends import Backend
-from ..registry import ENGINE_SUFFIXES, BackendSpec, is_weights, resolve_backend, static_cache_twin
+from ..registry import ENGINE_SUFFIXES, BackendSpec, check_runnable, is_weights, resolve_backend, static_cache_twin
 from .base import Decoder, DecodingError
 from .cache_feed import CacheFeedDecoder
 from .static_cache import StaticCacheDecoder
@@ -65,7 +65,9 @@ def open_decoders(target, backend: str = "auto", **options) -> Decoders:
     """`target`: a models.source.ModelSource (PyTorch weights), or a path to an .onnx graph or an
     engine; `options` go to the backend (precision, device, max_cache for weights written into a
     static-cache graph)."""
-    return Decoders(decoder_spec(target, backend), target, options)
+    spec = decoder_spec(target, backend)
+    check_runnable(spec)
+    return Decoders(spec, target, options)
 
 
 def open_decoder(target, backend: str = "auto", rows: int = 1, **options) -> Decoder:
