@@ -137,9 +137,9 @@ def _read_state(path: Path) -> tuple[Mapping[str, Tensor], dict[str, str]]:
             raise CheckpointError(f"cannot read checkpoint {path}: corrupt safetensors file ({error})") from None
         return _safetensors_tensors({name: opened for name in opened.keys()}), opened.metadata()
     if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not a safetensors file or a torch.save'd state_dict"
-        )
+        hint = (f"; for a sharded checkpoint pass its folder, {path.parent}" if path.name == INDEX_NAME else "")
+        raise CheckpointError(f"cannot read checkpoint {path}: not a safetensors file or a torch.save'd state_dict"
+                              f"{hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

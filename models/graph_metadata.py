@@ -218,5 +218,8 @@ def read_props(path: str | Path) -> dict[str, str]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf raises DecodeError, or RuntimeWarning-like errors for garbage
         detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        if path.suffix.lower() not in ("", ".onnx"):  # another kind of file given for the graph
+            raise GraphMetadataError(f"cannot read {path}: not an ONNX graph ({detail}); give the .onnx file "
+                                     "export-model wrote") from None
         raise GraphMetadataError(f"cannot read {path}: not a valid ONNX file ({detail}); export it again") from None
     return {p.key: p.value for p in model.metadata_props}

@@ -131,7 +131,10 @@ def parse_config_argument(text: str | None) -> dict[str, Any] | None:
     if candidate.is_file() and not text.lstrip().startswith(("{", "[")):
         try:
             text = candidate.read_text()
-        except (OSError, UnicodeDecodeError) as error:
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config file {text} is not text; give a JSON file of model config fields (the "
+                              "config.json written next to a checkpoint, say) or inline JSON") from None
+        except OSError as error:
             raise ConfigError(f"cannot read --config file {text}: {error}") from None
     try:
         data = json.loads(text)

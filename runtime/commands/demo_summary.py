@@ -23,6 +23,7 @@ def main(directory: str) -> int:
         gen = json.loads(generated.read_text())
         print(f"  generate   {len(gen['tokens'])} greedy tokens through the key/value cache on {gen['backend']} "
               f"at {gen['decode_tokens_per_second']:.0f} tokens/s: {gen['tokens'][:8]}...")
+    print(f"  files      {', '.join(sorted(p.name for p in folder.iterdir() if p.is_file()))} in {folder}/")
     print("  (the default model has random weights: its text is noise; the numbers are what matters)")
     return 0 if parity["passed"] else 1
 
