@@ -139,6 +139,31 @@ def _check(args: argparse.Namespace) -> None:
                          "serve it on a GPU machine, or export a repository without --gpus for this one")
 
 
+def _check_ports_free(args: argparse.Namespace) -> None:
+    """Each port serve listens on, free before anything starts: on a port another server holds,
+    Triton's requests reach that server instead, and the error names its refusal, not the port."""
+    import errno
+    import socket
+
+    from runtime.serving.tritonserver import ServerError
+
+    ports = [("--port", args.host, args.port), ("--grpc-port", args.host, args.grpc_port),
+             ("--metrics-port", args.host, args.metrics_port)]
+    if args.openai_port:
+        ports.append(("--openai-port", args.openai_host, args.openai_port))
+    for flag, host, port in ports:
+        try:
+            family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed port's TIME_WAIT is free
+                probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ServerError(f"{flag} {port} is in use on {host} (another server, perhaps an earlier serve); "
+                                  f"stop it, or pass another {flag}") from None
+            # anything else (an address not on this machine, say) is the server's to report as it starts
+
+
 def public_triton_warning(host: str) -> str | None:
     """What to say when Triton's own ports, which have no authentication, face other machines."""
     from runtime.serving.openai_server import is_loopback
@@ -165,6 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         args.openai_workers = default_workers()
     _check(args)
+    _check_ports_free(args)
     if (warning := public_triton_warning(args.host)) is not None:
         print(warning, file=sys.stderr, flush=True)
     endpoints = Endpoints(args.host, args.port, args.grpc_port, args.metrics_port)
@@ -192,8 +218,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_on(args: argparse.Namespace, endpoints, front: list, stop, log: Path) -> None:
     from runtime.serving.service import repository_for, run_server
+    from runtime.serving.stale import remove_killed_servers_folders, serve_folder_prefix
 
-    with tempfile.TemporaryDirectory(prefix="rotary-serve-") as work:
+    remove_killed_servers_folders()  # a model's copy, say, that a serve killed outright left
+    with tempfile.TemporaryDirectory(prefix=serve_folder_prefix()) as work:
         precision = args.dtype or ("fp16" if _cuda() else "fp32")
         model = args.model or _write_static_graph(args, Path(work), precision)
         repository, override = repository_for(model, Path(work), limit_changes(args), args.device, _say,

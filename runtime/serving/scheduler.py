@@ -44,8 +44,11 @@ class SchedulerError(RuntimeError):
 def rendezvous(model: Path, backend: str, rows: int, gpu: int | None = None) -> Path:
     """The private folder where this server's instances of `generate` find their decode process:
     one per server process (the stubs' parent), decoder and GPU."""
+    from .stale import remove_killed_servers_folders, rendezvous_name
+
     digest = hashlib.sha256(f"{Path(model).resolve()}|{backend}|{rows}|{gpu}".encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"rotary-decode-{os.getuid()}-{os.getppid()}-{digest}"
+    remove_killed_servers_folders()  # those of servers killed outright
+    folder = Path(tempfile.gettempdir()) / rendezvous_name(os.getppid(), digest)
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder
 

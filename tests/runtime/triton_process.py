@@ -64,9 +64,13 @@ class ServeProcess:
     """`serve` run as users run it, in a subprocess on 127.0.0.1 with free ports."""
 
     def __init__(self, model: Path, workdir: Path, extra: list[str] = ()):
+        import os
+        import shutil
         import subprocess
         import sys
+        import tempfile
         import time
+        import weakref
 
         self.http, self.grpc, self.metrics, self.openai = free_ports(4)
         self.url, self.grpc_url = f"http://127.0.0.1:{self.http}", f"127.0.0.1:{self.grpc}"
@@ -79,8 +83,13 @@ class ServeProcess:
                    str(self.grpc), "--metrics-port", str(self.metrics), "--openai-port", str(self.openai),
                    "--json", str(self.ready_file),
                    "--log", str(self.triton_log), "--exit-timeout", "20", *limits, *extra]
+        # a temporary directory of its own (short: the decode process's socket lives in it), so that
+        # what a killed serve leaves is this test's to see, and never lands in the machine's /tmp
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp" if Path("/tmp").is_dir() else None))
+        weakref.finalize(self, shutil.rmtree, self.tmpdir, True)
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env={**os.environ, "TMPDIR": str(self.tmpdir)})
         deadline = time.monotonic() + SERVER_START_S
         while not self.ready_file.is_file():
             assert self.process.poll() is None, f"serve exited early:\n{self.log.read_text()[-3000:]}"

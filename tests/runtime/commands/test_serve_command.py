@@ -11,6 +11,7 @@ import pytest
 from command_helpers import assert_one_line_error
 from triton_process import ROOT, ServeProcess, free_ports
 from runtime.commands.serve import main
+from runtime.serving.stale import remove_killed_servers_folders
 from runtime.serving.clients import http_generate
 
 STREAM = 2000  # tokens: still in flight when SIGTERM arrives
@@ -62,6 +63,7 @@ def test_sigterm_lets_the_in_flight_stream_finish_then_exits_cleanly(serving_gra
     assert output.index("serve: starting tritonserver") < output.index("serve: loading generate") < \
         output.index("serve: generate ready")  # progress before the ready line
     assert server.leftovers() == ([], [])
+    assert not list(server.tmpdir.glob("rotary-*"))  # its work folder and the decode process's rendezvous are gone
 
 
 def test_streams_longer_than_the_exit_timeout_are_cut_and_serve_still_exits_0(serving_graph, tmp_path):
@@ -142,6 +144,36 @@ def test_a_gpu_the_machine_does_not_have_is_refused_before_anything_starts(tmp_p
     assert_one_line_error(capsys, "serve", "--gpus names GPU 3, but this machine has 2 (ids 0 to 1)")
     assert main(["--preset", "tiny", "--gpus", "4"]) == 2
     assert_one_line_error(capsys, "serve", "--gpus names GPU 2, but this machine has 2 (ids 0 to 1)")
+
+
+def _free(ports) -> bool:
+    import socket
+
+    for port in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("flag, offset", [("--port", 0), ("--grpc-port", 1), ("--metrics-port", 2), ("--openai-port", 3)])
+def test_a_port_another_server_holds_is_named_before_anything_starts(capsys, monkeypatch, flag, offset):
+    """Triton's load request once reached an earlier serve on the same port, and the error quoted
+    that server's refusal of it instead of naming the port."""
+    import socket
+
+    from runtime.commands import serve
+
+    monkeypatch.setattr(serve, "_serve_on", lambda *a: pytest.fail("started"))
+    base = next(port for port in (free_ports(1)[0] for _ in range(50)) if port < 65532 and _free(range(port, port + 4)))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", base + offset))
+        holder.listen()
+        assert main(["--preset", "tiny", "--port", str(base)]) == 2
+    assert_one_line_error(capsys, "serve", f"{flag} {base + offset} is in use on 127.0.0.1 (another server, perhaps "
+                                           f"an earlier serve); stop it, or pass another {flag}")
 
 
 def test_device_cuda_without_cuda_is_refused_before_anything_starts(tiny_static_onnx, capsys, monkeypatch):
@@ -301,3 +333,8 @@ def test_a_killed_serve_leaves_no_process_and_no_port(serving_graph, tmp_path):
     while server.leftovers() != ([], []) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert server.leftovers() == ([], [])
+    # its work folder (the model's copy) stays behind, and the next serve removes it as it starts
+    left = list(server.tmpdir.glob("rotary-*"))
+    assert "serve" in [p.name.split("-")[1] for p in left], left
+    assert sorted(remove_killed_servers_folders(server.tmpdir)) == sorted(left)
+    assert not list(server.tmpdir.glob("rotary-*"))

@@ -200,7 +200,9 @@ def test_a_cancel_request_with_its_key_ends_a_stream_that_stays_open(triton_serv
         streamer.close()
         other.close()
     assert tokens < MAX_NEW
-    wait_for(lambda: cancelled() == before + 1, "the request to count as cancelled")
+    # at least: an overshoot (a cancellation from elsewhere counted late) is then named, not waited out
+    wait_for(lambda: cancelled() >= before + 1, "the request to count as cancelled")
+    assert cancelled() == before + 1, f"{cancelled() - before} cancellations counted for one"
 
 
 def test_health_readiness_and_metrics_answer(triton_server):
