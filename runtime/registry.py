@@ -109,7 +109,7 @@ def check_runnable(spec: BackendSpec) -> None:
         return
     twin = next((s.name for s in BACKENDS.values() if s.device != "cuda" and s.opens == spec.opens
                  and s.static_cache == spec.static_cache), None)
-    raise BackendError(f"--backend {spec.name} runs on a CUDA GPU, and this machine has none that PyTorch can see; "
+    raise BackendError(f"the {spec.name} backend runs on a CUDA GPU, and this machine has none that PyTorch can see; "
                        f"run it on a GPU machine{f', or use --backend {twin} here' if twin else ''}")
 
 

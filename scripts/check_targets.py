@@ -44,8 +44,8 @@ def serve_targets(loadtest: dict, reference: dict) -> list[tuple[str, float, str
         ("64 clients: errors", full["errors"], "== 0", full["errors"] == 0),
         ("1 client: ITL p50 ms", one["itl_ms"]["p50"], "<= 1.0", one["itl_ms"]["p50"] <= 1.0),
         ("1 client: TTFT p50 ms", one["ttft_ms"]["p50"], "<= 5", one["ttft_ms"]["p50"] <= 5),
-        (f"32 clients ({steps['mean_rows']:.1f} rows): step over the decoder's alone, upper bound", bound,
-         "<= 1.3", bound <= 1.3 and steps["mean_rows"] >= 27),
+        ("32 clients: rows per step", steps["mean_rows"], ">= 27", steps["mean_rows"] >= 27),
+        ("32 clients: step over the decoder's alone, upper bound", bound, "<= 1.3", bound <= 1.3),
         ("the server's own mean step over the decoder's alone (not judged)", steps["mean_step_ms"] / alone, "", None),
     ]
 
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.kind} takes {'two files' if args.kind == 'serve' else 'one file'}; see --help")
         data = [_load(path) for path in args.files]
         rows = serve_targets(*data) if args.kind == "serve" else fused_targets(*data)
+    except (ZeroDivisionError, TypeError) as error:
+        print(f"check_targets: error: a file holds an empty or missing figure ({error}); was the run complete?",
+              file=sys.stderr)
+        return 2
     except KeyError as error:
         print(f"check_targets: error: a file lacks the field {error}; give the files in the order --help shows",
               file=sys.stderr)

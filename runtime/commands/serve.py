@@ -153,15 +153,19 @@ def _check_ports_free(args: argparse.Namespace) -> None:
         ports.append(("--openai-port", args.openai_host, args.openai_port))
     for flag, host, port in ports:
         try:
-            family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-            with socket.socket(family, kind, protocol) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed port's TIME_WAIT is free
-                probe.bind(address)
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise ServerError(f"{flag} {port} is in use on {host} (another server, perhaps an earlier serve); "
-                                  f"stop it, or pass another {flag}") from None
-            # anything else (an address not on this machine, say) is the server's to report as it starts
+            addresses = {info[:3] + (info[4],) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            continue  # a host that does not resolve is the server's to report as it starts
+        for family, kind, protocol, address in addresses:  # every address the server binds (gRPC binds them all)
+            try:
+                with socket.socket(family, kind, protocol) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed port's TIME_WAIT is free
+                    probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ServerError(f"{flag} {port} is in use on {host} (another server, perhaps an earlier "
+                                      f"serve); stop it, or pass another {flag}") from None
+                # anything else (an address not on this machine, say) is the server's to report as it starts
 
 
 def public_triton_warning(host: str) -> str | None:

@@ -330,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(decoder, rows=spec["rows"], prefill_tokens=spec.get("prefill_tokens", PREFILL_TOKENS),
                         overlap=decoder.queues_steps)
         engine.warm_up()
-        with Listener(spec["address"], authkey=key) as listener:  # the socket appears once the decoder is ready
-            serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)), stopping)
-    shutil.rmtree(os.path.dirname(spec["address"]), ignore_errors=True)  # the rendezvous folder (its key)
+        try:
+            with Listener(spec["address"], authkey=key) as listener:  # the socket appears once the decoder is ready
+                serve_engine(None, engine, Arrivals(listener, decoder_facts(decoder)), stopping)
+        finally:  # the rendezvous folder (its key) first: closing the decoder can outlast the server's patience
+            shutil.rmtree(os.path.dirname(spec["address"]), ignore_errors=True)
     return 0
 
 

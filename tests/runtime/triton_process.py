@@ -84,7 +84,7 @@ class ServeProcess:
                    "--json", str(self.ready_file),
                    "--log", str(self.triton_log), "--exit-timeout", "20", *limits, *extra]
         # a temporary directory of its own (short: the decode process's socket lives in it), so that
-        # what a killed serve leaves is this test's to see, and never lands in the machine's /tmp
+        # what a killed serve leaves is this test's to see and is removed with the test's object
         self.tmpdir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp" if Path("/tmp").is_dir() else None))
         weakref.finalize(self, shutil.rmtree, self.tmpdir, True)
         with open(self.log, "wb") as log:

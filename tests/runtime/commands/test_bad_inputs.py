@@ -115,7 +115,7 @@ MATRIX = [
     ("check-parity", ["{root}/model.onnx", "--checkpoint", "{root}/shards/model.safetensors.index.json"],
      ["for a sharded checkpoint pass its folder", "/shards"], 2),
     ("check-parity", ["{root}/static.onnx", "--backend", "onnxruntime-cuda", "--checkpoint", "{root}/ck.safetensors"],
-     ["--backend onnxruntime-cuda runs on a CUDA GPU", "use --backend onnxruntime here"], 2),
+     ["the onnxruntime-cuda backend runs on a CUDA GPU", "use --backend onnxruntime here"], 2),
     ("check-parity", ["{root}/truncated.onnx"], ["truncated.onnx: not a valid ONNX file"], 2),
     ("check-parity", ["{root}/random.onnx"], ["random.onnx: not a valid ONNX file"], 2),
     ("check-parity", ["{root}/foreign.onnx"], ["not a graph written by this toolkit"], 2),
@@ -180,7 +180,7 @@ MATRIX = [
     ("generate", ["--backend", "onnxruntime-cuda-static-portable", "--checkpoint", "{root}/ck.safetensors",
                   "--prompt-ids", "1"], ["runs on a CUDA GPU", "--backend onnxruntime-static-portable here"], 2),
     ("generate", ["--model", "{root}/static.onnx", "--backend", "onnxruntime-cuda", "--prompt-ids", "1"],
-     ["--backend onnxruntime-cuda runs on a CUDA GPU", "use --backend onnxruntime here"], 2),
+     ["the onnxruntime-cuda backend runs on a CUDA GPU", "use --backend onnxruntime here"], 2),
     # benchmark
     ("benchmark", ["{root}/model.onnx", "--iters", "0"], ["argument --iters", "must be in [1"], 2),
     ("benchmark", ["{root}/model.onnx", "--warmup", "-1"], ["argument --warmup", "must be in [0"], 2),
@@ -192,9 +192,9 @@ MATRIX = [
     ("benchmark", ["{root}/model.onnx", "--backend", "torch", "--context", "1000000000"], ["needs about"], 2),
     # (a machine without CUDA, as CI's: a CUDA backend named there is skipped, its reason naming the fix)
     ("benchmark", ["{root}/model.onnx", "--backend", "torch-compile"],
-     ["no backend ran", "--backend torch-compile runs on a CUDA GPU", "or use --backend torch here"], 1),
+     ["no backend ran", "the torch-compile backend runs on a CUDA GPU", "or use --backend torch here"], 1),
     ("benchmark", ["--backend", "onnxruntime-cuda-static", "--checkpoint", "{root}/ck.safetensors"],
-     ["no backend ran", "--backend onnxruntime-cuda-static runs on a CUDA GPU", "onnxruntime-static here"], 1),
+     ["no backend ran", "the onnxruntime-cuda-static backend runs on a CUDA GPU", "onnxruntime-static here"], 1),
     ("benchmark", ["{root}/model.onnx", "--backend", "torch,tensorrt"], ["--backend tensorrt runs an engine; give "
                                                                          "--engine PATH", "or drop tensorrt"], 2),
     ("benchmark", ["--backend", "onnxruntime"], ["--backend onnxruntime runs MODEL.onnx", "give MODEL or drop"], 2),

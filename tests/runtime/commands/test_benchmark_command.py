@@ -36,7 +36,7 @@ def test_unavailable_backends_are_reported_with_their_reason(tiny_past_onnx, tmp
     assert code == 0  # torch ran; the others are reported as skipped with their reason
     results = {r["backend"]: r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
     for name in ("torch-compile", "torch-compile-static"):
-        assert results[name]["error"] == (f"--backend {name} runs on a CUDA GPU, and this machine has none that "
+        assert results[name]["error"] == (f"the {name} backend runs on a CUDA GPU, and this machine has none that "
                                           "PyTorch can see; run it on a GPU machine, or use --backend torch here")
 
 
