@@ -123,7 +123,7 @@ class Scheduler:
                     process.kill()
                     reason = error_file.read_text() if error_file.exists() else f"exit code {process.wait(30)}; see the log"
                     raise SchedulerError(f"the decode process could not open {model.name}: {reason}")
-                conn = _connect(address, key_file)
+                conn = _connect_started(address, key_file, process, deadline)
                 if conn is None:
                     process.kill()
                     raise SchedulerError(f"the decode process for {model.name} did not accept a connection")
@@ -284,6 +284,21 @@ def _connect(address: Path, key_file: Path):
     except (ConnectionRefusedError, FileNotFoundError):
         address.unlink(missing_ok=True)
         return None
+
+
+def _connect_started(address: Path, key_file: Path, process: subprocess.Popen, deadline: float):
+    """A connection to the decode process just started: its socket file appears when it binds, a
+    moment before it listens, and a connection in between is refused (once, on two busy cores, serve
+    failed to start that way). Refused connections are retried while it runs, until `deadline`."""
+    while True:
+        try:
+            return Client(str(address), authkey=key_file.read_bytes())
+        except ConnectionRefusedError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        except FileNotFoundError:
+            return None
 
 
 def _quietly(call, *args) -> None:

@@ -349,3 +349,36 @@ def test_a_cancel_key_in_use_is_refused_and_keys_of_ended_requests_cancel_nothin
     assert ends[2] == (FAILED, "cancel_key is in use by a running request; send a new random key")
     assert ends[1] == (CANCELLED, None) and ends[3][0] != CANCELLED and ends[4][0] != CANCELLED
     assert sum(1 for e in events if e[0] == 4 and e[1] is not None) == 3 and not loop.is_alive()
+
+
+def test_a_decode_process_that_has_bound_but_not_yet_listens_is_waited_for(monkeypatch, tmp_path):
+    """Its socket file appears at bind, a moment before listen: a connection then is refused, and
+    serve once failed to start on it. Refusals are retried while the process runs; a process that
+    has exited, or a deadline passed, ends the wait."""
+    from runtime.serving import scheduler
+
+    class Process:
+        def __init__(self, exited):
+            self.exited = exited
+
+        def poll(self):
+            return 1 if self.exited else None
+
+    attempts = []
+
+    def client(address, authkey):
+        attempts.append(address)
+        if len(attempts) < 3:
+            raise ConnectionRefusedError
+        return "connection"
+
+    monkeypatch.setattr(scheduler, "Client", client)
+    (tmp_path / "key").write_bytes(b"k")
+    later = time.monotonic() + 60
+    assert scheduler._connect_started(tmp_path / "loop.sock", tmp_path / "key", Process(False), later) == "connection"
+    assert len(attempts) == 3
+    attempts.clear()
+    assert scheduler._connect_started(tmp_path / "loop.sock", tmp_path / "key", Process(True), later) is None
+    assert len(attempts) == 1
+    attempts.clear()
+    assert scheduler._connect_started(tmp_path / "loop.sock", tmp_path / "key", Process(False), 0.0) is None
