@@ -74,6 +74,12 @@ def benchmark_prompts(rows: int, context: int, vocab: int) -> dict[int, list[int
     return dict(enumerate(ids))
 
 
+def cache_positions(context: int, warmup: int, new_tokens: int) -> int:
+    """Static-cache positions a measured run needs: the prompt, its first token, the warm-up and timed
+    steps, and one more step that the overlapped loop queues behind the last timed one."""
+    return context + 1 + warmup + new_tokens + 1
+
+
 def first_tokens(decoder: Decoder, prompts: dict[int, list[int]]) -> Tensor:
     """What a user waits for: the prompt in, each row's first (greedy) token on the host."""
     return decoder.start(prompts).argmax(-1).cpu()

@@ -112,7 +112,7 @@ class Targets:
             # an ONNX Runtime backend opens it through its static-cache twin (runtime.decoding.open)
             if self.metadata.max_cache < max_cache:
                 raise ToolkitError(f"MODEL's static cache holds {self.metadata.max_cache} tokens and this run needs "
-                                   f"{max_cache} (context + warm-up + new tokens + 1); export a larger --static-cache "
+                                   f"{max_cache} (context + warm-up + new tokens + 2); export a larger --static-cache "
                                    "or lower --context")
             return self.args.model
         if spec.opens == ONNX:
@@ -131,14 +131,14 @@ def _measure_backend(name: str, targets: Targets, args, row, peaks, log) -> list
     import torch
 
     from models.progress import phase
-    from runtime.bench.measure import BenchmarkResult, measure
+    from runtime.bench.measure import BenchmarkResult, cache_positions, measure
     from runtime.decoding.open import open_decoders
     from runtime.registry import backend_spec, check_runnable
 
     from .targets import decoder_target
 
     results = []
-    max_cache = max(args.context) + args.warmup + args.new_tokens + 1
+    max_cache = cache_positions(max(args.context), args.warmup, args.new_tokens)
     try:
         spec = backend_spec(name)
         check_runnable(spec)  # before a graph is written from the weights for it
