@@ -68,3 +68,20 @@ def test_a_decoder_whose_steps_block_is_measured_in_the_plain_loop(tiny_static_o
         result = measure(decoder, 8, 3, 1, 1, precision("fp32"), None)
     assert result.decode_loop == "plain" and result.decode_p50_ms > 0
     assert not Counting(1).queues_steps
+
+
+def test_a_static_cache_sized_by_cache_positions_holds_the_overlapped_run_and_not_one_token_less(tiny_model):
+    """benchmark sizes static caches with cache_positions(); the overlapped loop queues one step past
+    the last timed one, which a cache a token smaller refuses (on the H200 at 7b both static backends
+    skipped the cell: '1061 tokens, past the 1060-token static cache')."""
+    from runtime.bench.measure import cache_positions
+    from runtime.decoding.torch_static import TorchStaticDecoder
+
+    prompts = {0: list(range(1, 9))}
+    size = cache_positions(8, warmup=2, new_tokens=3)
+    assert size == 8 + 1 + 2 + 3 + 1
+    decoder = TorchStaticDecoder(tiny_model, 1, size, "cpu", compile=False)
+    assert len(decode_steps(decoder, prompts, warmup=2, new_tokens=3, overlap=True)) == 3
+    smaller = TorchStaticDecoder(tiny_model, 1, size - 1, "cpu", compile=False)
+    with pytest.raises(DecodingError, match=f"past the {size - 1}-token static cache"):
+        decode_steps(smaller, prompts, warmup=2, new_tokens=3, overlap=True)
